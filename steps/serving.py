@@ -1,0 +1,49 @@
+"""MLflow models-from-code pyfunc: base model + LoRA adapter, pickle-free.
+
+MLflow copies this file into the model version; ``load_context`` fetches the base
+model by URI (``runs:/<id>/base_model`` through the tracking server) and applies the
+adapter stored with the version. Depends only on mlflow, torch, transformers, peft.
+
+    model = mlflow.pyfunc.load_model("models:/tuneline-chat@champion")
+    model.predict(["What is the capital of France?"])   # -> ["Paris ..."]
+"""
+
+from __future__ import annotations
+
+import mlflow
+from mlflow.models import set_model
+from mlflow.pyfunc import PythonModel
+
+
+class ChatAdapterModel(PythonModel):
+    def load_context(self, context):
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        config = context.model_config
+        base_dir = mlflow.artifacts.download_artifacts(config["base_model_uri"])
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+        self.model = PeftModel.from_pretrained(base, context.artifacts["adapter"]).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["tokenizer"])
+        self.tokenizer.padding_side = "left"
+        self.max_new_tokens = int(config.get("max_new_tokens", 64))
+
+    def predict(self, context, model_input, params=None):
+        import torch
+
+        prompts = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
+        texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": str(p)}], tokenize=False,
+                                                    add_generation_prompt=True) for p in prompts]
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        max_new = int((params or {}).get("max_new_tokens", self.max_new_tokens))
+        with torch.no_grad():
+            out = self.model.generate(**enc, max_new_tokens=max_new, do_sample=False,
+                                      pad_token_id=self.tokenizer.pad_token_id)
+        return [s.strip() for s in self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:],
+                                                                skip_special_tokens=True)]
+
+
+set_model(ChatAdapterModel())

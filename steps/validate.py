@@ -1,0 +1,193 @@
+"""Validate: a Great Expectations gate on the raw chat / instruction records.
+
+Each raw JSONL line becomes one row of a record table and one row per message of a
+turn table; the suite checks JSON syntax, record shape, message count, roles and their
+order, nulls and content length. Results use ``exclude_unexpected_values`` so reports
+hold counts and line numbers, never record contents.
+
+Accepted record shapes:
+- chat: ``{"id"?: str, "messages": [{"role": ..., "content": ...}, ...]}``: an optional
+  leading system message, then user/assistant turns alternating, ending with assistant;
+- instruction: ``{"id"?: str, "instruction": str, "input"?: str, "response"|"output": str, "system"?: str}``.
+
+Output: the records in chat form (``{"id", "messages"}``) plus ``report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from steps.config import ValidateConfig
+from steps.errors import DataQualityError
+from steps.ingest import RAW_FILE
+from steps.lineage import run_key
+from steps.store import ArtifactStore, DatasetRef
+
+log = logging.getLogger(__name__)
+
+STEP = "validate"
+RECORDS_FILE = "records.jsonl"
+EXAMPLES = 5
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    table: str  # "records" or "turns"
+    expectation: Any
+
+
+def validate_records(cfg: ValidateConfig, source: DatasetRef, store: ArtifactStore) -> DatasetRef:
+    key = run_key(STEP, cfg, [source.digest])
+    if (done := store.lookup(STEP, key)) is not None:
+        return DatasetRef(**done.model_dump())
+    lines = store.read_bytes(source, RAW_FILE).decode("utf-8", errors="replace").splitlines()
+    records, turns, chats = _tables(lines)
+    report = run_suite(cfg, records, turns)
+    if not report["success"]:
+        broken = [r for r in report["rules"] if not r["success"]]
+        detail = "\n".join(
+            f"  - rule '{r['rule']}': {r['unexpected_count']} of {r['element_count']} {r['table']} fail"
+            f" (e.g. lines {', '.join(map(str, r['example_lines']))})"
+            for r in broken
+        )
+        raise DataQualityError(
+            f"validation failed for {source.stats.get('source', source.key)}: "
+            f"{len(broken)} of {len(report['rules'])} rules broken\n{detail}"
+        )
+    writer = store.writer(STEP, key, cfg, inputs=[source])
+    writer.put_jsonl(RECORDS_FILE, chats)
+    writer.put_json("report.json", report)
+    log.info("validate: %d records pass %d rules", len(chats), len(report["rules"]))
+    ref = writer.commit(stats={"records": len(chats), "rules": len(report["rules"])})
+    return DatasetRef(**ref.model_dump())
+
+
+def _tables(lines: list[str]) -> tuple[list[dict], list[dict], list[dict]]:
+    """Flatten raw lines into a record table, a turn table and the chat-form records."""
+    records: list[dict] = []
+    turns: list[dict] = []
+    chats: list[dict] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        # None = "not applicable": a line that is not JSON fails only the JSON rule.
+        row = {"line": number, "json_valid": True, "shape": "unknown", "n_messages": None, "order_ok": None}
+        records.append(row)
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            row["json_valid"], row["shape"] = False, None
+            continue
+        messages = _as_messages(obj)
+        if messages is None:
+            continue
+        row["shape"] = "chat" if "messages" in obj else "instruction"
+        row["n_messages"] = len(messages)
+        roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
+        row["order_ok"] = _order_ok(roles)
+        for m, role in zip(messages, roles):
+            content = m.get("content") if isinstance(m, dict) else None
+            turns.append({
+                "line": number,
+                "role": role if isinstance(role, str) else None,
+                "content_chars": len(content) if isinstance(content, str) else None,
+                "content_blank": not (isinstance(content, str) and content.strip()),
+            })
+        chats.append({"id": str(obj.get("id", f"line-{number}")), "messages": messages})
+    return records, turns, chats
+
+
+def _as_messages(obj: Any) -> list | None:
+    if not isinstance(obj, dict):
+        return None
+    if "messages" in obj:
+        return obj["messages"] if isinstance(obj["messages"], list) else None
+    answer = obj.get("response", obj.get("output"))
+    if not isinstance(obj.get("instruction"), str) or not isinstance(answer, str):
+        return None
+    prompt = obj["instruction"] + (f"\n\n{obj['input']}" if obj.get("input") else "")
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    if obj.get("system"):
+        messages.insert(0, {"role": "system", "content": obj["system"]})
+    return messages
+
+
+def _order_ok(roles: list[Any]) -> bool:
+    """Optional leading system message, then user/assistant alternating, ending with assistant."""
+    body = roles[1:] if roles[:1] == ["system"] else roles
+    expected = ["user", "assistant"] * (len(body) // 2)
+    return bool(body) and body == expected
+
+
+def rules(cfg: ValidateConfig) -> list[Rule]:
+    import great_expectations as gx
+
+    E = gx.expectations
+    return [
+        Rule("line is valid JSON", "records", E.ExpectColumnValuesToBeInSet(column="json_valid", value_set=[True])),
+        Rule("record is a chat or instruction record", "records",
+             E.ExpectColumnValuesToBeInSet(column="shape", value_set=["chat", "instruction"])),
+        Rule(f"at least {cfg.min_messages} messages", "records",
+             E.ExpectColumnValuesToBeBetween(column="n_messages", min_value=cfg.min_messages)),
+        Rule("roles alternate user/assistant and end with assistant", "records",
+             E.ExpectColumnValuesToBeInSet(column="order_ok", value_set=[True])),
+        Rule("role is present", "turns", E.ExpectColumnValuesToNotBeNull(column="role")),
+        Rule(f"role is one of {', '.join(cfg.allowed_roles)}", "turns",
+             E.ExpectColumnValuesToBeInSet(column="role", value_set=list(cfg.allowed_roles))),
+        Rule("content is a string (not null)", "turns", E.ExpectColumnValuesToNotBeNull(column="content_chars")),
+        Rule("content is not empty or blank", "turns",
+             E.ExpectColumnValuesToBeInSet(column="content_blank", value_set=[False])),
+        Rule(f"content length between {cfg.min_chars} and {cfg.max_chars} characters", "turns",
+             E.ExpectColumnValuesToBeBetween(column="content_chars", min_value=cfg.min_chars, max_value=cfg.max_chars)),
+    ]
+
+
+def run_suite(cfg: ValidateConfig, records: list[dict], turns: list[dict]) -> dict[str, Any]:
+    """Run the suite on both tables; the report holds counts and line numbers only."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+    import pandas as pd
+
+    context = gx.get_context(mode="ephemeral")
+    source = context.data_sources.add_pandas("tuneline")
+    frames = {
+        "records": pd.DataFrame(records, columns=["line", "json_valid", "shape", "n_messages", "order_ok"]),
+        "turns": pd.DataFrame(turns, columns=["line", "role", "content_chars", "content_blank"]),
+    }
+    results: list[dict[str, Any]] = []
+    suite_rules = rules(cfg)
+    for table, frame in frames.items():
+        table_rules = [r for r in suite_rules if r.table == table]
+        for rule in table_rules:
+            rule.expectation.meta = {"rule": rule.name}
+        suite = gx.ExpectationSuite(name=f"tuneline-{table}", expectations=[r.expectation for r in table_rules])
+        batch = source.add_dataframe_asset(table).add_batch_definition_whole_dataframe("all").get_batch(
+            batch_parameters={"dataframe": frame.reset_index(drop=True)}
+        )
+        outcome = batch.validate(suite, result_format={
+            "result_format": "SUMMARY", "exclude_unexpected_values": True, "partial_unexpected_count": EXAMPLES,
+        })
+        for rule, result in zip(table_rules, _match(table_rules, outcome.results)):
+            stats = result.result
+            index = stats.get("partial_unexpected_index_list") or []
+            results.append({
+                "rule": rule.name,
+                "table": table,
+                "expectation": result.expectation_config.type,
+                "success": bool(result.success),
+                "element_count": int(stats.get("element_count", len(frame))),
+                "unexpected_count": int(stats.get("unexpected_count") or 0),
+                "example_lines": [int(frame["line"].iloc[i]) for i in index[:EXAMPLES]],
+            })
+    return {"success": all(r["success"] for r in results), "rules": results}
+
+
+def _match(table_rules: list[Rule], results: list[Any]) -> list[Any]:
+    """GX returns results in its own order: pair them with our rules by the rule name in `meta`."""
+    by_rule = {r.expectation_config.meta["rule"]: r for r in results}
+    return [by_rule[rule.name] for rule in table_rules]

@@ -1,0 +1,52 @@
+from steps.config import IngestConfig, ScrubConfig, ValidateConfig
+from steps.ingest import ingest_records
+from steps.scrub import scrub_records
+from steps.validate import RECORDS_FILE, validate_records
+from helpers import chat, write_jsonl
+
+
+def scrub(store, tmp_path, rows, cfg=ScrubConfig()):
+    raw = ingest_records(IngestConfig(source=str(write_jsonl(tmp_path / "raw.jsonl", rows))), store)
+    return scrub_records(cfg, validate_records(ValidateConfig(), raw, store), store)
+
+
+def test_pii_is_replaced_and_counted_by_type(store, tmp_path):
+    rows = [
+        chat("Mail me at Jane.Doe+ml@Example.com or call (415) 555-0132", "Card 4111 1111 1111 1111 noted."),
+        chat("제 번호는 010-1234-5678 이고 주민번호는 900101-1234568 입니다", "SSN 123-45-6789 from 192.168.0.12"),
+    ]
+    ref = scrub(store, tmp_path, rows)
+    out = store.read_jsonl(ref, RECORDS_FILE)
+    assert out[0]["messages"][0]["content"] == "Mail me at <EMAIL> or call <PHONE>"
+    assert out[0]["messages"][1]["content"] == "Card <CREDIT_CARD> noted."
+    assert out[1]["messages"][0]["content"] == "제 번호는 <PHONE> 이고 주민번호는 <KR_RRN> 입니다"
+    assert out[1]["messages"][1]["content"] == "SSN <US_SSN> from <IP_ADDRESS>"
+    assert ref.stats["pii"] == {"EMAIL": 1, "PHONE": 2, "CREDIT_CARD": 1, "KR_RRN": 1, "US_SSN": 1, "IP_ADDRESS": 1}
+    manifest = store.manifest(ref.key)
+    assert "Jane" not in str(manifest) and "4111" not in str(manifest)
+
+
+def test_look_alikes_are_kept(store, tmp_path):
+    text = "Order 12345 shipped 2024-01-15, version 2.10.3, total $1,234.56; card 4111 1111 1111 1112"
+    ref = scrub(store, tmp_path, [chat(text, "ok")])
+    assert store.read_jsonl(ref, RECORDS_FILE)[0]["messages"][0]["content"] == text
+    assert sum(ref.stats["pii"].values()) == 0
+
+
+def test_normalization_and_exact_dedup(store, tmp_path):
+    rows = [
+        chat("Hello   world\u200b", "Ｈｉ\tthere"),
+        chat("Hello world", "Hi there"),          # same after normalization
+        chat("Different", "text"),
+        chat("Hello world", "Hi there"),
+    ]
+    ref = scrub(store, tmp_path, rows)
+    out = store.read_jsonl(ref, RECORDS_FILE)
+    assert [m["content"] for m in out[0]["messages"]] == ["Hello world", "Hi there"]
+    assert len(out) == 2
+    assert ref.stats | {"pii": None} == {"records_in": 4, "records_out": 2, "duplicates_removed": 2, "pii": None}
+
+
+def test_dedup_can_be_switched_off(store, tmp_path):
+    ref = scrub(store, tmp_path, [chat("a", "b")] * 3, ScrubConfig(dedup=False))
+    assert ref.stats["records_out"] == 3

@@ -1,0 +1,71 @@
+import json
+
+import pytest
+
+from steps.config import IngestConfig, ValidateConfig
+from steps.errors import DataQualityError
+from steps.ingest import ingest_records
+from steps.validate import RECORDS_FILE, validate_records
+from helpers import all_keys, chat, write_jsonl
+
+SECRET = "zebra-canary-4417"
+
+
+def run(store, tmp_path, rows, cfg=ValidateConfig()):
+    raw = ingest_records(IngestConfig(source=str(write_jsonl(tmp_path / "raw.jsonl", rows))), store)
+    return validate_records(cfg, raw, store)
+
+
+def test_chat_and_instruction_records_pass_in_chat_form(store, tmp_path):
+    rows = [
+        chat("hi", "hello", id="a"),
+        {"instruction": "Translate", "input": "bonjour", "output": "hello", "system": "be brief"},
+        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                      {"role": "assistant", "content": "a"}, {"role": "user", "content": "u2"},
+                      {"role": "assistant", "content": "a2"}]},
+    ]
+    ref = run(store, tmp_path, rows)
+    out = store.read_jsonl(ref, RECORDS_FILE)
+    assert [r["id"] for r in out] == ["a", "line-2", "line-3"]
+    assert out[1]["messages"] == [{"role": "system", "content": "be brief"},
+                                  {"role": "user", "content": "Translate\n\nbonjour"},
+                                  {"role": "assistant", "content": "hello"}]
+    assert ref.stats == {"records": 3, "rules": 9}
+    assert all(r["success"] for r in store.read_json(ref, "report.json")["rules"])
+
+
+@pytest.mark.parametrize("bad, rule", [
+    (f'{{"messages": [{{"role": "user", "content": "{SECRET}"', "line is valid JSON"),
+    ({"text": SECRET}, "record is a chat or instruction record"),
+    ({"messages": [{"role": "user", "content": SECRET}, {"role": "user", "content": SECRET}]},
+     "roles alternate user/assistant and end with assistant"),
+    ({"messages": [{"role": "user", "content": SECRET}, {"role": "bot", "content": SECRET}]},
+     "role is one of system, user, assistant"),
+    ({"messages": [{"role": "user", "content": SECRET}, {"role": "assistant", "content": "   "}]},
+     "content is not empty or blank"),
+    ({"messages": [{"role": "user", "content": SECRET}, {"role": "assistant", "content": None}]},
+     "content is a string (not null)"),
+    ({"messages": [{"role": "user", "content": SECRET * 300}, {"role": "assistant", "content": "ok"}]},
+     "content length between 1 and 4000 characters"),
+])
+def test_each_broken_rule_stops_with_rule_count_and_line_but_no_content(store, tmp_path, bad, rule):
+    rows = [chat("fine", "fine"), bad, chat("also fine", "yes")]
+    with pytest.raises(DataQualityError) as err:
+        run(store, tmp_path, rows)
+    message = str(err.value)
+    assert f"rule '{rule}': 1 of" in message
+    assert "e.g. lines 2" in message
+    assert SECRET not in message
+    # Nothing past the raw copy was written.
+    assert not [k for k in all_keys(store) if "/validate/" in k]
+
+
+def test_failure_counts_every_bad_record(store, tmp_path):
+    rows = [chat("q", "a")] + [{"messages": [{"role": "assistant", "content": "x"}]}] * 7
+    with pytest.raises(DataQualityError, match=r"7 of 8 records fail \(e.g. lines 2, 3, 4, 5, 6\)"):
+        run(store, tmp_path, rows)
+
+
+def test_limits_come_from_the_config(store, tmp_path):
+    with pytest.raises(DataQualityError, match="content length between 1 and 3 characters"):
+        run(store, tmp_path, [chat("four", "ok")], ValidateConfig(max_chars=3))
