@@ -11,6 +11,7 @@ Limits: one method (LoRA), one process; resuming mid-run is not supported yet.
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
@@ -73,8 +74,8 @@ def train_model(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store: Arti
     seconds = time.time() - start
 
     with tempfile.TemporaryDirectory(prefix="tuneline-adapter-") as tmp:
-        net.peft_config["default"].base_model_name_or_path = f"s3://{store.bucket}/{model.base.key}"
         net.save_pretrained(tmp, safe_serialization=True)
+        point_adapter_at_base(Path(tmp), f"s3://{store.bucket}/{model.base.key}")
         writer = store.writer(STEP, key, cfg, inputs=[data, model.base])
         writer.put_dir(Path(tmp))
         writer.put_json("train_log.json", history)
@@ -90,6 +91,14 @@ def train_model(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store: Arti
         ref = writer.commit(stats=stats)
     log.info("train: %d steps on %s, loss %.3f -> %.3f", cfg.max_steps, device, stats["first_loss"], stats["final_loss"])
     return ModelRef(base=model.base, adapter=ref)
+
+
+def point_adapter_at_base(folder: Path, base_uri: str) -> None:
+    """peft records the local temp folder as the base; record the base artifact instead."""
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = base_uri
+    path.write_text(json.dumps(config, indent=2))
 
 
 def pick_device(choice: str) -> str:

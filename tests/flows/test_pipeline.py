@@ -1,0 +1,131 @@
+"""The whole flow against the real SeaweedFS and MLflow servers, on a tiny random Llama."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from flows.cli import DEFAULT_PARAMS, apply_overrides, load_yaml, main
+from steps.config import PipelineParams
+from helpers import chat, write_jsonl
+
+pytestmark = pytest.mark.services
+TINY = DEFAULT_PARAMS.with_name("tiny.yaml")
+STEPS = {"ingest": 1, "validate": 1, "scrub": 1, "base_model": 1, "tokenize": 1, "train": 1, "evaluate": 2}
+
+
+@pytest.fixture(scope="module")
+def prefect_api(services):
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def dataset(tmp_path: Path) -> Path:
+    rows = [chat(f"What is {i} times two?", f"{i} times two is {2 * i}.") for i in range(48)]
+    rows += [chat("Email me at kim.minji@example.co.kr", "Sure, or call 010-2345-6789.")] * 2  # PII + a duplicate
+    return write_jsonl(tmp_path / "chats.jsonl", rows)
+
+
+def tiny_params(source: Path, prefix: str, model_name: str) -> PipelineParams:
+    data = apply_overrides(load_yaml(TINY), [f"ingest.source={source}", f"artifacts_prefix={prefix}",
+                                             f"register.model_name={model_name}"])
+    return PipelineParams.parse(data)
+
+
+def bucket_keys(store_client, bucket: str) -> list[str]:
+    keys, token = [], {}
+    while True:
+        page = store_client.list_objects_v2(Bucket=bucket, **token)
+        keys += [o["Key"] for o in page.get("Contents", [])]
+        if not page.get("IsTruncated"):
+            return sorted(keys)
+        token = {"ContinuationToken": page["NextContinuationToken"]}
+
+
+def task_states(flow_run_id) -> dict[str, list[str]]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    states: dict[str, list[str]] = {}
+    for run in runs:
+        states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)
+    return states
+
+
+def test_full_flow_registers_promotes_and_reruns_fully_cached(prefect_api, store, tmp_path):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from flows.pipeline import finetune
+
+    name = f"tiny-{uuid.uuid4().hex[:6]}"
+    params = tiny_params(dataset(tmp_path), store.prefix, name)
+    state = finetune(params, return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+
+    keys = store.list_keys(store.prefix + "/")
+    for step, count in STEPS.items():
+        assert len([k for k in keys if k.startswith(f"{store.prefix}/{step}/") and k.endswith("_MANIFEST.json")]) == count, step
+    scrub = summary.record.datasets["scrub"].stats
+    # PII is counted where it was found, before the duplicate copy is dropped.
+    assert scrub["duplicates_removed"] == 1 and scrub["pii"]["EMAIL"] == 2 and scrub["pii"]["PHONE"] == 2
+
+    client = MlflowClient()
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert len(versions) == 1
+    version = client.get_model_version_by_alias(name, "champion")
+    assert version.version == versions[0].version == summary.version.version
+    assert client.get_model_version_by_alias(name, "challenger").version == version.version
+    assert version.tags["tuneline.data_digest"] == summary.record.datasets["tokenize"].digest
+    assert {"tuneline.run_key", "tuneline.code_version", "tuneline.config_hash", "tuneline.base_digest"} <= set(version.tags)
+    assert summary.decision.promoted and "base model" in summary.decision.reason
+    artifacts = {a.path for a in client.list_artifacts(summary.version.run_id, "plots")}
+    assert artifacts == {"plots/loss_curve.png"}
+    assert len(client.get_metric_history(summary.version.run_id, "loss")) == params.train.max_steps
+
+    # The registered pyfunc loads from the registry alone and answers.
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    answers = model.predict(["What is 3 times two?"], params={"max_new_tokens": 4})
+    assert len(answers) == 1 and isinstance(answers[0], str)
+
+    # A second identical run: every step task is cached, nothing new is stored or registered.
+    before = bucket_keys(store.client, store.bucket)
+    again = finetune(params, return_state=True)
+    assert again.is_completed()
+    states = task_states(again.state_details.flow_run_id)
+    cached = {task: s for task, s in states.items() if task not in {"find-champion", "promote"}}
+    assert cached and all(s == ["Cached"] * len(s) for s in cached.values()), states
+    assert bucket_keys(store.client, store.bucket) == before
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1
+    assert again.result().decision.reason.startswith("already champion")
+
+
+def test_validation_failure_stops_the_run_and_registers_nothing(prefect_api, store, tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    name = f"tiny-bad-{uuid.uuid4().hex[:6]}"
+    bad = write_jsonl(tmp_path / "bad.jsonl", [chat("fine", "fine"),
+                                               {"messages": [{"role": "assistant", "content": "secret-77"}]}])
+    code = main(["run", "--params", str(TINY), "--set", f"ingest.source={bad}",
+                 "--set", f"artifacts_prefix={store.prefix}", "--set", f"register.model_name={name}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "rule 'roles alternate user/assistant and end with assistant': 1 of 2 records fail (e.g. lines 2)" in err
+    assert "secret-77" not in err
+    manifests = [k for k in store.list_keys(store.prefix + "/") if k.endswith("_MANIFEST.json")]
+    assert len(manifests) == 1 and "/ingest/" in manifests[0]
+    assert MlflowClient().search_model_versions(f"name = '{name}'") == []
+
+
+def test_invalid_parameters_exit_2_before_anything_runs(tmp_path, capsys):
+    params = tmp_path / "p.yaml"
+    params.write_text("train:\n  lora_rank: 8\n")
+    assert main(["run", "--params", str(params)]) == 2
+    assert "train.lora_rank: Extra inputs are not permitted" in capsys.readouterr().err
