@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("httpx", "httpcore", "botocore", "urllib3", "alembic"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     if args.command == "services":
         return services_command(args.action, prefect=not args.no_prefect)
     return run_command(args.params, args.overrides)

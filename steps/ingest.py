@@ -75,6 +75,9 @@ def chatterbot_jsonl(languages: list[str]) -> bytes:
         for path in sorted(folder.glob("*.yml")):
             doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
             for i, turns in enumerate(doc.get("conversations", [])):
+                if not isinstance(turns, list):  # one corpus entry is a bare string, not a conversation
+                    log.warning("chatterbot %s/%s #%d is not a list of turns; skipped", language, path.stem, i)
+                    continue
                 turns = [str(t) for t in turns]
                 if len(turns) % 2:  # a question nobody answered teaches nothing
                     turns = turns[:-1]

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from steps.config import RegisterConfig, StrictModel
+from steps.errors import ConfigError
 from steps.lineage import code_version, run_key
 from steps.store import ArtifactRef, ArtifactStore, DatasetRef, EvalReport, ModelRef
 
@@ -97,7 +98,8 @@ def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore)
         log.info("register: %s v%s already holds run key %s", cfg.model_name, v.version, key)
         return RegisteredVersion(name=cfg.model_name, version=v.version, run_id=v.run_id, run_key=key)
 
-    assert record.model.adapter is not None, "register expects a fine-tuned model"
+    if record.model.adapter is None:
+        raise ConfigError("register needs a fine-tuned model (a ModelRef with an adapter)")
     base_uri = base_model_uri(record.model.base, store)
     mlflow.set_experiment(cfg.experiment)
     evals = {name: report.stats for name, report in record.evaluations.items()}

@@ -110,14 +110,23 @@ def pick_device(choice: str) -> str:
 
 
 def batch_stream(rows: list[dict[str, Any]], batch_size: int, seed: int, pad_id: int) -> Iterator[dict[str, Any]]:
-    """Endless shuffled micro-batches, padded to the longest row of each batch."""
+    """Endless shuffled micro-batches of similar lengths, padded to the longest row of each.
+
+    Rows are shuffled, cut into pools of 50 batches, sorted by length inside each pool, and
+    the resulting batches shuffled again: order stays random, padding mostly disappears.
+    """
     import torch
 
     generator = torch.Generator().manual_seed(seed)
+    pool = 50 * batch_size
     while True:
         order = torch.randperm(len(rows), generator=generator).tolist()
-        for i in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
-            yield collate([rows[j] for j in order[i : i + batch_size]], pad_id)
+        batches: list[list[int]] = []
+        for start in range(0, len(order), pool):
+            chunk = sorted(order[start : start + pool], key=lambda j: len(rows[j]["input_ids"]))
+            batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+        for b in torch.randperm(len(batches), generator=generator).tolist():
+            yield collate([rows[j] for j in batches[b]], pad_id)
 
 
 def collate(rows: list[dict[str, Any]], pad_id: int, left: bool = False) -> dict[str, Any]:

@@ -170,7 +170,7 @@ def run_suite(cfg: ValidateConfig, records: list[dict], turns: list[dict]) -> di
             batch_parameters={"dataframe": frame.reset_index(drop=True)}
         )
         outcome = batch.validate(suite, result_format={
-            "result_format": "SUMMARY", "exclude_unexpected_values": True, "partial_unexpected_count": EXAMPLES,
+            "result_format": "SUMMARY", "exclude_unexpected_values": True, "partial_unexpected_count": 10 * EXAMPLES,
         })
         for rule, result in zip(table_rules, _match(table_rules, outcome.results)):
             stats = result.result
@@ -182,7 +182,7 @@ def run_suite(cfg: ValidateConfig, records: list[dict], turns: list[dict]) -> di
                 "success": bool(result.success),
                 "element_count": int(stats.get("element_count", len(frame))),
                 "unexpected_count": int(stats.get("unexpected_count") or 0),
-                "example_lines": [int(frame["line"].iloc[i]) for i in index[:EXAMPLES]],
+                "example_lines": sorted({int(frame["line"].iloc[i]) for i in index})[:EXAMPLES],
             })
     return {"success": all(r["success"] for r in results), "rules": results}
 
