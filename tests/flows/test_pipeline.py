@@ -129,3 +129,41 @@ def test_invalid_parameters_exit_2_before_anything_runs(tmp_path, capsys):
     params.write_text("train:\n  lora_rank: 8\n")
     assert main(["run", "--params", str(params)]) == 2
     assert "train.lora_rank: Extra inputs are not permitted" in capsys.readouterr().err
+
+
+def test_a_transient_failure_is_retried_and_a_data_error_is_not(prefect_api):
+    from prefect import flow
+
+    from flows.pipeline import save_result_storage
+    from flows.tasks import step_task
+    from steps.errors import DataQualityError, TransientError
+
+    calls = {"transient": 0, "data": 0}
+
+    @step_task("flaky-storage")
+    def flaky(token: str) -> str:
+        calls["transient"] += 1
+        if calls["transient"] == 1:
+            raise TransientError("S3 answered 503")
+        return token
+
+    @step_task("bad-data")
+    def bad(token: str) -> str:
+        calls["data"] += 1
+        raise DataQualityError("rule 'x' broken")
+
+    @flow
+    def probe(token: str) -> str:
+        save_result_storage()
+        return flaky(token)
+
+    @flow
+    def probe_bad(token: str) -> str:
+        save_result_storage()
+        return bad(token)
+
+    token = uuid.uuid4().hex
+    assert probe(token) == token and calls["transient"] == 2
+    with pytest.raises(DataQualityError):
+        probe_bad(token)
+    assert calls["data"] == 1
