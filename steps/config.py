@@ -10,10 +10,10 @@ Every default lives here and nowhere else.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from steps.errors import ConfigError
 
@@ -65,28 +65,117 @@ class TokenizeConfig(StrictModel):
     seed: int = Field(42, description="Seed of the train/eval split.")
 
 
-class TrainConfig(StrictModel):
-    method: Literal["lora"] = Field("lora", description="Fine-tuning method.")
-    lora_r: int = Field(8, ge=1, le=256, description="LoRA rank.")
-    lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
-    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+class LoraSettings(StrictModel):
+    r: int = Field(8, ge=1, le=256, description="LoRA rank.")
+    alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input (0 skips the dropout work).")
     target_modules: list[str] = Field(
         ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1, description="Linear layers that get adapters."
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA): trains a magnitude vector too.")
+
+
+class QuantSettings(StrictModel):
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base (bitsandbytes).")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the 4-bit matmuls; 'auto' = bfloat16 on CUDA, float32 on CPU."
+    )
+
+
+class HeadSettings(StrictModel):
+    trainable_layers: int = Field(
+        0, ge=0, description="Last N transformer layers trained together with the output head (0 = head only)."
+    )
+
+
+class ReftSettings(StrictModel):
+    layers: list[int] = Field([-1], min_length=1, description="Layers whose output hidden states get an intervention "
+                              "(negative counts from the last layer).")
+    rank: int = Field(4, ge=1, le=256, description="Rank of the LoReFT subspace.")
+    first_positions: int = Field(3, ge=0, description="Intervene on the first N positions of each sequence.")
+    last_positions: int = Field(3, ge=0, description="Intervene on the last N positions of the prompt.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the intervention output.")
+
+
+class EarlyStopping(StrictModel):
+    eval_every: int = Field(20, ge=1, description="Optimizer steps between evaluations of the eval loss.")
+    patience: int = Field(3, ge=1, description="Evaluations without improvement before training stops.")
+    min_delta: float = Field(0.0, ge=0.0, description="Smallest eval-loss decrease that counts as improvement.")
+
+
+METHOD_SECTIONS = {"lora": {"lora", "qlora"}, "quant": {"qlora"}, "head": {"head"}, "reft": {"reft"}}
+
+
+class TrainConfig(StrictModel):
+    method: Literal["full", "head", "lora", "qlora", "reft"] = Field(
+        "lora",
+        description="full: every weight trains; head: frozen base, only the output head (and the last N layers); "
+        "lora: low-rank adapters (peft); qlora: LoRA on a 4-bit base (bitsandbytes); reft: LoReFT interventions "
+        "on hidden states, base frozen.",
+    )
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="Settings of lora and qlora.")
+    quant: QuantSettings = Field(default_factory=QuantSettings, description="4-bit base settings of qlora.")
+    head: HeadSettings = Field(default_factory=HeadSettings, description="Settings of head.")
+    reft: ReftSettings = Field(default_factory=ReftSettings, description="Settings of reft.")
+    optimizer: Literal["adamw", "sgd", "adamw_8bit"] = Field(
+        "adamw", description="adamw (torch, fused on CUDA), sgd (momentum 0.9), adamw_8bit (bitsandbytes)."
     )
     learning_rate: float = Field(2e-4, gt=0.0, le=1.0, description="Peak learning rate.")
     scheduler: Literal["linear", "cosine", "constant"] = Field(
         "linear", description="Learning-rate decay after warm-up."
     )
-    warmup_steps: int = Field(5, ge=0, description="Linear warm-up steps.")
-    max_steps: int = Field(
-        200, ge=1, description="Optimizer steps to train (the step budget; epochs follow from it and the batch size)."
+    warmup_steps: int | None = Field(5, ge=0, description="Linear warm-up steps (or give warmup_ratio instead).")
+    warmup_ratio: float | None = Field(None, ge=0.0, lt=1.0, description="Warm-up as a share of all steps.")
+    max_steps: int | None = Field(
+        200, ge=1, description="Optimizer steps to train (the step budget; or give epochs instead)."
     )
+    epochs: float | None = Field(None, gt=0.0, description="Passes over the train split (instead of max_steps).")
     batch_size: int = Field(8, ge=1, description="Sequences per micro-batch.")
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay.")
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
-    seed: int = Field(42, description="Seed for adapter initialisation and data order.")
+    dropout: float | None = Field(None, ge=0.0, lt=1.0, description="Override the model's attention dropout.")
+    early_stopping: EarlyStopping | None = Field(None, description="Stop when the eval loss stops improving.")
+    checkpoint_every: int = Field(
+        50, ge=0, description="Optimizer steps between checkpoints synced to the store (0 = none); a retry resumes "
+        "from the newest complete one."
+    )
+    merge_weights: bool = Field(False, description="lora only: also store full weights with the adapter merged in.")
+    seed: int = Field(42, description="Seed for weight initialisation, dropout and data order.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks CUDA when present.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_of_each_pair(cls, data: Any) -> Any:
+        """Giving epochs (warmup_ratio) replaces the max_steps (warmup_steps) default."""
+        if isinstance(data, dict):
+            data = dict(data)
+            for given, default in (("epochs", "max_steps"), ("warmup_ratio", "warmup_steps")):
+                if data.get(given) is not None and default not in data:
+                    data[default] = None
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        for section, methods in METHOD_SECTIONS.items():
+            # Non-default settings for another method are a mistake; defaults round-trip through JSON.
+            value = getattr(self, section)
+            if self.method not in methods and value != type(value)():
+                raise ValueError(f"train.{section} settings apply to method {' or '.join(sorted(methods))}, "
+                                 f"not to method {self.method!r}")
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of train.max_steps and train.epochs")
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            raise ValueError("give at most one of train.warmup_steps and train.warmup_ratio")
+        if self.merge_weights and self.method != "lora":
+            raise ValueError(f"train.merge_weights needs method 'lora' (not {self.method!r}): "
+                             "only LoRA adapters merge losslessly into the base weights")
+        if self.method == "qlora" and self.device == "cpu" and self.quant.compute_dtype == "float16":
+            raise ValueError("train.quant.compute_dtype float16 is not supported on CPU; use float32 or auto")
+        return self
 
 
 class EvaluateConfig(StrictModel):

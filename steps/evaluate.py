@@ -17,10 +17,12 @@ from typing import Any
 
 from tqdm import tqdm
 
+from steps import methods
 from steps.config import EvaluateConfig
 from steps.lineage import run_key
 from steps.store import ArtifactStore, DatasetRef, EvalReport, ModelRef
-from steps.train import collate, pick_device
+from steps.batching import token_nll
+from steps.train import pick_device
 
 log = logging.getLogger(__name__)
 
@@ -61,38 +63,18 @@ def evaluate_model(cfg: EvaluateConfig, model: ModelRef, data: DatasetRef, store
 
 
 def load_model(model: ModelRef, store: ArtifactStore) -> tuple[Any, Any, str]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from steps.methods.common import load_base
 
     device = pick_device("auto")
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     base_dir = store.download(model.base)
-    net = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
-    if model.adapter is not None:
-        from peft import PeftModel
-
-        net = PeftModel.from_pretrained(net, store.download(model.adapter))
+    if model.adapter is None:
+        net = load_base(None, base_dir, device)
+    else:
+        net = methods.load(base_dir, store.download(model.adapter), device)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    return net.to(device).eval(), tokenizer, device
-
-
-def token_nll(net: Any, rows: list[dict[str, Any]], batch_size: int, pad_id: int, device: str) -> tuple[float, int]:
-    """Mean negative log-likelihood per label token, summed exactly over all rows."""
-    import torch
-
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in tqdm(range(0, len(rows), batch_size), desc="perplexity", unit="batch", mininterval=2):
-            batch = {k: v.to(device) for k, v in collate(rows[i : i + batch_size], pad_id).items()}
-            logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            targets = batch["labels"][:, 1:]
-            nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                ignore_index=-100, reduction="sum",
-            )
-            total += nll.item()
-            count += int((targets != -100).sum())
-    return total / max(count, 1), count
+    return net.eval(), tokenizer, device
 
 
 def generate(net: Any, tokenizer: Any, conversations: list[list[dict]], cfg: EvaluateConfig, device: str) -> list[str]:

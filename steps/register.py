@@ -2,7 +2,8 @@
 promotion gate that moves the ``champion`` alias only to a better model.
 
 The version holds a pickle-free models-from-code pyfunc (``steps/serving.py``): the
-LoRA adapter (safetensors) and tokenizer as artifacts, and the base model by URI
+trained weights (safetensors: an adapter, a head, interventions or full weights) and
+the tokenizer as artifacts, with the ``steps`` package as code, and the base model by URI
 (``runs:/<id>/base_model``, logged once per base digest), so
 ``mlflow.pyfunc.load_model("models:/NAME@champion")`` works wherever the tracking
 server is reachable. Registration is idempotent: a version tagged with the same run
@@ -30,7 +31,8 @@ log = logging.getLogger(__name__)
 STEP = "register"
 BASE_EXPERIMENT = "tuneline-base-models"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
-SERVING_CODE = Path(__file__).with_name("serving.py")
+STEPS_DIR = Path(__file__).resolve().parent
+SERVING_CODE = STEPS_DIR / "serving.py"
 LOWER_IS_BETTER = {"perplexity": True, "bleu": False}
 
 
@@ -112,6 +114,7 @@ def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore)
         mlflow.log_metrics({f"{name}_{metric}": value for name, stats in evals.items()
                             for metric, value in stats.items() if isinstance(value, (int, float))})
         mlflow.log_figure(loss_curve(history), "plots/loss_curve.png")
+        mlflow.log_dict(store.read_json(record.model.adapter, "train_report.json"), "reports/train_report.json")
         mlflow.log_dict({name: ref.stats for name, ref in record.datasets.items()}, "reports/data.json")
         mlflow.log_dict(evals, "reports/eval.json")
         samples = store.read_jsonl(record.evaluations["candidate"], "samples.jsonl")
@@ -120,9 +123,9 @@ def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore)
                              "reports/eval_samples.json")
         card = model_card(cfg, record, key)
         mlflow.log_text(card, "model_card.md")
-        adapter_dir, tokenizer_dir = Path(tmp) / "adapter", Path(tmp) / "tokenizer"
-        shutil.copytree(store.download(record.model.adapter), adapter_dir,
-                        ignore=shutil.ignore_patterns("_MANIFEST.json", "train_log.json"))
+        trained_dir, tokenizer_dir = Path(tmp) / "trained", Path(tmp) / "tokenizer"
+        shutil.copytree(store.download(record.model.adapter), trained_dir,
+                        ignore=shutil.ignore_patterns("_MANIFEST.json", "train_log.json", "train_report.json"))
         tokenizer_dir.mkdir()
         base_dir = store.download(record.model.base)
         for name in TOKENIZER_FILES:
@@ -131,7 +134,8 @@ def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore)
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(SERVING_CODE),
-            artifacts={"adapter": str(adapter_dir), "tokenizer": str(tokenizer_dir)},
+            artifacts={"trained": str(trained_dir), "tokenizer": str(tokenizer_dir)},
+            code_paths=[str(STEPS_DIR)],
             model_config={"base_model_uri": base_uri, "base_model_digest": record.model.base.digest},
             pip_requirements=serving_requirements(),
         )
@@ -206,6 +210,7 @@ def lineage_tags(key: str, record: RunRecord) -> dict[str, str]:
         "tuneline.raw_digest": str(record.datasets["ingest"].stats.get("source_sha256", "")),
         "tuneline.base_digest": record.model.base.digest,
         "tuneline.adapter_digest": adapter.digest if adapter else "",
+        "tuneline.method": str(adapter.stats.get("method", "")) if adapter else "",
         "tuneline.model_ref": record.model.model_dump_json(),
         "tuneline.register_key": key,
     }
@@ -246,7 +251,7 @@ def model_card(cfg: RegisterConfig, record: RunRecord, key: str) -> str:
     lines = [
         f"# {cfg.model_name}",
         "",
-        "LoRA adapter fine-tuned by tuneline.",
+        f"Fine-tuned by tuneline with method `{record.model.adapter.stats.get('method')}`.",
         "",
         "## Data",
         f"- source: `{d['ingest'].get('source')}` ({d['ingest'].get('lines')} lines, sha256 `{d['ingest'].get('source_sha256', '')[:16]}`)",
@@ -282,4 +287,5 @@ def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def serving_requirements() -> list[str]:
     from importlib.metadata import version
 
-    return [f"{pkg}=={version(pkg)}" for pkg in ("mlflow", "torch", "transformers", "peft", "safetensors")]
+    packages = ("mlflow", "torch", "transformers", "peft", "safetensors", "bitsandbytes", "pydantic", "pyyaml")
+    return [f"{pkg}=={version(pkg)}" for pkg in packages]

@@ -1,8 +1,9 @@
-"""MLflow models-from-code pyfunc: base model + LoRA adapter, pickle-free.
+"""MLflow models-from-code pyfunc: base model + trained weights, pickle-free.
 
-MLflow copies this file into the model version; ``load_context`` fetches the base
-model by URI (``runs:/<id>/base_model`` through the tracking server) and applies the
-adapter stored with the version. Depends only on mlflow, torch, transformers, peft.
+MLflow copies this file into the model version together with the ``steps`` package
+(``code_paths``); ``load_context`` fetches the base model by URI (``runs:/<id>/base_model``
+through the tracking server) and loads the trained weights stored with the version with
+the method that made them (``steps/methods``: adapter, head, interventions, full weights).
 
     model = mlflow.pyfunc.load_model("models:/tuneline-chat@champion")
     model.predict(["What is the capital of France?"])   # -> ["Paris ..."]
@@ -17,16 +18,17 @@ from mlflow.pyfunc import PythonModel
 
 class ChatAdapterModel(PythonModel):
     def load_context(self, context):
+        from pathlib import Path
+
         import torch
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
+
+        from steps import methods
 
         config = context.model_config
         base_dir = mlflow.artifacts.download_artifacts(config["base_model_uri"])
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
-        self.model = PeftModel.from_pretrained(base, context.artifacts["adapter"]).to(self.device).eval()
+        self.model = methods.load(Path(base_dir), Path(context.artifacts["trained"]), self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["tokenizer"])
         self.tokenizer.padding_side = "left"
         self.max_new_tokens = int(config.get("max_new_tokens", 64))

@@ -61,7 +61,8 @@ class EvalReport(ArtifactRef):
 
 
 class ModelRef(StrictModel):
-    """A base model, optionally with an adapter trained on top of it."""
+    """A base model, optionally with what training produced on top of it (``adapter``: the
+    train artifact, whatever the method: adapter, head, interventions or full weights)."""
 
     base: ArtifactRef
     adapter: ArtifactRef | None = None
@@ -141,6 +142,11 @@ class ArtifactStore:
             if not page.get("IsTruncated"):
                 return keys
             token = {"ContinuationToken": page["NextContinuationToken"]}
+
+    def delete_prefix(self, prefix: str) -> None:
+        keys = self.list_keys(prefix)
+        for i in range(0, len(keys), 1000):
+            self._call("delete_objects", Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True})
 
     # ---- the artifact contract
     def artifact_key(self, step: str, run_key: str) -> str:

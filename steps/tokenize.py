@@ -15,6 +15,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from steps.batching import IGNORE
 from steps.config import TokenizeConfig
 from steps.errors import ConfigError, DataQualityError
 from steps.lineage import run_key
@@ -24,7 +25,6 @@ from steps.validate import RECORDS_FILE
 log = logging.getLogger(__name__)
 
 STEP = "tokenize"
-IGNORE = -100
 
 
 def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, store: ArtifactStore) -> DatasetRef:

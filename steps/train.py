@@ -1,33 +1,45 @@
-"""Train: LoRA supervised fine-tuning of the base model on the tokenized train split.
+"""Train: fine-tune the base model on the tokenized train split, resumable from the store.
 
-A small readable loop (no Trainer): AdamW over the adapter weights only, warm-up then
-linear/cosine/constant decay, gradient accumulation and clipping, a fixed step budget.
-Runs on CUDA (bf16) when present and ``device="auto"``, otherwise on CPU (fp32).
-The adapter is saved with peft as safetensors and committed to the store together
-with ``train_log.json`` (loss and learning rate per step).
+One small loop for every method (``steps/methods/``: full, head, lora, qlora, reft):
+AdamW / SGD / 8-bit AdamW over exactly the trainable parameters, warm-up then
+linear/cosine/constant decay, gradient accumulation, clipping, optional gradient
+checkpointing, a step budget (``max_steps``) or ``epochs``, and early stopping on the
+eval loss. Runs on CUDA (bf16) when present and ``device="auto"``, else on CPU (fp32).
 
-Limits: one method (LoRA), one process; resuming mid-run is not supported yet.
+Every ``checkpoint_every`` steps the trainable weights, optimizer and scheduler state,
+RNG state and data position are committed to
+``<prefix>/train-checkpoints/<run_key>/step-NNNNNN/`` (safetensors + JSON, manifest
+last). A retry of the same run (same config, data and code) resumes from the newest
+complete checkpoint and continues exactly as if never interrupted.
+
+Outputs: the method's weights (safetensors), ``train_log.json`` (loss and learning rate
+per step) and ``train_report.json`` (parameters, tokens, throughput, memory, time).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import re
+import resource
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from tqdm import tqdm
 
-from steps.config import TrainConfig
+from steps import methods
+from steps.batching import batch_order, collate, token_nll
+from steps.config import EarlyStopping, TrainConfig
 from steps.lineage import run_key
 from steps.store import ArtifactRef, ArtifactStore, DatasetRef, ModelRef
-from steps.tokenize import IGNORE
 
 log = logging.getLogger(__name__)
 
 STEP = "train"
+CHECKPOINTS = "train-checkpoints"
 
 
 def train_model(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store: ArtifactStore) -> ModelRef:
@@ -35,70 +47,83 @@ def train_model(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store: Arti
     if (done := store.lookup(STEP, key)) is not None:
         return ModelRef(base=model.base, adapter=ArtifactRef(**done.model_dump()))
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, get_scheduler
+    from transformers import get_scheduler
 
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    base_dir = store.download(model.base)
-    net = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device)
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
-    net = get_peft_model(net, lora)
-    net.train()
-    trainable = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(cfg.scheduler if cfg.scheduler != "constant" else "constant_with_warmup",
-                              optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
+    net = methods.prepare(cfg, store.download(model.base), device)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(net)
+    named = [(name, p) for name, p in net.named_parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg, [p for _, p in named], device)
     rows = store.read_jsonl(data, "train.jsonl")
-    batches = batch_stream(rows, cfg.batch_size, cfg.seed, net.config.pad_token_id or 0)
-    history: list[dict[str, float]] = []
-    tokens = 0
-    start = time.time()
-    progress = tqdm(range(1, cfg.max_steps + 1), desc="train", unit="step")
+    total = cfg.max_steps or math.ceil(cfg.epochs * math.ceil(len(rows) / cfg.batch_size) / cfg.grad_accum_steps)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round((cfg.warmup_ratio or 0.0) * total)
+    scheduler = get_scheduler("constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler,
+                              optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    eval_rows = store.read_jsonl(data, "eval.jsonl") if cfg.early_stopping else []
+    pad_id = net.config.pad_token_id or 0
+
+    checkpoints = Checkpoints(store, key, cfg)
+    state: dict[str, Any] = {"step": 0, "history": [], "evals": [], "tokens": 0, "seconds": 0.0,
+                             "best_eval": None, "bad_evals": 0, "stopped_early": False, "resumed_from": None}
+    if (latest := checkpoints.latest()) is not None:
+        state = checkpoints.restore(latest, named, optimizer, scheduler)
+        state["resumed_from"] = state["step"]
+        log.info("train: resuming from checkpoint at step %d", state["step"])
+    order = batch_order([len(r["input_ids"]) for r in rows], cfg.batch_size, cfg.seed)
+    for _ in range(state["step"] * cfg.grad_accum_steps):  # data position: skip what was trained on
+        next(order)
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    started = time.time() - state["seconds"]
+    net.train()
+    progress = tqdm(range(state["step"] + 1, total + 1), desc="train", unit="step", initial=state["step"], total=total)
     for step in progress:
         step_loss = 0.0
         for _ in range(cfg.grad_accum_steps):
-            batch = {k: v.to(device) for k, v in next(batches).items()}
+            batch = {k: v.to(device) for k, v in collate([rows[i] for i in next(order)], pad_id).items()}
             loss = net(**batch).loss / cfg.grad_accum_steps
             loss.backward()
             step_loss += loss.item()
-            tokens += int(batch["attention_mask"].sum())
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            state["tokens"] += int(batch["attention_mask"].sum())
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        history.append({"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0]})
+        state["step"] = step
+        state["history"].append({"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0]})
         progress.set_postfix(loss=f"{step_loss:.3f}")
-    seconds = time.time() - start
+        es = cfg.early_stopping
+        if es and step % es.eval_every == 0 and should_stop(es, cfg.batch_size, net, eval_rows, pad_id, device, state):
+            log.info("train: early stop at step %d (eval loss %.4f, best %.4f)", step, state["evals"][-1]["loss"], state["best_eval"])
+            break
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+            state["seconds"] = time.time() - started
+            checkpoints.save(step, named, optimizer, scheduler, state)
+    state["seconds"] = time.time() - started
 
-    with tempfile.TemporaryDirectory(prefix="tuneline-adapter-") as tmp:
-        net.save_pretrained(tmp, safe_serialization=True)
-        point_adapter_at_base(Path(tmp), f"s3://{store.bucket}/{model.base.key}")
+    with tempfile.TemporaryDirectory(prefix="tuneline-train-") as tmp:
+        out = Path(tmp)
+        methods.save(cfg, net, out)
+        if (out / "adapter_config.json").exists():
+            point_adapter_at_base(out, f"s3://{store.bucket}/{model.base.key}")
+        report = train_report(cfg, net, state, device, total)
         writer = store.writer(STEP, key, cfg, inputs=[data, model.base])
-        writer.put_dir(Path(tmp))
-        writer.put_json("train_log.json", history)
-        stats = {
-            "steps": cfg.max_steps,
-            "first_loss": history[0]["loss"],
-            "final_loss": history[-1]["loss"],
-            "tokens_seen": tokens,
-            "tokens_per_s": round(tokens / seconds, 1),
-            "trainable_params": sum(p.numel() for p in trainable),
-            "device": device,
-        }
-        ref = writer.commit(stats=stats)
-    log.info("train: %d steps on %s, loss %.3f -> %.3f", cfg.max_steps, device, stats["first_loss"], stats["final_loss"])
+        writer.put_dir(out)
+        writer.put_json("train_log.json", state["history"])
+        writer.put_json("train_report.json", report)
+        ref = writer.commit(stats={
+            "method": cfg.method, "steps": state["step"], "first_loss": state["history"][0]["loss"],
+            "final_loss": state["history"][-1]["loss"], "tokens_seen": state["tokens"],
+            "tokens_per_s": report["tokens_per_s"], "trainable_params": report["trainable_params"],
+            "device": device, "stopped_early": state["stopped_early"], "resumed_from": state["resumed_from"],
+        })
+    checkpoints.clear()
+    log.info("train: %s, %d steps on %s, loss %.3f -> %.3f", cfg.method, state["step"], device,
+             ref.stats["first_loss"], ref.stats["final_loss"])
     return ModelRef(base=model.base, adapter=ref)
-
-
-def point_adapter_at_base(folder: Path, base_uri: str) -> None:
-    """peft records the local temp folder as the base; record the base artifact instead."""
-    path = folder / "adapter_config.json"
-    config = json.loads(path.read_text())
-    config["base_model_name_or_path"] = base_uri
-    path.write_text(json.dumps(config, indent=2))
 
 
 def pick_device(choice: str) -> str:
@@ -109,35 +134,125 @@ def pick_device(choice: str) -> str:
     return choice
 
 
-def batch_stream(rows: list[dict[str, Any]], batch_size: int, seed: int, pad_id: int) -> Iterator[dict[str, Any]]:
-    """Endless shuffled micro-batches of similar lengths, padded to the longest row of each.
-
-    Rows are shuffled, cut into pools of 50 batches, sorted by length inside each pool, and
-    the resulting batches shuffled again: order stays random, padding mostly disappears.
-    """
+def make_optimizer(cfg: TrainConfig, params: list[Any], device: str) -> Any:
     import torch
 
-    generator = torch.Generator().manual_seed(seed)
-    pool = 50 * batch_size
-    while True:
-        order = torch.randperm(len(rows), generator=generator).tolist()
-        batches: list[list[int]] = []
-        for start in range(0, len(order), pool):
-            chunk = sorted(order[start : start + pool], key=lambda j: len(rows[j]["input_ids"]))
-            batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-        for b in torch.randperm(len(batches), generator=generator).tolist():
-            yield collate([rows[j] for j in batches[b]], pad_id)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=0.9, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=device == "cuda")
 
 
-def collate(rows: list[dict[str, Any]], pad_id: int, left: bool = False) -> dict[str, Any]:
+def enable_gradient_checkpointing(net: Any) -> None:
+    net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(net, "enable_input_require_grads"):  # frozen embeddings: keep a grad path into checkpointed blocks
+        net.enable_input_require_grads()
+    net.config.use_cache = False
+
+
+def should_stop(es: EarlyStopping, batch_size: int, net: Any, rows: list[dict], pad_id: int, device: str,
+                state: dict) -> bool:
+    """Evaluate the eval loss; count evaluations without improvement against the patience."""
+    net.eval()
+    loss, _ = token_nll(net, rows, batch_size, pad_id, device, progress=False)
+    net.train()
+    state["evals"].append({"step": state["step"], "loss": loss})
+    if state["best_eval"] is None or loss < state["best_eval"] - es.min_delta:
+        state["best_eval"], state["bad_evals"] = loss, 0
+    else:
+        state["bad_evals"] += 1
+    state["stopped_early"] = state["bad_evals"] >= es.patience
+    return state["stopped_early"]
+
+
+def train_report(cfg: TrainConfig, net: Any, state: dict, device: str, planned: int) -> dict[str, Any]:
     import torch
 
-    width = max(len(r["input_ids"]) for r in rows)
-    ids, labels, mask = [], [], []
-    for r in rows:
-        pad = width - len(r["input_ids"])
-        fill = lambda seq, value: ([value] * pad + seq) if left else (seq + [value] * pad)  # noqa: E731
-        ids.append(fill(list(r["input_ids"]), pad_id))
-        labels.append(fill(list(r.get("labels", r["input_ids"])), IGNORE))
-        mask.append(fill([1] * len(r["input_ids"]), 0))
-    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {
+        "method": cfg.method,
+        "device": device,
+        "trainable_params": sum(p.numel() for p in net.parameters() if p.requires_grad),
+        "total_params": sum(p.numel() for p in net.parameters()),
+        "steps": state["step"],
+        "planned_steps": planned,
+        "tokens_seen": state["tokens"],
+        "tokens_per_s": round(state["tokens"] / max(state["seconds"], 1e-9), 1),
+        "wall_seconds": round(state["seconds"], 2),
+        "peak_memory_gib": round(peak / 2**30, 3),
+        "peak_memory_kind": "cuda max allocated" if device == "cuda" else "process max RSS",
+        "stopped_early": state["stopped_early"],
+        "resumed_from": state["resumed_from"],
+        "evals": state["evals"],
+    }
+
+
+def point_adapter_at_base(folder: Path, base_uri: str) -> None:
+    """peft records the local temp folder as the base; record the base artifact instead."""
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = base_uri
+    path.write_text(json.dumps(config, indent=2))
+
+
+class Checkpoints:
+    """Resumable training state in the store, one artifact per checkpoint (manifest = completion marker)."""
+
+    def __init__(self, store: ArtifactStore, key: str, cfg: TrainConfig):
+        self.store, self.cfg = store, cfg
+        self.step_name = f"{CHECKPOINTS}/{key}"
+
+    def latest(self) -> ArtifactRef | None:
+        prefix = self.store.artifact_key(self.step_name, "")
+        steps = sorted(int(m.group(1)) for k in self.store.list_keys(prefix)
+                       if (m := re.search(r"/step-(\d+)/_MANIFEST\.json$", k)))
+        return self.store.lookup(self.step_name, f"step-{steps[-1]:06d}") if steps else None
+
+    def save(self, step: int, named: list, optimizer: Any, scheduler: Any, state: dict) -> None:
+        import torch
+        from safetensors.torch import save as to_bytes
+
+        opt = optimizer.state_dict()
+        tensors = {f"{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items() if torch.is_tensor(v)}
+        scalars = {f"{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items() if not torch.is_tensor(v)}
+        writer = self.store.writer(self.step_name, f"step-{step:06d}", self.cfg)
+        writer.put_bytes("trainable.safetensors", to_bytes({n: p.detach().cpu().contiguous() for n, p in named}))
+        writer.put_bytes("optimizer.safetensors", to_bytes({k: v.cpu().contiguous() for k, v in tensors.items()}))
+        writer.put_json("optimizer.json", {"param_groups": opt["param_groups"], "scalars": scalars})
+        writer.put_json("scheduler.json", scheduler.state_dict())
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        writer.put_bytes("rng.safetensors", to_bytes(rng))
+        writer.put_json("progress.json", state)
+        writer.commit(stats={"step": step})
+        log.info("train: checkpoint at step %d committed", step)
+
+    def restore(self, ref: ArtifactRef, named: list, optimizer: Any, scheduler: Any) -> dict:
+        import torch
+        from safetensors.torch import load as from_bytes
+
+        weights = from_bytes(self.store.read_bytes(ref, "trainable.safetensors"))
+        with torch.no_grad():
+            for name, p in named:
+                p.copy_(weights[name])
+        meta = self.store.read_json(ref, "optimizer.json")
+        state: dict[int, dict[str, Any]] = {}
+        for flat, value in [*from_bytes(self.store.read_bytes(ref, "optimizer.safetensors")).items(),
+                            *meta["scalars"].items()]:
+            index, name = flat.split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        scheduler.load_state_dict(self.store.read_json(ref, "scheduler.json"))
+        rng = from_bytes(self.store.read_bytes(ref, "rng.safetensors"))
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        return self.store.read_json(ref, "progress.json")
+
+    def clear(self) -> None:
+        self.store.delete_prefix(self.store.artifact_key(self.step_name, ""))

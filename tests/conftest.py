@@ -87,3 +87,12 @@ def tiny_tokenizer(services, tiny_model):
     from steps.store import ArtifactStore
 
     return AutoTokenizer.from_pretrained(ArtifactStore.from_env("shared").download(tiny_model.base))
+
+
+@pytest.fixture(scope="session")
+def prefect_api(services):
+    """A temporary Prefect API (its own SQLite database) for the flow tests."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

@@ -16,14 +16,6 @@ TINY = DEFAULT_PARAMS.with_name("tiny.yaml")
 STEPS = {"ingest": 1, "validate": 1, "scrub": 1, "base_model": 1, "tokenize": 1, "train": 1, "evaluate": 2}
 
 
-@pytest.fixture(scope="module")
-def prefect_api(services):
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
 def dataset(tmp_path: Path) -> Path:
     rows = [chat(f"What is {i} times two?", f"{i} times two is {2 * i}.") for i in range(48)]
     rows += [chat("Email me at kim.minji@example.co.kr", "Sure, or call 010-2345-6789.")] * 2  # PII + a duplicate
@@ -46,14 +38,23 @@ def bucket_keys(store_client, bucket: str) -> list[str]:
         token = {"ContinuationToken": page["NextContinuationToken"]}
 
 
-def task_states(flow_run_id) -> dict[str, list[str]]:
+def task_states(flow_run_id, expected: int) -> dict[str, list[str]]:
+    """Task-run state names by task; the server records them from events, so wait until all are final."""
+    import time
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    deadline = time.time() + 60
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            final = [r for r in runs if r.state is not None and r.state.is_final()]
+            if len(final) >= expected or time.time() > deadline:
+                break
+            time.sleep(0.5)
     states: dict[str, list[str]] = {}
-    for run in runs:
+    for run in final:
         states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)
     return states
 
@@ -99,7 +100,7 @@ def test_full_flow_registers_promotes_and_reruns_fully_cached(prefect_api, store
     before = bucket_keys(store.client, store.bucket)
     again = finetune(params, return_state=True)
     assert again.is_completed()
-    states = task_states(again.state_details.flow_run_id)
+    states = task_states(again.state_details.flow_run_id, expected=11)
     cached = {task: s for task, s in states.items() if task not in {"find-champion", "promote"}}
     assert cached and all(s == ["Cached"] * len(s) for s in cached.values()), states
     assert bucket_keys(store.client, store.bucket) == before

@@ -24,7 +24,7 @@ def test_promotion_rule(metric, candidate, incumbent, min_improvement, promoted)
 
 def test_params_flatten_for_mlflow():
     flat = flatten(PipelineParams().model_dump(mode="json", by_alias=True))
-    assert flat["train.lora_r"] == 8 and flat["validate.allowed_roles"] == '["system", "user", "assistant"]'
+    assert flat["train.lora.r"] == 8 and flat["validate.allowed_roles"] == '["system", "user", "assistant"]'
 
 
 def test_unknown_and_invalid_parameters_fail_loudly():
@@ -33,3 +33,11 @@ def test_unknown_and_invalid_parameters_fail_loudly():
     with pytest.raises(ConfigError, match="train.learning_rate"):
         PipelineParams.parse({"train": {"learning_rate": -1}})
     assert PipelineParams.parse({"validate": {"max_chars": 10}}).validate_.max_chars == 10
+
+
+@pytest.mark.parametrize("method", ["full", "head", "lora", "qlora", "reft"])
+def test_parameters_round_trip_through_json_for_every_method(method):
+    """Prefect stores flow parameters as JSON: a dump must validate back to the same parameters."""
+    params = PipelineParams.parse({"train": {"method": method}})
+    assert PipelineParams.parse(params.model_dump(mode="json", by_alias=True)) == params
+    assert PipelineParams.parse(params.model_dump(mode="json")) == params

@@ -4,24 +4,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from steps.config import EvaluateConfig, IngestConfig, ScrubConfig, TokenizeConfig, TrainConfig, ValidateConfig
+from steps.config import EvaluateConfig, LoraSettings, TrainConfig
 from steps.evaluate import evaluate_model
-from steps.ingest import ingest_records
-from steps.scrub import scrub_records
-from steps.tokenize import tokenize_dataset
 from steps.train import train_model
-from steps.validate import validate_records
-from helpers import all_keys, chat, write_jsonl
+from helpers import all_keys, sft_dataset
 
-TRAIN = TrainConfig(max_steps=4, batch_size=4, learning_rate=5e-3, warmup_steps=1, lora_r=4, lora_alpha=8)
+TRAIN = TrainConfig(max_steps=4, batch_size=4, learning_rate=5e-3, warmup_steps=1, lora=LoraSettings(r=4, alpha=8))
 
 
 @pytest.fixture
 def dataset(store, tmp_path, tiny_model):
-    rows = [chat(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}.") for i in range(40)]
-    raw = ingest_records(IngestConfig(source=str(write_jsonl(tmp_path / "raw.jsonl", rows))), store)
-    clean = scrub_records(ScrubConfig(), validate_records(ValidateConfig(), raw, store), store)
-    return tokenize_dataset(TokenizeConfig(eval_fraction=0.2, max_seq_len=64), clean, tiny_model, store)
+    return sft_dataset(store, tmp_path, tiny_model)
 
 
 def test_lora_changes_adapter_weights_and_leaves_the_base_untouched(store, dataset, tiny_model):

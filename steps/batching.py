@@ -1,0 +1,66 @@
+"""Batches of token rows: padding, length-grouped shuffling, and exact token NLL."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+IGNORE = -100
+
+
+def collate(rows: list[dict[str, Any]], pad_id: int, left: bool = False) -> dict[str, Any]:
+    """Pad rows to the longest one; labels are IGNORE on padding."""
+    import torch
+
+    width = max(len(r["input_ids"]) for r in rows)
+    ids, labels, mask = [], [], []
+    for r in rows:
+        pad = width - len(r["input_ids"])
+        fill = lambda seq, value: ([value] * pad + seq) if left else (seq + [value] * pad)  # noqa: E731
+        ids.append(fill(list(r["input_ids"]), pad_id))
+        labels.append(fill(list(r.get("labels", r["input_ids"])), IGNORE))
+        mask.append(fill([1] * len(r["input_ids"]), 0))
+    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
+
+
+def batch_order(lengths: list[int], batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless shuffled batches (row indices) of similar lengths, the same for the same seed.
+
+    Rows are shuffled, cut into pools of 50 batches, sorted by length inside each pool, and
+    the resulting batches shuffled again: order stays random, padding mostly disappears.
+    Deterministic, so a resumed run skips exactly the batches it already trained on.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    pool = 50 * batch_size
+    while True:
+        order = torch.randperm(len(lengths), generator=generator).tolist()
+        batches: list[list[int]] = []
+        for start in range(0, len(order), pool):
+            chunk = sorted(order[start : start + pool], key=lambda j: lengths[j])
+            batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+        for b in torch.randperm(len(batches), generator=generator).tolist():
+            yield batches[b]
+
+
+def token_nll(net: Any, rows: list[dict[str, Any]], batch_size: int, pad_id: int, device: str,
+              progress: bool = True) -> tuple[float, int]:
+    """Mean negative log-likelihood per label token, summed exactly over all rows."""
+    import torch
+    from tqdm import tqdm
+
+    total, count = 0.0, 0
+    starts = range(0, len(rows), batch_size)
+    with torch.no_grad():
+        for i in tqdm(starts, desc="perplexity", unit="batch", mininterval=2, disable=not progress):
+            batch = {k: v.to(device) for k, v in collate(rows[i : i + batch_size], pad_id).items()}
+            # labels go in too: methods such as reft place their interventions by the prompt/answer split.
+            logits = net(**batch).logits
+            targets = batch["labels"][:, 1:]
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                ignore_index=IGNORE, reduction="sum",
+            )
+            total += nll.item()
+            count += int((targets != IGNORE).sum())
+    return total / max(count, 1), count

@@ -1,0 +1,64 @@
+"""QLoRA: LoRA adapters (settings in ``train.lora``) on a frozen base quantized to 4 bits
+by bitsandbytes (``train.quant``: nf4 or fp4, optional double quantization, compute dtype).
+
+Only the adapters train. peft's ``prepare_model_for_kbit_training`` upcasts the small
+unquantized tensors (norms, embeddings) to float32 for stable training and, with
+``train.gradient_checkpointing``, turns on activation checkpointing.
+Saved: the peft adapter (``adapter_model.safetensors`` + ``adapter_config.json``);
+loading quantizes the same base again (deterministic) and applies the adapter.
+Limits: runs on CUDA and, slowly, on CPU (bitsandbytes 0.50 CPU kernels; float16
+compute is not supported there); no merged full weights (merging into 4-bit weights
+would round the adapter away).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from steps.config import TrainConfig
+from steps.errors import ConfigError
+from steps.methods.common import load_base, save_adapter
+from steps.methods.lora import lora_config
+
+
+def quantization_config(cfg: TrainConfig, device: str) -> Any:
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    q = cfg.quant
+    name = q.compute_dtype if q.compute_dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    if device == "cpu" and name == "float16":
+        raise ConfigError("train.quant.compute_dtype float16 is not supported on CPU; use float32 or auto")
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
+                              bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=getattr(torch, name))
+
+
+def load_quantized_base(cfg: TrainConfig, base_dir: Path, device: str) -> Any:
+    # device_map places the weights while they are quantized (a 4-bit model is not moved
+    # afterwards); without it bitsandbytes picks CUDA whenever present, even for device "cpu".
+    return load_base(cfg, base_dir, device, quantization_config=quantization_config(cfg, device), device_map=device)
+
+
+def prepare(cfg: TrainConfig, base_dir: Path, device: str) -> Any:
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    model = load_quantized_base(cfg, base_dir, device)
+    # use_reentrant=False checkpointing needs no requires-grad hook on the input embeddings.
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    return get_peft_model(model, lora_config(cfg))
+
+
+def save(cfg: TrainConfig, model: Any, folder: Path) -> None:
+    save_adapter(model, folder)
+
+
+def load(cfg: TrainConfig, base_dir: Path, folder: Path, device: str) -> Any:
+    from peft import PeftModel, prepare_model_for_kbit_training
+
+    model = load_quantized_base(cfg, base_dir, device)
+    # The same float32 upcast as in training, so inference computes what was trained.
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return PeftModel.from_pretrained(model, folder)
+

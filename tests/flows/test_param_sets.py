@@ -1,0 +1,51 @@
+"""Every shipped parameter set parses, and each method's set runs through the whole flow
+(on the tiny random model, a few steps) and registers a version that loads back from
+the registry with the method that trained it."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from flows.cli import DEFAULT_PARAMS, apply_overrides, load_yaml
+from steps.config import PipelineParams
+from helpers import chat, write_jsonl
+
+pytestmark = pytest.mark.services
+PARAMS = DEFAULT_PARAMS.parent
+
+
+@pytest.mark.parametrize("path", sorted(PARAMS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_parameter_set_is_valid(path: Path):
+    assert PipelineParams.parse(load_yaml(path), origin=str(path))
+
+
+@pytest.mark.parametrize("name, method", [("sft-lora", "lora"), ("sft-qlora", "qlora"), ("sft-full", "full"),
+                                          ("reft", "reft")])
+def test_method_parameter_set_runs_end_to_end(prefect_api, store, tmp_path, name, method):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from flows.pipeline import finetune
+
+    rows = [chat(f"What is {i} times two?", f"{i} times two is {2 * i}.") for i in range(40)]
+    source = write_jsonl(tmp_path / "chats.jsonl", rows)
+    model_name = f"{name}-{uuid.uuid4().hex[:6]}"
+    overrides = [f"ingest.source={source}", f"artifacts_prefix={store.prefix}", f"register.model_name={model_name}",
+                 "base_model.source=tiny-random-llama", "train.max_steps=3", "train.checkpoint_every=2",
+                 "evaluate.max_records=8", "evaluate.bleu_samples=2", "evaluate.max_new_tokens=4"]
+    params = PipelineParams.parse(apply_overrides(load_yaml(PARAMS / f"{name}.yaml"), overrides))
+    if method == "reft":
+        params = PipelineParams.parse(apply_overrides(params.model_dump(mode="json", by_alias=True),
+                                                      ["train.reft.layers=[0, -1]"]))
+    state = finetune(params, return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary.record.model.adapter.stats["method"] == method
+    version = MlflowClient().get_model_version(model_name, summary.version.version)
+    assert version.tags["tuneline.method"] == method
+    answers = mlflow.pyfunc.load_model(f"models:/{model_name}/{version.version}").predict(
+        ["What is 2 times two?"], params={"max_new_tokens": 3})
+    assert len(answers) == 1 and isinstance(answers[0], str)
