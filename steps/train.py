@@ -89,11 +89,12 @@ def train_model(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store: Arti
             step_loss += loss.item()
             state["tokens"] += int(batch["attention_mask"].sum())
         torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] = step
-        state["history"].append({"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0]})
+        state["history"].append({"step": step, "loss": step_loss, "lr": lr})
         progress.set_postfix(loss=f"{step_loss:.3f}")
         es = cfg.early_stopping
         if es and step % es.eval_every == 0 and should_stop(es, cfg.batch_size, net, eval_rows, pad_id, device, state):
