@@ -50,6 +50,7 @@ def token_nll(net: Any, rows: list[dict[str, Any]], batch_size: int, pad_id: int
     from tqdm import tqdm
 
     total, count = 0.0, 0
+    rows = sorted(rows, key=lambda r: len(r["input_ids"]))  # similar lengths per batch: little padding, same sum
     starts = range(0, len(rows), batch_size)
     with torch.no_grad():
         for i in tqdm(starts, desc="perplexity", unit="batch", mininterval=2, disable=not progress):

@@ -48,10 +48,17 @@ def save(cfg: TrainConfig, model: Any, folder: Path) -> None:
 
 
 def load(base_dir: Path, folder: Path, device: str) -> Any:
-    """The trained model for inference, whatever the method (read from method.json)."""
-    meta = json.loads((folder / METHOD_FILE).read_text())
-    model = module_for(meta["method"]).load(TrainConfig.model_validate(meta["train"]), base_dir, folder, device)
-    return model.eval()
+    """The trained model for inference, whatever the method (read from method.json).
+
+    Train artifacts from before method.json existed hold a peft LoRA adapter only.
+    """
+    path = folder / METHOD_FILE
+    if path.exists():
+        meta = json.loads(path.read_text())
+        cfg, method = TrainConfig.model_validate(meta["train"]), meta["method"]
+    else:
+        cfg, method = TrainConfig(method="lora"), "lora"
+    return module_for(method).load(cfg, base_dir, folder, device).eval()
 
 
 def trainable_parameters(model: Any) -> list[Any]:

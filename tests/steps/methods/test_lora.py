@@ -50,3 +50,16 @@ def test_lora_switches_reach_peft(base_dir, train, use_rslora, use_dora):
     if use_dora:
         losses = train(model, steps=4)
         assert losses[-1] < losses[0]
+
+
+def test_an_adapter_folder_without_method_json_loads_as_lora(tmp_path, base_dir):
+    """Train artifacts written before method.json existed are plain peft LoRA adapters."""
+    from steps import methods
+    from steps.config import TrainConfig
+
+    cfg = TrainConfig(method="lora")
+    model = methods.prepare(cfg, base_dir, "cpu")
+    methods.save(cfg, model, tmp_path / "trained")
+    (tmp_path / "trained" / methods.METHOD_FILE).unlink()
+    loaded = methods.load(base_dir, tmp_path / "trained", "cpu")
+    assert type(loaded).__name__ == "PeftModelForCausalLM" and not loaded.training
