@@ -173,7 +173,8 @@ def promote_model(
         client.set_registered_model_alias(cfg.model_name, "champion", version.version)
         promoted, reason, champion = True, f"promoted: {verdict}", version.version
     else:
-        promoted, reason = False, f"not promoted, champion unchanged: {verdict}"
+        promoted = False
+        reason = f"not promoted, {'champion unchanged' if current else 'no champion yet'}: {verdict}"
         champion = current.version if current else None
     client.set_model_version_tag(cfg.model_name, version.version, "tuneline.promotion", reason)
     log.info("promotion gate: %s", reason)
