@@ -138,6 +138,8 @@ def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore)
             code_paths=[str(STEPS_DIR)],
             model_config={"base_model_uri": base_uri, "base_model_digest": record.model.base.digest},
             pip_requirements=serving_requirements(),
+            # A params schema makes `predict(..., params={"max_new_tokens": n})` reach the model.
+            signature=mlflow.models.infer_signature(["prompt"], ["answer"], params={"max_new_tokens": 64}),
         )
     version = mlflow.register_model(info.model_uri, cfg.model_name, tags={**tags, "tuneline.run_key": key})
     client.update_model_version(cfg.model_name, version.version, description=card)

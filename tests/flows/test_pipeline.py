@@ -95,6 +95,7 @@ def test_full_flow_registers_promotes_and_reruns_fully_cached(prefect_api, store
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     answers = model.predict(["What is 3 times two?"], params={"max_new_tokens": 4})
     assert len(answers) == 1 and isinstance(answers[0], str)
+    assert len(answers[0].split()) <= 4  # the max_new_tokens parameter reached generate()
 
     # A second identical run: every step task is cached, nothing new is stored or registered.
     before = bucket_keys(store.client, store.bucket)
