@@ -27,19 +27,28 @@ class StrictModel(BaseModel):
 class IngestConfig(StrictModel):
     source: str = Field(
         "chatterbot:english,korean",
-        description="Raw records: a local JSONL path, an s3://bucket/key JSONL URI, or "
-        "'chatterbot:<language>[,<language>...]' to read conversations from the chatterbot-corpus package.",
+        description="Raw records: a local JSONL path, an s3://bucket/key JSONL URI, "
+        "'chatterbot:<language>[,<language>...]' (conversations from the chatterbot-corpus package), or "
+        "'konlpy:kolaw,kobill' (Korean legal texts from the konlpy package, one text record per file).",
         min_length=1,
     )
 
 
 class ValidateConfig(StrictModel):
-    allowed_roles: list[Literal["system", "user", "assistant"]] = Field(
-        ["system", "user", "assistant"], description="Roles a message may have.", min_length=1
+    record_kind: Literal["chat", "text"] = Field(
+        "chat",
+        description="chat: chat or instruction records, for supervised fine-tuning; text: plain-text records "
+        '{"id"?: str, "text": str}, for continued pretraining on packed token blocks.',
     )
-    min_messages: int = Field(2, ge=1, description="Fewest messages a chat record may have.")
-    min_chars: int = Field(1, ge=1, description="Shortest allowed message content, in characters.")
-    max_chars: int = Field(4000, ge=1, description="Longest allowed message content, in characters.")
+    allowed_roles: list[Literal["system", "user", "assistant"]] = Field(
+        ["system", "user", "assistant"], description="chat records: roles a message may have.", min_length=1
+    )
+    min_messages: int = Field(2, ge=1, description="chat records: fewest messages a record may have.")
+    min_chars: int = Field(1, ge=1, description="Shortest allowed message content or text, in characters.")
+    max_chars: int = Field(4000, ge=1, description="chat records: longest allowed message content, in characters.")
+    max_text_chars: int = Field(
+        1_000_000, ge=1, description="text records: longest allowed text, in characters (documents are long)."
+    )
 
 
 class ScrubConfig(StrictModel):
@@ -47,7 +56,7 @@ class ScrubConfig(StrictModel):
         ["EMAIL", "PHONE", "CREDIT_CARD", "KR_RRN", "US_SSN", "IP_ADDRESS"],
         description="PII types replaced by typed placeholders such as <EMAIL>.",
     )
-    dedup: bool = Field(True, description="Drop records whose normalized messages repeat an earlier record.")
+    dedup: bool = Field(True, description="Drop records whose normalized messages (or text) repeat an earlier record.")
 
 
 class BaseModelConfig(StrictModel):
@@ -60,7 +69,8 @@ class BaseModelConfig(StrictModel):
 
 
 class TokenizeConfig(StrictModel):
-    max_seq_len: int = Field(256, ge=16, le=8192, description="Longer conversations are truncated to this many tokens.")
+    max_seq_len: int = Field(256, ge=16, le=8192, description="Chat records: longer conversations are truncated to this many tokens. "
+                             "Text records: the length of every packed block.")
     eval_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Share of records held out for evaluation.")
     seed: int = Field(42, description="Seed of the train/eval split.")
 
@@ -210,6 +220,13 @@ class PipelineParams(StrictModel):
     register_: RegisterConfig = Field(default_factory=RegisterConfig, alias="register", description="Register step.")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PipelineParams:
+        if self.validate_.record_kind == "text" and self.train.method == "reft":
+            raise ValueError("train.method 'reft' intervenes at prompt positions, and text records "
+                             "(validate.record_kind 'text') have no prompt; use lora, qlora, full or head")
+        return self
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> PipelineParams:

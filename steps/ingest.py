@@ -5,6 +5,9 @@ Sources (``IngestConfig.source``):
 - an object in S3: ``s3://bucket/path/train.jsonl`` (same endpoint and credentials as the store)
 - the chatterbot-corpus package: ``chatterbot:english,korean`` (each conversation becomes a
   chat record whose turns alternate user/assistant; a trailing unanswered turn is dropped)
+- the konlpy package's Korean corpora: ``konlpy:kolaw,kobill`` (each file becomes a text
+  record ``{"id": "kolaw/constitution", "text": ...}``, for ``validate.record_kind: text``;
+  records are sorted by id, so the order of the names does not change the bytes)
 
 The bytes are copied as they are; parsing and checking is the validate step's job.
 """
@@ -47,8 +50,9 @@ def ingest_records(cfg: IngestConfig, store: ArtifactStore) -> DatasetRef:
 
 def read_source(source: str, store: ArtifactStore) -> tuple[bytes, str]:
     if source.startswith("chatterbot:"):
-        languages = [lang.strip() for lang in source.split(":", 1)[1].split(",") if lang.strip()]
-        return chatterbot_jsonl(languages), source
+        return chatterbot_jsonl(_names(source)), source
+    if source.startswith("konlpy:"):
+        return konlpy_jsonl(_names(source)), source
     if source.startswith("s3://"):
         bucket, _, key = source[len("s3://"):].partition("/")
         if not bucket or not key:
@@ -61,12 +65,21 @@ def read_source(source: str, store: ArtifactStore) -> tuple[bytes, str]:
     return path.read_bytes(), str(path)
 
 
+def _names(source: str) -> list[str]:
+    """'corpus:a, b' -> ['a', 'b']."""
+    return [name.strip() for name in source.split(":", 1)[1].split(",") if name.strip()]
+
+
+def _jsonl(records: list[dict]) -> bytes:
+    return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records).encode("utf-8")
+
+
 def chatterbot_jsonl(languages: list[str]) -> bytes:
     spec = importlib.util.find_spec("chatterbot_corpus")
     if spec is None or spec.origin is None:
         raise ConfigError("the chatterbot-corpus package is not installed")
     root = Path(spec.origin).parent / "data"
-    lines: list[str] = []
+    records: list[dict] = []
     for language in languages:
         folder = root / language
         if not folder.is_dir():
@@ -86,6 +99,22 @@ def chatterbot_jsonl(languages: list[str]) -> bytes:
                 messages = [
                     {"role": "user" if j % 2 == 0 else "assistant", "content": t} for j, t in enumerate(turns)
                 ]
-                record = {"id": f"{language}/{path.stem}/{i}", "messages": messages}
-                lines.append(json.dumps(record, ensure_ascii=False))
-    return ("\n".join(lines) + "\n").encode("utf-8")
+                records.append({"id": f"{language}/{path.stem}/{i}", "messages": messages})
+    return _jsonl(records)
+
+
+def konlpy_jsonl(corpora: list[str]) -> bytes:
+    # Read the files, never import konlpy: it is installed without its Java (JPype) dependencies.
+    spec = importlib.util.find_spec("konlpy")
+    if spec is None or spec.origin is None:
+        raise ConfigError("the konlpy package is not installed")
+    root = Path(spec.origin).parent / "data" / "corpus"
+    records: list[dict] = []
+    for corpus in sorted(set(corpora)):
+        folder = root / corpus
+        if not folder.is_dir():
+            known = sorted(p.name for p in root.iterdir() if p.is_dir())
+            raise ConfigError(f"konlpy has no corpus {corpus!r} (known: {', '.join(known)})")
+        for path in sorted(folder.glob("*.txt")):
+            records.append({"id": f"{corpus}/{path.stem}", "text": path.read_text(encoding="utf-8")})
+    return _jsonl(records)

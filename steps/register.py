@@ -25,6 +25,7 @@ from steps.config import RegisterConfig, StrictModel
 from steps.errors import ConfigError
 from steps.lineage import code_version, run_key
 from steps.store import ArtifactRef, ArtifactStore, DatasetRef, EvalReport, ModelRef
+from steps.tokenize import split_summary
 
 log = logging.getLogger(__name__)
 
@@ -262,8 +263,7 @@ def model_card(cfg: RegisterConfig, record: RunRecord, key: str) -> str:
         f"- scrub: {d['scrub'].get('records_in')} -> {d['scrub'].get('records_out')} records, "
         f"{d['scrub'].get('duplicates_removed')} duplicates removed, PII replaced: "
         + (", ".join(f"{k} {v}" for k, v in pii.items()) or "none"),
-        f"- tokenize: {d['tokenize'].get('train_records')} train / {d['tokenize'].get('eval_records')} eval records, "
-        f"{d['tokenize'].get('truncated')} truncated",
+        f"- tokenize: {split_summary(d['tokenize'])}",
         "",
         "## Evaluation (same eval set)",
         "| model | perplexity | BLEU | chrF |",

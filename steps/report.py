@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from steps.config import StrictModel
 from steps.register import PromotionDecision, RegisteredVersion, RunRecord
+from steps.tokenize import split_summary
 
 
 class PipelineSummary(StrictModel):
@@ -26,8 +27,7 @@ def render_summary(summary: PipelineSummary, links: dict[str, str]) -> str:
         f"  scrub      {d['scrub'].get('records_in')} -> {d['scrub'].get('records_out')} records"
         f" ({d['scrub'].get('duplicates_removed')} duplicates removed)",
         "             PII replaced: " + (", ".join(f"{k}={v}" for k, v in pii.items()) or "none"),
-        f"  tokenize   {d['tokenize'].get('train_records')} train / {d['tokenize'].get('eval_records')} eval records,"
-        f" {d['tokenize'].get('truncated')} truncated",
+        f"  tokenize   {split_summary(d['tokenize'])}",
         f"  train      {summary.record.model.adapter.stats.get('steps') if summary.record.model.adapter else 0} steps,"
         f" loss {_stat(summary.record.model.adapter, 'first_loss')} -> {_stat(summary.record.model.adapter, 'final_loss')}",
         f"  evaluate   perplexity {base.get('perplexity')} (base) -> {tuned.get('perplexity')} (fine-tuned)",

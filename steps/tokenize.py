@@ -1,10 +1,29 @@
-"""Tokenize: render conversations with the base model's chat template, mask every
-token that is not an assistant answer, and split train/eval with a seeded hash.
+"""Tokenize: turn scrubbed records into token rows and split train/eval with a seeded hash.
 
-Labels are -100 outside assistant turns: the loss teaches answers, not prompts. The
-split hashes each record id with the seed, so a record stays on its side when the
-dataset grows. Output: ``train.jsonl`` and ``eval.jsonl`` (``input_ids``, ``labels``),
-and ``eval_prompts.jsonl`` (prompt messages and the reference answer, for BLEU).
+The split hashes each record id with the seed, so a record stays on its side when the
+dataset grows. What a row is depends on the records' kind (``record_kind`` in the
+scrub stats, set by ``validate.record_kind``):
+
+chat (supervised fine-tuning): one row per conversation, rendered with the base model's
+chat template and cut at ``max_seq_len`` tokens. Labels are -100 outside assistant turns:
+the loss teaches answers, not prompts. ``eval_prompts.jsonl`` holds each eval
+conversation's prompt messages and reference answer, for BLEU.
+
+text (continued pretraining): each side's documents are tokenized without special tokens,
+joined into one stream with the tokenizer's EOS token between documents, and cut into
+blocks of exactly ``max_seq_len`` tokens; labels = input_ids (every token is trained).
+The split is by document, so no document has tokens on both sides. Limits:
+- the last partial block of each side (fewer than ``max_seq_len`` tokens) is dropped
+  and counted in ``dropped_tail_tokens``;
+- standard causal-LM packing: a block may hold the end of one document and the start of
+  the next, and their tokens attend to each other (only the EOS marks the boundary);
+  per-document attention masks are not implemented;
+- ``eval_prompts.jsonl`` is empty, so evaluate reports perplexity only (no BLEU).
+Stats: ``<side>_documents``, ``<side>_records`` (blocks), ``<side>_tokens`` and
+``dropped_tail_tokens``.
+
+Output: ``train.jsonl`` and ``eval.jsonl`` (``id``, ``input_ids``, ``labels``) and
+``eval_prompts.jsonl``.
 """
 
 from __future__ import annotations
@@ -35,31 +54,51 @@ def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, s
 
     tokenizer = AutoTokenizer.from_pretrained(store.download(model.base))
     records = store.read_jsonl(source, RECORDS_FILE)
-    splits: dict[str, list[dict[str, Any]]] = {"train": [], "eval": []}
-    prompts: list[dict[str, Any]] = []
-    truncated = dropped = 0
-    for record in tqdm(records, desc="tokenize", unit="rec", mininterval=2):
-        ids, labels = encode_chat(tokenizer, record["messages"])
-        if len(ids) > cfg.max_seq_len:
-            truncated += 1
-            ids, labels = ids[: cfg.max_seq_len], labels[: cfg.max_seq_len]
-        if all(label == IGNORE for label in labels):
-            dropped += 1  # truncation removed every answer token
-            continue
-        side = "eval" if in_eval(record["id"], cfg) else "train"
-        splits[side].append({"id": record["id"], "input_ids": ids, "labels": labels})
-        if side == "eval":
-            prompts.append({"id": record["id"], "messages": record["messages"][:-1],
-                            "reference": record["messages"][-1]["content"]})
+    sides = split_records(records, cfg)
+    if source.stats["record_kind"] == "text":
+        splits, prompts, stats = pack_texts(tokenizer, sides, cfg)
+    else:
+        splits, prompts, stats = encode_chats(tokenizer, sides, cfg)
     if not splits["train"] or not splits["eval"]:
         raise DataQualityError(
             f"tokenize: rule 'both splits non-empty': {len(splits['train'])} train and {len(splits['eval'])} eval "
-            f"records from {len(records)} (eval_fraction={cfg.eval_fraction}); add records or change the fraction"
+            f"rows from {len(records)} records (eval_fraction={cfg.eval_fraction}, max_seq_len={cfg.max_seq_len}); "
+            "add records or change the fraction"
         )
     writer = store.writer(STEP, key, cfg, inputs=[source, model.base])
     for side, rows in splits.items():
         writer.put_jsonl(f"{side}.jsonl", rows)
     writer.put_jsonl("eval_prompts.jsonl", prompts)
+    log.info("tokenize: %s", stats)
+    return DatasetRef(**writer.commit(stats=stats).model_dump())
+
+
+def split_records(records: list[dict[str, Any]], cfg: TokenizeConfig) -> dict[str, list[dict[str, Any]]]:
+    sides: dict[str, list[dict[str, Any]]] = {"train": [], "eval": []}
+    for record in records:
+        sides["eval" if in_eval(record["id"], cfg) else "train"].append(record)
+    return sides
+
+
+def encode_chats(tokenizer: Any, sides: dict[str, list[dict]], cfg: TokenizeConfig
+                 ) -> tuple[dict[str, list[dict]], list[dict], dict[str, Any]]:
+    """One labelled row per conversation (truncated to max_seq_len), eval prompts and stats."""
+    splits: dict[str, list[dict[str, Any]]] = {"train": [], "eval": []}
+    prompts: list[dict[str, Any]] = []
+    truncated = dropped = 0
+    for side, records in sides.items():
+        for record in tqdm(records, desc=f"tokenize {side}", unit="rec", mininterval=2):
+            ids, labels = encode_chat(tokenizer, record["messages"])
+            if len(ids) > cfg.max_seq_len:
+                truncated += 1
+                ids, labels = ids[: cfg.max_seq_len], labels[: cfg.max_seq_len]
+            if all(label == IGNORE for label in labels):
+                dropped += 1  # truncation removed every answer token
+                continue
+            splits[side].append({"id": record["id"], "input_ids": ids, "labels": labels})
+            if side == "eval":
+                prompts.append({"id": record["id"], "messages": record["messages"][:-1],
+                                "reference": record["messages"][-1]["content"]})
     stats = {
         "train_records": len(splits["train"]),
         "eval_records": len(splits["eval"]),
@@ -68,8 +107,7 @@ def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, s
         "truncated": truncated,
         "dropped_no_answer": dropped,
     }
-    log.info("tokenize: %s", stats)
-    return DatasetRef(**writer.commit(stats=stats).model_dump())
+    return splits, prompts, stats
 
 
 def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
@@ -98,6 +136,47 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[in
     return ids, labels
 
 
+def pack_texts(tokenizer: Any, sides: dict[str, list[dict]], cfg: TokenizeConfig
+               ) -> tuple[dict[str, list[dict]], list[dict], dict[str, Any]]:
+    """Blocks of exactly max_seq_len tokens per side (labels = input_ids), no eval prompts, and stats."""
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("the base model's tokenizer has no EOS token to separate packed documents")
+    splits: dict[str, list[dict[str, Any]]] = {}
+    stats: dict[str, Any] = {}
+    dropped = 0
+    for side, records in sides.items():
+        stream = token_stream(tokenizer, [r["text"] for r in records], desc=f"tokenize {side}")
+        blocks = len(stream) // cfg.max_seq_len
+        dropped += len(stream) - blocks * cfg.max_seq_len
+        rows = []
+        for n in range(blocks):
+            ids = stream[n * cfg.max_seq_len : (n + 1) * cfg.max_seq_len]
+            rows.append({"id": f"block-{n}", "input_ids": ids, "labels": ids})
+        splits[side] = rows
+        stats |= {f"{side}_documents": len(records), f"{side}_records": blocks,
+                  f"{side}_tokens": blocks * cfg.max_seq_len}
+    return splits, [], stats | {"dropped_tail_tokens": dropped}
+
+
+def token_stream(tokenizer: Any, texts: list[str], desc: str) -> list[int]:
+    """The texts' token ids, without special tokens, joined by the EOS token."""
+    stream: list[int] = []
+    for i, text in enumerate(tqdm(texts, desc=desc, unit="doc", mininterval=2)):
+        if i:
+            stream.append(tokenizer.eos_token_id)
+        # verbose=False: documents are longer than the model's context on purpose; they are cut into blocks.
+        stream += tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return stream
+
+
 def in_eval(record_id: str, cfg: TokenizeConfig) -> bool:
     h = hashlib.sha256(f"{cfg.seed}:{record_id}".encode()).digest()
     return int.from_bytes(h[:8], "big") / 2**64 < cfg.eval_fraction
+
+
+def split_summary(stats: dict) -> str:
+    """Chat records are truncated rows; text records are packed into blocks."""
+    if "train_documents" in stats:
+        return (f"{stats.get('train_documents')} train / {stats.get('eval_documents')} eval documents packed into "
+                f"{stats.get('train_records')} / {stats.get('eval_records')} blocks")
+    return f"{stats.get('train_records')} train / {stats.get('eval_records')} eval records, {stats.get('truncated')} truncated"

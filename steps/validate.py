@@ -1,16 +1,25 @@
-"""Validate: a Great Expectations gate on the raw chat / instruction records.
+"""Validate: a Great Expectations gate on the raw records, chat or plain text.
 
-Each raw JSONL line becomes one row of a record table and one row per message of a
-turn table; the suite checks JSON syntax, record shape, message count, roles and their
-order, nulls and content length. Results use ``exclude_unexpected_values`` so reports
-hold counts and line numbers, never record contents.
+``ValidateConfig.record_kind`` picks the suite.
 
-Accepted record shapes:
+chat (supervised fine-tuning): each raw JSONL line becomes one row of a record table
+and one row per message of a turn table; the suite checks JSON syntax, record shape,
+message count, roles and their order, nulls and content length. Accepted shapes:
 - chat: ``{"id"?: str, "messages": [{"role": ..., "content": ...}, ...]}``: an optional
   leading system message, then user/assistant turns alternating, ending with assistant;
 - instruction: ``{"id"?: str, "instruction": str, "input"?: str, "response"|"output": str, "system"?: str}``.
 
-Output: the records in chat form (``{"id", "messages"}``) plus ``report.json``.
+text (continued pretraining): each line becomes one row of a record table and, when it
+has a ``"text"`` field, one row of a text table; the suite checks JSON syntax, that the
+record is ``{"id"?: str, "text": str}``, that the text is a string, not blank, and within
+``min_chars``..``max_text_chars``.
+
+Results use ``exclude_unexpected_values`` so reports hold counts and line numbers, never
+record contents. A file of the other kind fails the record-shape rule.
+
+Output: ``records.jsonl`` in chat form (``{"id", "messages"}``) or text form
+(``{"id", "text"}``), ``report.json``, and ``record_kind`` in the stats, which tells
+scrub and tokenize what the records are. A missing id becomes ``line-<n>``.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ EXAMPLES = 5
 @dataclass(frozen=True)
 class Rule:
     name: str
-    table: str  # "records" or "turns"
+    table: str  # "records", "turns" (chat) or "texts" (text)
     expectation: Any
 
 
@@ -46,8 +55,13 @@ def validate_records(cfg: ValidateConfig, source: DatasetRef, store: ArtifactSto
     if (done := store.lookup(STEP, key)) is not None:
         return DatasetRef(**done.model_dump())
     lines = store.read_bytes(source, RAW_FILE).decode("utf-8", errors="replace").splitlines()
-    records, turns, chats = _tables(lines)
-    report = run_suite(cfg, records, turns)
+    if cfg.record_kind == "text":
+        tables, output = _text_tables(lines)
+        suite_rules = text_rules(cfg)
+    else:
+        tables, output = _chat_tables(lines)
+        suite_rules = chat_rules(cfg)
+    report = run_suite(suite_rules, tables)
     if not report["success"]:
         broken = [r for r in report["rules"] if not r["success"]]
         detail = "\n".join(
@@ -56,18 +70,18 @@ def validate_records(cfg: ValidateConfig, source: DatasetRef, store: ArtifactSto
             for r in broken
         )
         raise DataQualityError(
-            f"validation failed for {source.stats.get('source', source.key)}: "
+            f"validation failed for {source.stats.get('source', source.key)} as {cfg.record_kind} records: "
             f"{len(broken)} of {len(report['rules'])} rules broken\n{detail}"
         )
     writer = store.writer(STEP, key, cfg, inputs=[source])
-    writer.put_jsonl(RECORDS_FILE, chats)
+    writer.put_jsonl(RECORDS_FILE, output)
     writer.put_json("report.json", report)
-    log.info("validate: %d records pass %d rules", len(chats), len(report["rules"]))
-    ref = writer.commit(stats={"records": len(chats), "rules": len(report["rules"])})
+    log.info("validate: %d %s records pass %d rules", len(output), cfg.record_kind, len(report["rules"]))
+    ref = writer.commit(stats={"records": len(output), "rules": len(report["rules"]), "record_kind": cfg.record_kind})
     return DatasetRef(**ref.model_dump())
 
 
-def _tables(lines: list[str]) -> tuple[list[dict], list[dict], list[dict]]:
+def _chat_tables(lines: list[str]) -> tuple[dict[str, Any], list[dict]]:
     """Flatten raw lines into a record table, a turn table and the chat-form records."""
     records: list[dict] = []
     turns: list[dict] = []
@@ -99,7 +113,41 @@ def _tables(lines: list[str]) -> tuple[list[dict], list[dict], list[dict]]:
                 "content_blank": not (isinstance(content, str) and content.strip()),
             })
         chats.append({"id": str(obj.get("id", f"line-{number}")), "messages": messages})
-    return records, turns, chats
+    return {"records": _frame(records, ["line", "json_valid", "shape", "n_messages", "order_ok"]),
+            "turns": _frame(turns, ["line", "role", "content_chars", "content_blank"])}, chats
+
+
+def _text_tables(lines: list[str]) -> tuple[dict[str, Any], list[dict]]:
+    """Flatten raw lines into a record table, a text table and the text-form records."""
+    records: list[dict] = []
+    texts: list[dict] = []
+    documents: list[dict] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        row = {"line": number, "json_valid": True, "shape": "unknown"}
+        records.append(row)
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            row["json_valid"], row["shape"] = False, None
+            continue
+        if not isinstance(obj, dict) or "text" not in obj:
+            continue
+        row["shape"] = "text"
+        text = obj["text"]
+        is_str = isinstance(text, str)  # a non-string text fails only the string rule
+        texts.append({"line": number, "text_chars": len(text) if is_str else None,
+                      "text_blank": not text.strip() if is_str else None})
+        documents.append({"id": str(obj.get("id", f"line-{number}")), "text": text})
+    return {"records": _frame(records, ["line", "json_valid", "shape"]),
+            "texts": _frame(texts, ["line", "text_chars", "text_blank"])}, documents
+
+
+def _frame(rows: list[dict], columns: list[str]) -> Any:
+    import pandas as pd
+
+    return pd.DataFrame(rows, columns=columns)
 
 
 def _as_messages(obj: Any) -> list | None:
@@ -124,7 +172,7 @@ def _order_ok(roles: list[Any]) -> bool:
     return bool(body) and body == expected
 
 
-def rules(cfg: ValidateConfig) -> list[Rule]:
+def chat_rules(cfg: ValidateConfig) -> list[Rule]:
     import great_expectations as gx
 
     E = gx.expectations
@@ -147,20 +195,31 @@ def rules(cfg: ValidateConfig) -> list[Rule]:
     ]
 
 
-def run_suite(cfg: ValidateConfig, records: list[dict], turns: list[dict]) -> dict[str, Any]:
-    """Run the suite on both tables; the report holds counts and line numbers only."""
+def text_rules(cfg: ValidateConfig) -> list[Rule]:
+    import great_expectations as gx
+
+    E = gx.expectations
+    return [
+        Rule("line is valid JSON", "records", E.ExpectColumnValuesToBeInSet(column="json_valid", value_set=[True])),
+        Rule('record is a text record with a "text" field', "records",
+             E.ExpectColumnValuesToBeInSet(column="shape", value_set=["text"])),
+        Rule("text is a string (not null)", "texts", E.ExpectColumnValuesToNotBeNull(column="text_chars")),
+        Rule("text is not empty or blank", "texts",
+             E.ExpectColumnValuesToBeInSet(column="text_blank", value_set=[False])),
+        Rule(f"text length between {cfg.min_chars} and {cfg.max_text_chars} characters", "texts",
+             E.ExpectColumnValuesToBeBetween(column="text_chars", min_value=cfg.min_chars,
+                                             max_value=cfg.max_text_chars)),
+    ]
+
+
+def run_suite(suite_rules: list[Rule], frames: dict[str, Any]) -> dict[str, Any]:
+    """Run each table's rules on its frame; the report holds counts and line numbers only."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
-    import pandas as pd
 
     context = gx.get_context(mode="ephemeral")
     source = context.data_sources.add_pandas("tuneline")
-    frames = {
-        "records": pd.DataFrame(records, columns=["line", "json_valid", "shape", "n_messages", "order_ok"]),
-        "turns": pd.DataFrame(turns, columns=["line", "role", "content_chars", "content_blank"]),
-    }
     results: list[dict[str, Any]] = []
-    suite_rules = rules(cfg)
     for table, frame in frames.items():
         table_rules = [r for r in suite_rules if r.table == table]
         for rule in table_rules:

@@ -49,3 +49,32 @@ def test_method_parameter_set_runs_end_to_end(prefect_api, store, tmp_path, name
     answers = mlflow.pyfunc.load_model(f"models:/{model_name}/{version.version}").predict(
         ["What is 2 times two?"], params={"max_new_tokens": 3})
     assert len(answers) == 1 and isinstance(answers[0], str)
+
+
+def text_documents(n: int) -> list[dict]:
+    return [{"id": f"bill-{i:02d}", "text": f"제{i}조 이 법은 공포한 날부터 시행한다. Article {i}: the committee "
+             f"reviews bill {i} and records {3 * i} votes before the plenary session."} for i in range(n)]
+
+
+@pytest.mark.parametrize("name", ["cpt"])
+def test_text_parameter_set_runs_end_to_end(prefect_api, store, tmp_path, name):
+    from mlflow import MlflowClient
+
+    from flows.pipeline import finetune
+
+    source = write_jsonl(tmp_path / "texts.jsonl", text_documents(40))
+    model_name = f"{name}-{uuid.uuid4().hex[:6]}"
+    overrides = [f"ingest.source={source}", f"artifacts_prefix={store.prefix}", f"register.model_name={model_name}",
+                 "base_model.source=tiny-random-llama", "tokenize.max_seq_len=64", "train.max_steps=3",
+                 "train.checkpoint_every=2", "evaluate.max_records=8"]
+    params = PipelineParams.parse(apply_overrides(load_yaml(PARAMS / f"{name}.yaml"), overrides))
+    assert params.validate_.record_kind == "text" and params.evaluate.bleu_samples == 0
+    state = finetune(params, return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    data = summary.record.datasets["tokenize"].stats
+    assert data["train_documents"] + data["eval_documents"] == 40 and data["train_records"] > 0
+    for report in summary.record.evaluations.values():
+        assert report.stats["perplexity"] > 0 and "bleu" not in report.stats
+    version = MlflowClient().get_model_version(model_name, summary.version.version)
+    assert version.tags["tuneline.data_digest"] == summary.record.datasets["tokenize"].digest

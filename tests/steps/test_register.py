@@ -41,3 +41,17 @@ def test_parameters_round_trip_through_json_for_every_method(method):
     params = PipelineParams.parse({"train": {"method": method}})
     assert PipelineParams.parse(params.model_dump(mode="json", by_alias=True)) == params
     assert PipelineParams.parse(params.model_dump(mode="json")) == params
+
+
+def test_reft_on_text_records_is_refused_at_config_time():
+    with pytest.raises(ConfigError, match="reft' intervenes at prompt positions"):
+        PipelineParams.parse({"validate": {"record_kind": "text"}, "train": {"method": "reft"}})
+
+
+def test_split_summary_names_documents_and_blocks_for_text():
+    from steps.tokenize import split_summary
+
+    assert split_summary({"train_documents": 9, "eval_documents": 2, "train_records": 390, "eval_records": 54}) == \
+        "9 train / 2 eval documents packed into 390 / 54 blocks"
+    assert split_summary({"train_records": 10, "eval_records": 2, "truncated": 1}) == \
+        "10 train / 2 eval records, 1 truncated"

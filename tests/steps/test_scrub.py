@@ -44,7 +44,8 @@ def test_normalization_and_exact_dedup(store, tmp_path):
     out = store.read_jsonl(ref, RECORDS_FILE)
     assert [m["content"] for m in out[0]["messages"]] == ["Hello world", "Hi there"]
     assert len(out) == 2
-    assert ref.stats | {"pii": None} == {"records_in": 4, "records_out": 2, "duplicates_removed": 2, "pii": None}
+    assert ref.stats | {"pii": None} == {"record_kind": "chat", "records_in": 4, "records_out": 2,
+                                         "duplicates_removed": 2, "pii": None}
 
 
 def test_dedup_can_be_switched_off(store, tmp_path):

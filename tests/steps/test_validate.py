@@ -30,7 +30,7 @@ def test_chat_and_instruction_records_pass_in_chat_form(store, tmp_path):
     assert out[1]["messages"] == [{"role": "system", "content": "be brief"},
                                   {"role": "user", "content": "Translate\n\nbonjour"},
                                   {"role": "assistant", "content": "hello"}]
-    assert ref.stats == {"records": 3, "rules": 9}
+    assert ref.stats == {"records": 3, "rules": 9, "record_kind": "chat"}
     assert all(r["success"] for r in store.read_json(ref, "report.json")["rules"])
 
 
