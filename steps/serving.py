@@ -36,7 +36,11 @@ class ChatAdapterModel(PythonModel):
     def predict(self, context, model_input, params=None):
         import torch
 
-        prompts = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
+        if hasattr(model_input, "columns"):  # MLflow hands a list of strings over as a one-column DataFrame
+            column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
+            prompts = list(model_input[column])
+        else:
+            prompts = list(model_input)
         texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": str(p)}], tokenize=False,
                                                     add_generation_prompt=True) for p in prompts]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
