@@ -28,7 +28,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from steps.config import ValidateConfig
 from steps.errors import DataQualityError
@@ -86,16 +86,10 @@ def _chat_tables(lines: list[str]) -> tuple[dict[str, Any], list[dict]]:
     records: list[dict] = []
     turns: list[dict] = []
     chats: list[dict] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        # None = "not applicable": a line that is not JSON fails only the JSON rule.
-        row = {"line": number, "json_valid": True, "shape": "unknown", "n_messages": None, "order_ok": None}
+    # None = "not applicable": a line that is not JSON fails only the JSON rule.
+    for number, row, obj in _parsed(lines, {"n_messages": None, "order_ok": None}):
         records.append(row)
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            row["json_valid"], row["shape"] = False, None
+        if row["json_valid"] is False:
             continue
         messages = _as_messages(obj)
         if messages is None:
@@ -122,15 +116,9 @@ def _text_tables(lines: list[str]) -> tuple[dict[str, Any], list[dict]]:
     records: list[dict] = []
     texts: list[dict] = []
     documents: list[dict] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        row = {"line": number, "json_valid": True, "shape": "unknown"}
+    for number, row, obj in _parsed(lines, {}):
         records.append(row)
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            row["json_valid"], row["shape"] = False, None
+        if row["json_valid"] is False:
             continue
         if not isinstance(obj, dict) or "text" not in obj:
             continue
@@ -142,6 +130,19 @@ def _text_tables(lines: list[str]) -> tuple[dict[str, Any], list[dict]]:
         documents.append({"id": str(obj.get("id", f"line-{number}")), "text": text})
     return {"records": _frame(records, ["line", "json_valid", "shape"]),
             "texts": _frame(texts, ["line", "text_chars", "text_blank"])}, documents
+
+
+def _parsed(lines: list[str], extra: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any], Any]]:
+    """Each non-blank line as (line number, its record-table row, the parsed JSON or None)."""
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        row = {"line": number, "json_valid": True, "shape": "unknown", **extra}
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            row["json_valid"], row["shape"], obj = False, None, None
+        yield number, row, obj
 
 
 def _frame(rows: list[dict], columns: list[str]) -> Any:
