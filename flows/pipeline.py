@@ -51,12 +51,13 @@ def finetune(params: PipelineParams = PipelineParams()) -> PipelineSummary:
         model=tuned,
         evaluations={"base": base_eval, "candidate": tuned_eval},
     )
-    version = tasks.register(params.register_, record, prefix)
+    # The incumbent is evaluated before registering, so a failure there leaves no orphan version.
     current = tasks.champion(params.register_)
     if current is not None and current.model.digest != tuned.digest:
         incumbent = tasks.evaluate(params.evaluate, current.model, data, prefix)
         label = f"champion v{current.version}"
     else:
         incumbent, label = base_eval, "base model"
+    version = tasks.register(params.register_, record, prefix)
     decision = tasks.promote(params.register_, version, tuned_eval, incumbent, label)
     return PipelineSummary(record=record, version=version, decision=decision)
