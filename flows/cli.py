@@ -13,14 +13,10 @@ Exit codes: 0 done, 2 bad data or configuration, 1 anything else.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = REPO / "deployments" / "params" / "default.yaml"
@@ -68,7 +64,7 @@ def run_command(params_path: Path, overrides: list[str]) -> int:
     from steps.errors import ConfigError, DataQualityError
 
     try:
-        params = PipelineParams.parse(apply_overrides(load_yaml(params_path), overrides), origin=str(params_path))
+        params = PipelineParams.from_yaml(params_path, overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -89,30 +85,6 @@ def run_command(params_path: Path, overrides: list[str]) -> int:
         links["flow run"] = f"{links.pop('prefect_ui')}/runs/flow-run/{state.state_details.flow_run_id}"
     print("\n" + render_summary(summary, links))
     return 0
-
-
-def load_yaml(path: Path) -> dict[str, Any]:
-    from steps.errors import ConfigError
-
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read parameter file {path}: {exc}") from exc
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    from steps.errors import ConfigError
-
-    for item in overrides:
-        dotted, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        *parents, leaf = dotted.split(".")
-        node = data
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw)
-    return data
 
 
 def use_local_services() -> dict[str, str]:

@@ -10,7 +10,7 @@ Every default lives here and nowhere else.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -206,6 +206,29 @@ class RegisterConfig(StrictModel):
     )
 
 
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read parameter file {path}: {exc}") from exc
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``train.max_steps=10`` sets data["train"]["max_steps"] = 10 (the value is read as YAML)."""
+    for item in overrides:
+        dotted, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        *parents, leaf = dotted.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
 class PipelineParams(StrictModel):
     artifacts_prefix: str = Field(
         "tuneline", pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$", description="Key prefix of every artifact in the bucket."
@@ -229,13 +252,9 @@ class PipelineParams(StrictModel):
         return self
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> PipelineParams:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read parameter file {path}: {exc}") from exc
-        return cls.parse(data, origin=str(path))
+    def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()) -> PipelineParams:
+        """A parameter file, with ``KEY=VALUE`` overrides (dotted keys, YAML values) applied on top."""
+        return cls.parse(apply_overrides(read_yaml(Path(path)), overrides), origin=str(path))
 
     @classmethod
     def parse(cls, data: object, origin: str = "parameters") -> PipelineParams:

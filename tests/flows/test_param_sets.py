@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import DEFAULT_PARAMS, apply_overrides, load_yaml
+from flows.cli import DEFAULT_PARAMS
 from steps.config import PipelineParams
 from helpers import chat, write_jsonl
 
@@ -19,7 +19,7 @@ PARAMS = DEFAULT_PARAMS.parent
 
 @pytest.mark.parametrize("path", sorted(PARAMS.glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_parameter_set_is_valid(path: Path):
-    assert PipelineParams.parse(load_yaml(path), origin=str(path))
+    assert PipelineParams.from_yaml(path)
 
 
 @pytest.mark.parametrize("name, method", [("sft-lora", "lora"), ("sft-qlora", "qlora"), ("sft-full", "full"),
@@ -36,10 +36,9 @@ def test_method_parameter_set_runs_end_to_end(prefect_api, store, tmp_path, name
     overrides = [f"ingest.source={source}", f"artifacts_prefix={store.prefix}", f"register.model_name={model_name}",
                  "base_model.source=tiny-random-llama", "train.max_steps=3", "train.checkpoint_every=2",
                  "evaluate.max_records=8", "evaluate.bleu_samples=2", "evaluate.max_new_tokens=4"]
-    params = PipelineParams.parse(apply_overrides(load_yaml(PARAMS / f"{name}.yaml"), overrides))
-    if method == "reft":
-        params = PipelineParams.parse(apply_overrides(params.model_dump(mode="json", by_alias=True),
-                                                      ["train.reft.layers=[0, -1]"]))
+    if method == "reft":  # the tiny model has 2 layers
+        overrides.append("train.reft.layers=[0, -1]")
+    params = PipelineParams.from_yaml(PARAMS / f"{name}.yaml", overrides)
     state = finetune(params, return_state=True)
     assert state.is_completed(), state.message
     summary = state.result()
@@ -67,7 +66,7 @@ def test_text_parameter_set_runs_end_to_end(prefect_api, store, tmp_path, name):
     overrides = [f"ingest.source={source}", f"artifacts_prefix={store.prefix}", f"register.model_name={model_name}",
                  "base_model.source=tiny-random-llama", "tokenize.max_seq_len=64", "train.max_steps=3",
                  "train.checkpoint_every=2", "evaluate.max_records=8"]
-    params = PipelineParams.parse(apply_overrides(load_yaml(PARAMS / f"{name}.yaml"), overrides))
+    params = PipelineParams.from_yaml(PARAMS / f"{name}.yaml", overrides)
     assert params.validate_.record_kind == "text" and params.evaluate.bleu_samples == 0
     state = finetune(params, return_state=True)
     assert state.is_completed(), state.message

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import DEFAULT_PARAMS, apply_overrides, load_yaml, main
+from flows.cli import DEFAULT_PARAMS, main
 from steps.config import PipelineParams
 from helpers import chat, write_jsonl
 
@@ -23,19 +23,8 @@ def dataset(tmp_path: Path) -> Path:
 
 
 def tiny_params(source: Path, prefix: str, model_name: str) -> PipelineParams:
-    data = apply_overrides(load_yaml(TINY), [f"ingest.source={source}", f"artifacts_prefix={prefix}",
+    return PipelineParams.from_yaml(TINY, [f"ingest.source={source}", f"artifacts_prefix={prefix}",
                                              f"register.model_name={model_name}"])
-    return PipelineParams.parse(data)
-
-
-def bucket_keys(store_client, bucket: str) -> list[str]:
-    keys, token = [], {}
-    while True:
-        page = store_client.list_objects_v2(Bucket=bucket, **token)
-        keys += [o["Key"] for o in page.get("Contents", [])]
-        if not page.get("IsTruncated"):
-            return sorted(keys)
-        token = {"ContinuationToken": page["NextContinuationToken"]}
 
 
 def task_states(flow_run_id, expected: int) -> dict[str, list[str]]:
@@ -98,13 +87,13 @@ def test_full_flow_registers_promotes_and_reruns_fully_cached(prefect_api, store
     assert len(answers[0].split()) <= 4  # the max_new_tokens parameter reached generate()
 
     # A second identical run: every step task is cached, nothing new is stored or registered.
-    before = bucket_keys(store.client, store.bucket)
+    before = sorted(store.list_keys(""))
     again = finetune(params, return_state=True)
     assert again.is_completed()
     states = task_states(again.state_details.flow_run_id, expected=11)
     cached = {task: s for task, s in states.items() if task not in {"find-champion", "promote"}}
     assert cached and all(s == ["Cached"] * len(s) for s in cached.values()), states
-    assert bucket_keys(store.client, store.bucket) == before
+    assert sorted(store.list_keys("")) == before
     assert len(client.search_model_versions(f"name = '{name}'")) == 1
     assert again.result().decision.reason.startswith("already champion")
 
