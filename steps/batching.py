@@ -8,8 +8,18 @@ IGNORE = -100
 
 
 def collate(rows: list[dict[str, Any]], pad_id: int, left: bool = False) -> dict[str, Any]:
-    """Pad rows to the longest one; labels are IGNORE on padding."""
+    """Pad rows to the longest one; labels are IGNORE on padding.
+
+    Rows with a sequence ``label`` (classification index or regression value) get one
+    label per row instead of one per token.
+    """
     import torch
+
+    if "label" in rows[0]:
+        batch = collate([{"input_ids": r["input_ids"]} for r in rows], pad_id, left)
+        values = [r["label"] for r in rows]
+        batch["labels"] = torch.tensor(values, dtype=torch.float32 if isinstance(values[0], float) else torch.long)
+        return batch
 
     width = max(len(r["input_ids"]) for r in rows)
     ids, labels, mask = [], [], []
@@ -41,6 +51,19 @@ def batch_order(lengths: list[int], batch_size: int, seed: int) -> Iterator[list
             batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
         for b in torch.randperm(len(batches), generator=generator).tolist():
             yield batches[b]
+
+
+def sequence_loss(net: Any, rows: list[dict[str, Any]], batch_size: int, pad_id: int, device: str) -> float:
+    """Mean loss per row of a sequence-head model (cross-entropy or MSE), summed exactly over all rows."""
+    import torch
+
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i : i + batch_size]
+            batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+            total += net(**batch).loss.item() * len(chunk)
+    return total / max(len(rows), 1)
 
 
 def token_nll(net: Any, rows: list[dict[str, Any]], batch_size: int, pad_id: int, device: str,

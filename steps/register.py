@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from steps.config import RegisterConfig, StrictModel
+from steps.config import GATE_METRICS, RegisterConfig, StrictModel
 from steps.errors import ConfigError
 from steps.lineage import code_version, run_key
 from steps.store import ArtifactRef, ArtifactStore, DatasetRef, EvalReport, ModelRef
@@ -31,10 +31,13 @@ log = logging.getLogger(__name__)
 
 STEP = "register"
 BASE_EXPERIMENT = "tuneline-base-models"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+                   "vocab.txt")
 STEPS_DIR = Path(__file__).resolve().parent
 SERVING_CODE = STEPS_DIR / "serving.py"
-LOWER_IS_BETTER = {"perplexity": True, "bleu": False}
+LOWER_IS_BETTER = {metric: lower for metrics in GATE_METRICS.values() for metric, lower in metrics.items()}
+CARD_METRICS = ("perplexity", "bleu", "chrf", "accuracy", "f1_macro", "mse", "mae", "r2", "pref_accuracy",
+                "logp_margin", "reward_accuracy", "reward_margin")
 
 
 class RunRecord(StrictModel):
@@ -139,8 +142,7 @@ def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore)
             code_paths=[str(STEPS_DIR)],
             model_config={"base_model_uri": base_uri, "base_model_digest": record.model.base.digest},
             pip_requirements=serving_requirements(),
-            # A params schema makes `predict(..., params={"max_new_tokens": n})` reach the model.
-            signature=mlflow.models.infer_signature(["prompt"], ["answer"], params={"max_new_tokens": 64}),
+            signature=signature_for(record.datasets["tokenize"].stats.get("task", "sft")),
         )
     version = mlflow.register_model(info.model_uri, cfg.model_name, tags={**tags, "tuneline.run_key": key})
     client.update_model_version(cfg.model_name, version.version, description=card)
@@ -185,6 +187,18 @@ def promote_model(
                              candidate_value=value, incumbent_value=against, incumbent=incumbent_label)
 
 
+def signature_for(task: str) -> Any:
+    """Prompts in, answers out (with a ``max_new_tokens`` param), or texts in, labels / values out."""
+    from mlflow.models import infer_signature
+
+    if task == "classification":
+        return infer_signature(["text"], ["label"])
+    if task == "regression":
+        return infer_signature(["text"], [0.5])
+    # A params schema makes `predict(..., params={"max_new_tokens": n})` reach the model.
+    return infer_signature(["prompt"], ["answer"], params={"max_new_tokens": 64})
+
+
 def base_model_uri(base: ArtifactRef, store: ArtifactStore) -> str:
     """``runs:/<id>/base_model`` for this base digest, logging the weights once per digest."""
     import mlflow
@@ -227,7 +241,8 @@ def log_series(run_id: str, history: list[dict[str, float]]) -> None:
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    points = [Metric(name, row[name], now, int(row["step"])) for row in history for name in ("loss", "lr")]
+    points = [Metric(name, float(value), now, int(row["step"])) for row in history for name, value in row.items()
+              if name != "step" and isinstance(value, (int, float))]
     for i in range(0, len(points), 500):
         _client().log_batch(run_id, metrics=points[i : i + 500])
 
@@ -252,10 +267,12 @@ def model_card(cfg: RegisterConfig, record: RunRecord, key: str) -> str:
     d = {name: ref.stats for name, ref in record.datasets.items()}
     e = {name: report.stats for name, report in record.evaluations.items()}
     pii = d["scrub"].get("pii", {})
+    shown = [m for m in CARD_METRICS if any(m in s for s in e.values())]
     lines = [
         f"# {cfg.model_name}",
         "",
-        f"Fine-tuned by tuneline with method `{record.model.adapter.stats.get('method')}`.",
+        f"Fine-tuned by tuneline with method `{record.model.adapter.stats.get('method')}` for task "
+        f"`{d['tokenize'].get('task', 'sft')}`.",
         "",
         "## Data",
         f"- source: `{d['ingest'].get('source')}` ({d['ingest'].get('lines')} lines, sha256 `{d['ingest'].get('source_sha256', '')[:16]}`)",
@@ -266,9 +283,9 @@ def model_card(cfg: RegisterConfig, record: RunRecord, key: str) -> str:
         f"- tokenize: {split_summary(d['tokenize'])}",
         "",
         "## Evaluation (same eval set)",
-        "| model | perplexity | BLEU | chrF |",
-        "|---|---|---|---|",
-        *[f"| {name} | {s.get('perplexity')} | {s.get('bleu', '-')} | {s.get('chrf', '-')} |" for name, s in e.items()],
+        "| model | " + " | ".join(shown) + " |",
+        "|---|" + "---|" * len(shown),
+        *[f"| {name} | " + " | ".join(str(s.get(m, "-")) for m in shown) + " |" for name, s in e.items()],
         "",
         "## Lineage",
         f"- run key `{key}`, code version `{code_version()}`",

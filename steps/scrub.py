@@ -1,12 +1,18 @@
 """Scrub: normalize text, replace PII with typed placeholders, drop exact duplicates.
 
-Every message's content (chat records) or the whole text (text records) is
+Every message's content (chat records), the text (text, classification and regression
+records) or the prompt, chosen and rejected answers (preference records) are
 NFKC-normalized (control characters removed, whitespace collapsed, 3+ newlines become
 2), then PII (email, phone, card, Korean RRN, US SSN, IP) is replaced by
-``<EMAIL>``-style placeholders. Records whose normalized, scrubbed messages or text
-repeat an earlier record are dropped. The manifest carries per-entity counts and the
-number of duplicates removed, never the values; ``record_kind`` passes through from
-validate.
+``<EMAIL>``-style placeholders. Labels pass through unchanged.
+
+Records whose normalized, scrubbed content repeats an earlier record are dropped: the
+messages (chat), the text (text), all three fields (preference), and for classification
+and regression the text alone, so the same text with another label keeps the first
+label; such repeats are counted as ``label_conflicts`` (also with ``dedup`` off). The
+manifest carries per-entity counts and the number of duplicates removed, never the
+values; ``record_kind`` passes through from validate, and classification records get
+the class balance ``label_counts`` of the kept records.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from steps.validate import RECORDS_FILE
 log = logging.getLogger(__name__)
 
 STEP = "scrub"
+LABELED_KINDS = {"classification", "regression"}
 
 
 def scrub_records(cfg: ScrubConfig, source: DatasetRef, store: ArtifactStore) -> DatasetRef:
@@ -36,14 +43,17 @@ def scrub_records(cfg: ScrubConfig, source: DatasetRef, store: ArtifactStore) ->
     kind = source.stats["record_kind"]
     engine = PiiEngine(cfg.pii_entities)
     pii: Counter[str] = Counter()
-    seen: set[str] = set()
+    seen: dict[str, Any] = {}  # fingerprint -> label of its first record (None for unlabeled kinds)
     kept: list[dict] = []
+    conflicts = 0
     for record in records:
         body = scrub_body(record, kind, engine, pii)
-        fingerprint = hashlib.sha256(json.dumps(body, ensure_ascii=False).encode()).hexdigest()
-        if cfg.dedup and fingerprint in seen:
-            continue
-        seen.add(fingerprint)
+        fingerprint = dedup_fingerprint(body, kind)
+        if fingerprint in seen:
+            conflicts += seen[fingerprint] != body.get("label")
+            if cfg.dedup:
+                continue
+        seen.setdefault(fingerprint, body.get("label"))
         kept.append({"id": record["id"], **body})
     stats = {
         "record_kind": kind,
@@ -52,6 +62,10 @@ def scrub_records(cfg: ScrubConfig, source: DatasetRef, store: ArtifactStore) ->
         "duplicates_removed": len(records) - len(kept),
         "pii": {entity: pii.get(entity, 0) for entity in cfg.pii_entities},
     }
+    if kind in LABELED_KINDS:
+        stats["label_conflicts"] = conflicts
+    if kind == "classification":
+        stats["label_counts"] = dict(sorted(Counter(r["label"] for r in kept).items()))
     writer = store.writer(STEP, key, cfg, inputs=[source])
     writer.put_jsonl(RECORDS_FILE, kept)
     log.info("scrub: %d -> %d records, %d PII replaced", len(records), len(kept), sum(pii.values()))
@@ -59,7 +73,7 @@ def scrub_records(cfg: ScrubConfig, source: DatasetRef, store: ArtifactStore) ->
 
 
 def scrub_body(record: dict[str, Any], kind: str, engine: PiiEngine, pii: Counter[str]) -> dict[str, Any]:
-    """The record without its id, every text normalized and redacted; PII found is added to `pii`."""
+    """The record without its id: texts normalized and redacted, labels kept; PII found is added to `pii`."""
 
     def clean(text: str) -> str:
         text, found = engine.redact(normalize_text(text))
@@ -68,4 +82,14 @@ def scrub_body(record: dict[str, Any], kind: str, engine: PiiEngine, pii: Counte
 
     if kind == "text":
         return {"text": clean(record["text"])}
+    if kind in LABELED_KINDS:
+        return {"text": clean(record["text"]), "label": record["label"]}
+    if kind == "preference":
+        return {field: clean(record[field]) for field in ("prompt", "chosen", "rejected")}
     return {"messages": [{"role": m["role"], "content": clean(m["content"])} for m in record["messages"]]}
+
+
+def dedup_fingerprint(body: dict[str, Any], kind: str) -> str:
+    """SHA-256 of what makes a record a duplicate: the text alone for labeled kinds, else the whole body."""
+    content = {"text": body["text"]} if kind in LABELED_KINDS else body
+    return hashlib.sha256(json.dumps(content, ensure_ascii=False).encode()).hexdigest()

@@ -7,6 +7,10 @@ the method that made them (``steps/methods``: adapter, head, interventions, full
 
     model = mlflow.pyfunc.load_model("models:/tuneline-chat@champion")
     model.predict(["What is the capital of France?"])   # -> ["Paris ..."]
+
+Classification models answer label names, regression models numbers:
+
+    mlflow.pyfunc.load_model("models:/tuneline-bbc@champion").predict(["Shares fell ..."])  # -> ["business"]
 """
 
 from __future__ import annotations
@@ -28,9 +32,12 @@ class ChatAdapterModel(PythonModel):
         config = context.model_config
         base_dir = mlflow.artifacts.download_artifacts(config["base_model_uri"])
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = methods.load(Path(base_dir), Path(context.artifacts["trained"]), self.device)
+        trained = Path(context.artifacts["trained"])
+        self.task = methods.task_of(trained)
+        self.model = methods.load(Path(base_dir), trained, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["tokenizer"])
-        self.tokenizer.padding_side = "left"
+        # Generation pads on the left; an encoder's [CLS] must stay at position 0 (right padding, as in training).
+        self.tokenizer.padding_side = "right" if self.task.sequence_head else "left"
         self.max_new_tokens = int(config.get("max_new_tokens", 64))
 
     def predict(self, context, model_input, params=None):
@@ -41,6 +48,8 @@ class ChatAdapterModel(PythonModel):
             prompts = list(model_input[column])
         else:
             prompts = list(model_input)
+        if self.task.sequence_head:
+            return self.classify([str(p) for p in prompts])
         texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": str(p)}], tokenize=False,
                                                     add_generation_prompt=True) for p in prompts]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
@@ -50,6 +59,17 @@ class ChatAdapterModel(PythonModel):
                                       pad_token_id=self.tokenizer.pad_token_id)
         return [s.strip() for s in self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:],
                                                                 skip_special_tokens=True)]
+
+
+    def classify(self, texts):
+        import torch
+
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True).to(self.device)
+        with torch.no_grad():
+            logits = self.model(**enc).logits.float()
+        if self.task.kind == "regression":
+            return logits[:, 0].tolist()
+        return [self.task.labels[i] for i in logits.argmax(-1).tolist()]
 
 
 set_model(ChatAdapterModel())

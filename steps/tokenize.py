@@ -22,8 +22,19 @@ The split is by document, so no document has tokens on both sides. Limits:
 Stats: ``<side>_documents``, ``<side>_records`` (blocks), ``<side>_tokens`` and
 ``dropped_tail_tokens``.
 
-Output: ``train.jsonl`` and ``eval.jsonl`` (``id``, ``input_ids``, ``labels``) and
-``eval_prompts.jsonl``.
+classification / regression: each text is encoded with the base tokenizer's special tokens
+(``[CLS] ... [SEP]`` for BERT) and truncated to ``max_seq_len``; a row is ``{"id",
+"input_ids", "label"}`` with the label's index in the sorted label set (classification,
+stats ``labels`` and per-side ``<side>_label_counts``) or the number itself (regression).
+
+preference (DPO, ORPO): the prompt becomes a user turn and each answer an assistant turn
+rendered with the chat template, masked as in chat; a row is ``{"id", "input_ids",
+"labels"}`` for the chosen conversation plus ``rejected_ids`` / ``rejected_labels``, each
+cut at ``max_seq_len``; a pair that loses every answer token on either side is dropped.
+``eval_prompts.jsonl`` holds the prompt and the chosen answer as reference.
+
+Output: ``train.jsonl`` and ``eval.jsonl`` and ``eval_prompts.jsonl``; the stats carry
+``task`` (sft, cpt, classification, regression, preference), which the train step reads.
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ from typing import Any
 from tqdm import tqdm
 
 from steps.batching import IGNORE
-from steps.config import TokenizeConfig
+from steps.config import TASKS, TokenizeConfig
 from steps.errors import ConfigError, DataQualityError
 from steps.lineage import run_key
 from steps.store import ArtifactStore, DatasetRef, ModelRef
@@ -55,10 +66,16 @@ def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, s
     tokenizer = AutoTokenizer.from_pretrained(store.download(model.base))
     records = store.read_jsonl(source, RECORDS_FILE)
     sides = split_records(records, cfg)
-    if source.stats["record_kind"] == "text":
+    kind = source.stats["record_kind"]
+    if kind == "text":
         splits, prompts, stats = pack_texts(tokenizer, sides, cfg)
+    elif kind in ("classification", "regression"):
+        splits, prompts, stats = encode_labelled(tokenizer, sides, cfg, kind)
+    elif kind == "preference":
+        splits, prompts, stats = encode_pairs(tokenizer, sides, cfg)
     else:
         splits, prompts, stats = encode_chats(tokenizer, sides, cfg)
+    stats = {"task": TASKS[kind], **stats}
     if not splits["train"] or not splits["eval"]:
         raise DataQualityError(
             f"tokenize: rule 'both splits non-empty': {len(splits['train'])} train and {len(splits['eval'])} eval "
@@ -106,6 +123,69 @@ def encode_chats(tokenizer: Any, sides: dict[str, list[dict]], cfg: TokenizeConf
         "trainable_tokens": sum(sum(label != IGNORE for label in r["labels"]) for r in splits["train"]),
         "truncated": truncated,
         "dropped_no_answer": dropped,
+    }
+    return splits, prompts, stats
+
+
+def encode_labelled(tokenizer: Any, sides: dict[str, list[dict]], cfg: TokenizeConfig, kind: str
+                    ) -> tuple[dict[str, list[dict]], list[dict], dict[str, Any]]:
+    """One row per text with its label index (classification) or value (regression)."""
+    labels = sorted({r["label"] for records in sides.values() for r in records}) if kind == "classification" else []
+    index = {label: i for i, label in enumerate(labels)}
+    splits: dict[str, list[dict[str, Any]]] = {}
+    truncated = 0
+    for side, records in sides.items():
+        rows = []
+        for record in tqdm(records, desc=f"tokenize {side}", unit="rec", mininterval=2):
+            ids = tokenizer(record["text"], verbose=False)["input_ids"]
+            if len(ids) > cfg.max_seq_len:
+                truncated += 1
+                ids = ids[: cfg.max_seq_len - 1] + ids[-1:]  # keep the closing special token ([SEP])
+            label = index[record["label"]] if kind == "classification" else float(record["label"])
+            rows.append({"id": record["id"], "input_ids": ids, "label": label})
+        splits[side] = rows
+    stats: dict[str, Any] = {
+        "train_records": len(splits["train"]), "eval_records": len(splits["eval"]),
+        "train_tokens": sum(len(r["input_ids"]) for r in splits["train"]), "truncated": truncated,
+    }
+    if kind == "classification":
+        stats["labels"] = labels
+        for side, rows in splits.items():
+            counts = {label: 0 for label in labels}
+            for r in rows:
+                counts[labels[r["label"]]] += 1
+            stats[f"{side}_label_counts"] = counts
+    return splits, [], stats
+
+
+def encode_pairs(tokenizer: Any, sides: dict[str, list[dict]], cfg: TokenizeConfig
+                 ) -> tuple[dict[str, list[dict]], list[dict], dict[str, Any]]:
+    """Chosen and rejected conversations per pair, prompt-masked and truncated."""
+    splits: dict[str, list[dict[str, Any]]] = {"train": [], "eval": []}
+    prompts: list[dict[str, Any]] = []
+    truncated = dropped = 0
+    for side, records in sides.items():
+        for record in tqdm(records, desc=f"tokenize {side}", unit="pair", mininterval=2):
+            prompt = [{"role": "user", "content": record["prompt"]}]
+            encoded = []
+            for answer in (record["chosen"], record["rejected"]):
+                ids, labels = encode_chat(tokenizer, prompt + [{"role": "assistant", "content": answer}])
+                if len(ids) > cfg.max_seq_len:
+                    truncated += 1
+                    ids, labels = ids[: cfg.max_seq_len], labels[: cfg.max_seq_len]
+                encoded.append((ids, labels))
+            if any(all(label == IGNORE for label in labels) for _, labels in encoded):
+                dropped += 1
+                continue
+            (chosen, chosen_labels), (rejected, rejected_labels) = encoded
+            splits[side].append({"id": record["id"], "input_ids": chosen, "labels": chosen_labels,
+                                 "rejected_ids": rejected, "rejected_labels": rejected_labels})
+            if side == "eval":
+                prompts.append({"id": record["id"], "messages": prompt, "reference": record["chosen"]})
+    stats = {
+        "train_records": len(splits["train"]), "eval_records": len(splits["eval"]),
+        "train_tokens": sum(len(r["input_ids"]) + len(r["rejected_ids"]) for r in splits["train"]),
+        "truncated": truncated, "dropped_no_answer": dropped,
     }
     return splits, prompts, stats
 

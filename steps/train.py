@@ -1,6 +1,11 @@
 """Train: fine-tune the base model on the tokenized train split, resumable from the store.
 
-One small loop for every method (``steps/methods/``: full, head, lora, qlora, reft):
+One small loop for every method (``steps/methods/``: full, head, lora, qlora, reft) and
+every task the tokenized data is made for (its ``task`` stat): next-token loss on answer
+tokens (sft) or all tokens (cpt), cross-entropy or MSE of a new sequence head
+(classification, regression), or the DPO / ORPO pair loss (preference, ``steps/preference.py``;
+DPO's reference log-probabilities come from the untouched base, computed once up front).
+The loop uses
 AdamW / SGD / 8-bit AdamW over exactly the trainable parameters, warm-up then
 linear/cosine/constant decay, gradient accumulation, clipping, optional gradient
 checkpointing, a step budget (``max_steps``) or ``epochs``, and early stopping on the
@@ -30,9 +35,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from steps import methods
-from steps.batching import batch_order, collate, token_nll
-from steps.config import EarlyStopping, TrainConfig
+from steps import methods, preference
+from steps.batching import batch_order, collate, sequence_loss, token_nll
+from steps.config import TrainConfig
+from steps.methods.common import Task, load_base
 from steps.lineage import run_key
 from steps.store import ArtifactRef, ArtifactStore, DatasetRef, ModelRef
 
@@ -50,18 +56,22 @@ def train_model(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store: Arti
     from transformers import get_scheduler
 
     device = pick_device(cfg.device)
+    task = Task(kind=data.stats.get("task", "sft"), labels=data.stats.get("labels", []))
+    base_dir = store.download(model.base)
+    rows = store.read_jsonl(data, "train.jsonl")
+    eval_rows = store.read_jsonl(data, "eval.jsonl") if cfg.early_stopping else []
+    if task.kind == "preference" and cfg.preference.loss == "dpo":
+        add_reference_logps(base_dir, [rows, eval_rows], cfg.batch_size, device)
     torch.manual_seed(cfg.seed)
-    net = methods.prepare(cfg, store.download(model.base), device)
+    net = methods.prepare(cfg, base_dir, device, task)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(net)
     named = [(name, p) for name, p in net.named_parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, [p for _, p in named], device)
-    rows = store.read_jsonl(data, "train.jsonl")
     total = cfg.max_steps or math.ceil(cfg.epochs * math.ceil(len(rows) / cfg.batch_size) / cfg.grad_accum_steps)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round((cfg.warmup_ratio or 0.0) * total)
     scheduler = get_scheduler("constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler,
                               optimizer, num_warmup_steps=warmup, num_training_steps=total)
-    eval_rows = store.read_jsonl(data, "eval.jsonl") if cfg.early_stopping else []
     pad_id = net.config.pad_token_id or 0
 
     checkpoints = Checkpoints(store, key, cfg)
@@ -81,23 +91,24 @@ def train_model(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store: Arti
     net.train()
     progress = tqdm(range(state["step"] + 1, total + 1), desc="train", unit="step", initial=state["step"], total=total)
     for step in progress:
-        step_loss = 0.0
+        step_loss, step_metrics = 0.0, {}
         for _ in range(cfg.grad_accum_steps):
-            batch = {k: v.to(device) for k, v in collate([rows[i] for i in next(order)], pad_id).items()}
-            loss = net(**batch).loss / cfg.grad_accum_steps
-            loss.backward()
-            step_loss += loss.item()
-            state["tokens"] += int(batch["attention_mask"].sum())
+            loss, tokens, metrics = batch_loss(net, [rows[i] for i in next(order)], task, cfg, pad_id, device)
+            (loss / cfg.grad_accum_steps).backward()
+            step_loss += loss.item() / cfg.grad_accum_steps
+            state["tokens"] += tokens
+            for name, value in metrics.items():
+                step_metrics[name] = step_metrics.get(name, 0.0) + value / cfg.grad_accum_steps
         torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.max_grad_norm)
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] = step
-        state["history"].append({"step": step, "loss": step_loss, "lr": lr})
+        state["history"].append({"step": step, "loss": step_loss, "lr": lr, **step_metrics})
         progress.set_postfix(loss=f"{step_loss:.3f}")
         es = cfg.early_stopping
-        if es and step % es.eval_every == 0 and should_stop(es, cfg.batch_size, net, eval_rows, pad_id, device, state):
+        if es and step % es.eval_every == 0 and should_stop(cfg, task, net, eval_rows, pad_id, device, state):
             log.info("train: early stop at step %d (eval loss %.4f, best %.4f)", step, state["evals"][-1]["loss"], state["best_eval"])
             break
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
@@ -107,7 +118,7 @@ def train_model(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store: Arti
 
     with tempfile.TemporaryDirectory(prefix="tuneline-train-") as tmp:
         out = Path(tmp)
-        methods.save(cfg, net, out)
+        methods.save(cfg, net, out, task)
         if (out / "adapter_config.json").exists():
             point_adapter_at_base(out, f"s3://{store.bucket}/{model.base.key}")
         report = train_report(cfg, net, state, device, total)
@@ -116,7 +127,7 @@ def train_model(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store: Arti
         writer.put_json("train_log.json", state["history"])
         writer.put_json("train_report.json", report)
         ref = writer.commit(stats={
-            "method": cfg.method, "steps": state["step"], "first_loss": state["history"][0]["loss"],
+            "method": cfg.method, "task": task.kind, "steps": state["step"], "first_loss": state["history"][0]["loss"],
             "final_loss": state["history"][-1]["loss"], "tokens_seen": state["tokens"],
             "tokens_per_s": report["tokens_per_s"], "trainable_params": report["trainable_params"],
             "device": device, "stopped_early": state["stopped_early"], "resumed_from": state["resumed_from"],
@@ -154,11 +165,47 @@ def enable_gradient_checkpointing(net: Any) -> None:
     net.config.use_cache = False
 
 
-def should_stop(es: EarlyStopping, batch_size: int, net: Any, rows: list[dict], pad_id: int, device: str,
+def batch_loss(net: Any, rows: list[dict], task: Task, cfg: TrainConfig, pad_id: int, device: str
+               ) -> tuple[Any, int, dict[str, float]]:
+    """(loss, tokens in the batch, extra metrics) of one micro-batch, as the task defines the loss."""
+    if task.kind == "preference":
+        return preference.pair_loss(net, rows, cfg.preference, pad_id, device)
+    batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+    return net(**batch).loss, int(batch["attention_mask"].sum()), {}
+
+
+def eval_loss(cfg: TrainConfig, task: Task, net: Any, rows: list[dict], pad_id: int, device: str) -> float:
+    """Mean eval loss in the training objective's own terms (token NLL, sequence loss or pair loss)."""
+    import torch
+
+    if task.sequence_head:
+        return sequence_loss(net, rows, cfg.batch_size, pad_id, device)
+    if task.kind == "preference":
+        total = 0.0
+        with torch.no_grad():
+            for i in range(0, len(rows), cfg.batch_size):
+                chunk = rows[i : i + cfg.batch_size]
+                total += preference.pair_loss(net, chunk, cfg.preference, pad_id, device)[0].item() * len(chunk)
+        return total / max(len(rows), 1)
+    return token_nll(net, rows, cfg.batch_size, pad_id, device, progress=False)[0]
+
+
+def add_reference_logps(base_dir: Path, row_sets: list[list[dict]], batch_size: int, device: str) -> None:
+    """DPO's reference: the base model's log-probabilities of every pair, computed once before training."""
+    reference = load_base(None, base_dir, device).eval()
+    pad_id = reference.config.pad_token_id or 0
+    for rows in row_sets:
+        preference.reference_logps(reference, rows, batch_size, pad_id, device)
+    del reference
+
+
+def should_stop(cfg: TrainConfig, task: Task, net: Any, rows: list[dict], pad_id: int, device: str,
                 state: dict) -> bool:
     """Evaluate the eval loss; count evaluations without improvement against the patience."""
+    es = cfg.early_stopping
+    assert es is not None
     net.eval()
-    loss, _ = token_nll(net, rows, batch_size, pad_id, device, progress=False)
+    loss = eval_loss(cfg, task, net, rows, pad_id, device)
     net.train()
     state["evals"].append({"step": state["step"], "loss": loss})
     if state["best_eval"] is None or loss < state["best_eval"] - es.min_delta:

@@ -1,34 +1,53 @@
-"""Validate: a Great Expectations gate on the raw records, chat or plain text.
+"""Validate: a Great Expectations gate on the raw records, one suite per record kind.
 
-``ValidateConfig.record_kind`` picks the suite.
+``ValidateConfig.record_kind`` picks the suite. Each raw JSONL line becomes one row of a
+record table (JSON syntax, record shape) and, once it has the right shape, rows of the
+kind's own table(s).
 
-chat (supervised fine-tuning): each raw JSONL line becomes one row of a record table
-and one row per message of a turn table; the suite checks JSON syntax, record shape,
+chat (supervised fine-tuning): one row per message of a turn table; the suite checks
 message count, roles and their order, nulls and content length. Accepted shapes:
 - chat: ``{"id"?: str, "messages": [{"role": ..., "content": ...}, ...]}``: an optional
   leading system message, then user/assistant turns alternating, ending with assistant;
 - instruction: ``{"id"?: str, "instruction": str, "input"?: str, "response"|"output": str, "system"?: str}``.
 
-text (continued pretraining): each line becomes one row of a record table and, when it
-has a ``"text"`` field, one row of a text table; the suite checks JSON syntax, that the
-record is ``{"id"?: str, "text": str}``, that the text is a string, not blank, and within
-``min_chars``..``max_text_chars``.
+text (continued pretraining): ``{"id"?: str, "text": str}``; one row of a text table: the
+text is a string, not blank, and within ``min_chars``..``max_text_chars``.
+
+classification: ``{"id"?: str, "text": str, "label": str}``; the text table as for text,
+and a label table: the label is a non-empty string, one of ``labels`` when given, and the
+file has at least two distinct labels.
+
+regression: ``{"id"?: str, "text": str, "label": number}``; the text table as for text,
+and a label table: the label is an int or float (not a bool or a string) and finite.
+
+preference (DPO, ORPO): ``{"id"?: str, "prompt": str, "chosen": str, "rejected": str}``;
+one row of a pair table: each of the three is a string, not blank, and within
+``min_chars``..``max_chars``, and chosen differs from rejected (ignoring surrounding
+whitespace).
 
 Results use ``exclude_unexpected_values`` so reports hold counts and line numbers, never
-record contents. A file of the other kind fails the record-shape rule.
+record contents. A file of another kind fails the record-shape rule.
 
-Output: ``records.jsonl`` in chat form (``{"id", "messages"}``) or text form
-(``{"id", "text"}``), ``report.json``, and ``record_kind`` in the stats, which tells
-scrub and tokenize what the records are. A missing id becomes ``line-<n>``.
+Output: ``records.jsonl`` in the kind's form (chat ``{"id", "messages"}``, text ``{"id",
+"text"}``, classification and regression ``{"id", "text", "label"}``, preference ``{"id",
+"prompt", "chosen", "rejected"}``), ``report.json``, and ``record_kind`` in the stats, which
+tells scrub and tokenize what the records are. A missing id becomes ``line-<n>``. Label
+names are schema, not contents: classification adds the class balance ``label_counts``
+(label -> records) and regression ``label_stats`` (``min``, ``max``, ``mean``) to both the
+report and the stats.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import numbers
 import os
+import statistics
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from steps.config import ValidateConfig
 from steps.errors import DataQualityError
@@ -41,12 +60,14 @@ log = logging.getLogger(__name__)
 STEP = "validate"
 RECORDS_FILE = "records.jsonl"
 EXAMPLES = 5
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+TEXT_COLUMNS = ["line", "text_chars", "text_blank"]
 
 
 @dataclass(frozen=True)
 class Rule:
     name: str
-    table: str  # "records", "turns" (chat) or "texts" (text)
+    table: str  # "records", "turns" (chat), "texts" (text, classification, regression), "labels", "pairs"
     expectation: Any
 
 
@@ -55,30 +76,43 @@ def validate_records(cfg: ValidateConfig, source: DatasetRef, store: ArtifactSto
     if (done := store.lookup(STEP, key)) is not None:
         return DatasetRef(**done.model_dump())
     lines = store.read_bytes(source, RAW_FILE).decode("utf-8", errors="replace").splitlines()
-    if cfg.record_kind == "text":
-        tables, output = _text_tables(lines)
-        suite_rules = text_rules(cfg)
-    else:
-        tables, output = _chat_tables(lines)
-        suite_rules = chat_rules(cfg)
-    report = run_suite(suite_rules, tables)
+    build_tables, build_rules = SUITES[cfg.record_kind]
+    tables, output = build_tables(lines)
+    report = run_suite(build_rules(cfg), tables)
     if not report["success"]:
         broken = [r for r in report["rules"] if not r["success"]]
-        detail = "\n".join(
-            f"  - rule '{r['rule']}': {r['unexpected_count']} of {r['element_count']} {r['table']} fail"
-            f" (e.g. lines {', '.join(map(str, r['example_lines']))})"
-            for r in broken
-        )
         raise DataQualityError(
             f"validation failed for {source.stats.get('source', source.key)} as {cfg.record_kind} records: "
-            f"{len(broken)} of {len(report['rules'])} rules broken\n{detail}"
+            f"{len(broken)} of {len(report['rules'])} rules broken\n" + "\n".join(map(_describe, broken))
         )
+    summary = label_summary(cfg.record_kind, output)
+    report.update(summary)
     writer = store.writer(STEP, key, cfg, inputs=[source])
     writer.put_jsonl(RECORDS_FILE, output)
     writer.put_json("report.json", report)
     log.info("validate: %d %s records pass %d rules", len(output), cfg.record_kind, len(report["rules"]))
-    ref = writer.commit(stats={"records": len(output), "rules": len(report["rules"]), "record_kind": cfg.record_kind})
+    ref = writer.commit(stats={"records": len(output), "rules": len(report["rules"]),
+                               "record_kind": cfg.record_kind, **summary})
     return DatasetRef(**ref.model_dump())
+
+
+def _describe(result: dict[str, Any]) -> str:
+    """One line of the failure message: counts and line numbers, or the observed count of a whole-table rule."""
+    if "observed_value" in result and not result["example_lines"]:
+        return (f"  - rule '{result['rule']}': observed {result['observed_value']} across "
+                f"{result['element_count']} {result['table']}")
+    return (f"  - rule '{result['rule']}': {result['unexpected_count']} of {result['element_count']} "
+            f"{result['table']} fail (e.g. lines {', '.join(map(str, result['example_lines']))})")
+
+
+def label_summary(kind: str, records: list[dict]) -> dict[str, Any]:
+    """Class balance (classification) or label range (regression) of valid records; {} for other kinds."""
+    if kind == "classification":
+        return {"label_counts": dict(sorted(Counter(r["label"] for r in records).items()))}
+    if kind == "regression" and records:
+        values = [r["label"] for r in records]
+        return {"label_stats": {"min": min(values), "max": max(values), "mean": statistics.fmean(values)}}
+    return {}
 
 
 def _chat_tables(lines: list[str]) -> tuple[dict[str, Any], list[dict]]:
@@ -123,13 +157,91 @@ def _text_tables(lines: list[str]) -> tuple[dict[str, Any], list[dict]]:
         if not isinstance(obj, dict) or "text" not in obj:
             continue
         row["shape"] = "text"
-        text = obj["text"]
-        is_str = isinstance(text, str)  # a non-string text fails only the string rule
-        texts.append({"line": number, "text_chars": len(text) if is_str else None,
-                      "text_blank": not text.strip() if is_str else None})
-        documents.append({"id": str(obj.get("id", f"line-{number}")), "text": text})
+        texts.append(_text_row(number, obj["text"]))
+        documents.append({"id": str(obj.get("id", f"line-{number}")), "text": obj["text"]})
     return {"records": _frame(records, ["line", "json_valid", "shape"]),
-            "texts": _frame(texts, ["line", "text_chars", "text_blank"])}, documents
+            "texts": _frame(texts, TEXT_COLUMNS)}, documents
+
+
+def _text_row(number: int, text: Any) -> dict[str, Any]:
+    """A text-table row; a non-string text fails only the string rule."""
+    is_str = isinstance(text, str)
+    return {"line": number, "text_chars": len(text) if is_str else None,
+            "text_blank": not text.strip() if is_str else None}
+
+
+def _classification_tables(lines: list[str]) -> tuple[dict[str, Any], list[dict]]:
+    """Record, text and label tables (the label, or None when it is not a non-empty string)."""
+    def label_row(label: Any) -> dict[str, Any]:
+        return {"label": label if isinstance(label, str) and label.strip() else None}
+
+    return _labeled_tables(lines, "classification", label_row, ["label"])
+
+
+def _regression_tables(lines: list[str]) -> tuple[dict[str, Any], list[dict]]:
+    """Record, text and label tables (whether the label is a number, and whether it is finite)."""
+    def label_row(label: Any) -> dict[str, Any]:
+        is_number = isinstance(label, (int, float)) and not isinstance(label, bool)
+        return {"label_number": is_number, "label_finite": _finite(label) if is_number else None}
+
+    return _labeled_tables(lines, "regression", label_row, ["label_number", "label_finite"])
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _labeled_tables(
+    lines: list[str], kind: str, label_row: Callable[[Any], dict[str, Any]], label_columns: list[str]
+) -> tuple[dict[str, Any], list[dict]]:
+    """Flatten ``{"text", "label"}`` lines into a record table, a text table, a label table and the records."""
+    records: list[dict] = []
+    texts: list[dict] = []
+    labels: list[dict] = []
+    examples: list[dict] = []
+    for number, row, obj in _parsed(lines, {}):
+        records.append(row)
+        if row["json_valid"] is False:
+            continue
+        if not isinstance(obj, dict) or "text" not in obj or "label" not in obj:
+            continue
+        row["shape"] = kind
+        texts.append(_text_row(number, obj["text"]))
+        labels.append({"line": number, **label_row(obj["label"])})
+        examples.append({"id": str(obj.get("id", f"line-{number}")), "text": obj["text"], "label": obj["label"]})
+    return {"records": _frame(records, ["line", "json_valid", "shape"]),
+            "texts": _frame(texts, TEXT_COLUMNS),
+            "labels": _frame(labels, ["line", *label_columns])}, examples
+
+
+def _preference_tables(lines: list[str]) -> tuple[dict[str, Any], list[dict]]:
+    """Flatten raw lines into a record table, a pair table (per-field length and blankness) and the pairs."""
+    records: list[dict] = []
+    pair_rows: list[dict] = []
+    pairs: list[dict] = []
+    for number, row, obj in _parsed(lines, {}):
+        records.append(row)
+        if row["json_valid"] is False:
+            continue
+        if not isinstance(obj, dict) or not all(field in obj for field in PAIR_FIELDS):
+            continue
+        row["shape"] = "preference"
+        pair_row: dict[str, Any] = {"line": number}
+        for field in PAIR_FIELDS:
+            value = obj[field]
+            is_str = isinstance(value, str)  # a non-string fails only its string rule
+            pair_row[f"{field}_chars"] = len(value) if is_str else None
+            pair_row[f"{field}_blank"] = not value.strip() if is_str else None
+        chosen, rejected = obj["chosen"], obj["rejected"]
+        both = isinstance(chosen, str) and isinstance(rejected, str)
+        pair_row["distinct"] = chosen.strip() != rejected.strip() if both else None
+        pair_rows.append(pair_row)
+        pairs.append({"id": str(obj.get("id", f"line-{number}")), **{field: obj[field] for field in PAIR_FIELDS}})
+    columns = ["line", *(f"{field}_{c}" for field in PAIR_FIELDS for c in ("chars", "blank")), "distinct"]
+    return {"records": _frame(records, ["line", "json_valid", "shape"]), "pairs": _frame(pair_rows, columns)}, pairs
 
 
 def _parsed(lines: list[str], extra: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any], Any]]:
@@ -204,6 +316,16 @@ def text_rules(cfg: ValidateConfig) -> list[Rule]:
         Rule("line is valid JSON", "records", E.ExpectColumnValuesToBeInSet(column="json_valid", value_set=[True])),
         Rule('record is a text record with a "text" field', "records",
              E.ExpectColumnValuesToBeInSet(column="shape", value_set=["text"])),
+        *_text_field_rules(cfg),
+    ]
+
+
+def _text_field_rules(cfg: ValidateConfig) -> list[Rule]:
+    """The text table's rules, shared by text, classification and regression records."""
+    import great_expectations as gx
+
+    E = gx.expectations
+    return [
         Rule("text is a string (not null)", "texts", E.ExpectColumnValuesToNotBeNull(column="text_chars")),
         Rule("text is not empty or blank", "texts",
              E.ExpectColumnValuesToBeInSet(column="text_blank", value_set=[False])),
@@ -211,6 +333,75 @@ def text_rules(cfg: ValidateConfig) -> list[Rule]:
              E.ExpectColumnValuesToBeBetween(column="text_chars", min_value=cfg.min_chars,
                                              max_value=cfg.max_text_chars)),
     ]
+
+
+def classification_rules(cfg: ValidateConfig) -> list[Rule]:
+    import great_expectations as gx
+
+    E = gx.expectations
+    rules = [
+        Rule("line is valid JSON", "records", E.ExpectColumnValuesToBeInSet(column="json_valid", value_set=[True])),
+        Rule('record is a classification record with "text" and "label" fields', "records",
+             E.ExpectColumnValuesToBeInSet(column="shape", value_set=["classification"])),
+        *_text_field_rules(cfg),
+        Rule("label is a non-empty string", "labels", E.ExpectColumnValuesToNotBeNull(column="label")),
+    ]
+    if cfg.labels is not None:
+        rules.append(Rule(f"label is one of {', '.join(cfg.labels)}", "labels",
+                          E.ExpectColumnValuesToBeInSet(column="label", value_set=list(cfg.labels))))
+    rules.append(Rule("at least 2 distinct labels", "labels",
+                      E.ExpectColumnUniqueValueCountToBeBetween(column="label", min_value=2)))
+    return rules
+
+
+def regression_rules(cfg: ValidateConfig) -> list[Rule]:
+    import great_expectations as gx
+
+    E = gx.expectations
+    return [
+        Rule("line is valid JSON", "records", E.ExpectColumnValuesToBeInSet(column="json_valid", value_set=[True])),
+        Rule('record is a regression record with "text" and "label" fields', "records",
+             E.ExpectColumnValuesToBeInSet(column="shape", value_set=["regression"])),
+        *_text_field_rules(cfg),
+        Rule("label is a number (not a string or bool)", "labels",
+             E.ExpectColumnValuesToBeInSet(column="label_number", value_set=[True])),
+        Rule("label is finite (not NaN or infinity)", "labels",
+             E.ExpectColumnValuesToBeInSet(column="label_finite", value_set=[True])),
+    ]
+
+
+def preference_rules(cfg: ValidateConfig) -> list[Rule]:
+    import great_expectations as gx
+
+    E = gx.expectations
+    rules = [
+        Rule("line is valid JSON", "records", E.ExpectColumnValuesToBeInSet(column="json_valid", value_set=[True])),
+        Rule('record is a preference record with "prompt", "chosen" and "rejected" fields', "records",
+             E.ExpectColumnValuesToBeInSet(column="shape", value_set=["preference"])),
+    ]
+    for field in PAIR_FIELDS:
+        rules += [
+            Rule(f"{field} is a string (not null)", "pairs", E.ExpectColumnValuesToNotBeNull(column=f"{field}_chars")),
+            Rule(f"{field} is not empty or blank", "pairs",
+                 E.ExpectColumnValuesToBeInSet(column=f"{field}_blank", value_set=[False])),
+            Rule(f"{field} length between {cfg.min_chars} and {cfg.max_chars} characters", "pairs",
+                 E.ExpectColumnValuesToBeBetween(column=f"{field}_chars", min_value=cfg.min_chars,
+                                                 max_value=cfg.max_chars)),
+        ]
+    rules.append(Rule("chosen differs from rejected", "pairs",
+                      E.ExpectColumnValuesToBeInSet(column="distinct", value_set=[True])))
+    return rules
+
+
+# record kind -> (raw lines -> (tables, output records), config -> rules)
+SUITES: dict[str, tuple[Callable[[list[str]], tuple[dict[str, Any], list[dict]]],
+                        Callable[[ValidateConfig], list[Rule]]]] = {
+    "chat": (_chat_tables, chat_rules),
+    "text": (_text_tables, text_rules),
+    "classification": (_classification_tables, classification_rules),
+    "regression": (_regression_tables, regression_rules),
+    "preference": (_preference_tables, preference_rules),
+}
 
 
 def run_suite(suite_rules: list[Rule], frames: dict[str, Any]) -> dict[str, Any]:
@@ -235,7 +426,7 @@ def run_suite(suite_rules: list[Rule], frames: dict[str, Any]) -> dict[str, Any]
         for rule, result in zip(table_rules, _match(table_rules, outcome.results)):
             stats = result.result
             index = stats.get("partial_unexpected_index_list") or []
-            results.append({
+            entry = {
                 "rule": rule.name,
                 "table": table,
                 "expectation": result.expectation_config.type,
@@ -243,7 +434,11 @@ def run_suite(suite_rules: list[Rule], frames: dict[str, Any]) -> dict[str, Any]
                 "element_count": int(stats.get("element_count", len(frame))),
                 "unexpected_count": int(stats.get("unexpected_count") or 0),
                 "example_lines": sorted({int(frame["line"].iloc[i]) for i in index})[:EXAMPLES],
-            })
+            }
+            observed = stats.get("observed_value")  # whole-table rules: a count, kept only when it is a number
+            if isinstance(observed, numbers.Real) and not isinstance(observed, bool):
+                entry["observed_value"] = observed.item() if hasattr(observed, "item") else observed
+            results.append(entry)
     return {"success": all(r["success"] for r in results), "rules": results}
 
 

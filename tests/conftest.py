@@ -81,6 +81,16 @@ def tiny_model(services):
 
 
 @pytest.fixture(scope="session")
+def tiny_encoder(services):
+    """A tiny random BERT with the all-MiniLM-L6-v2 tokenizer, committed once under a shared prefix."""
+    from steps.base_model import prepare_base_model
+    from steps.config import BaseModelConfig
+    from steps.store import ArtifactStore
+
+    return prepare_base_model(BaseModelConfig(source="tiny-random-bert"), ArtifactStore.from_env("shared"))
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(services, tiny_model):
     from transformers import AutoTokenizer
 

@@ -33,3 +33,47 @@ def sft_dataset(store, tmp_path: Path, model, n: int = 40, max_seq_len: int = 64
     raw = ingest_records(IngestConfig(source=str(write_jsonl(tmp_path / "raw.jsonl", rows))), store)
     clean = scrub_records(ScrubConfig(), validate_records(ValidateConfig(), raw, store), store)
     return tokenize_dataset(TokenizeConfig(eval_fraction=0.2, max_seq_len=max_seq_len), clean, model, store)
+
+
+TOPICS = {"sport": ["match", "goal", "team", "coach"], "tech": ["phone", "chip", "software", "network"],
+          "money": ["bank", "shares", "profit", "market"]}
+
+
+def labelled_rows(kind: str, n: int = 60) -> list[dict]:
+    """Classification: short texts whose topic words decide the label; regression: the label
+    is the number of times "up" occurs minus the times "down" occurs, over 2."""
+    import random
+
+    rng = random.Random(7)
+    rows = []
+    for i in range(n):
+        if kind == "classification":
+            label = sorted(TOPICS)[i % len(TOPICS)]
+            words = rng.choices(TOPICS[label], k=5) + rng.choices(["the", "a", "today", "news"], k=3)
+            rng.shuffle(words)
+            rows.append({"id": f"r{i:03d}", "text": " ".join(words), "label": label})
+        else:
+            ups, downs = rng.randint(0, 4), rng.randint(0, 4)
+            words = ["up"] * ups + ["down"] * downs + ["day", "price"]
+            rng.shuffle(words)
+            rows.append({"id": f"r{i:03d}", "text": " ".join(words) + f" {i}", "label": (ups - downs) / 2})
+    return rows
+
+
+def preference_rows(n: int = 40) -> list[dict]:
+    """Pairs whose chosen answer is the right sum and whose rejected answer is a wrong one."""
+    return [{"id": f"p{i:03d}", "prompt": f"What is {i} plus {i}?", "chosen": f"{i} plus {i} is {2 * i}.",
+             "rejected": f"I think it is {2 * i + 7}, maybe."} for i in range(n)]
+
+
+def kind_dataset(store, tmp_path: Path, model, kind: str, rows: list[dict], max_seq_len: int = 64):
+    """Ingest -> validate -> scrub -> tokenize records of ``kind``; returns the tokenized DatasetRef."""
+    from steps.config import IngestConfig, ScrubConfig, TokenizeConfig, ValidateConfig
+    from steps.ingest import ingest_records
+    from steps.scrub import scrub_records
+    from steps.tokenize import tokenize_dataset
+    from steps.validate import validate_records
+
+    raw = ingest_records(IngestConfig(source=str(write_jsonl(tmp_path / f"{kind}.jsonl", rows))), store)
+    clean = scrub_records(ScrubConfig(), validate_records(ValidateConfig(record_kind=kind), raw, store), store)
+    return tokenize_dataset(TokenizeConfig(eval_fraction=0.25, max_seq_len=max_seq_len), clean, model, store)

@@ -1,9 +1,12 @@
 """Fine-tuning methods. Each module makes exactly the intended parameters trainable,
 saves only what it trained (safetensors, never pickles) and loads it back for inference:
 
-    model = prepare(cfg, base_dir, device)        # base loaded, requires_grad set as the method says
-    save(cfg, model, folder)                      # trained weights + method.json
+    model = prepare(cfg, base_dir, device, task)  # base loaded with the task's head, requires_grad set
+    save(cfg, model, folder, task)                # trained weights + method.json
     model = load(base_dir, folder, device)        # eval-mode model for evaluate and serving
+
+``task`` (``common.Task``) says which head the base gets: the causal LM head (SFT,
+continued pretraining, preference tuning) or a new sequence head (classification, regression).
 
 | method | module   | trains |
 |--------|----------|--------|
@@ -11,7 +14,10 @@ saves only what it trained (safetensors, never pickles) and loads it back for in
 | head   | head.py  | the output head (and the last N transformer layers); base frozen |
 | lora   | lora.py  | low-rank adapters (peft), optionally rsLoRA / DoRA |
 | qlora  | qlora.py | LoRA on a 4-bit (bitsandbytes nf4/fp4) frozen base |
-| reft   | reft.py  | LoReFT interventions on hidden states; base frozen |
+| reft   | reft.py  | LoReFT interventions on hidden states; base frozen (chat SFT only) |
+
+On classification and regression models the new sequence head always trains (lora and
+qlora save it next to the adapter; head trains it with the last N encoder layers).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from types import ModuleType
 from typing import Any, get_args
 
 from steps.config import TrainConfig
+from steps.methods.common import CAUSAL, Task
 
 METHOD_FILE = "method.json"
 
@@ -37,14 +44,27 @@ def module_for(method: str) -> ModuleType:
     return importlib.import_module(f"steps.methods.{method}")
 
 
-def prepare(cfg: TrainConfig, base_dir: Path, device: str) -> Any:
-    return module_for(cfg.method).prepare(cfg, base_dir, device)
+def prepare(cfg: TrainConfig, base_dir: Path, device: str, task: Task = CAUSAL) -> Any:
+    return module_for(cfg.method).prepare(cfg, base_dir, device, task)
 
 
-def save(cfg: TrainConfig, model: Any, folder: Path) -> None:
+def save(cfg: TrainConfig, model: Any, folder: Path, task: Task = CAUSAL) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     module_for(cfg.method).save(cfg, model, folder)
-    (folder / METHOD_FILE).write_text(json.dumps({"method": cfg.method, "train": cfg.model_dump(mode="json")}, indent=2))
+    meta = {"method": cfg.method, "task": task.model_dump(mode="json"), "train": cfg.model_dump(mode="json")}
+    (folder / METHOD_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def task_of(folder: Path) -> Task:
+    """The task a trained folder was made for (causal LM for folders from before tasks were recorded)."""
+    path = folder / METHOD_FILE
+    return Task.model_validate(json.loads(path.read_text()).get("task", {})) if path.exists() else CAUSAL
+
+
+def train_config_of(folder: Path) -> TrainConfig | None:
+    """The training configuration recorded with a trained folder, if any."""
+    path = folder / METHOD_FILE
+    return TrainConfig.model_validate(json.loads(path.read_text())["train"]) if path.exists() else None
 
 
 def load(base_dir: Path, folder: Path, device: str) -> Any:
@@ -58,7 +78,7 @@ def load(base_dir: Path, folder: Path, device: str) -> Any:
         cfg, method = TrainConfig.model_validate(meta["train"]), meta["method"]
     else:
         cfg, method = TrainConfig(method="lora"), "lora"
-    return module_for(method).load(cfg, base_dir, folder, device).eval()
+    return module_for(method).load(cfg, base_dir, folder, device, task_of(folder)).eval()
 
 
 def trainable_parameters(model: Any) -> list[Any]:

@@ -1,11 +1,38 @@
-"""Loading a base model the same way for every method."""
+"""Loading a base model the same way for every method, for every task."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from steps.config import TrainConfig
+from pydantic import Field
+
+from steps.config import StrictModel, TrainConfig
+
+
+class Task(StrictModel):
+    """What the model is trained to do; read from the tokenized dataset and stored in method.json.
+
+    sft, cpt and preference train the causal LM head; classification and regression put a
+    freshly initialised sequence head on the base (``AutoModelForSequenceClassification``:
+    ``len(labels)`` outputs with cross-entropy, or one output with MSE).
+    """
+
+    kind: Literal["sft", "cpt", "classification", "regression", "preference"] = "sft"
+    labels: list[str] = Field(default_factory=list)
+
+    @property
+    def sequence_head(self) -> bool:
+        return self.kind in ("classification", "regression")
+
+
+CAUSAL = Task()
+
+# Dropout settings by architecture: Llama-style configs and BERT-style configs.
+DROPOUT_KEYS = ("attention_dropout", "attention_probs_dropout_prob", "hidden_dropout_prob")
+# Attention projections per architecture: the default LoRA targets.
+ATTENTION_TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                     "bert": ["query", "key", "value", "attention.output.dense"]}
 
 
 def dtype_for(device: str) -> Any:
@@ -14,14 +41,39 @@ def dtype_for(device: str) -> Any:
     return torch.bfloat16 if device == "cuda" else torch.float32
 
 
-def load_base(cfg: TrainConfig | None, base_dir: Path, device: str, **kwargs: Any) -> Any:
-    """The base causal LM on ``device``; ``cfg.dropout`` overrides the attention dropout."""
-    from transformers import AutoModelForCausalLM
+def load_base(cfg: TrainConfig | None, base_dir: Path, device: str, task: Task = CAUSAL, **kwargs: Any) -> Any:
+    """The base model on ``device`` with the task's head; ``cfg.dropout`` overrides its dropout."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    overrides = {"attention_dropout": cfg.dropout} if cfg is not None and cfg.dropout is not None else {}
+    overrides: dict[str, Any] = {}
+    if cfg is not None and cfg.dropout is not None:
+        config = AutoConfig.from_pretrained(base_dir)
+        overrides = {key: cfg.dropout for key in DROPOUT_KEYS if hasattr(config, key)}
     kwargs.setdefault("dtype", dtype_for(device))
-    model = AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=False, **overrides, **kwargs)
+    if task.sequence_head:
+        labels = task.labels if task.kind == "classification" else ["value"]
+        overrides |= dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                          label2id={label: i for i, label in enumerate(labels)},
+                          problem_type="single_label_classification" if task.kind == "classification" else "regression")
+        auto = AutoModelForSequenceClassification
+    else:
+        auto = AutoModelForCausalLM
+    model = auto.from_pretrained(base_dir, trust_remote_code=False, **overrides, **kwargs)
+    if task.sequence_head and model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id  # decoder classifiers find the last token by padding
     return model if "quantization_config" in kwargs else model.to(device)
+
+
+def attention_targets(cfg: TrainConfig, model: Any) -> list[str]:
+    """``train.lora.target_modules``, or the attention projections of the model's architecture."""
+    from steps.errors import ConfigError
+
+    if cfg.lora.target_modules is not None:
+        return list(cfg.lora.target_modules)
+    kind = model.config.model_type
+    if kind not in ATTENTION_TARGETS:
+        raise ConfigError(f"no default LoRA targets for {kind!r} models; set train.lora.target_modules")
+    return ATTENTION_TARGETS[kind]
 
 
 def save_adapter(model: Any, folder: Path) -> None:

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from steps.config import TrainConfig
-from steps.methods.common import load_base
+from steps.methods.common import CAUSAL, Task, load_base
 
 
-def prepare(cfg: TrainConfig, base_dir: Path, device: str) -> Any:
-    return load_base(cfg, base_dir, device).requires_grad_(True)
+def prepare(cfg: TrainConfig, base_dir: Path, device: str, task: Task = CAUSAL) -> Any:
+    return load_base(cfg, base_dir, device, task).requires_grad_(True)
 
 
 def save(cfg: TrainConfig, model: Any, folder: Path) -> None:
@@ -24,6 +24,6 @@ def save(cfg: TrainConfig, model: Any, folder: Path) -> None:
     model.save_pretrained(folder)
 
 
-def load(cfg: TrainConfig, base_dir: Path, folder: Path, device: str) -> Any:
-    # The folder holds the complete model: the base is not needed.
-    return load_base(None, folder, device)
+def load(cfg: TrainConfig, base_dir: Path, folder: Path, device: str, task: Task = CAUSAL) -> Any:
+    # The folder holds the complete model (with its head and label names): the base is not needed.
+    return load_base(None, folder, device, task)

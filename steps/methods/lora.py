@@ -2,7 +2,10 @@
 
 rsLoRA (scale alpha/sqrt(r)) and DoRA (magnitude + direction) are peft switches.
 Saved: ``adapter_model.safetensors`` + ``adapter_config.json``; with ``merge_weights``
-also ``merged/`` full weights (adapter folded into the base).
+also ``merged/`` full weights (adapter folded into the base). On classification and
+regression models peft's ``SEQ_CLS`` task type trains and saves the new head in full
+(``modules_to_save``) next to the adapter. ``target_modules`` left out: the attention
+projections of the architecture.
 """
 
 from __future__ import annotations
@@ -11,21 +14,23 @@ from pathlib import Path
 from typing import Any
 
 from steps.config import TrainConfig
-from steps.methods.common import load_base, save_adapter
+from steps.methods.common import CAUSAL, Task, attention_targets, load_base, save_adapter
 
 
-def lora_config(cfg: TrainConfig) -> Any:
+def lora_config(cfg: TrainConfig, model: Any, task: Task = CAUSAL) -> Any:
     from peft import LoraConfig
 
     s = cfg.lora
-    return LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=list(s.target_modules),
-                      use_rslora=s.use_rslora, use_dora=s.use_dora, task_type="CAUSAL_LM")
+    return LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=attention_targets(cfg, model),
+                      use_rslora=s.use_rslora, use_dora=s.use_dora,
+                      task_type="SEQ_CLS" if task.sequence_head else "CAUSAL_LM")
 
 
-def prepare(cfg: TrainConfig, base_dir: Path, device: str) -> Any:
+def prepare(cfg: TrainConfig, base_dir: Path, device: str, task: Task = CAUSAL) -> Any:
     from peft import get_peft_model
 
-    return get_peft_model(load_base(cfg, base_dir, device), lora_config(cfg))
+    model = load_base(cfg, base_dir, device, task)
+    return get_peft_model(model, lora_config(cfg, model, task))
 
 
 def save(cfg: TrainConfig, model: Any, folder: Path) -> None:
@@ -35,7 +40,7 @@ def save(cfg: TrainConfig, model: Any, folder: Path) -> None:
         merged.save_pretrained(folder / "merged", safe_serialization=True)
 
 
-def load(cfg: TrainConfig, base_dir: Path, folder: Path, device: str) -> Any:
+def load(cfg: TrainConfig, base_dir: Path, folder: Path, device: str, task: Task = CAUSAL) -> Any:
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(load_base(None, base_dir, device), folder).to(device)
+    return PeftModel.from_pretrained(load_base(None, base_dir, device, task), folder).to(device)

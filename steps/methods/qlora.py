@@ -18,11 +18,11 @@ from typing import Any
 
 from steps.config import TrainConfig
 from steps.errors import ConfigError
-from steps.methods.common import load_base, save_adapter
+from steps.methods.common import CAUSAL, Task, load_base, save_adapter
 from steps.methods.lora import lora_config
 
 
-def quantization_config(cfg: TrainConfig, device: str) -> Any:
+def quantization_config(cfg: TrainConfig, device: str, task: Task = CAUSAL) -> Any:
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -30,34 +30,38 @@ def quantization_config(cfg: TrainConfig, device: str) -> Any:
     name = q.compute_dtype if q.compute_dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     if device == "cpu" and name == "float16":
         raise ConfigError("train.quant.compute_dtype float16 is not supported on CPU; use float32 or auto")
+    # A new sequence head is created after loading: it must stay a plain (trainable) linear layer.
+    skip = ["classifier", "score"] if task.sequence_head else None
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
-                              bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=getattr(torch, name))
+                              bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=getattr(torch, name),
+                              llm_int8_skip_modules=skip)
 
 
-def load_quantized_base(cfg: TrainConfig, base_dir: Path, device: str) -> Any:
+def load_quantized_base(cfg: TrainConfig, base_dir: Path, device: str, task: Task = CAUSAL) -> Any:
     # device_map places the weights while they are quantized (a 4-bit model is not moved
     # afterwards); without it bitsandbytes picks CUDA whenever present, even for device "cpu".
-    return load_base(cfg, base_dir, device, quantization_config=quantization_config(cfg, device), device_map=device)
+    return load_base(cfg, base_dir, device, task, quantization_config=quantization_config(cfg, device, task),
+                     device_map=device)
 
 
-def prepare(cfg: TrainConfig, base_dir: Path, device: str) -> Any:
+def prepare(cfg: TrainConfig, base_dir: Path, device: str, task: Task = CAUSAL) -> Any:
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    model = load_quantized_base(cfg, base_dir, device)
+    model = load_quantized_base(cfg, base_dir, device, task)
     # use_reentrant=False checkpointing needs no requires-grad hook on the input embeddings.
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
-    return get_peft_model(model, lora_config(cfg))
+    return get_peft_model(model, lora_config(cfg, model, task))
 
 
 def save(cfg: TrainConfig, model: Any, folder: Path) -> None:
     save_adapter(model, folder)
 
 
-def load(cfg: TrainConfig, base_dir: Path, folder: Path, device: str) -> Any:
+def load(cfg: TrainConfig, base_dir: Path, folder: Path, device: str, task: Task = CAUSAL) -> Any:
     from peft import PeftModel, prepare_model_for_kbit_training
 
-    model = load_quantized_base(cfg, base_dir, device)
+    model = load_quantized_base(cfg, base_dir, device, task)
     # The same float32 upcast as in training, so inference computes what was trained.
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return PeftModel.from_pretrained(model, folder)

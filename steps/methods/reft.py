@@ -46,7 +46,7 @@ from torch.nn.utils.parametrize import register_parametrization
 from steps.batching import IGNORE
 from steps.config import ReftSettings, TrainConfig
 from steps.errors import ConfigError
-from steps.methods.common import load_base
+from steps.methods.common import CAUSAL, Task, load_base
 
 WEIGHTS_FILE = "reft.safetensors"
 CONFIG_FILE = "reft.json"
@@ -180,7 +180,9 @@ def resolve_layers(layers: list[int], count: int) -> list[int]:
     return resolved
 
 
-def prepare(cfg: TrainConfig, base_dir: Path, device: str) -> ReftModel:
+def prepare(cfg: TrainConfig, base_dir: Path, device: str, task: Task = CAUSAL) -> ReftModel:
+    if task.kind != "sft":
+        raise ConfigError(f"train.method 'reft' trains chat SFT only, not {task.kind}")
     return ReftModel(load_base(cfg, base_dir, device), cfg.reft).to(device)
 
 
@@ -196,7 +198,7 @@ def save(cfg: TrainConfig, model: ReftModel, folder: Path) -> None:
     }, indent=2))
 
 
-def load(cfg: TrainConfig, base_dir: Path, folder: Path, device: str) -> ReftModel:
+def load(cfg: TrainConfig, base_dir: Path, folder: Path, device: str, task: Task = CAUSAL) -> ReftModel:
     """The base plus the saved interventions; ``reft.json`` says where they go."""
     from safetensors.torch import load_file
 

@@ -77,3 +77,39 @@ def test_text_parameter_set_runs_end_to_end(prefect_api, store, tmp_path, name):
         assert report.stats["perplexity"] > 0 and "bleu" not in report.stats
     version = MlflowClient().get_model_version(model_name, summary.version.version)
     assert version.tags["tuneline.data_digest"] == summary.record.datasets["tokenize"].digest
+
+
+@pytest.mark.parametrize("name, kind", [("classify", "classification"), ("dpo", "preference"),
+                                        ("orpo", "preference")])
+def test_task_parameter_set_runs_end_to_end(prefect_api, store, tmp_path, name, kind):
+    """Classification on a tiny BERT and DPO / ORPO on the tiny Llama, through the whole flow and
+    back out of the registry in the task's own terms (labels, or answers)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from flows.pipeline import finetune
+    from helpers import labelled_rows, preference_rows
+
+    rows = labelled_rows("classification") if kind == "classification" else preference_rows()
+    source = write_jsonl(tmp_path / f"{name}.jsonl", rows)
+    model_name = f"{name}-{uuid.uuid4().hex[:6]}"
+    overrides = [f"ingest.source={source}", f"artifacts_prefix={store.prefix}", f"register.model_name={model_name}",
+                 "train.max_steps=3", "train.checkpoint_every=2", "tokenize.max_seq_len=64", "evaluate.max_records=8",
+                 "evaluate.bleu_samples=2", "evaluate.max_new_tokens=4"]
+    if kind == "classification":
+        overrides += ["base_model.source=tiny-random-bert", "validate.labels=[money, sport, tech]"]
+    else:
+        overrides += ["base_model.source=tiny-random-llama"]
+    params = PipelineParams.from_yaml(PARAMS / f"{name}.yaml", overrides)
+    state = finetune(params, return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    candidate = summary.record.evaluations["candidate"].stats
+    assert summary.decision.metric == params.register_.metric and params.register_.metric in candidate
+    card = MlflowClient().get_model_version(model_name, summary.version.version).description
+    assert f"task `{summary.record.datasets['tokenize'].stats['task']}`" in card
+    model = mlflow.pyfunc.load_model(f"models:/{model_name}/{summary.version.version}")
+    if kind == "classification":
+        assert set(model.predict(["the team scored a goal", "the bank made a profit"])) <= {"money", "sport", "tech"}
+    else:
+        assert isinstance(model.predict(["What is 2 plus 2?"], params={"max_new_tokens": 3})[0], str)
