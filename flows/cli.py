@@ -4,6 +4,8 @@
     tuneline services status
     tuneline services down
     tuneline run --params deployments/params/default.yaml [--set train.max_steps=10 ...]
+    tuneline run --resume [RUN_ID]  # a failed/crashed run again, same parameters: done tasks
+                                    # are cached, training continues from its newest checkpoint
 
 `run` uses the local services' endpoints and credentials unless the environment already
 names others (TUNELINE_S3_ENDPOINT_URL, MLFLOW_TRACKING_URI, PREFECT_API_URL, AWS_*).
@@ -17,6 +19,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = REPO / "deployments" / "params" / "default.yaml"
@@ -34,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="YAML parameter file (deployments/params/)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override one parameter, e.g. train.max_steps=10 (YAML value)")
+    run.add_argument("--resume", nargs="?", const="latest", metavar="RUN_ID",
+                     help="resume a failed, crashed or cancelled flow run (default: the newest one) with its own "
+                     "parameters; needs the Prefect server that recorded it")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -41,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(chatty).setLevel(logging.WARNING)
     if args.command == "services":
         return services_command(args.action, prefect=not args.no_prefect)
+    if args.resume is not None:
+        if args.overrides or args.params != DEFAULT_PARAMS:
+            parser.error("--resume takes the run's own parameters; it cannot be combined with --params or --set")
+        return run_command(args.params, [], resume=args.resume)
     return run_command(args.params, args.overrides)
 
 
@@ -59,21 +69,30 @@ def services_command(action: str, prefect: bool) -> int:
     return 0
 
 
-def run_command(params_path: Path, overrides: list[str]) -> int:
+def run_command(params_path: Path, overrides: list[str], resume: str | None = None) -> int:
     from steps.config import PipelineParams
     from steps.errors import ConfigError, DataQualityError
 
+    options: dict = {}
     try:
-        params = PipelineParams.from_yaml(params_path, overrides)
+        if resume is None:
+            params = PipelineParams.from_yaml(params_path, overrides)
+            links = use_local_services()
+        else:
+            from flows.resume import find_run, resume_plan
+
+            links = use_local_services()
+            run = find_run(None if resume == "latest" else resume)
+            params, options = resume_plan(run)
+            print(f"resuming flow run {run.id} ({run.name}) with its own parameters")
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    links = use_local_services()
     from flows.pipeline import finetune
     from steps.report import render_summary
 
     try:
-        state = finetune(params, return_state=True)
+        state = start(finetune, params, options)
         summary = state.result()
     except (DataQualityError, ConfigError) as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
@@ -85,6 +104,16 @@ def run_command(params_path: Path, overrides: list[str]) -> int:
         links["flow run"] = f"{links.pop('prefect_ui')}/runs/flow-run/{state.state_details.flow_run_id}"
     print("\n" + render_summary(summary, links))
     return 0
+
+
+def start(flow: Any, params: Any, options: dict) -> Any:
+    """Run the flow; a resuming run gets its own name and a tag naming the run it resumes."""
+    from prefect import tags
+
+    if not options:
+        return flow(params, return_state=True)
+    with tags(*options["tags"]):
+        return flow.with_options(flow_run_name=options["flow_run_name"])(params, return_state=True)
 
 
 def use_local_services() -> dict[str, str]:
