@@ -50,9 +50,10 @@ def test_a_failed_run_resumes_from_its_last_task_and_checkpoint(prefect_api, sto
         runs = client.read_flow_runs()
         resumed = next(r for r in runs if f"resume-of:{failed_id}" in (r.tags or []))
         assert resumed.state.is_completed() and resumed.name.startswith("resume-of-")
-    states = task_states(resumed.id, expected=9)
-    for step in ("ingest", "validate", "scrub", "base_model", "tokenize"):
+    states = task_states(resumed.id, expected=11)
+    for step in ("ingest", "validate", "scrub", "base-model", "tokenize"):
         assert states[step] == ["Cached"], states
+    assert states["train"] == ["Completed"], states
     trained = [k for k in all_keys(store) if "/train/" in k and k.endswith("_MANIFEST.json")]
     assert len(trained) == 1
     stats = json.loads(store.get_bytes(trained[0]))["stats"]
