@@ -191,6 +191,20 @@ class TrainConfig(StrictModel):
         50, ge=0, description="Optimizer steps between checkpoints synced to the store (0 = none); a retry resumes "
         "from the newest complete one."
     )
+    packing: bool = Field(
+        False, description="Causal-LM tasks: padding-free micro-batches of whole documents up to tokens_per_batch "
+        "tokens, with per-document attention (documents never attend to each other)."
+    )
+    tokens_per_batch: int | None = Field(
+        None, ge=16, description="packing: token budget of one micro-batch (default batch_size x tokenize.max_seq_len)."
+    )
+    loss_chunk_tokens: int = Field(
+        0, ge=0, description="Causal-LM tasks: compute the output projection and cross-entropy over chunks of this "
+        "many label tokens, never materialising full fp32 logits (0 = off: the model's own loss)."
+    )
+    attention: Literal["auto", "sdpa", "flex_attention", "eager"] = Field(
+        "auto", description="Attention kernel; 'auto' = flex_attention when packing on CUDA, else sdpa."
+    )
     merge_weights: bool = Field(False, description="lora only: also store full weights with the adapter merged in.")
     seed: int = Field(42, description="Seed for weight initialisation, dropout and data order.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks CUDA when present.")
@@ -221,6 +235,11 @@ class TrainConfig(StrictModel):
         if self.merge_weights and self.method != "lora":
             raise ValueError(f"train.merge_weights needs method 'lora' (not {self.method!r}): "
                              "only LoRA adapters merge losslessly into the base weights")
+        if self.tokens_per_batch is not None and not self.packing:
+            raise ValueError("train.tokens_per_batch is the token budget of packing; set train.packing: true")
+        if self.method == "reft" and (self.packing or self.loss_chunk_tokens):
+            raise ValueError("train.method 'reft' places interventions per sequence; packing and loss_chunk_tokens "
+                             "are for full, head, lora and qlora")
         if self.method == "qlora" and self.device == "cpu" and self.quant.compute_dtype == "float16":
             raise ValueError("train.quant.compute_dtype float16 is not supported on CPU; use float32 or auto")
         return self
@@ -310,6 +329,9 @@ class PipelineParams(StrictModel):
         if encoder and kind in GENERATIVE_KINDS:
             raise ValueError(f"base_model.source {self.base_model.source!r} is an encoder without a language-model "
                              f"head; {kind!r} records need a causal LM such as 'smollm2-135m-instruct'")
+        if (self.train.packing or self.train.loss_chunk_tokens) and kind not in ("chat", "text"):
+            raise ValueError(f"train.packing and train.loss_chunk_tokens are for causal-LM records (chat, text), "
+                             f"not {kind!r}")
         if self.validate_.labels is not None and kind != "classification":
             raise ValueError("validate.labels applies to classification records only")
         allowed = GATE_METRICS[kind]

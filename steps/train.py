@@ -35,8 +35,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from steps import methods, preference
+from steps import fastpath, methods, preference
 from steps.batching import batch_order, collate, sequence_loss, token_nll
+from steps.fastpath import pack_order
 from steps.config import TrainConfig
 from steps.methods.common import Task, load_base
 from steps.lineage import run_key
@@ -81,7 +82,9 @@ def train_model(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store: Arti
         state = checkpoints.restore(latest, named, optimizer, scheduler)
         state["resumed_from"] = state["step"]
         log.info("train: resuming from checkpoint at step %d", state["step"])
-    order = batch_order([len(r["input_ids"]) for r in rows], cfg.batch_size, cfg.seed)
+    lengths = [len(r["input_ids"]) for r in rows]
+    budget = cfg.tokens_per_batch or cfg.batch_size * max(lengths)
+    order = pack_order(lengths, budget, cfg.seed) if cfg.packing else batch_order(lengths, cfg.batch_size, cfg.seed)
     for _ in range(state["step"] * cfg.grad_accum_steps):  # data position: skip what was trained on
         next(order)
 
@@ -93,7 +96,7 @@ def train_model(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store: Arti
     for step in progress:
         step_loss, step_metrics = 0.0, {}
         for _ in range(cfg.grad_accum_steps):
-            loss, tokens, metrics = batch_loss(net, [rows[i] for i in next(order)], task, cfg, pad_id, device)
+            loss, tokens, metrics = batch_loss(net, [rows[i] for i in next(order)], task, cfg, pad_id, device, budget)
             (loss / cfg.grad_accum_steps).backward()
             step_loss += loss.item() / cfg.grad_accum_steps
             state["tokens"] += tokens
@@ -165,13 +168,20 @@ def enable_gradient_checkpointing(net: Any) -> None:
     net.config.use_cache = False
 
 
-def batch_loss(net: Any, rows: list[dict], task: Task, cfg: TrainConfig, pad_id: int, device: str
-               ) -> tuple[Any, int, dict[str, float]]:
-    """(loss, tokens in the batch, extra metrics) of one micro-batch, as the task defines the loss."""
+def batch_loss(net: Any, rows: list[dict], task: Task, cfg: TrainConfig, pad_id: int, device: str,
+               budget: int = 0) -> tuple[Any, int, dict[str, float]]:
+    """(loss, real tokens in the batch, extra metrics) of one micro-batch, as the task defines the loss."""
     if task.kind == "preference":
         return preference.pair_loss(net, rows, cfg.preference, pad_id, device)
-    batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
-    return net(**batch).loss, int(batch["attention_mask"].sum()), {}
+    if cfg.packing:
+        batch = {k: v.to(device) for k, v in fastpath.pack(rows, budget).items()}
+        tokens = batch["input_ids"].numel()
+    else:
+        batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+        tokens = int(batch["attention_mask"].sum())
+    if cfg.loss_chunk_tokens:
+        return fastpath.chunked_loss(net, batch, cfg.loss_chunk_tokens), tokens, {}
+    return net(**batch, **fastpath.PACKED_FORWARD).loss, tokens, {}
 
 
 def eval_loss(cfg: TrainConfig, task: Task, net: Any, rows: list[dict], pad_id: int, device: str) -> float:

@@ -50,6 +50,8 @@ def load_base(cfg: TrainConfig | None, base_dir: Path, device: str, task: Task =
         config = AutoConfig.from_pretrained(base_dir)
         overrides = {key: cfg.dropout for key in DROPOUT_KEYS if hasattr(config, key)}
     kwargs.setdefault("dtype", dtype_for(device))
+    if cfg is not None:
+        kwargs.setdefault("attn_implementation", attention_for(cfg, device))
     if task.sequence_head:
         labels = task.labels if task.kind == "classification" else ["value"]
         overrides |= dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
@@ -62,6 +64,13 @@ def load_base(cfg: TrainConfig | None, base_dir: Path, device: str, task: Task =
     if task.sequence_head and model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id  # decoder classifiers find the last token by padding
     return model if "quantization_config" in kwargs else model.to(device)
+
+
+def attention_for(cfg: TrainConfig, device: str) -> str:
+    """``train.attention``; 'auto' = flex_attention (block-sparse per-document mask) when packing on CUDA, else sdpa."""
+    if cfg.attention != "auto":
+        return cfg.attention
+    return "flex_attention" if cfg.packing and device == "cuda" else "sdpa"
 
 
 def attention_targets(cfg: TrainConfig, model: Any) -> list[str]:
