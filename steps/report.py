@@ -1,5 +1,5 @@
 """The end-of-run summary a person reads: rows through each step, PII by type,
-duplicates, perplexity and BLEU base -> tuned, the version, its alias, and links."""
+duplicates, the task's metrics base -> tuned, the version, its alias, and links."""
 
 from __future__ import annotations
 
@@ -30,13 +30,23 @@ def render_summary(summary: PipelineSummary, links: dict[str, str]) -> str:
         f"  tokenize   {split_summary(d['tokenize'])}",
         f"  train      {summary.record.model.adapter.stats.get('steps') if summary.record.model.adapter else 0} steps,"
         f" loss {_stat(summary.record.model.adapter, 'first_loss')} -> {_stat(summary.record.model.adapter, 'final_loss')}",
-        f"  evaluate   perplexity {base.get('perplexity')} (base) -> {tuned.get('perplexity')} (fine-tuned)",
-        f"             BLEU {base.get('bleu', '-')} (base) -> {tuned.get('bleu', '-')} (fine-tuned)",
+        *_metric_lines(base, tuned),
         f"  register   {summary.version.name} version {summary.version.version} @{alias}",
         f"  promotion  {summary.decision.reason}",
     ]
     lines += [f"  {name:<10} {url}" for name, url in links.items()]
     return "\n".join(lines)
+
+
+SHOWN = ("perplexity", "bleu", "accuracy", "f1_macro", "mse", "mae", "r2", "pref_accuracy", "reward_accuracy",
+         "reward_margin")
+
+
+def _metric_lines(base: dict, tuned: dict) -> list[str]:
+    """One line per metric the task measured, base -> fine-tuned."""
+    names = [m for m in SHOWN if m in tuned or m in base]
+    return [f"  {'evaluate' if i == 0 else '':<10} {m} {base.get(m, '-')} (base) -> {tuned.get(m, '-')} (fine-tuned)"
+            for i, m in enumerate(names)]
 
 
 def _stat(ref: object, name: str) -> str:
