@@ -7,8 +7,10 @@ of B pairs runs as one forward pass over 2B sequences (chosen first, then reject
 - DPO (Rafailov et al. 2023, sigmoid loss): with summed answer log-probabilities ``pi`` of
   the policy and ``ref`` of the frozen base,
   ``loss = -log sigmoid(beta * ((pi_c - pi_r) - (ref_c - ref_r)))``; implicit rewards are
-  ``beta * (pi - ref)``. Reference log-probabilities are computed once, before training, with
-  the base model (``reference_logps``), as TRL's ``precompute_ref_log_probs`` does.
+  ``beta * (pi - ref)``. Reference log-probabilities come from the base model, computed
+  the first time a pair is used and kept with the row (``Reference``): for LoRA/QLoRA the
+  policy itself with its adapters switched off (no second model in memory), for full and head
+  a frozen copy of the base.
 - ORPO (Hong et al. 2024): with length-normalised log-probabilities ``p_c``, ``p_r``,
   ``log_odds = (p_c - p_r) - (log(1 - e^p_c) - log(1 - e^p_r))`` and
   ``loss = NLL(chosen) - beta * log sigmoid(log_odds)``; no reference model. The NLL covers
@@ -97,13 +99,44 @@ def pair_loss(net: Any, rows: list[dict[str, Any]], settings: PreferenceSettings
     return loss, tokens, metrics
 
 
-def reference_logps(net: Any, rows: list[dict[str, Any]], batch_size: int, pad_id: int, device: str) -> None:
+class Reference:
+    """DPO's frozen reference: fills ``ref_chosen`` / ``ref_rejected`` of rows that lack them."""
+
+    def __init__(self, net: Any, base_dir: Any, device: str, batch_size: int):
+        self.net, self.device, self.batch_size = net, device, batch_size
+        self.frozen = None
+        if not hasattr(net, "disable_adapter"):  # full or head: the weights themselves train
+            from steps.methods.common import load_base
+
+            self.frozen = load_base(None, base_dir, device).eval().requires_grad_(False)
+
+    def fill(self, rows: list[dict[str, Any]], pad_id: int) -> None:
+        import contextlib
+
+        missing = [r for r in rows if "ref_chosen" not in r]
+        if not missing:
+            return
+        if self.frozen is not None:
+            reference_logps(self.frozen, missing, self.batch_size, pad_id, self.device, progress=False)
+            return
+        was_training = self.net.training
+        self.net.eval()  # no dropout in the reference
+        try:
+            with self.net.disable_adapter() if hasattr(self.net, "disable_adapter") else contextlib.nullcontext():
+                reference_logps(self.net, missing, self.batch_size, pad_id, self.device, progress=False)
+        finally:
+            self.net.train(was_training)
+
+
+def reference_logps(net: Any, rows: list[dict[str, Any]], batch_size: int, pad_id: int, device: str,
+                    progress: bool = True) -> None:
     """Add ``ref_chosen`` / ``ref_rejected`` (summed log-probs of the frozen base) to each row, in place."""
     import torch
     from tqdm import tqdm
 
     with torch.no_grad():
-        for i in tqdm(range(0, len(rows), batch_size), desc="reference log-probs", unit="batch", mininterval=2):
+        for i in tqdm(range(0, len(rows), batch_size), desc="reference log-probs", unit="batch", mininterval=2,
+                      disable=not progress):
             chunk = rows[i : i + batch_size]
             logps, _, _ = forward_logps(net, chunk, pad_id, device)
             for row, good, bad in zip(chunk, logps[: len(chunk)].tolist(), logps[len(chunk):].tolist()):

@@ -4,7 +4,7 @@ One small loop for every method (``steps/methods/``: full, head, lora, qlora, re
 every task the tokenized data is made for (its ``task`` stat): next-token loss on answer
 tokens (sft) or all tokens (cpt), cross-entropy or MSE of a new sequence head
 (classification, regression), or the DPO / ORPO pair loss (preference, ``steps/preference.py``;
-DPO's reference log-probabilities come from the untouched base, computed once up front).
+DPO's reference log-probabilities come from the untouched base, computed as pairs are first used).
 The loop uses
 AdamW / SGD / 8-bit AdamW over exactly the trainable parameters, warm-up then
 linear/cosine/constant decay, gradient accumulation, clipping, optional gradient
@@ -39,7 +39,7 @@ from steps import fastpath, methods, preference
 from steps.batching import batch_order, collate, sequence_loss, token_nll
 from steps.fastpath import pack_order
 from steps.config import TrainConfig
-from steps.methods.common import Task, load_base
+from steps.methods.common import Task
 from steps.lineage import run_key
 from steps.store import ArtifactRef, ArtifactStore, DatasetRef, ModelRef
 
@@ -61,10 +61,10 @@ def train_model(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store: Arti
     base_dir = store.download(model.base)
     rows = store.read_jsonl(data, "train.jsonl")
     eval_rows = store.read_jsonl(data, "eval.jsonl") if cfg.early_stopping else []
-    if task.kind == "preference" and cfg.preference.loss == "dpo":
-        add_reference_logps(base_dir, [rows, eval_rows], cfg.batch_size, device)
     torch.manual_seed(cfg.seed)
     net = methods.prepare(cfg, base_dir, device, task)
+    reference = (preference.Reference(net, base_dir, device, cfg.batch_size)
+                 if task.kind == "preference" and cfg.preference.loss == "dpo" else None)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(net)
     named = [(name, p) for name, p in net.named_parameters() if p.requires_grad]
@@ -96,7 +96,10 @@ def train_model(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store: Arti
     for step in progress:
         step_loss, step_metrics = 0.0, {}
         for _ in range(cfg.grad_accum_steps):
-            loss, tokens, metrics = batch_loss(net, [rows[i] for i in next(order)], task, cfg, pad_id, device, budget)
+            batch_rows = [rows[i] for i in next(order)]
+            if reference is not None:
+                reference.fill(batch_rows, pad_id)
+            loss, tokens, metrics = batch_loss(net, batch_rows, task, cfg, pad_id, device, budget)
             (loss / cfg.grad_accum_steps).backward()
             step_loss += loss.item() / cfg.grad_accum_steps
             state["tokens"] += tokens
@@ -111,6 +114,8 @@ def train_model(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store: Arti
         state["history"].append({"step": step, "loss": step_loss, "lr": lr, **step_metrics})
         progress.set_postfix(loss=f"{step_loss:.3f}")
         es = cfg.early_stopping
+        if es and reference is not None and step % es.eval_every == 0:
+            reference.fill(eval_rows, pad_id)
         if es and step % es.eval_every == 0 and should_stop(cfg, task, net, eval_rows, pad_id, device, state):
             log.info("train: early stop at step %d (eval loss %.4f, best %.4f)", step, state["evals"][-1]["loss"], state["best_eval"])
             break
@@ -198,15 +203,6 @@ def eval_loss(cfg: TrainConfig, task: Task, net: Any, rows: list[dict], pad_id: 
                 total += preference.pair_loss(net, chunk, cfg.preference, pad_id, device)[0].item() * len(chunk)
         return total / max(len(rows), 1)
     return token_nll(net, rows, cfg.batch_size, pad_id, device, progress=False)[0]
-
-
-def add_reference_logps(base_dir: Path, row_sets: list[list[dict]], batch_size: int, device: str) -> None:
-    """DPO's reference: the base model's log-probabilities of every pair, computed once before training."""
-    reference = load_base(None, base_dir, device).eval()
-    pad_id = reference.config.pad_token_id or 0
-    for rows in row_sets:
-        preference.reference_logps(reference, rows, batch_size, pad_id, device)
-    del reference
 
 
 def should_stop(cfg: TrainConfig, task: Task, net: Any, rows: list[dict], pad_id: int, device: str,

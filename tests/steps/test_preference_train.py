@@ -56,3 +56,39 @@ def test_dpo_early_stopping_uses_the_pair_loss(store, pairs, tiny_model):
     report = store.read_json(tuned.adapter, "train_report.json")
     assert [e["step"] for e in report["evals"]] == [3, 6, 9, 12]
     assert report["evals"][-1]["loss"] < report["evals"][0]["loss"] < 0.7  # log 2 = 0.693 at the reference
+
+
+def test_full_fine_tuning_dpo_uses_a_frozen_copy_as_reference(store, pairs, tiny_model):
+    cfg = TrainConfig(method="full", max_steps=4, batch_size=4, learning_rate=1e-3, warmup_steps=1,
+                      checkpoint_every=0, preference=PreferenceSettings(loss="dpo"))
+    log = store.read_json(train_model(cfg, pairs, tiny_model, store).adapter, "train_log.json")
+    assert log[0]["reward_margin"] == pytest.approx(0.0, abs=1e-4)  # the policy starts equal to the reference
+    assert log[-1]["reward_margin"] > 0
+
+
+def test_the_lora_reference_is_the_base_without_dropout(store, tmp_path, tiny_model):
+    """With LoRA dropout on, the reference (adapters off, eval mode) still equals the plain base."""
+    import torch
+
+    from steps import methods, preference
+    from steps.methods.common import load_base
+
+    data = kind_dataset(store, tmp_path, tiny_model, "preference", preference_rows(8))
+    rows = store.read_jsonl(data, "train.jsonl")[:4]
+    base_dir = store.download(tiny_model.base)
+    cfg = TrainConfig(method="lora", lora=LoraSettings(r=4, alpha=8, dropout=0.5),
+                      preference=PreferenceSettings(loss="dpo"))
+    net = methods.prepare(cfg, base_dir, "cpu")
+    for name, p in net.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # a trained-looking adapter must not leak into the reference
+    net.train()
+    preference.Reference(net, base_dir, "cpu", 2).fill(rows, 0)
+    assert net.training
+    plain = [dict(r) for r in rows]
+    for r in plain:
+        r.pop("ref_chosen"), r.pop("ref_rejected")
+    preference.reference_logps(load_base(None, base_dir, "cpu").eval(), plain, 2, 0, "cpu")
+    for mine, theirs in zip(rows, plain):
+        assert mine["ref_chosen"] == pytest.approx(theirs["ref_chosen"], abs=1e-3)
+        assert mine["ref_rejected"] == pytest.approx(theirs["ref_rejected"], abs=1e-3)
