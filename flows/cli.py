@@ -4,6 +4,7 @@
     tuneline services status
     tuneline services down
     tuneline run --params deployments/params/default.yaml [--set train.max_steps=10 ...]
+    tuneline scrub --input in.jsonl --output out.jsonl --field text   # PII scrubber alone, streaming
     tuneline run --resume [RUN_ID]  # a failed/crashed run again, same parameters: done tasks
                                     # are cached, training continues from its newest checkpoint
 
@@ -41,12 +42,22 @@ def main(argv: list[str] | None = None) -> int:
                      help="resume a failed, crashed or cancelled flow run (default: the newest one) with its own "
                      "parameters; needs the Prefect server that recorded it")
 
+    scrub = sub.add_parser("scrub", help="normalize and remove PII from fields of a JSONL file (streams; keeps "
+                           "every other field and the record order)")
+    scrub.add_argument("--input", type=Path, required=True, help="JSONL file to read")
+    scrub.add_argument("--output", type=Path, required=True, help="JSONL file to write (replaced only on success)")
+    scrub.add_argument("--field", dest="fields", action="append", required=True, metavar="NAME",
+                       help="field to scrub: a string, or a list of chat messages (repeat for several fields)")
+    scrub.add_argument("--entities", default=None, help="comma-separated PII types (default: all)")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for chatty in ("httpx", "httpcore", "botocore", "urllib3", "alembic"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
     if args.command == "services":
         return services_command(args.action, prefect=not args.no_prefect)
+    if args.command == "scrub":
+        return scrub_command(args.input, args.output, args.fields, args.entities)
     if args.resume is not None:
         if args.overrides or args.params != DEFAULT_PARAMS:
             parser.error("--resume takes the run's own parameters; it cannot be combined with --params or --set")
@@ -66,6 +77,32 @@ def services_command(action: str, prefect: bool) -> int:
         return 0
     for name, info in services.status(cfg).items():
         print(f"{name:<8} {'running' if info['running'] else 'stopped':<8} {info['url']}")
+    return 0
+
+
+def scrub_command(source: Path, target: Path, fields: list[str], entities: str | None) -> int:
+    from steps.errors import ConfigError, DataQualityError
+    from steps.pii import ENTITIES, PiiEngine
+    from steps.scrub_file import scrub_file
+
+    chosen = [e.strip() for e in entities.split(",")] if entities else list(ENTITIES)
+    unknown = sorted(set(chosen) - set(ENTITIES))
+    if unknown:
+        print(f"error: unknown PII types {unknown}; known: {', '.join(ENTITIES)}", file=sys.stderr)
+        return 2
+    if source.resolve() == target.resolve():
+        print("error: --output must differ from --input", file=sys.stderr)
+        return 2
+    try:
+        stats = scrub_file(source, target, fields, PiiEngine(chosen))
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (DataQualityError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    found = ", ".join(f"{k}={v}" for k, v in stats["pii"].items())
+    print(f"scrubbed {stats['lines']} lines into {target} (PII replaced: {found})")
     return 0
 
 
