@@ -69,7 +69,8 @@ def main() -> None:
     ap.add_argument("--dup-rate", type=float, default=0.2)
     ap.add_argument("--threshold", type=float, default=0.85)
     ap.add_argument("--num-perm", type=int, default=128)
-    ap.add_argument("--max-seconds", type=float, default=None, help="stop streaming after this much dedup time")
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="stop streaming after this much dedup time")
     args = ap.parse_args()
 
     near = NearDuplicates(args.threshold, num_perm=args.num_perm)

@@ -32,7 +32,8 @@ GATE_METRICS: dict[str, dict[str, bool]] = {
     "preference": {"pref_accuracy": False, "perplexity": True},
 }
 
-PiiEntity = Literal["EMAIL", "PHONE", "CREDIT_CARD", "KR_RRN", "US_SSN", "IP_ADDRESS"]
+PiiEntity = Literal["EMAIL", "PHONE", "CREDIT_CARD", "KR_RRN", "US_SSN", "IP_ADDRESS", "URL_CREDENTIALS", "SECRET",
+                    "PERSON"]
 
 
 class StrictModel(BaseModel):
@@ -77,10 +78,46 @@ class ValidateConfig(StrictModel):
 
 class ScrubConfig(StrictModel):
     pii_entities: list[PiiEntity] = Field(
-        ["EMAIL", "PHONE", "CREDIT_CARD", "KR_RRN", "US_SSN", "IP_ADDRESS"],
-        description="PII types replaced by typed placeholders such as <EMAIL>.",
+        ["EMAIL", "PHONE", "CREDIT_CARD", "KR_RRN", "US_SSN", "IP_ADDRESS", "URL_CREDENTIALS", "SECRET"],
+        description="PII types found and replaced (see steps/pii.py): URL_CREDENTIALS is the user:password of "
+        "scheme://user:password@host, SECRET covers API keys, tokens, JWTs, private keys and password=/token= "
+        "values. PERSON (names) needs presidio_names and is added by it.",
+    )
+    pii_action: Literal["placeholder", "hash", "mask"] = Field(
+        "placeholder",
+        description="What found PII becomes: placeholder = typed <EMAIL>; hash = <EMAIL:1a2b3c4d5e6f>, the first 12 "
+        "hex digits of HMAC-SHA256 of the normalized value keyed with the secret salt in the environment variable "
+        "TUNELINE_PII_SALT (required then, never stored), so equal values get equal tokens; mask = same shape with "
+        "letters and digits replaced by * (phones and cards keep their last 4 digits).",
+    )
+    pii_actions: dict[PiiEntity, Literal["placeholder", "hash", "mask"]] = Field(
+        {}, description="Per-entity overrides of pii_action, e.g. {EMAIL: hash, PHONE: mask}."
+    )
+    presidio_names: bool = Field(
+        False,
+        description="Also replace person names (PERSON) found by Presidio with a spaCy NER model. presidio-analyzer "
+        "and a spaCy model (python -m spacy download en_core_web_lg) are not installed with tuneline; without them "
+        "the scrub step stops with a configuration error.",
     )
     dedup: bool = Field(True, description="Drop records whose normalized messages (or text) repeat an earlier record.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _names_add_person(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("presidio_names") is True:
+            entities = list(data.get("pii_entities", cls.model_fields["pii_entities"].default))
+            if "PERSON" not in entities:
+                data = {**data, "pii_entities": [*entities, "PERSON"]}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ScrubConfig:
+        if ("PERSON" in self.pii_entities) != self.presidio_names:
+            raise ValueError("scrub.pii_entities PERSON and scrub.presidio_names: true go together "
+                             "(names are found by Presidio)")
+        if unused := sorted(set(self.pii_actions) - set(self.pii_entities)):
+            raise ValueError(f"scrub.pii_actions names entities that are not in scrub.pii_entities: {unused}")
+        return self
 
 
 class BaseModelConfig(StrictModel):

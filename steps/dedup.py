@@ -33,16 +33,18 @@ shorter than ``shingle`` characters is one shingle, the whole text (an empty tex
 too, so all empty texts are duplicates of each other).
 
 Speed: datasketch hashes one shingle per Python call (SHA-1 in ``update_batch``),
-about 150 ns a shingle plus numpy work. Here each shingle's 32-bit hash is a
-polynomial over its code points mixed by the 64-bit MurmurHash3 finalizer, computed
-for the whole text in a few numpy operations, then datasketch's affine32 permutations
-(same ``a, b`` for the same seed, same pre-mix) are applied as one matrix; the
-result is bit-for-bit what ``MinHash(num_perm, seed, hashfunc=<that hash>)
-.update_batch(shingles)`` gives, and is wrapped as a ``LeanMinHash``.
+so ``MinHash.bulk`` takes ~4x as long per 300-character record as ``signature``
+below, normalization included. Instead, each shingle's 32-bit hash is a polynomial over
+its code points mixed by the 64-bit MurmurHash3 finalizer, computed for the whole text in a
+few numpy operations, then datasketch's affine32 permutations (the same ``a, b`` for
+the same seed, the same 32-bit pre-mix) are applied as one (num_perm x shingles)
+matrix; the result is bit-for-bit what ``MinHash(num_perm, seed, hashfunc=<that
+hash>).update_batch(shingles)`` gives, and is wrapped as a ``LeanMinHash``.
 
 Index: a datasketch ``MinHashLSH``. Its bands are chosen so that a pair exactly at
-the threshold becomes a candidate with probability >= 0.95 (the datasketch
-optimizer's choice misses up to ~40% there: at 0.85 it picks 9 bands of 14 rows);
+the threshold becomes a candidate with probability >= 0.95 (at 0.85 and 128
+permutations: 14 bands of 9 rows; the datasketch optimizer's 8 bands of 16 rows
+make such a pair a candidate only 46% of the time);
 every candidate is then verified with the MinHash Jaccard estimate, so extra
 candidates cost time, not precision. Only *kept* records (the first of each cluster)
 are indexed: a duplicate always points at a kept record, clusters are stars around
@@ -177,7 +179,7 @@ class NearDuplicates:
             raise ValueError("shingle must be at least 1")
         self.threshold, self.num_perm, self.shingle, self.seed = threshold, num_perm, shingle, seed
         a, b = MinHash(num_perm=num_perm, seed=seed, scheme=SCHEME).permutations
-        self._a, self._b = a.astype(np.uint32), b.astype(np.uint32)
+        self._a, self._b = a.astype(np.uint32)[:, None], b.astype(np.uint32)[:, None]
         self.bands, self.rows = _lsh_params(threshold, num_perm)
         self._lsh = MinHashLSH(num_perm=num_perm, params=(self.bands, self.rows))
         self._ids: list[str] = []               # row -> id of the kept record
@@ -196,48 +198,52 @@ class NearDuplicates:
         hv ^= hv >> s2
         hv *= m2
         hv ^= hv >> s1
-        out = np.full(self.num_perm, np.iinfo(np.uint32).max, dtype=np.uint32)
+        out = None
         for start in range(0, len(hv), _CHUNK):
-            chunk = hv[start:start + _CHUNK, None]
-            np.minimum(out, (chunk * self._a + self._b).min(axis=0), out=out)
+            perm = self._a * hv[start:start + _CHUNK]   # (num_perm, shingles): a*h + b mod 2**32
+            perm += self._b
+            low = perm.min(axis=1)
+            out = low if out is None else np.minimum(out, low, out=out)
         return out
 
     def minhash(self, text: str) -> LeanMinHash:
         """The text's signature as a datasketch ``LeanMinHash`` (scheme ``affine32``)."""
-        return LeanMinHash(seed=self.seed, hashvalues=self.signature(text), scheme=SCHEME)
+        return self._lean(self.signature(text))
 
     def _row(self, row: int) -> np.ndarray:
         return self._blocks[row // _BLOCK][row % _BLOCK]
 
-    def _best(self, sig: np.ndarray) -> int | None:
+    def _lean(self, sig: np.ndarray) -> LeanMinHash:
+        return LeanMinHash(seed=self.seed, hashvalues=sig, scheme=SCHEME)
+
+    def _best(self, lean: LeanMinHash) -> int | None:
         """Row of the most similar indexed record at or above the threshold (earliest on ties)."""
-        candidates = self._lsh.query(LeanMinHash(seed=self.seed, hashvalues=sig, scheme=SCHEME))
+        sig = lean.hashvalues
         best, best_sim = None, -1.0
+        candidates = self._lsh.query(lean)
         for row in sorted(candidates):
             sim = np.count_nonzero(self._row(row) == sig) / self.num_perm
             if sim >= self.threshold and sim > best_sim:
                 best, best_sim = row, sim
         return best
 
-    def _index(self, record_id: str, sig: np.ndarray) -> int:
+    def _index(self, record_id: str, lean: LeanMinHash) -> None:
         row = len(self._ids)
         if row % _BLOCK == 0:
             self._blocks.append(np.empty((_BLOCK, self.num_perm), dtype=np.uint32))
-        self._blocks[-1][row % _BLOCK] = sig
+        self._blocks[-1][row % _BLOCK] = lean.hashvalues
         self._ids.append(record_id)
-        self._lsh.insert(row, LeanMinHash(seed=self.seed, hashvalues=sig, scheme=SCHEME),
-                         check_duplication=False)
-        return row
+        self._lsh.insert(row, lean, check_duplication=False)  # rows are unique by construction
 
     # public API
 
     def check_and_add(self, record_id: str, text: str) -> str | None:
         """Id of the earlier kept record this text near-duplicates, else ``None`` (and index it)."""
         self.seen += 1
-        sig = self.signature(text)
-        row = self._best(sig)
+        lean = self.minhash(text)
+        row = self._best(lean)
         if row is None:
-            self._index(record_id, sig)
+            self._index(record_id, lean)
             return None
         self._members.setdefault(row, []).append(record_id)
         return self._ids[row]
@@ -286,10 +292,10 @@ def leakage(train: Iterable[tuple[str, str]], eval: Iterable[tuple[str, str]],  
     """
     index = NearDuplicates(threshold, num_perm=num_perm, shingle=shingle, seed=seed)
     for record_id, text in train:
-        index._index(record_id, index.signature(text))
+        index._index(record_id, index.minhash(text))
     pairs = []
     for record_id, text in eval:
-        row = index._best(index.signature(text))
+        row = index._best(index.minhash(text))
         if row is not None:
             pairs.append((record_id, index._ids[row]))
     return pairs

@@ -10,10 +10,58 @@ Usage::
     spans = engine.find(clean)                # [PiiMatch(entity, start, end), ...]
 
 Every entity is found by a shape regex and then *validated* (Luhn, RRN checksum,
-date, SSN ranges, ``ipaddress`` parsing, area codes), so dates, versions, money
-amounts, times and order numbers are not redacted.  Boundaries are ASCII-based
-rather than ``\\b``: Python treats Hangul as ``\\w``, and Korean text routinely glues
-particles to numbers ("전화번호는010-1234-5678입니다").
+date, SSN ranges, ``ipaddress`` parsing, area codes, JWT header decoding, randomness
+of key bodies), so dates, versions, money amounts, times, order numbers, ISBNs and
+hex hashes are not redacted.  Boundaries are ASCII-based rather than ``\\b``: Python
+treats Hangul as ``\\w``, and Korean text routinely glues particles to numbers
+("전화번호는010-1234-5678입니다").
+
+Entities (``ENTITIES``; ``PERSON`` is optional, see below):
+
+* EMAIL: plain addresses (any case, plus-addressing) and obfuscated ones whose "at"
+  and/or "dot" is bracketed -- ``name [at] domain [dot] com``, ``name(at)domain(dot)com``,
+  ``name {AT} domain.com`` -- or Korean ``골뱅이`` / ``닷`` / ``쩜``.  Unbracketed English
+  ("name at domain dot com") is *not* matched: it is ordinary prose too often.
+* PHONE: US (separators required), Korean mobile / landline (``(02) 1234-5678`` too),
+  international ``+CC`` numbers with 8-15 digits (``+44 20 7946 0958``,
+  ``+1 (415) 555-2671``, ``+82 (0)10-1234-5678``; without separators at least 10).
+  A number right after ``#`` is an order/ticket number, not a phone.
+* CREDIT_CARD (Luhn, IIN 3-6), KR_RRN (checksum required, see below), US_SSN (SSA
+  ranges), IP_ADDRESS (IPv4 and IPv6, parsed by ``ipaddress``; IPv6 needs a digit).
+* URL_CREDENTIALS: the ``user:password`` part of ``scheme://user:password@host``; the
+  scheme and host stay (``postgres://<URL_CREDENTIALS>@db:5432``).
+* SECRET: AWS access key ids (AKIA/ASIA), GitHub (ghp_/gho_/ghu_/ghs_/ghr_,
+  github_pat_), Slack (xox[baprs]-, webhook URLs), Stripe (sk/rk/pk_live_/_test_),
+  OpenAI/Anthropic-style ``sk-...``, Google ``AIza...``, Hugging Face ``hf_...``, JWTs,
+  PEM private-key blocks, ``Bearer``/``Basic`` credentials, and the *value* of
+  ``password=`` / ``api_key:`` / ``secret=`` / ``token=`` / ``비밀번호:`` style
+  assignments (the key name stays).  Prefixed tokens must contain a digit and a letter
+  (real keys do; ``ghp_xxxx...`` placeholders do not); assignment values skip
+  templates (``${X}``, ``{{x}}``, ``<x>``), masks (``****``), code (``getpass()``,
+  ``self.password``, ``user_password``) and special-token keys (``pad_token``).
+  Bare hex strings (git SHAs, digests) and UUIDs are never secrets.
+* PERSON (optional, ``PiiEngine(["PERSON", ...])``): names found by Presidio's spaCy
+  NER.  presidio-analyzer and a spaCy model are not tuneline dependencies; without them
+  the engine raises ``ConfigError`` at construction.
+
+Overlaps: URL_CREDENTIALS and SECRET (context-anchored) win over anything they
+overlap; otherwise the longer span wins, then the more specific entity; PERSON loses
+to every structured entity.
+
+Actions (per entity, ``PiiEngine(actions={...}, default_action=...)``):
+
+* ``placeholder`` (default): ``<EMAIL>``.
+* ``hash``: ``<EMAIL:1a2b3c4d5e6f>``, the first 12 hex digits of
+  HMAC-SHA256(salt, canonical value), so one value maps to one token across the data
+  set without being recoverable.  Canonical values: emails de-obfuscated and
+  lower-cased; phones as E.164 (Korean ``0...`` -> ``+82...``, 10-digit US ->
+  ``+1...``); cards, RRNs, SSNs as digits; IPs in ``ipaddress`` form; names case-folded;
+  credentials and secrets verbatim.  The salt (>= 16 bytes) is the ``salt`` argument or
+  the environment variable ``TUNELINE_PII_SALT``; it is read only when a hash action is
+  in use, kept only inside an HMAC object, and never logged, returned or stored.
+* ``mask``: same length and shape, every letter and digit replaced by ``*``
+  (``jane.doe@example.com`` -> ``****.***@*******.***``); phones and cards keep their
+  last 4 digits (``010-1234-5678`` -> ``***-****-5678``).  Masking leaks the length.
 
 KR_RRN policy: the checksum is *required*.  Numbers issued since October 2020 have
 no checksum and are therefore not detected; accepting them would make every
@@ -22,20 +70,35 @@ no checksum and are therefore not detected; accepting them would make every
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hmac
 import ipaddress
+import json
+import os
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date
 
-ENTITIES: tuple[str, ...] = ("EMAIL", "PHONE", "CREDIT_CARD", "KR_RRN", "US_SSN", "IP_ADDRESS")
+from steps.errors import ConfigError
+
+ENTITIES: tuple[str, ...] = ("EMAIL", "PHONE", "CREDIT_CARD", "KR_RRN", "US_SSN", "IP_ADDRESS",
+                             "URL_CREDENTIALS", "SECRET")
+OPTIONAL_ENTITIES: tuple[str, ...] = ("PERSON",)  # needs presidio-analyzer + a spaCy model
+ACTIONS: tuple[str, ...] = ("placeholder", "hash", "mask")
+SALT_ENV = "TUNELINE_PII_SALT"
+MIN_SALT_BYTES = 16
 
 # Tie-break for equally long overlapping spans: most constrained validator first
 # (e.g. a Luhn-valid 13-digit string that is also a checksum-valid RRN is an RRN).
 _SPECIFICITY = {e: i for i, e in enumerate(
-    ("EMAIL", "KR_RRN", "US_SSN", "CREDIT_CARD", "IP_ADDRESS", "PHONE"))}
+    ("URL_CREDENTIALS", "SECRET", "EMAIL", "KR_RRN", "US_SSN", "CREDIT_CARD", "IP_ADDRESS", "PHONE",
+     "PERSON"))}
+# Overlap tiers, before length: context-anchored entities first, NER names last.
+_TIER = {"URL_CREDENTIALS": 0, "SECRET": 0, "PERSON": 2}
 
 
 @dataclass(frozen=True)
@@ -49,14 +112,22 @@ class PiiMatch:
 # fine), and not continuing a dotted/dashed digit sequence (1.2.3.4.5, 2024-555-...).
 _L = r"(?<![A-Za-z0-9_])(?<![0-9][.\-])"
 _R = r"(?![A-Za-z0-9_])(?![.\-][0-9])"
-_SEP = r"[ .\-]"
+# Token boundaries for secrets: "-" belongs to the token as well.
+_TL = r"(?<![A-Za-z0-9_\-])"
+_TR = r"(?![A-Za-z0-9_\-])"
 
 
 def _rx(body: str) -> re.Pattern[str]:
     return re.compile(_L + body + _R)
 
 
+def _tok(body: str) -> re.Pattern[str]:
+    return re.compile(_TL + body + _TR)
+
+
 # --- validators ------------------------------------------------------------------
+# A validator takes the regex match and returns False to reject it, True to accept the
+# whole match, or (start, end) to accept a sub-span (assignment values).
 
 def _digits(s: str) -> str:
     return re.sub(r"\D", "", s)
@@ -70,19 +141,50 @@ def _luhn_ok(num: str) -> bool:
     return total % 10 == 0
 
 
+def _after_hash(m: re.Match[str]) -> bool:
+    return m.start() > 0 and m.string[m.start() - 1] == "#"
+
+
 def _email_ok(m: re.Match[str]) -> bool:
     local = m["local"]
     return (len(local) <= 64 and len(m[0]) <= 254 and ".." not in local
-            and not local.startswith(".") and not local.endswith("."))
+            and not local.startswith(".") and not local.endswith(".")
+            # retina asset names (icon@2x.png) are file names, not addresses
+            and not re.fullmatch(r"\d+(?:\.\d+)?x", m["host"].split(".")[0], re.I)
+            and m["host"].rsplit(".", 1)[-1].lower() not in _FILE_EXTENSIONS)
+
+
+_FILE_EXTENSIONS = {"png", "jpg", "jpeg", "gif", "svg", "webp", "bmp", "ico", "tif", "tiff", "avif"}
+# Obfuscated addresses need a real top-level domain: a country code or a common generic one.
+_CC_TLDS = set("""
+    ac ad ae af ag ai al am ao aq ar as at au aw ax az ba bb bd be bf bg bh bi bj bm bn bo br bs bt bw
+    by bz ca cc cd cf cg ch ci ck cl cm cn co cr cu cv cw cx cy cz de dj dk dm do dz ec ee eg er es et
+    eu fi fj fk fm fo fr ga gd ge gf gg gh gi gl gm gn gp gq gr gs gt gu gw gy hk hm hn hr ht hu id ie
+    il im in io iq ir is it je jm jo jp ke kg kh ki km kn kp kr kw ky kz la lb lc li lk lr ls lt lu lv
+    ly ma mc md me mg mh mk ml mm mn mo mp mq mr ms mt mu mv mw mx my mz na nc ne nf ng ni nl no np nr
+    nu nz om pa pe pf pg ph pk pl pm pn pr ps pt pw py qa re ro rs ru rw sa sb sc sd se sg sh si sk sl
+    sm sn so sr ss st sv sx sy sz tc td tf tg th tj tk tl tm tn to tr tt tv tw tz ua ug uk us uy uz va
+    vc ve vg vi vn vu wf ws ye yt za zm zw""".split())
+_COMMON_TLDS = {"com", "net", "org", "edu", "gov", "mil", "int", "info", "biz", "app", "dev", "xyz",
+                "site", "online", "tech", "cloud", "email", "name", "pro", "mail", "team", "page"}
+
+
+def _obfuscated_email_ok(m: re.Match[str]) -> bool:
+    tld = m["tld"].lower()
+    obfuscated = m["at"] != "@" or re.search(r"[^A-Za-z0-9.\-]", m["dom"]) is not None
+    local = m["local"]
+    return (obfuscated and (tld in _CC_TLDS or tld in _COMMON_TLDS) and len(local) <= 64
+            and ".." not in local and not local.startswith(".") and not local.endswith("."))
 
 
 def _us_phone_ok(m: re.Match[str]) -> bool:
     # "555-123.4567" style mixed separators are more often not phones.
-    return m["pa"] is not None or m["s1"] == m["s2"]
+    return (m["pa"] is not None or m["s1"] == m["s2"]) and not _after_hash(m)
 
 
 def _kr_mobile_ok(m: re.Match[str]) -> bool:
-    return m["pre"] != "010" or len(m["mid"]) == 4  # 010 always has a 4-digit middle
+    # 010 always has a 4-digit middle
+    return (m["pre"] != "010" or len(m["mid"]) == 4) and not _after_hash(m)
 
 
 _KR_AREAS = {"02", "031", "032", "033", "041", "042", "043", "044",
@@ -90,7 +192,18 @@ _KR_AREAS = {"02", "031", "032", "033", "041", "042", "043", "044",
 
 
 def _kr_landline_ok(m: re.Match[str]) -> bool:
-    return m["area"] in _KR_AREAS
+    return m["area"] in _KR_AREAS and not _after_hash(m)
+
+
+def _kr_paren_landline_ok(m: re.Match[str]) -> bool:
+    return _kr_landline_ok(m) and (m[0][0] == "(") <= (m["close"] is not None)
+
+
+def _intl_phone_ok(m: re.Match[str]) -> bool:
+    body = m[0]
+    digits = len(_digits(re.sub(r"\(0\)", "", body)))
+    bare = re.fullmatch(r"\+\d+", body) is not None
+    return (10 if bare else 8) <= digits <= 15 and not _after_hash(m)
 
 
 def _card_ok(m: re.Match[str]) -> bool:
@@ -119,22 +232,140 @@ def _ip_ok(m: re.Match[str]) -> bool:
         ipaddress.ip_address(m[0])  # rejects octets > 255, leading zeros, times like 12:30:45
     except ValueError:
         return False
-    return any(c.isalnum() for c in m[0])  # "::" alone is valid but never PII
+    return any(c.isdigit() for c in m[0])  # "::" and "a::b", "dead::beef" (code) are not PII
+
+
+def _ipv6_ok(m: re.Match[str]) -> bool:
+    s, e, text = m.start(), m.end(), m.string
+    # Python slices such as x[1::2] or x[::3] parse as IPv6 but are code.
+    slice_like = (s > 0 and text[s - 1] == "[" and e < len(text) and text[e] == "]"
+                  and re.fullmatch(r"[0-9:]+", m[0]) is not None)
+    return _ip_ok(m) and not slice_like
+
+
+def _random_ok(body: str) -> bool:
+    """Machine-generated key bodies mix letters and digits; placeholders (xxxx) do not."""
+    return (any(c.isdigit() for c in body) and any(c.isalpha() for c in body)
+            and len(set(body)) >= 6)
+
+
+def _prefixed_ok(m: re.Match[str]) -> bool:
+    return _random_ok(m["body"])
+
+
+def _aws_ok(m: re.Match[str]) -> bool:
+    # ASIA... is also the start of ordinary upper-case words; demand a digit there.
+    body = m["body"]
+    return len(set(body)) >= 6 and (m["pfx"] == "AKIA" or any(c.isdigit() for c in body))
+
+
+def _b64json(part: str) -> object:
+    return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+
+
+def _jwt_ok(m: re.Match[str]) -> bool:
+    try:
+        header, payload = _b64json(m["h"]), _b64json(m["p"])
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        return False
+    return isinstance(header, dict) and isinstance(payload, dict) and ("alg" in header or "typ" in header)
+
+
+def _bearer_ok(m: re.Match[str]) -> tuple[int, int] | bool:
+    value = m["v"]
+    if m["scheme"].lower() == "basic":
+        try:
+            decoded = base64.b64decode(value + "=" * (-len(value) % 4), validate=True).decode()
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            return False
+        return ":" in decoded and m.span("v")
+    return len(value) >= 16 and _random_ok(value) and m.span("v")
+
+
+def _url_credentials_ok(m: re.Match[str]) -> tuple[int, int] | bool:
+    password = m["pw"]
+    if password.startswith(("$", "%", "{")) or set(password) <= set("*xX•.#"):
+        return False  # ${DB_PASS}, %(pw)s, {password}, *** are templates / masks
+    return m.span("v")
+
+
+_PASSWORD_KEYS = r"password|passwd|passphrase|pwd|pass"
+_TOKEN_KEYS = (r"secret|token|api[_\-]?key|apikey|access[_\-]?key|auth[_\-]?key|private[_\-]?key"
+               r"|secret[_\-]?key|credentials?")
+_KEYWORDS_IN_VALUE = re.compile(r"password|passwd|secret|token|api[_\-]?key|apikey|access[_\-]?key", re.I)
+# Keys that name a tokenizer's special token or a count, not a credential.
+_NOT_SECRET_KEYS = re.compile(
+    r"(?:^|[_\-.])(?:pad|eos|bos|unk|cls|sep|mask|start|end|special|num|max|min|next|page|csrf_?)"
+    r"[_\-]?tokens?$|^(?:max|min|num)[_\-]|[A-Za-z0-9](?:pass|pwd)$", re.I)  # ... bypass, compass
+_NOT_SECRET_VALUES = {"none", "null", "nil", "true", "false", "undefined", "required", "optional",
+                      "str", "string", "int", "bytes", "bool", "empty", "redacted", "hidden", "secret",
+                      "password", "token", "n/a", "na", "tbd", "todo", "example"}
+_MASK_CHARS = set("*xX•.#_-")
+_PROSE_WORDS = {"changed", "updated", "expired", "invalid", "incorrect", "reset", "unknown", "correct", "wrong",
+                "forgotten", "missing", "protected", "encrypted", "needed", "enabled", "disabled", "default"}
+
+
+def _assignment_ok(m: re.Match[str]) -> tuple[int, int] | bool:
+    key, value = m["key"], m["v"]
+    password_like = re.search(r"(?:" + _PASSWORD_KEYS + r"|비밀번호|비번|패스워드|암호)$", key, re.I) is not None
+    quoted = m.groupdict().get("q") is not None
+    if (_NOT_SECRET_KEYS.search(key) and not re.search(r"password|passwd|passphrase", key, re.I)) \
+            or value.lower() in _NOT_SECRET_VALUES or set(value) <= _MASK_CHARS:
+        return False
+    if value.startswith(("$", "%", "{", "<", "/", "~", "@")) or "{{" in value or "}" in value:
+        return False  # templates, env references, paths, decorators
+    if re.fullmatch(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+", value) or re.fullmatch(r"\[[A-Z_]+\]", value):
+        return False  # self.password, os.environ, [PAD]
+    if re.fullmatch(r"[A-Za-z_]\w*", value) and _KEYWORDS_IN_VALUE.search(value):
+        return False  # user_password, YOUR_API_KEY
+    sep = m.groupdict().get("sep") or ""
+    symbolic = re.search(r"[^A-Za-z]", value) is not None  # a digit or a symbol
+    if password_like:
+        # After ":" (prose, YAML) a letters-only word is a password only when it ends the
+        # line: "password: letmein" yes, "Forgot password: click here" no.
+        last_word = (re.match(r"[.!]?[ \t]*(?:\n|$)", m.string[m.end("v"):]) is not None
+                     and len(value) >= 6 and value.lower() not in _PROSE_WORDS)
+        return len(value) >= 4 and (quoted or "=" in sep or symbolic or last_word) and m.span("v")
+    if re.search(r"private[_\-]?key$", key, re.I) and value.startswith("-----"):
+        return False  # the PEM rule takes the whole block
+    return (len(value) >= 8 and (any(c.isdigit() for c in value) or len(value) >= 20)
+            and (quoted or "=" in sep or symbolic) and m.span("v"))
 
 
 # --- rules: (entity, pattern, validator) ------------------------------------------
 
-_Rule = tuple[str, re.Pattern[str], Callable[[re.Match[str]], bool]]
+_Rule = tuple[str, re.Pattern[str], Callable[[re.Match[str]], "bool | tuple[int, int]"]]
 
 # Card layouts get one regex each so that a group layout that fails Luhn does not
 # hide a shorter/longer valid layout at the same position (finditer is greedy).
 _CARD_LAYOUTS = ((4, 4, 4, 4), (4, 4, 4, 4, 3), (4, 6, 5), (4, 6, 4), (4, 4, 5))
 
+_DOMAIN_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?"
+# Obfuscated "at"/"dot": bracketed English words (any case) or Korean words.
+_OB_AT = r"(?:\s*[\[({<]\s*(?i:at)\s*[\])}>]\s*|\s*골뱅이\s*|@)"
+_OB_DOT = r"(?:\s*[\[({<]\s*(?i:dot)\s*[\])}>]\s*|\s*(?:닷|쩜)\s*|\.)"
+
+# Unquoted assignment value: printable ASCII without spaces, quotes, brackets or list/query
+# separators; it may not end in "." or ":" (prose) and may not be followed by "(" or "["
+# (calls, indexing).  Non-ASCII ends it, so Korean particles stay out ("qwer1234입니다").
+_VALUE_CHARS = r"[^\s\"'`<>()\[\]{},;&\x80-\U0010ffff]"
+_VALUE_END = r"[^\s\"'`<>()\[\]{},;&.:\x80-\U0010ffff]"
+_UNQUOTED = (r"(?P<v>" + _VALUE_CHARS + r"{0,255}?" + _VALUE_END + r")"
+             r"(?=[.:]*(?:[\s\"'`<>)\]},;&\x80-\U0010ffff]|$))")
+_QUOTED = r"(?P<q>[\"'])(?P<v>[^\s\"'`]{1,256})(?P=q)"
+_KEY = (r"(?P<key>(?<![A-Za-z0-9_])[A-Za-z0-9_.\-]*?(?i:" + _PASSWORD_KEYS + "|" + _TOKEN_KEYS + r"))"
+        r"[\"']?[ \t]*(?P<sep>:=|=>|=|:)[ \t]*")
+_KO_KEY = r"(?P<key>비밀번호|비번|패스워드|암호)(?:는|은)?[ \t]*(?P<sep>:|=)?[ \t]*"
+
 _RULES: tuple[_Rule, ...] = (
     ("EMAIL", re.compile(
         r"(?<![A-Za-z0-9._%+\-])(?P<local>[A-Za-z0-9._%+\-]+)@"
-        r"(?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}"
+        r"(?P<host>(?:" + _DOMAIN_LABEL + r"\.)+[A-Za-z]{2,63})"
         r"(?![A-Za-z0-9\-])(?!\.[A-Za-z0-9])"), _email_ok),
+    ("EMAIL", re.compile(
+        r"(?<![A-Za-z0-9._%+\-])(?P<local>[A-Za-z0-9._%+\-]+)(?P<at>" + _OB_AT + r")"
+        r"(?P<dom>(?:" + _DOMAIN_LABEL + _OB_DOT + r")+)(?P<tld>[A-Za-z]{2,63})"
+        r"(?![A-Za-z0-9\-])(?!\.[A-Za-z0-9])"), _obfuscated_email_ok),
     # US: (555) 123-4567, 555-123-4567, 555.123.4567, +1 555 123 4567, 1-555-123-4567.
     # Separators are required: bare 10-digit runs are too often ids/timestamps.
     ("PHONE", _rx(r"(?:\+?1[ .\-]?)?(?:\((?P<pa>[2-9]\d\d)\) ?|[2-9]\d\d(?P<s1>[ .\-]))"
@@ -143,8 +374,12 @@ _RULES: tuple[_Rule, ...] = (
     ("PHONE", _rx(r"(?P<pre>01[016789])(?P<s>[ .\-]?)(?P<mid>\d{3,4})(?P=s)\d{4}"), _kr_mobile_ok),
     # KR landline: 02-123-4567, 031-1234-5678 (separators required).
     ("PHONE", _rx(r"(?P<area>0\d{1,2})(?P<s>[ .\-])\d{3,4}(?P=s)\d{4}"), _kr_landline_ok),
-    # International (+82 10-1234-5678, +82-2-1234-5678, +44 20 7946 0958): 8-15 digits.
-    ("PHONE", _rx(r"\+[1-9](?:[ .\-]?\d){7,14}"), lambda m: True),
+    # KR landline with a closing parenthesis: (02) 1234-5678, 02)1234-5678, (031)123-4567.
+    ("PHONE", _rx(r"\(?(?P<area>0\d{1,2})(?P<close>\)) ?\d{3,4}[.\-]\d{4}"), _kr_paren_landline_ok),
+    # International: +CC, optional "(0)" trunk or "(415)" area, then groups that share one
+    # separator (+82 10-1234-5678, +44 20 7946 0958, +33 1 23 45 67 89); 8-15 digits.
+    ("PHONE", _rx(r"\+[1-9]\d{0,2}[ .\-]?(?:\(\d{1,4}\)[ .\-]?)?\d{1,5}"
+                  r"(?:(?P<s>[ .\-]?)\d{2,8}(?:(?P=s)\d{2,8}){0,4})?"), _intl_phone_ok),
     ("CREDIT_CARD", _rx(r"\d{13,19}"), _card_ok),
     *(("CREDIT_CARD", _rx(r"\d{%d}(?P<s>[ \-])" % first
                           + "(?P=s)".join(r"\d{%d}" % n for n in rest)), _card_ok)
@@ -159,58 +394,245 @@ _RULES: tuple[_Rule, ...] = (
     ("IP_ADDRESS", re.compile(
         r"(?<![A-Za-z0-9_:.])(?:[0-9A-Fa-f]{0,4}:){2,7}"
         r"(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9A-Fa-f]{1,4})?"
-        r"(?![A-Za-z0-9_:])(?!\.[0-9])"), _ip_ok),
+        r"(?![A-Za-z0-9_:])(?!\.[0-9])"), _ipv6_ok),
+    # scheme://user:password@host -> the user:password part.
+    ("URL_CREDENTIALS", re.compile(
+        r"(?<![A-Za-z0-9+.\-])[A-Za-z][A-Za-z0-9+.\-]{1,19}://"
+        r"(?P<v>[^\s/?#@:\"'<>]*:(?P<pw>[^\s/?#@\"'<>]+))@(?=[A-Za-z0-9\[])"), _url_credentials_ok),
+    ("SECRET", _tok(r"(?P<pfx>AKIA|ASIA)(?P<body>[A-Z0-9]{16})"), _aws_ok),
+    ("SECRET", _tok(r"gh[pousr]_(?P<body>[A-Za-z0-9]{36,255})"), _prefixed_ok),
+    ("SECRET", _tok(r"github_pat_(?P<body>[A-Za-z0-9_]{22,255})"), _prefixed_ok),
+    ("SECRET", _tok(r"xox[baprs]-(?P<body>[A-Za-z0-9\-]{10,250})"), _prefixed_ok),
+    ("SECRET", re.compile(r"https://hooks\.slack\.com/services/(?P<body>T[A-Z0-9]{6,}/B[A-Z0-9]{6,}/"
+                          r"[A-Za-z0-9]{16,})" + _TR), _prefixed_ok),
+    ("SECRET", _tok(r"(?:sk|rk|pk)_(?:live|test)_(?P<body>[A-Za-z0-9]{16,247})"), _prefixed_ok),
+    ("SECRET", _tok(r"sk-(?:proj-|svcacct-|admin-|ant-(?:api|admin)\d\d-)?(?P<body>[A-Za-z0-9_\-]{20,250})"),
+     _prefixed_ok),
+    ("SECRET", _tok(r"AIza(?P<body>[0-9A-Za-z_\-]{35})"), _prefixed_ok),
+    ("SECRET", _tok(r"hf_(?P<body>[A-Za-z0-9]{30,40})"), _prefixed_ok),
+    ("SECRET", re.compile(r"(?<![A-Za-z0-9_\-.])(?P<h>eyJ[A-Za-z0-9_\-]{8,})\.(?P<p>eyJ[A-Za-z0-9_\-]{8,})"
+                          r"\.[A-Za-z0-9_\-]*" + _TR), _jwt_ok),
+    ("SECRET", re.compile(r"-----BEGIN (?P<kind>(?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?)-----"
+                          r"(?:[\s\S]*?-----END (?P=kind)-----|(?:\s*[A-Za-z0-9+/=:,\-]+)*)"),
+     lambda m: True),
+    ("SECRET", re.compile(r"(?<![A-Za-z0-9_])(?P<scheme>(?i:bearer|basic))[ \t]+"
+                          r"(?P<v>[A-Za-z0-9\-._~+/]{8,}=*)" + _TR), _bearer_ok),
+    ("SECRET", re.compile(_KEY + _QUOTED), _assignment_ok),
+    ("SECRET", re.compile(_KEY + _UNQUOTED), _assignment_ok),
+    ("SECRET", re.compile(_KO_KEY + _QUOTED), _assignment_ok),
+    ("SECRET", re.compile(_KO_KEY + _UNQUOTED), _assignment_ok),
 )
 
 
-class PiiEngine:
-    """Find and redact PII spans of the selected entity types."""
+# --- canonical values, masks -----------------------------------------------------
 
-    def __init__(self, entities: Iterable[str] = ENTITIES):
+def _canonical_phone(value: str) -> str:
+    if value.lstrip().startswith("+"):
+        return "+" + _digits(re.sub(r"\(0\)", "", value))
+    digits = _digits(value)
+    if digits.startswith("0"):
+        return "+82" + digits[1:]  # Korean domestic format
+    if len(digits) == 10:
+        return "+1" + digits
+    return "+" + digits
+
+
+def _canonical_email(value: str) -> str:
+    value = re.sub(_OB_AT, "@", value)
+    value = re.sub(_OB_DOT, ".", value)
+    return value.lower()
+
+
+def canonical_value(entity: str, value: str) -> str:
+    """The form of a value that the hash action digests: equal values in different
+    layouts (``010-1234-5678`` / ``+82 10 1234 5678``) get the same token."""
+    if entity == "EMAIL":
+        return _canonical_email(value)
+    if entity == "PHONE":
+        return _canonical_phone(value)
+    if entity in ("CREDIT_CARD", "KR_RRN", "US_SSN"):
+        return _digits(value)
+    if entity == "IP_ADDRESS":
+        return str(ipaddress.ip_address(value))
+    if entity == "PERSON":
+        return " ".join(value.casefold().split())
+    return value
+
+
+def mask_value(entity: str, value: str) -> str:
+    """Every letter and digit becomes ``*``; phones and cards keep their last 4 digits."""
+    keep = 4 if entity in ("PHONE", "CREDIT_CARD") else 0
+    positions = [i for i, c in enumerate(value) if c.isdigit()]
+    kept = set(positions[-keep:]) if keep and len(positions) > keep else set()
+    return "".join(c if i in kept or not c.isalnum() else "*" for i, c in enumerate(value))
+
+
+def salt_from_env() -> bytes:
+    """The hash salt from ``TUNELINE_PII_SALT``; ConfigError when it is missing."""
+    value = os.environ.get(SALT_ENV, "")
+    if not value:
+        raise ConfigError(f"PII action 'hash' needs a secret salt in the environment variable {SALT_ENV} "
+                          f"(at least {MIN_SALT_BYTES} characters); it is not set")
+    return value.encode()
+
+
+# --- optional Presidio PERSON backend --------------------------------------------
+
+# spaCy NER models tried, best first; English is required, Korean is used when installed.
+_SPACY_MODELS = {"en": ("en_core_web_lg", "en_core_web_md", "en_core_web_sm", "en_core_web_trf"),
+                 "ko": ("ko_core_news_lg", "ko_core_news_md", "ko_core_news_sm")}
+_HANGUL = re.compile(r"[\uac00-\ud7a3]")
+
+
+def _presidio_person_finder() -> Callable[[str], list[tuple[int, int]]]:
+    """A function text -> PERSON spans from Presidio; ConfigError if it cannot run."""
+    try:
+        import spacy
+        from presidio_analyzer import AnalyzerEngine
+        from presidio_analyzer.nlp_engine import NlpEngineProvider
+    except ImportError as exc:
+        raise ConfigError(
+            "scrub.presidio_names needs presidio-analyzer and spaCy, which tuneline does not install "
+            f"({exc}): pip install presidio-analyzer && python -m spacy download en_core_web_lg; "
+            "or set scrub.presidio_names: false") from exc
+    models = []
+    for lang, names in _SPACY_MODELS.items():
+        name = next((n for n in names if spacy.util.is_package(n)), None)
+        if name is not None:
+            models.append({"lang_code": lang, "model_name": name})
+    if not any(m["lang_code"] == "en" for m in models):
+        raise ConfigError(
+            "scrub.presidio_names needs a spaCy English NER model and none is installed (tried "
+            f"{', '.join(_SPACY_MODELS['en'])}): python -m spacy download en_core_web_lg")
+    try:
+        nlp = NlpEngineProvider(nlp_configuration={
+            "nlp_engine_name": "spacy", "models": models,
+            # Korean spaCy models label people "PS" (KLUE); English ones "PERSON".
+            "ner_model_configuration": {"model_to_presidio_entity_mapping": {
+                "PERSON": "PERSON", "PER": "PERSON", "PS": "PERSON"}},
+        }).create_engine()
+        analyzer = AnalyzerEngine(nlp_engine=nlp, supported_languages=[m["lang_code"] for m in models])
+    except Exception as exc:  # an installed model that does not load
+        raise ConfigError(f"scrub.presidio_names: cannot load the spaCy NER model(s) "
+                          f"{[m['model_name'] for m in models]} for Presidio: {exc}") from exc
+    langs = [m["lang_code"] for m in models]
+
+    def find(text: str) -> list[tuple[int, int]]:
+        spans: list[tuple[int, int]] = []
+        for lang in langs:
+            if lang == "ko" and not _HANGUL.search(text):
+                continue
+            spans += [(r.start, r.end) for r in analyzer.analyze(text=text, entities=["PERSON"], language=lang)]
+        return spans
+
+    return find
+
+
+class PiiEngine:
+    """Find PII spans of the selected entity types and replace them per entity action.
+
+    ``actions`` maps an entity to ``placeholder``, ``hash`` or ``mask``; other entities
+    get ``default_action``.  ``salt`` is only used by ``hash`` (default: the
+    ``TUNELINE_PII_SALT`` environment variable, read only when some entity hashes)."""
+
+    def __init__(self, entities: Iterable[str] = ENTITIES, actions: Mapping[str, str] | None = None,
+                 default_action: str = "placeholder", salt: bytes | None = None):
+        known = ENTITIES + OPTIONAL_ENTITIES
         selected = (entities,) if isinstance(entities, str) else tuple(entities)
-        for name in selected:
-            if name not in ENTITIES:
-                raise ValueError(f"unknown PII entity {name!r}; expected one of {ENTITIES}")
-        self.entities: tuple[str, ...] = tuple(e for e in ENTITIES if e in selected)
+        actions = dict(actions or {})
+        for name in (*selected, *actions):
+            if name not in known:
+                raise ValueError(f"unknown PII entity {name!r}; expected one of {known}")
+        for action in (default_action, *actions.values()):
+            if action not in ACTIONS:
+                raise ValueError(f"unknown PII action {action!r}; expected one of {ACTIONS}")
+        self.entities: tuple[str, ...] = tuple(e for e in known if e in selected)
+        self.actions: dict[str, str] = {e: actions.get(e, default_action) for e in self.entities}
         self._rules = [r for r in _RULES if r[0] in self.entities]
+        self._hmac: hmac.HMAC | None = None  # keyed with the salt; the salt itself is not kept
+        if "hash" in self.actions.values():
+            key = salt_from_env() if salt is None else bytes(salt)
+            if len(key) < MIN_SALT_BYTES:
+                raise ConfigError(f"PII hash salt ({SALT_ENV}) must be at least {MIN_SALT_BYTES} bytes long")
+            self._hmac = hmac.new(key, digestmod="sha256")
+        self._names = _presidio_person_finder() if "PERSON" in self.entities else None
 
     def find(self, text: str) -> list[PiiMatch]:
-        """Non-overlapping matches sorted by start; overlaps keep the longer span,
-        then the more specific entity."""
-        cands = {PiiMatch(entity, m.start(), m.end())
-                 for entity, rx, ok in self._rules for m in rx.finditer(text) if ok(m)}
+        """Non-overlapping matches sorted by start; on overlaps URL_CREDENTIALS and
+        SECRET win, then the longer span, then the more specific entity."""
+        cands: set[PiiMatch] = set()
+        for entity, rx, ok in self._rules:
+            for m in rx.finditer(text):
+                verdict = ok(m)
+                if verdict:
+                    start, end = verdict if isinstance(verdict, tuple) else m.span()
+                    cands.add(PiiMatch(entity, start, end))
+        if self._names is not None:
+            cands.update(PiiMatch("PERSON", s, e) for s, e in self._names(text) if e > s)
         chosen: list[PiiMatch] = []
         taken = bytearray(len(text))  # 1 where a chosen span already covers the char
-        for c in sorted(cands, key=lambda c: (c.start - c.end, _SPECIFICITY[c.entity], c.start)):
+        for c in sorted(cands, key=lambda c: (_TIER.get(c.entity, 1), c.start - c.end,
+                                              _SPECIFICITY[c.entity], c.start)):
             if not any(taken[c.start:c.end]):
                 taken[c.start:c.end] = b"\x01" * (c.end - c.start)
                 chosen.append(c)
         return sorted(chosen, key=lambda c: c.start)
 
+    def replacement(self, entity: str, value: str) -> str:
+        """What one found value becomes under its entity's action."""
+        action = self.actions[entity]
+        if action == "mask":
+            return mask_value(entity, value)
+        if action == "hash":
+            assert self._hmac is not None
+            h = self._hmac.copy()
+            h.update(canonical_value(entity, value).encode())
+            return f"<{entity}:{h.hexdigest()[:12]}>"
+        return f"<{entity}>"
+
     def redact(self, text: str) -> tuple[str, Counter]:
-        """Replace every match with "<ENTITY>"; return (text, Counter(entity -> n))."""
+        """Replace every match per its action; return (text, Counter(entity -> n))."""
         parts: list[str] = []
         counts: Counter = Counter()
         pos = 0
         for m in self.find(text):
-            parts += (text[pos:m.start], f"<{m.entity}>")
+            parts += (text[pos:m.start], self.replacement(m.entity, text[m.start:m.end]))
             counts[m.entity] += 1
             pos = m.end
         parts.append(text[pos:])
         return "".join(parts), counts
 
 
-_LINE_BREAKS = re.compile(r"\r\n?|[\u2028\u2029]")
+_LINE_BREAKS = re.compile(r"\r\n?|[\u2028\u2029\x0b\x0c\x85]")
+# Characters whose runs are chat noise: sentence punctuation, Korean laughter/crying jamo
+# (after NFKC), and symbols/emoji (So) -- but not the structural "-=_*#/\|+`<>" of
+# Markdown, code and PEM armour, whose runs mean something.
+_NOISE_PUNCT = set("!?.,~^;:")
+_NOISE_JAMO = set("\u110f\u1112\u1173\u1172\u1169\u116e\u3147\u314b\u314e\u3160\u315c")  # ㅋ ㅎ ㅡ ㅠ ㅗ ㅜ ㅇ..
+# An emoji with its skin-tone modifier / variation selector counts as one character.
+_RUN = re.compile(r"(.[\U0001F3FB-\U0001F3FF\uFE0E\uFE0F]?)\1{3,}")
+
+
+def _collapse_run(m: re.Match[str]) -> str:
+    ch = m[1][0]
+    if ch in _NOISE_PUNCT or ch in _NOISE_JAMO or unicodedata.category(ch) == "So":
+        return m[1] * 3
+    return m[0]
 
 
 def normalize_text(text: str) -> str:
-    """Unicode NFKC; remove control/format characters except \\n and \\t (this covers
-    zero-width chars and BOMs, category Cf); convert \\r\\n and \\r to \\n; collapse
-    runs of spaces/tabs to one space; strip trailing spaces on each line; collapse
-    3+ newlines to 2; strip the whole string."""
+    """Unicode NFKC; convert \\r\\n, \\r, \\v, \\f, NEL and U+2028/2029 to \\n; remove
+    control/format characters except \\n and \\t (this covers zero-width chars and BOMs,
+    category Cf); collapse runs of 4+ identical noise characters to 3 ("!!!!!!" -> "!!!",
+    "😂😂😂😂😂" -> "😂😂😂", "ㅋㅋㅋㅋㅋ" -> "ㅋㅋㅋ"; noise = ``! ? . , ~ ^ ; :``, Korean
+    laughter/crying jamo and symbols/emoji, not the structural ``- = _ * # / | + ` < >``);
+    turn other Unicode spaces into " "; collapse runs of spaces/tabs to one space; strip
+    trailing spaces on each line; collapse 3+ newlines to 2; strip the whole string."""
     text = _LINE_BREAKS.sub("\n", unicodedata.normalize("NFKC", text))
     text = "".join(ch for ch in text
                    if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cf", "Cs"))
+    text = _RUN.sub(_collapse_run, text)
+    text = "".join(" " if unicodedata.category(ch) == "Zs" else ch for ch in text)
     text = re.sub(r"[ \t]+", " ", text)
     text = re.sub(r" +\n", "\n", text)
     text = re.sub(r"\n{3,}", "\n\n", text)

@@ -41,7 +41,7 @@ def scrub_records(cfg: ScrubConfig, source: DatasetRef, store: ArtifactStore) ->
         return DatasetRef(**done.model_dump())
     records = store.read_jsonl(source, RECORDS_FILE)
     kind = source.stats["record_kind"]
-    engine = PiiEngine(cfg.pii_entities)
+    engine = PiiEngine(cfg.pii_entities, actions=cfg.pii_actions, default_action=cfg.pii_action)
     pii: Counter[str] = Counter()
     seen: dict[str, Any] = {}  # fingerprint -> label of its first record (None for unlabeled kinds)
     kept: list[dict] = []

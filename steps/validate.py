@@ -25,7 +25,8 @@ one row of a pair table: each of the three is a string, not blank, and within
 ``min_chars``..``max_chars``, and chosen differs from rejected (ignoring surrounding
 whitespace).
 
-Results use ``exclude_unexpected_values`` so reports hold counts and line numbers, never
+Every kind also checks each line: valid UTF-8, and no control characters other than whitespace
+(tab, newline, CR, VT, form feed; raw or JSON-escaped). Results use ``exclude_unexpected_values`` so reports hold counts and line numbers, never
 record contents. A file of another kind fails the record-shape rule.
 
 Output: ``records.jsonl`` in the kind's form (chat ``{"id", "messages"}``, text ``{"id",
@@ -67,7 +68,7 @@ TEXT_COLUMNS = ["line", "text_chars", "text_blank"]
 @dataclass(frozen=True)
 class Rule:
     name: str
-    table: str  # "records", "turns" (chat), "texts" (text, classification, regression), "labels", "pairs"
+    table: str  # "lines" (every kind), "records", "turns" (chat), "texts" (text, classification, regression), "labels", "pairs"
     expectation: Any
 
 
@@ -75,10 +76,12 @@ def validate_records(cfg: ValidateConfig, source: DatasetRef, store: ArtifactSto
     key = run_key(STEP, cfg, [source.digest])
     if (done := store.lookup(STEP, key)) is not None:
         return DatasetRef(**done.model_dump())
-    lines = store.read_bytes(source, RAW_FILE).decode("utf-8", errors="replace").splitlines()
+    raw_lines = split_lines(store.read_bytes(source, RAW_FILE))
+    lines = [b.decode("utf-8", errors="replace") for b in raw_lines]
     build_tables, build_rules = SUITES[cfg.record_kind]
     tables, output = build_tables(lines)
-    report = run_suite(build_rules(cfg), tables)
+    tables["lines"] = _line_table(raw_lines, lines)
+    report = run_suite(line_rules() + build_rules(cfg), tables)
     if not report["success"]:
         broken = [r for r in report["rules"] if not r["success"]]
         raise DataQualityError(
@@ -242,6 +245,53 @@ def _preference_tables(lines: list[str]) -> tuple[dict[str, Any], list[dict]]:
         pairs.append({"id": str(obj.get("id", f"line-{number}")), **{field: obj[field] for field in PAIR_FIELDS}})
     columns = ["line", *(f"{field}_{c}" for field in PAIR_FIELDS for c in ("chars", "blank")), "distinct"]
     return {"records": _frame(records, ["line", "json_valid", "shape"]), "pairs": _frame(pair_rows, columns)}, pairs
+
+
+def split_lines(data: bytes) -> list[bytes]:
+    """The file's lines, split on newline bytes only (so line numbers match any editor's)."""
+    lines = data.split(b"\n")
+    return lines[:-1] if lines and lines[-1] == b"" else lines
+
+
+def _has_control(value: Any) -> bool:
+    """A control character other than whitespace (tab, newline, CR, VT, form feed) in the string values."""
+    if isinstance(value, str):
+        return any(ord(c) < 32 and c not in "\t\n\r\x0b\x0c" or 127 <= ord(c) < 160 for c in value)
+    if isinstance(value, dict):
+        return any(_has_control(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_control(v) for v in value)
+    return False
+
+
+def _line_table(raw_lines: list[bytes], lines: list[str]) -> Any:
+    """Per non-blank line: valid UTF-8, and free of control characters (raw or JSON-escaped)."""
+    rows = []
+    for number, (raw, line) in enumerate(zip(raw_lines, lines), start=1):
+        if not line.strip():
+            continue
+        try:
+            raw.decode("utf-8")
+            utf8 = True
+        except UnicodeDecodeError:
+            utf8 = False
+        try:
+            parsed: Any = json.loads(line)
+        except json.JSONDecodeError:
+            parsed = line.rstrip("\r")
+        rows.append({"line": number, "utf8_valid": utf8, "control_free": not _has_control(parsed)})
+    return _frame(rows, ["line", "utf8_valid", "control_free"])
+
+
+def line_rules() -> list[Rule]:
+    import great_expectations as gx
+
+    E = gx.expectations
+    return [
+        Rule("line is valid UTF-8", "lines", E.ExpectColumnValuesToBeInSet(column="utf8_valid", value_set=[True])),
+        Rule("no control characters (other than whitespace)", "lines",
+             E.ExpectColumnValuesToBeInSet(column="control_free", value_set=[True])),
+    ]
 
 
 def _parsed(lines: list[str], extra: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any], Any]]:

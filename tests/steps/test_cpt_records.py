@@ -50,7 +50,7 @@ def test_text_records_pass_in_text_form(store, tmp_path):
     ref = validate_records(TEXT, ingest(store, tmp_path, rows), store)
     assert store.read_jsonl(ref, RECORDS_FILE) == [
         {"id": "doc-a", "text": "First document.\n\nSecond paragraph."}, {"id": "line-2", "text": "No id here."}]
-    assert ref.stats == {"records": 2, "rules": 5, "record_kind": "text"}
+    assert ref.stats == {"records": 2, "rules": 7, "record_kind": "text"}
     report = store.read_json(ref, "report.json")
     assert report["success"] and {r["table"] for r in report["rules"]} == {"records", "texts"}
 

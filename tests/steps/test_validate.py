@@ -30,7 +30,7 @@ def test_chat_and_instruction_records_pass_in_chat_form(store, tmp_path):
     assert out[1]["messages"] == [{"role": "system", "content": "be brief"},
                                   {"role": "user", "content": "Translate\n\nbonjour"},
                                   {"role": "assistant", "content": "hello"}]
-    assert ref.stats == {"records": 3, "rules": 9, "record_kind": "chat"}
+    assert ref.stats == {"records": 3, "rules": 11, "record_kind": "chat"}
     assert all(r["success"] for r in store.read_json(ref, "report.json")["rules"])
 
 
@@ -69,3 +69,28 @@ def test_failure_counts_every_bad_record(store, tmp_path):
 def test_limits_come_from_the_config(store, tmp_path):
     with pytest.raises(DataQualityError, match="content length between 1 and 3 characters"):
         run(store, tmp_path, [chat("four", "ok")], ValidateConfig(max_chars=3))
+
+
+@pytest.mark.parametrize("kind, good", [("chat", chat("hi", "hello")), ("text", {"text": "a document"}),
+                                        ("classification", {"text": "a match", "label": "sport"}),
+                                        ("preference", {"prompt": "p", "chosen": "a", "rejected": "b"})])
+def test_every_kind_rejects_invalid_utf8_and_control_characters(store, tmp_path, kind, good):
+    source = tmp_path / f"{kind}.jsonl"
+    other = {"classification": {"text": "b news", "label": "money"}}.get(kind, good)
+    lines = [json.dumps(good).encode(), json.dumps(other).encode(),
+             json.dumps(good).encode().replace(b"a", b"\xff", 1),
+             json.dumps({**good, "id": "ctl"}).encode().replace(b'"ctl"', b'"c\\u0007tl"')]
+    source.write_bytes(b"\n".join(lines) + b"\n")
+    raw = ingest_records(IngestConfig(source=str(source)), store)
+    with pytest.raises(DataQualityError) as failure:
+        validate_records(ValidateConfig(record_kind=kind), raw, store)
+    message = str(failure.value)
+    assert "rule 'line is valid UTF-8': 1 of 4 lines fail (e.g. lines 3)" in message
+    assert "rule 'no control characters (other than whitespace)': 1 of 4 lines fail (e.g. lines 4)" in message
+
+
+def test_form_feeds_and_tabs_are_whitespace_not_control_noise(store, tmp_path):
+    source = write_jsonl(tmp_path / "t.jsonl", [{"text": "page one\x0cpage two\twith a tab"}])
+    validated = validate_records(ValidateConfig(record_kind="text"), ingest_records(IngestConfig(source=str(source)),
+                                                                                     store), store)
+    assert validated.stats["records"] == 1

@@ -50,11 +50,11 @@ def test_classification_records_pass_with_class_balance(store, tmp_path):
         {"id": "a", "text": f"Shares rose {SECRET}", "label": "business"},
         {"id": "line-2", "text": "A late goal", "label": "sports"},
         {"id": "line-3", "text": "Profits fell", "label": "business"}]
-    assert ref.stats == {"records": 3, "rules": 7, "record_kind": "classification",
+    assert ref.stats == {"records": 3, "rules": 9, "record_kind": "classification",
                          "label_counts": {"business": 2, "sports": 1}}
     report = store.read_json(ref, "report.json")
     assert report["success"] and report["label_counts"] == {"business": 2, "sports": 1}
-    assert {r["table"] for r in report["rules"]} == {"records", "texts", "labels"}
+    assert {r["table"] for r in report["rules"]} == {"lines", "records", "texts", "labels"}
     assert SECRET not in json.dumps(report)
 
 
@@ -98,7 +98,7 @@ def test_regression_records_pass_with_label_range(store, tmp_path):
     assert store.read_jsonl(ref, RECORDS_FILE) == [
         {"id": "r1", "text": f"great {SECRET}", "label": 4.5}, {"id": "line-2", "text": "bad", "label": 1},
         {"id": "line-3", "text": "fine", "label": 2.0}]
-    assert ref.stats == {"records": 3, "rules": 7, "record_kind": "regression",
+    assert ref.stats == {"records": 3, "rules": 9, "record_kind": "regression",
                          "label_stats": {"min": 1, "max": 4.5, "mean": 2.5}}
     report = store.read_json(ref, "report.json")
     assert report["success"] and report["label_stats"]["mean"] == 2.5
@@ -131,9 +131,9 @@ def test_preference_records_pass_in_pair_form(store, tmp_path):
     assert store.read_jsonl(ref, RECORDS_FILE) == [
         {"id": "p1", "prompt": f"Q {SECRET}", "chosen": "Good answer", "rejected": "Bad answer"},
         {"id": "line-2", "prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}]
-    assert ref.stats == {"records": 2, "rules": 12, "record_kind": "preference"}
+    assert ref.stats == {"records": 2, "rules": 14, "record_kind": "preference"}
     report = store.read_json(ref, "report.json")
-    assert report["success"] and {r["table"] for r in report["rules"]} == {"records", "pairs"}
+    assert report["success"] and {r["table"] for r in report["rules"]} == {"lines", "records", "pairs"}
     assert SECRET not in json.dumps(report)
 
 
@@ -264,6 +264,6 @@ def test_chatterbot_pairs_are_valid_preference_records_with_mismatched_rejection
     # Deterministic and independent of the order of the names.
     assert ingest_records(IngestConfig(source="chatterbot-pairs:english,korean"), store).digest == ref.digest
     validated = validate_records(PREFERENCE, ref, store)
-    assert validated.stats == {"records": len(rows), "rules": 12, "record_kind": "preference"}
+    assert validated.stats == {"records": len(rows), "rules": 14, "record_kind": "preference"}
     with pytest.raises(ConfigError, match="no language 'klingon'"):
         ingest_records(IngestConfig(source="chatterbot-pairs:klingon"), store)
