@@ -299,3 +299,14 @@ def leakage(train: Iterable[tuple[str, str]], eval: Iterable[tuple[str, str]],  
         if row is not None:
             pairs.append((record_id, index._ids[row]))
     return pairs
+
+
+def record_text(record: dict[str, Any]) -> str:
+    """The content of a record that duplicates are judged on: every message (chat), the text
+    (text, classification, regression) or prompt, chosen and rejected (preference)."""
+    if "messages" in record:
+        return "\n".join(str(m.get("content", "")) for m in record["messages"])
+    if "prompt" in record:
+        return "\n".join(str(record.get(k, "")) for k in ("prompt", "chosen", "rejected"))
+    return str(record.get("text", ""))
+

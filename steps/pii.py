@@ -32,8 +32,9 @@ Entities (``ENTITIES``; ``PERSON`` is optional, see below):
   scheme and host stay (``postgres://<URL_CREDENTIALS>@db:5432``).
 * SECRET: AWS access key ids (AKIA/ASIA), GitHub (ghp_/gho_/ghu_/ghs_/ghr_,
   github_pat_), Slack (xox[baprs]-, webhook URLs), Stripe (sk/rk/pk_live_/_test_),
-  OpenAI/Anthropic-style ``sk-...``, Google ``AIza...``, Hugging Face ``hf_...``, JWTs,
-  PEM private-key blocks, ``Bearer``/``Basic`` credentials, and the *value* of
+  OpenAI/Anthropic-style ``sk-...``, Google ``AIza...``, Hugging Face ``hf_...``, npm,
+  GitLab and Docker tokens, JWTs, PEM private-key blocks, ``Bearer``/``Basic``
+  credentials, ``curl -u user:password``, and the *value* of
   ``password=`` / ``api_key:`` / ``secret=`` / ``token=`` / ``비밀번호:`` style
   assignments (the key name stays).  Prefixed tokens must contain a digit and a letter
   (real keys do; ``ghp_xxxx...`` placeholders do not); assignment values skip
@@ -202,7 +203,7 @@ def _kr_paren_landline_ok(m: re.Match[str]) -> bool:
 def _intl_phone_ok(m: re.Match[str]) -> bool:
     body = m[0]
     digits = len(_digits(re.sub(r"\(0\)", "", body)))
-    bare = re.fullmatch(r"\+\d+", body) is not None
+    bare = re.fullmatch(r"\(?\+\d+", body) is not None
     return (10 if bare else 8) <= digits <= 15 and not _after_hash(m)
 
 
@@ -235,6 +236,16 @@ def _ip_ok(m: re.Match[str]) -> bool:
     return any(c.isdigit() for c in m[0])  # "::" and "a::b", "dead::beef" (code) are not PII
 
 
+_VERSION_BEFORE = re.compile(r"(?<![A-Za-z])(?i:version|ver\.?|v\.|build|release|버전)[ \t]*[:=]?[ \t]*$")
+
+
+def _ipv4_ok(m: re.Match[str]) -> bool:
+    # "version 1.0.0.0", "4.0.0.0-beta": dotted versions, not addresses.
+    text = m.string
+    return (_ip_ok(m) and not _VERSION_BEFORE.search(text[max(0, m.start() - 12):m.start()])
+            and not re.match(r"-[A-Za-z]", text[m.end():m.end() + 2]))
+
+
 def _ipv6_ok(m: re.Match[str]) -> bool:
     s, e, text = m.start(), m.end(), m.string
     # Python slices such as x[1::2] or x[::3] parse as IPv6 but are code.
@@ -251,6 +262,12 @@ def _random_ok(body: str) -> bool:
 
 def _prefixed_ok(m: re.Match[str]) -> bool:
     return _random_ok(m["body"])
+
+
+def _mixed_case_ok(m: re.Match[str]) -> bool:
+    # plain "sk-" keys are base62: real ones mix cases ("sk-2024annualreport2" does not)
+    body = m["body"]
+    return _random_ok(body) and any(c.isupper() for c in body) and any(c.islower() for c in body)
 
 
 def _aws_ok(m: re.Match[str]) -> bool:
@@ -316,14 +333,14 @@ def _assignment_ok(m: re.Match[str]) -> tuple[int, int] | bool:
         return False  # templates, env references, paths, decorators
     if re.fullmatch(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+", value) or re.fullmatch(r"\[[A-Z_]+\]", value):
         return False  # self.password, os.environ, [PAD]
-    if re.fullmatch(r"[A-Za-z_]\w*", value) and _KEYWORDS_IN_VALUE.search(value):
-        return False  # user_password, YOUR_API_KEY
+    if re.fullmatch(r"[A-Za-z_]+", value) and _KEYWORDS_IN_VALUE.search(value):
+        return False  # user_password, YOUR_API_KEY (but "secret123" is a weak password)
     sep = m.groupdict().get("sep") or ""
     symbolic = re.search(r"[^A-Za-z]", value) is not None  # a digit or a symbol
     if password_like:
         # After ":" (prose, YAML) a letters-only word is a password only when it ends the
         # line: "password: letmein" yes, "Forgot password: click here" no.
-        last_word = (re.match(r"[.!]?[ \t]*(?:\n|$)", m.string[m.end("v"):]) is not None
+        last_word = (m.groupdict().get("is") is None and re.match(r"[.!]?[ \t]*(?:\n|$)", m.string[m.end("v"):]) is not None
                      and len(value) >= 6 and value.lower() not in _PROSE_WORDS)
         return len(value) >= 4 and (quoted or "=" in sep or symbolic or last_word) and m.span("v")
     if re.search(r"private[_\-]?key$", key, re.I) and value.startswith("-----"):
@@ -353,13 +370,13 @@ _VALUE_END = r"[^\s\"'`<>()\[\]{},;&.:\x80-\U0010ffff]"
 _UNQUOTED = (r"(?P<v>" + _VALUE_CHARS + r"{0,255}?" + _VALUE_END + r")"
              r"(?=[.:]*(?:[\s\"'`<>)\]},;&\x80-\U0010ffff]|$))")
 _QUOTED = r"(?P<q>[\"'])(?P<v>[^\s\"'`]{1,256})(?P=q)"
-_KEY = (r"(?P<key>(?<![A-Za-z0-9_])[A-Za-z0-9_.\-]*?(?i:" + _PASSWORD_KEYS + "|" + _TOKEN_KEYS + r"))"
-        r"[\"']?[ \t]*(?P<sep>:=|=>|=|:)[ \t]*")
+_KEY = (r"(?P<key>(?<![A-Za-z0-9_])(?<!\$\{)[A-Za-z0-9_.\-]*?(?i:" + _PASSWORD_KEYS + "|" + _TOKEN_KEYS + r"))"
+        r"[\"']?(?:[ \t]*(?P<sep>:=|=>|=|:)|[ \t]+(?P<is>is)(?:[ \t]*:)?)[ \t]*")
 _KO_KEY = r"(?P<key>비밀번호|비번|패스워드|암호)(?:는|은)?[ \t]*(?P<sep>:|=)?[ \t]*"
 
 _RULES: tuple[_Rule, ...] = (
     ("EMAIL", re.compile(
-        r"(?<![A-Za-z0-9._%+\-])(?P<local>[A-Za-z0-9._%+\-]+)@"
+        r"(?<![A-Za-z0-9._%+\-])(?P<local>[A-Za-z0-9._%+\-]+(?:'[A-Za-z0-9._%+\-]+)*)@"
         r"(?P<host>(?:" + _DOMAIN_LABEL + r"\.)+[A-Za-z]{2,63})"
         r"(?![A-Za-z0-9\-])(?!\.[A-Za-z0-9])"), _email_ok),
     ("EMAIL", re.compile(
@@ -376,9 +393,9 @@ _RULES: tuple[_Rule, ...] = (
     ("PHONE", _rx(r"(?P<area>0\d{1,2})(?P<s>[ .\-])\d{3,4}(?P=s)\d{4}"), _kr_landline_ok),
     # KR landline with a closing parenthesis: (02) 1234-5678, 02)1234-5678, (031)123-4567.
     ("PHONE", _rx(r"\(?(?P<area>0\d{1,2})(?P<close>\)) ?\d{3,4}[.\-]\d{4}"), _kr_paren_landline_ok),
-    # International: +CC, optional "(0)" trunk or "(415)" area, then groups that share one
+    # International: +CC or (+CC), optional "(0)" trunk or "(415)" area, then groups that share one
     # separator (+82 10-1234-5678, +44 20 7946 0958, +33 1 23 45 67 89); 8-15 digits.
-    ("PHONE", _rx(r"\+[1-9]\d{0,2}[ .\-]?(?:\(\d{1,4}\)[ .\-]?)?\d{1,5}"
+    ("PHONE", _rx(r"(?:\+[1-9]\d{0,2}|\(\+[1-9]\d{0,2}\))[ .\-]?(?:\(\d{1,4}\)[ .\-]?)?\d{1,5}"
                   r"(?:(?P<s>[ .\-]?)\d{2,8}(?:(?P=s)\d{2,8}){0,4})?"), _intl_phone_ok),
     ("CREDIT_CARD", _rx(r"\d{13,19}"), _card_ok),
     *(("CREDIT_CARD", _rx(r"\d{%d}(?P<s>[ \-])" % first
@@ -389,7 +406,7 @@ _RULES: tuple[_Rule, ...] = (
     # IPv4 may sit next to "-" (ranges such as 10.0.0.1-10.0.0.9), but never continue
     # a dotted sequence (1.2.3.4.5) or a token (v1.2.3.4).
     ("IP_ADDRESS", re.compile(r"(?<![A-Za-z0-9_])(?<![0-9]\.)\d{1,3}(?:\.\d{1,3}){3}"
-                              r"(?![A-Za-z0-9_])(?!\.[0-9])"), _ip_ok),
+                              r"(?![A-Za-z0-9_])(?!\.[0-9])"), _ipv4_ok),
     # IPv6 candidate (full, compressed, IPv4-embedded); ipaddress does the real check.
     ("IP_ADDRESS", re.compile(
         r"(?<![A-Za-z0-9_:.])(?:[0-9A-Fa-f]{0,4}:){2,7}"
@@ -398,7 +415,7 @@ _RULES: tuple[_Rule, ...] = (
     # scheme://user:password@host -> the user:password part.
     ("URL_CREDENTIALS", re.compile(
         r"(?<![A-Za-z0-9+.\-])[A-Za-z][A-Za-z0-9+.\-]{1,19}://"
-        r"(?P<v>[^\s/?#@:\"'<>]*:(?P<pw>[^\s/?#@\"'<>]+))@(?=[A-Za-z0-9\[])"), _url_credentials_ok),
+        r"(?P<v>[^\s/?#@:\"'<>]*:(?P<pw>[^\s/?@\"'<>]+))@(?=[A-Za-z0-9\[])"), _url_credentials_ok),
     ("SECRET", _tok(r"(?P<pfx>AKIA|ASIA)(?P<body>[A-Z0-9]{16})"), _aws_ok),
     ("SECRET", _tok(r"gh[pousr]_(?P<body>[A-Za-z0-9]{36,255})"), _prefixed_ok),
     ("SECRET", _tok(r"github_pat_(?P<body>[A-Za-z0-9_]{22,255})"), _prefixed_ok),
@@ -406,10 +423,15 @@ _RULES: tuple[_Rule, ...] = (
     ("SECRET", re.compile(r"https://hooks\.slack\.com/services/(?P<body>T[A-Z0-9]{6,}/B[A-Z0-9]{6,}/"
                           r"[A-Za-z0-9]{16,})" + _TR), _prefixed_ok),
     ("SECRET", _tok(r"(?:sk|rk|pk)_(?:live|test)_(?P<body>[A-Za-z0-9]{16,247})"), _prefixed_ok),
-    ("SECRET", _tok(r"sk-(?:proj-|svcacct-|admin-|ant-(?:api|admin)\d\d-)?(?P<body>[A-Za-z0-9_\-]{20,250})"),
+    ("SECRET", _tok(r"sk-(?P<body>[A-Za-z0-9]{20,250})"), _mixed_case_ok),
+    ("SECRET", _tok(r"sk-(?:proj|svcacct|admin|ant-(?:api|admin)\d\d)-(?P<body>[A-Za-z0-9_\-]{20,250})"),
      _prefixed_ok),
     ("SECRET", _tok(r"AIza(?P<body>[0-9A-Za-z_\-]{35})"), _prefixed_ok),
     ("SECRET", _tok(r"hf_(?P<body>[A-Za-z0-9]{30,40})"), _prefixed_ok),
+    ("SECRET", _tok(r"(?:npm_|glpat-|dckr_pat_)(?P<body>[A-Za-z0-9_\-]{20,64})"), _prefixed_ok),
+    # curl -u user:password / --user user:password (not docker's -u 1000:1000 uid:gid)
+    ("SECRET", re.compile(r"(?<!\S)(?:-u|--user)[ \t=]+[\"']?(?P<v>[^\s:\"']+:[^\s\"']+)"),
+     lambda m: not re.fullmatch(r"[\d:]+", m["v"]) and m.span("v")),
     ("SECRET", re.compile(r"(?<![A-Za-z0-9_\-.])(?P<h>eyJ[A-Za-z0-9_\-]{8,})\.(?P<p>eyJ[A-Za-z0-9_\-]{8,})"
                           r"\.[A-Za-z0-9_\-]*" + _TR), _jwt_ok),
     ("SECRET", re.compile(r"-----BEGIN (?P<kind>(?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?)-----"

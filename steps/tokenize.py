@@ -33,6 +33,10 @@ rendered with the chat template, masked as in chat; a row is ``{"id", "input_ids
 cut at ``max_seq_len``; a pair that loses every answer token on either side is dropped.
 ``eval_prompts.jsonl`` holds the prompt and the chosen answer as reference.
 
+No leakage: after the split, eval records whose MinHash similarity with any train record
+reaches ``leakage_threshold`` are dropped from eval (``eval_leakage_removed``). The
+truncation gate (``max_truncated_share``) fails the step when too many records are cut.
+
 Output: ``train.jsonl`` and ``eval.jsonl`` and ``eval_prompts.jsonl``; the stats carry
 ``task`` (sft, cpt, classification, regression, preference), which the train step reads.
 """
@@ -66,6 +70,7 @@ def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, s
     tokenizer = AutoTokenizer.from_pretrained(store.download(model.base))
     records = store.read_jsonl(source, RECORDS_FILE)
     sides = split_records(records, cfg)
+    leaked = drop_leakage(sides, cfg)
     kind = source.stats["record_kind"]
     if kind == "text":
         splits, prompts, stats = pack_texts(tokenizer, sides, cfg)
@@ -75,7 +80,8 @@ def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, s
         splits, prompts, stats = encode_pairs(tokenizer, sides, cfg)
     else:
         splits, prompts, stats = encode_chats(tokenizer, sides, cfg)
-    stats = {"task": TASKS[kind], **stats}
+    stats = {"task": TASKS[kind], **stats, "eval_leakage_removed": len(leaked)}
+    check_truncation(cfg, stats, len(records))
     if not splits["train"] or not splits["eval"]:
         raise DataQualityError(
             f"tokenize: rule 'both splits non-empty': {len(splits['train'])} train and {len(splits['eval'])} eval "
@@ -88,6 +94,34 @@ def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, s
     writer.put_jsonl("eval_prompts.jsonl", prompts)
     log.info("tokenize: %s", stats)
     return DatasetRef(**writer.commit(stats=stats).model_dump())
+
+
+def drop_leakage(sides: dict[str, list[dict[str, Any]]], cfg: TokenizeConfig) -> list[tuple[str, str]]:
+    """Remove eval records that nearly copy a train record; returns the (eval id, train id) pairs."""
+    if cfg.leakage_threshold is None or not sides["eval"]:
+        return []
+    from steps.dedup import leakage, record_text
+
+    pairs = leakage([(r["id"], record_text(r)) for r in sides["train"]],
+                    [(r["id"], record_text(r)) for r in sides["eval"]], threshold=cfg.leakage_threshold)
+    if pairs:
+        gone = {eval_id for eval_id, _ in pairs}
+        sides["eval"] = [r for r in sides["eval"] if r["id"] not in gone]
+        log.info("tokenize: %d eval records dropped as near copies of train records (e.g. %s ~ %s)",
+                 len(pairs), *pairs[0])
+    return pairs
+
+
+def check_truncation(cfg: TokenizeConfig, stats: dict[str, Any], records: int) -> None:
+    """The truncation-rate gate: too many records cut at max_seq_len means the length is wrong for the data."""
+    share = stats.get("truncated", 0) / max(records, 1)
+    stats["truncated_share"] = round(share, 4)
+    if share > cfg.max_truncated_share:
+        raise DataQualityError(
+            f"tokenize: rule 'truncated share at most {cfg.max_truncated_share:.0%}': {stats['truncated']} of "
+            f"{records} records ({share:.1%}) are longer than max_seq_len={cfg.max_seq_len} tokens; raise "
+            "tokenize.max_seq_len or the gate"
+        )
 
 
 def split_records(records: list[dict[str, Any]], cfg: TokenizeConfig) -> dict[str, list[dict[str, Any]]]:

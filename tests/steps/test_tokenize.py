@@ -57,3 +57,44 @@ def test_a_split_left_empty_is_an_error(store, tmp_path, tiny_model):
     with pytest.raises(DataQualityError, match="both splits non-empty"):
         tokenize_dataset(TokenizeConfig(eval_fraction=0.01), clean_dataset(store, tmp_path, [chat("a", "b")]),
                          tiny_model, store)
+
+
+def test_the_truncation_gate_names_the_rule_and_the_share(store, tmp_path, tiny_model):
+    from helpers import chat, sft_dataset  # noqa: F401
+    from steps.config import IngestConfig, ScrubConfig, TokenizeConfig, ValidateConfig
+    from steps.errors import DataQualityError
+    from steps.ingest import ingest_records
+    from steps.scrub import scrub_records
+    from steps.tokenize import tokenize_dataset
+    from steps.validate import validate_records
+    from helpers import write_jsonl
+
+    rows = [chat(f"question {i}", "a long answer " * (40 if i % 2 else 1)) for i in range(20)]
+    raw = ingest_records(IngestConfig(source=str(write_jsonl(tmp_path / "r.jsonl", rows))), store)
+    clean = scrub_records(ScrubConfig(), validate_records(ValidateConfig(), raw, store), store)
+    ok = tokenize_dataset(TokenizeConfig(max_seq_len=64, eval_fraction=0.2), clean, tiny_model, store)
+    assert ok.stats["truncated_share"] == 0.5
+    with pytest.raises(DataQualityError, match=r"truncated share at most 25%': 10 of 20 records \(50.0%\)"):
+        tokenize_dataset(TokenizeConfig(max_seq_len=64, eval_fraction=0.2, max_truncated_share=0.25), clean,
+                         tiny_model, store)
+
+
+def test_eval_records_that_nearly_copy_a_train_record_are_dropped(store, tmp_path, tiny_model):
+    from steps.tokenize import in_eval as goes_to_eval
+
+    cfg = TokenizeConfig(max_seq_len=64, eval_fraction=0.3)
+    rows = [chat(f"Tell me fact number {i} about the moon {'x' * i}", f"Fact {i}: the moon is {i} km away.",
+                 id=f"r{i}") for i in range(30)]
+    train_row = next(r for r in rows if not goes_to_eval(r["id"], cfg))
+    eval_ids = [r["id"] for r in rows if goes_to_eval(r["id"], cfg)]
+    copy = dict(train_row, id=next(f"c{i}" for i in range(100) if goes_to_eval(f"c{i}", cfg)))
+    copy["messages"] = [dict(m) for m in train_row["messages"]]
+    copy["messages"][1]["content"] += "!"  # a near copy, not an exact one: scrub's exact dedup keeps it
+    raw = ingest_records(IngestConfig(source=str(write_jsonl(tmp_path / "r.jsonl", rows + [copy]))), store)
+    clean = scrub_records(ScrubConfig(), validate_records(ValidateConfig(), raw, store), store)
+    data = tokenize_dataset(cfg, clean, tiny_model, store)
+    assert data.stats["eval_leakage_removed"] == 1
+    kept = {r["id"] for r in store.read_jsonl(data, "eval.jsonl")}
+    assert copy["id"] not in kept and kept == set(eval_ids)
+    off = tokenize_dataset(cfg.model_copy(update={"leakage_threshold": None}), clean, tiny_model, store)
+    assert copy["id"] in {r["id"] for r in store.read_jsonl(off, "eval.jsonl")}
