@@ -31,7 +31,7 @@ record contents. A file of another kind fails the record-shape rule.
 
 Output: ``records.jsonl`` in the kind's form (chat ``{"id", "messages"}``, text ``{"id",
 "text"}``, classification and regression ``{"id", "text", "label"}``, preference ``{"id",
-"prompt", "chosen", "rejected"}``), ``report.json``, and ``record_kind`` in the stats, which
+"prompt", "chosen", "rejected"}``), ``report.json`` plus one GX data-docs page per table (``data_docs/<table>.html``), and ``record_kind`` in the stats, which
 tells scrub and tokenize what the records are. A missing id becomes ``line-<n>``. Label
 names are schema, not contents: classification adds the class balance ``label_counts``
 (label -> records) and regression ``label_stats`` (``min``, ``max``, ``mean``) to both the
@@ -81,7 +81,8 @@ def validate_records(cfg: ValidateConfig, source: DatasetRef, store: ArtifactSto
     build_tables, build_rules = SUITES[cfg.record_kind]
     tables, output = build_tables(lines)
     tables["lines"] = _line_table(raw_lines, lines)
-    report = run_suite(line_rules() + build_rules(cfg), tables)
+    pages: dict[str, str] = {}
+    report = run_suite(line_rules() + build_rules(cfg), tables, pages)
     if not report["success"]:
         broken = [r for r in report["rules"] if not r["success"]]
         raise DataQualityError(
@@ -93,6 +94,8 @@ def validate_records(cfg: ValidateConfig, source: DatasetRef, store: ArtifactSto
     writer = store.writer(STEP, key, cfg, inputs=[source])
     writer.put_jsonl(RECORDS_FILE, output)
     writer.put_json("report.json", report)
+    for table, html in pages.items():
+        writer.put_bytes(f"data_docs/{table}.html", html.encode("utf-8"))
     log.info("validate: %d %s records pass %d rules", len(output), cfg.record_kind, len(report["rules"]))
     ref = writer.commit(stats={"records": len(output), "rules": len(report["rules"]),
                                "record_kind": cfg.record_kind, **summary})
@@ -454,8 +457,13 @@ SUITES: dict[str, tuple[Callable[[list[str]], tuple[dict[str, Any], list[dict]]]
 }
 
 
-def run_suite(suite_rules: list[Rule], frames: dict[str, Any]) -> dict[str, Any]:
-    """Run each table's rules on its frame; the report holds counts and line numbers only."""
+def run_suite(suite_rules: list[Rule], frames: dict[str, Any], pages: dict[str, str] | None = None
+              ) -> dict[str, Any]:
+    """Run each table's rules on its frame; the report holds counts and line numbers only.
+
+    With ``pages``, each table's result is also rendered as a Great Expectations data-docs
+    page (HTML; the frames hold derived columns only, and unexpected values are excluded).
+    """
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
 
@@ -473,6 +481,8 @@ def run_suite(suite_rules: list[Rule], frames: dict[str, Any]) -> dict[str, Any]
         outcome = batch.validate(suite, result_format={
             "result_format": "SUMMARY", "exclude_unexpected_values": True, "partial_unexpected_count": 10 * EXAMPLES,
         })
+        if pages is not None:
+            pages[table] = data_docs_page(outcome)
         for rule, result in zip(table_rules, _match(table_rules, outcome.results)):
             stats = result.result
             index = stats.get("partial_unexpected_index_list") or []
@@ -490,6 +500,14 @@ def run_suite(suite_rules: list[Rule], frames: dict[str, Any]) -> dict[str, Any]
                 entry["observed_value"] = observed.item() if hasattr(observed, "item") else observed
             results.append(entry)
     return {"success": all(r["success"] for r in results), "rules": results}
+
+
+def data_docs_page(outcome: Any) -> str:
+    """One validation result as a GX data-docs HTML page."""
+    from great_expectations.render.renderer import ValidationResultsPageRenderer
+    from great_expectations.render.view import DefaultJinjaPageView
+
+    return DefaultJinjaPageView().render(ValidationResultsPageRenderer().render(outcome))
 
 
 def _match(table_rules: list[Rule], results: list[Any]) -> list[Any]:

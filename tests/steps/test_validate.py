@@ -94,3 +94,12 @@ def test_form_feeds_and_tabs_are_whitespace_not_control_noise(store, tmp_path):
     validated = validate_records(ValidateConfig(record_kind="text"), ingest_records(IngestConfig(source=str(source)),
                                                                                      store), store)
     assert validated.stats["records"] == 1
+
+
+def test_a_passing_gate_stores_gx_data_docs_without_contents(store, tmp_path):
+    rows = [chat(f"{SECRET} question {i}", f"answer {i}") for i in range(3)]
+    ref = run(store, tmp_path, rows)
+    for table in ("lines", "records", "turns"):
+        html = store.read_bytes(ref, f"data_docs/{table}.html").decode()
+        assert html.startswith("<html>") or "<html" in html[:200]
+        assert "Great Expectations" in html and SECRET not in html
