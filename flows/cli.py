@@ -5,6 +5,10 @@
     tuneline services down
     tuneline run --params deployments/params/default.yaml [--set train.max_steps=10 ...]
     tuneline scrub --input in.jsonl --output out.jsonl --field text   # PII scrubber alone, streaming
+    tuneline models [NAME]                 # registered versions, aliases, gate metric and decision
+    tuneline promote NAME VERSION [--force --reason TEXT]
+    tuneline rollback NAME                 # champion back to previous-champion
+    tuneline predict NAME[@alias|/version] TEXT [TEXT ...]
     tuneline run --resume [RUN_ID]  # a failed/crashed run again, same parameters: done tasks
                                     # are cached, training continues from its newest checkpoint
 
@@ -50,12 +54,28 @@ def main(argv: list[str] | None = None) -> int:
                        help="field to scrub: a string, or a list of chat messages (repeat for several fields)")
     scrub.add_argument("--entities", default=None, help="comma-separated PII types (default: all)")
 
+    models = sub.add_parser("models", help="registered versions with aliases, gate metric and decision")
+    models.add_argument("name", nargs="?", help="one registered model (default: all)")
+    promote = sub.add_parser("promote", help="make a version champion if it passes the gate against the champion")
+    promote.add_argument("name")
+    promote.add_argument("version")
+    promote.add_argument("--force", action="store_true", help="skip the gate (needs --reason; recorded)")
+    promote.add_argument("--reason", help="why the gate is overridden")
+    rollback = sub.add_parser("rollback", help="champion back to previous-champion")
+    rollback.add_argument("name")
+    predict = sub.add_parser("predict", help="answer prompts or classify texts with a registered model")
+    predict.add_argument("model", help="NAME (its champion), NAME@alias or NAME/version")
+    predict.add_argument("inputs", nargs="+", help="prompts or texts")
+    predict.add_argument("--max-new-tokens", type=int, default=64)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for chatty in ("httpx", "httpcore", "botocore", "urllib3", "alembic"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
     if args.command == "services":
         return services_command(args.action, prefect=not args.no_prefect)
+    if args.command in ("models", "promote", "rollback", "predict"):
+        return registry_command(args)
     if args.command == "scrub":
         return scrub_command(args.input, args.output, args.fields, args.entities)
     if args.resume is not None:
@@ -77,6 +97,33 @@ def services_command(action: str, prefect: bool) -> int:
         return 0
     for name, info in services.status(cfg).items():
         print(f"{name:<8} {'running' if info['running'] else 'stopped':<8} {info['url']}")
+    return 0
+
+
+def registry_command(args: argparse.Namespace) -> int:
+    from steps import registry
+    from steps.errors import ConfigError
+
+    use_local_services()
+    try:
+        if args.command == "models":
+            rows = registry.list_versions(args.name)
+            print(f"{'model':<24} {'ver':>4}  {'aliases':<28} {'method':<7} {'metric':<14} {'value':<10} decision")
+            for r in rows:
+                print(f"{r['name']:<24} {r['version']:>4}  {','.join(r['aliases']) or '-':<28} {r['method']:<7} "
+                      f"{r['metric']:<14} {r['value']:<10} {r['decision']}")
+            if not rows:
+                print("no registered models")
+        elif args.command == "promote":
+            print(registry.promote(args.name, args.version, args.force, args.reason))
+        elif args.command == "rollback":
+            print(registry.rollback(args.name))
+        else:
+            for text, answer in zip(args.inputs, registry.predict(args.model, args.inputs, args.max_new_tokens)):
+                print(f"{text}\t{answer}")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

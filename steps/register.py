@@ -144,7 +144,9 @@ def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore)
             pip_requirements=serving_requirements(),
             signature=signature_for(record.datasets["tokenize"].stats.get("task", "sft")),
         )
-    version = mlflow.register_model(info.model_uri, cfg.model_name, tags={**tags, "tuneline.run_key": key})
+    gate = {"tuneline.metric": cfg.metric,
+            "tuneline.metric_value": str(record.evaluations["candidate"].stats.get(cfg.metric, ""))}
+    version = mlflow.register_model(info.model_uri, cfg.model_name, tags={**tags, **gate, "tuneline.run_key": key})
     client.update_model_version(cfg.model_name, version.version, description=card)
     client.set_registered_model_alias(cfg.model_name, "challenger", version.version)
     log.info("register: %s v%s (@challenger), run %s", cfg.model_name, version.version, run.info.run_id)

@@ -1,0 +1,57 @@
+"""`tuneline models | promote | rollback | predict` against the real MLflow server, after two runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from flows.cli import REPO, main
+from test_pipeline import dataset, tiny_params
+
+pytestmark = pytest.mark.services
+
+
+def test_two_runs_then_manual_gate_override_rollback_and_predict(prefect_api, store, tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    from flows.pipeline import finetune
+
+    name = f"cli-{uuid.uuid4().hex[:6]}"
+    first = tiny_params(dataset(tmp_path), store.prefix, name)
+    assert finetune(first, return_state=True).result().decision.promoted
+    worse = first.model_copy(update={"train": first.train.model_copy(update={"max_steps": 1, "learning_rate": 1e-6})})
+    second = finetune(worse, return_state=True).result()
+    assert not second.decision.promoted and second.version.version == "2"
+    client = MlflowClient()
+    champion = lambda: client.get_model_version_by_alias(name, "champion").version  # noqa: E731
+    assert champion() == "1"
+
+    capsys.readouterr()
+    assert main(["models", name]) == 0
+    listing = capsys.readouterr().out
+    assert "champion" in listing and "perplexity" in listing and "not promoted" in listing
+
+    assert main(["promote", name, "2"]) == 2  # the gate says no: perplexity is worse than the champion's
+    assert "not promoted" in capsys.readouterr().err and champion() == "1"
+    assert main(["promote", name, "2", "--force"]) == 2  # an override needs a reason
+    assert main(["promote", name, "2", "--force", "--reason", "canary for the new tokenizer"]) == 0
+    assert champion() == "2"
+    assert client.get_model_version_by_alias(name, "previous-champion").version == "1"
+    assert client.get_model_version(name, "2").tags["tuneline.override"] == "canary for the new tokenizer"
+
+    assert main(["rollback", name]) == 0
+    assert champion() == "1" and "tuneline.rolled_back" in client.get_model_version(name, "2").tags
+    assert main(["rollback", name]) == 2  # nothing left to roll back to
+
+    # predict loads from the registry in a fresh process that knows only the service endpoints
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNELINE_HOME")}
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "predict", f"{name}@champion", "What is 3 times two?",
+                           "--max-new-tokens", "3"], capture_output=True, text=True, cwd=tmp_path, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("What is 3 times two?\t")
+    assert REPO.exists()
