@@ -118,6 +118,8 @@ def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore)
         mlflow.log_metrics({f"{name}_{metric}": value for name, stats in evals.items()
                             for metric, value in stats.items() if isinstance(value, (int, float))})
         mlflow.log_figure(loss_curve(history), "plots/loss_curve.png")
+        if "confusion_matrix" in evals.get("candidate", {}):
+            mlflow.log_figure(confusion_figure(evals["candidate"]), "plots/confusion_matrix.png")
         mlflow.log_dict(store.read_json(record.model.adapter, "train_report.json"), "reports/train_report.json")
         mlflow.log_dict({name: ref.stats for name, ref in record.datasets.items()}, "reports/data.json")
         mlflow.log_dict(evals, "reports/eval.json")
@@ -261,6 +263,28 @@ def loss_curve(history: list[dict[str, float]]) -> Any:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(stats: dict[str, Any]) -> Any:
+    """The candidate's confusion matrix (rows: true label, columns: predicted), counts in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix, labels = stats["confusion_matrix"], stats["labels"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.2 * len(labels) + 1.5))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            ax.text(j, i, str(count), ha="center", va="center")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"accuracy {stats.get('accuracy')}, macro F1 {stats.get('f1_macro')}")
     fig.tight_layout()
     return fig
 

@@ -111,5 +111,7 @@ def test_task_parameter_set_runs_end_to_end(prefect_api, store, tmp_path, name, 
     model = mlflow.pyfunc.load_model(f"models:/{model_name}/{summary.version.version}")
     if kind == "classification":
         assert set(model.predict(["the team scored a goal", "the bank made a profit"])) <= {"money", "sport", "tech"}
+        run = MlflowClient().get_model_version(model_name, summary.version.version).run_id
+        assert "plots/confusion_matrix.png" in {a.path for a in MlflowClient().list_artifacts(run, "plots")}
     else:
         assert isinstance(model.predict(["What is 2 plus 2?"], params={"max_new_tokens": 3})[0], str)
