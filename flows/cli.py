@@ -11,6 +11,9 @@
     tuneline predict NAME[@alias|/version] TEXT [TEXT ...]
     tuneline run --resume [RUN_ID]  # a failed/crashed run again, same parameters: done tasks
                                     # are cached, training continues from its newest checkpoint
+    tuneline deploy [--pool process|docker|kubernetes] [--only NAME] [--schedules keep|on|off]
+                                    # register deployments/prefect.yaml with the Prefect server
+    tuneline worker [--pool-name tuneline-process] [--limit 1]   # a local process worker
 
 `run` uses the local services' endpoints and credentials unless the environment already
 names others (TUNELINE_S3_ENDPOINT_URL, MLFLOW_TRACKING_URI, PREFECT_API_URL, AWS_*).
@@ -68,6 +71,22 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("inputs", nargs="+", help="prompts or texts")
     predict.add_argument("--max-new-tokens", type=int, default=64)
 
+    deploy = sub.add_parser("deploy", help="register the deployments of deployments/prefect.yaml with the Prefect "
+                            "server (parameters from deployments/params/, work pool created if missing)")
+    deploy.add_argument("--pool", choices=["process", "docker", "kubernetes"], default="process",
+                        help="work pool kind from prefect.yaml (default: process, the local one)")
+    deploy.add_argument("--pool-name", help="work pool name (default: the pool's name in prefect.yaml)")
+    deploy.add_argument("--only", action="append", metavar="NAME", help="deploy only this one (repeatable)")
+    deploy.add_argument("--schedules", choices=["keep", "on", "off"], default="keep",
+                        help="keep: new schedules inactive, existing ones as they are on the server (default); "
+                        "on/off: switch them all")
+    deploy.add_argument("--image-cpu", help="CPU image for docker/kubernetes (default: the one in prefect.yaml)")
+    deploy.add_argument("--image-gpu", help="GPU image for kubernetes training runs (default: the one in prefect.yaml)")
+    worker = sub.add_parser("worker", help="start a process worker that runs the deployments' flow runs here")
+    worker.add_argument("--pool-name", default="tuneline-process", help="work pool to poll (default: tuneline-process)")
+    worker.add_argument("--limit", type=int, default=1,
+                        help="flow runs at once (default 1: one training at a time; 0 = no limit)")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for chatty in ("httpx", "httpcore", "botocore", "urllib3", "alembic"):
@@ -78,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         return registry_command(args)
     if args.command == "scrub":
         return scrub_command(args.input, args.output, args.fields, args.entities)
+    if args.command in ("deploy", "worker"):
+        return deploy_command(args)
     if args.resume is not None:
         if args.overrides or args.params != DEFAULT_PARAMS:
             parser.error("--resume takes the run's own parameters; it cannot be combined with --params or --set")
@@ -124,6 +145,36 @@ def registry_command(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def deploy_command(args: argparse.Namespace) -> int:
+    """`tuneline deploy` and `tuneline worker`, against the local services unless the environment names others."""
+    from steps.errors import ConfigError
+
+    links = use_local_services()
+    from flows import deploy
+
+    try:
+        deploy.require_api()
+        if args.command == "worker":
+            print(f"worker for pool {args.pool_name} (Ctrl-C stops it)", flush=True)
+            return deploy.run_worker(args.pool_name, args.limit or None)
+        done = deploy.deploy(args.pool, args.only, args.schedules, args.image_cpu, args.image_gpu, args.pool_name)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - server unreachable, refused deployment: one readable line
+        print(f"error: deploy failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    ui = links.get("prefect_ui")
+    for d in done:
+        print(f"{d.full_name:<32} pool {d.pool:<22} {'; '.join(d.schedules) or 'no schedule'}")
+        if ui:
+            print(f"  {ui}/deployments/deployment/{d.id}")
+    pool = done[0].pool if done else args.pool
+    hint = f"tuneline worker --pool-name {pool}" if args.pool == "process" else f"prefect worker start --pool {pool}"
+    print(f"{len(done)} deployment(s) registered; their runs start once a worker polls the pool: {hint}")
     return 0
 
 

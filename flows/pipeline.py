@@ -59,5 +59,5 @@ def finetune(params: PipelineParams = PipelineParams()) -> PipelineSummary:
     else:
         incumbent, label = base_eval, "base model"
     version = tasks.register(params.register_, record, prefix)
-    decision = tasks.promote(params.register_, version, tuned_eval, incumbent, label)
+    decision = tasks.promote(params.register_, version, tuned_eval, incumbent, label, base_eval)
     return PipelineSummary(record=record, version=version, decision=decision)

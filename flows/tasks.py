@@ -124,5 +124,5 @@ def register(cfg: RegisterConfig, record: RunRecord, prefix: str) -> RegisteredV
 
 @live_task("promote")
 def promote(cfg: RegisterConfig, version: RegisteredVersion, candidate: EvalReport, incumbent: EvalReport,
-            incumbent_label: str) -> PromotionDecision:
-    return promote_model(cfg, version, candidate, incumbent, incumbent_label)
+            incumbent_label: str, base: EvalReport | None = None) -> PromotionDecision:
+    return promote_model(cfg, version, candidate, incumbent, incumbent_label, base)

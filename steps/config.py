@@ -253,6 +253,11 @@ class TrainConfig(StrictModel):
     merge_weights: bool = Field(False, description="lora only: also store full weights with the adapter merged in.")
     seed: int = Field(42, description="Seed for weight initialisation, dropout and data order.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks CUDA when present.")
+    processes: int = Field(
+        1, ge=1, description="Data-parallel processes on this machine; >1 launches the train step through torchrun "
+        "with DDP (gloo on CPU, nccl on CUDA, one GPU per process): each optimizer step still consumes the same "
+        "global batch (batch_size x grad_accum_steps sequences), split across the processes."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -295,6 +300,16 @@ class EvaluateConfig(StrictModel):
     bleu_samples: int = Field(16, ge=0, description="Held-out prompts answered by generation for BLEU (0 = skip).")
     max_new_tokens: int = Field(48, ge=1, description="Generation budget per BLEU prompt.")
     batch_size: int = Field(8, ge=1, description="Sequences per forward pass.")
+    smoke_prompts: list[str] = Field(
+        ["What is the capital of France?", "Say hello in one short sentence.", "Name three colors."],
+        description="Generative models: golden prompts whose greedy answers must be non-empty, end with EOS within "
+        "smoke_max_new_tokens and not repeat themselves (the smoke test the promotion gate can require).",
+    )
+    smoke_max_new_tokens: int = Field(64, ge=1, description="Token limit of each smoke answer.")
+    reference_blocks: int = Field(
+        8, ge=0, description="Causal LMs: blocks of the shipped general reference text scored for the forgetting "
+        "check (reference_perplexity; 0 = skip)."
+    )
 
 
 class RegisterConfig(StrictModel):
@@ -307,6 +322,14 @@ class RegisterConfig(StrictModel):
     )
     min_improvement: float = Field(
         0.0, ge=0.0, description="Relative improvement over the champion (or the base model) needed to promote."
+    )
+    require_smoke: bool = Field(
+        True, description="Promote only when the candidate passes the smoke test (golden prompts answered and ended; "
+        "a classifier predicts every class on a balanced probe)."
+    )
+    forgetting_tolerance: float | None = Field(
+        0.25, ge=0.0, description="Causal LMs: promote only when the perplexity on the shipped general reference text "
+        "is at most this much (relative) above the base model's (None = no forgetting check)."
     )
 
 

@@ -16,12 +16,23 @@ key, so they are compared on exactly the same eval set.
   the mean margin ``logp_margin``; for a trained model also DPO's implicit rewards against
   the base (``reward_accuracy``, ``reward_margin``, beta from the training config or 0.1);
   BLEU/chrF of answers against the chosen answers.
+
+Every model also gets, for the promotion gate:
+- a smoke test (``smoke`` stats, ``smoke_passed``): generative models answer the golden
+  ``smoke_prompts`` greedily; each answer must be non-empty, end with EOS within
+  ``smoke_max_new_tokens`` and not be degenerate (more than 30% repeated 4-grams);
+  classifiers must predict every class on a balanced probe (up to 5 eval rows per class);
+  regressors must give finite outputs. Latency per input and peak memory are recorded.
+- causal LMs: ``reference_perplexity`` on ``steps/reference/general.txt`` (general English
+  and Korean text, shipped with the project): the forgetting check compares it with the
+  base model's.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
@@ -56,6 +67,13 @@ def evaluate_model(cfg: EvaluateConfig, model: ModelRef, data: DatasetRef, store
         stats |= {"perplexity": round(math.exp(loss), 4), "eval_loss": round(loss, 5), "eval_tokens": tokens}
     if task.kind == "preference":
         stats |= preference_metrics(net, model, rows, cfg.batch_size, pad_id, device, store)
+    if task.sequence_head:
+        stats["smoke"] = smoke_sequence(net, rows, task, pad_id, device)
+    else:
+        stats["smoke"] = smoke_generation(net, tokenizer, cfg, device)
+        if cfg.reference_blocks:
+            stats["reference_perplexity"] = reference_perplexity(net, tokenizer, cfg, pad_id, device)
+    stats["smoke_passed"] = stats["smoke"]["passed"]
     prompts = store.read_jsonl(data, "eval_prompts.jsonl")[: cfg.bleu_samples] if not task.sequence_head else []
     answers = generate(net, tokenizer, [p["messages"] for p in prompts], cfg, device) if prompts else []
     if prompts:
@@ -72,6 +90,97 @@ def evaluate_model(cfg: EvaluateConfig, model: ModelRef, data: DatasetRef, store
     ])
     log.info("evaluate %s: %s", model.label, stats)
     return EvalReport(**writer.commit(stats=stats).model_dump())
+
+
+REFERENCE_TEXT = Path(__file__).resolve().parent / "reference" / "general.txt"
+REFERENCE_BLOCK = 256
+
+
+def peak_memory_gib(device: str) -> float:
+    import resource
+
+    import torch
+
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return round(peak / 2**30, 3)
+
+
+def degenerate(tokens: list[int], n: int = 4, limit: float = 0.3) -> bool:
+    """More than ``limit`` of the answer's n-grams repeat an earlier one (loops like "the the the")."""
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return len(grams) >= 8 and 1 - len(set(grams)) / len(grams) > limit
+
+
+def smoke_generation(net: Any, tokenizer: Any, cfg: EvaluateConfig, device: str) -> dict[str, Any]:
+    """Greedy answers to the golden prompts: non-empty, ended by EOS within the limit, not degenerate."""
+    import time
+
+    import torch
+
+    eos = net.generation_config.eos_token_id
+    stops = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+    stops.discard(None)
+    results, started = [], time.time()
+    for prompt in cfg.smoke_prompts:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        enc = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)
+        with torch.no_grad():
+            out = net.generate(**enc, max_new_tokens=cfg.smoke_max_new_tokens, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id)
+        new = out[0, enc["input_ids"].shape[1]:].tolist()
+        ended = any(t in stops for t in new)
+        body = new[: next((i for i, t in enumerate(new) if t in stops), len(new))]
+        answer = tokenizer.decode(body, skip_special_tokens=True).strip()
+        checks = {"non_empty": bool(answer), "ended": ended, "not_degenerate": not degenerate(body)}
+        results.append({"prompt": prompt, "tokens": len(body), **checks, "passed": all(checks.values())})
+    seconds = time.time() - started
+    return {"kind": "generation", "passed": all(r["passed"] for r in results), "prompts": results,
+            "seconds_per_input": round(seconds / max(len(results), 1), 3), "peak_memory_gib": peak_memory_gib(device)}
+
+
+def smoke_sequence(net: Any, rows: list[dict], task: Task, pad_id: int, device: str) -> dict[str, Any]:
+    """Classifiers predict every class on a balanced probe; regressors give finite outputs."""
+    import math
+    import time
+
+    import torch
+
+    if task.kind == "classification":
+        by_class: dict[int, list[dict]] = {}
+        for r in rows:
+            by_class.setdefault(r["label"], []).append(r)
+        probe = [r for label in sorted(by_class) for r in by_class[label][:5]]
+    else:
+        probe = rows[:16]
+    started = time.time()
+    with torch.no_grad():
+        batch = {k: v.to(device) for k, v in collate(probe, pad_id).items()} if probe else None
+        logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float() \
+            if batch else torch.zeros(0, 1)
+    seconds = time.time() - started
+    result: dict[str, Any] = {"kind": task.kind, "probe": len(probe),
+                              "seconds_per_input": round(seconds / max(len(probe), 1), 4),
+                              "peak_memory_gib": peak_memory_gib(device)}
+    if task.kind == "classification":
+        predicted = sorted({task.labels[i] for i in logits.argmax(-1).tolist()})
+        missing = sorted(set(task.labels) - set(predicted))
+        result |= {"predicted_classes": predicted, "missing_classes": missing,
+                   "passed": bool(probe) and not missing}
+    else:
+        result["passed"] = bool(probe) and all(math.isfinite(v) for v in logits[:, 0].tolist())
+    return result
+
+
+def reference_perplexity(net: Any, tokenizer: Any, cfg: EvaluateConfig, pad_id: int, device: str) -> float:
+    """Perplexity on the shipped general text, in blocks of 256 tokens (the forgetting check)."""
+    ids = tokenizer(REFERENCE_TEXT.read_text(encoding="utf-8"), add_special_tokens=False, verbose=False)["input_ids"]
+    rows = [{"input_ids": ids[i : i + REFERENCE_BLOCK]}
+            for i in range(0, len(ids), REFERENCE_BLOCK)][: cfg.reference_blocks]
+    loss, _ = token_nll(net, [r for r in rows if len(r["input_ids"]) > 1], cfg.batch_size, pad_id, device,
+                        progress=False)
+    return round(math.exp(loss), 4)
 
 
 def sequence_metrics(net: Any, rows: list[dict], task: Task, batch_size: int, pad_id: int, device: str

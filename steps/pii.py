@@ -322,8 +322,19 @@ _PROSE_WORDS = {"changed", "updated", "expired", "invalid", "incorrect", "reset"
                 "forgotten", "missing", "protected", "encrypted", "needed", "enabled", "disabled", "default"}
 
 
+def _key_start(text: str, end: int) -> int:
+    start = end
+    while start > 0 and (text[start - 1].isascii() and (text[start - 1].isalnum() or text[start - 1] in "_.-")):
+        start -= 1
+    return start
+
+
 def _assignment_ok(m: re.Match[str]) -> tuple[int, int] | bool:
-    key, value = m["key"], m["v"]
+    value = m["v"]
+    start = _key_start(m.string, m.start("key")) if m["key"].isascii() else m.start("key")
+    key = m.string[start:m.end("key")]
+    if m.string[max(0, start - 2):start] == "${":
+        return False  # ${PASSWORD:-default}
     password_like = re.search(r"(?:" + _PASSWORD_KEYS + r"|비밀번호|비번|패스워드|암호)$", key, re.I) is not None
     quoted = m.groupdict().get("q") is not None
     if (_NOT_SECRET_KEYS.search(key) and not re.search(r"password|passwd|passphrase", key, re.I)) \
@@ -370,7 +381,10 @@ _VALUE_END = r"[^\s\"'`<>()\[\]{},;&.:\x80-\U0010ffff]"
 _UNQUOTED = (r"(?P<v>" + _VALUE_CHARS + r"{0,255}?" + _VALUE_END + r")"
              r"(?=[.:]*(?:[\s\"'`<>)\]},;&\x80-\U0010ffff]|$))")
 _QUOTED = r"(?P<q>[\"'])(?P<v>[^\s\"'`]{1,256})(?P=q)"
-_KEY = (r"(?P<key>(?<![A-Za-z0-9_])(?<!\$\{)[A-Za-z0-9_.\-]*?(?i:" + _PASSWORD_KEYS + "|" + _TOKEN_KEYS + r"))"
+# The regex anchors on the keyword (a lazy identifier prefix would be quadratic on long
+# runs); _assignment_ok recovers the whole key name ("DB_PASSWORD") by scanning back.  The
+# lookahead on the keywords' first letters makes the case-insensitive scan ~4x faster.
+_KEY = (r"(?=[PpSsTtAaCc])(?P<key>(?i:" + _PASSWORD_KEYS + "|" + _TOKEN_KEYS + r"))"
         r"[\"']?(?:[ \t]*(?P<sep>:=|=>|=|:)|[ \t]+(?P<is>is)(?:[ \t]*:)?)[ \t]*")
 _KO_KEY = r"(?P<key>비밀번호|비번|패스워드|암호)(?:는|은)?[ \t]*(?P<sep>:|=)?[ \t]*"
 
@@ -625,12 +639,15 @@ class PiiEngine:
         return "".join(parts), counts
 
 
+# Hangul compatibility jamo (U+3131-U+318E: ㅋ, ㅠ, ...) as typed in chat. NFKC maps them to
+# conjoining jamo that then fuse with their neighbours ("ㅋㅠ" -> "큐"), so they skip NFKC.
+_COMPAT_JAMO = re.compile(r"([\u3131-\u318e]+)")
 _LINE_BREAKS = re.compile(r"\r\n?|[\u2028\u2029\x0b\x0c\x85]")
 # Characters whose runs are chat noise: sentence punctuation, Korean laughter/crying jamo
-# (after NFKC), and symbols/emoji (So) -- but not the structural "-=_*#/\|+`<>" of
+# and symbols/emoji (So) -- but not the structural "-=_*#/\|+`<>" of
 # Markdown, code and PEM armour, whose runs mean something.
 _NOISE_PUNCT = set("!?.,~^;:")
-_NOISE_JAMO = set("\u110f\u1112\u1173\u1172\u1169\u116e\u3147\u314b\u314e\u3160\u315c")  # ㅋ ㅎ ㅡ ㅠ ㅗ ㅜ ㅇ..
+_NOISE_JAMO = set("ㅋㅎㅠㅜㅡㅗㅇ")  # compatibility jamo, which normalize_text keeps out of NFKC
 # An emoji with its skin-tone modifier / variation selector counts as one character.
 _RUN = re.compile(r"(.[\U0001F3FB-\U0001F3FF\uFE0E\uFE0F]?)\1{3,}")
 
@@ -643,16 +660,21 @@ def _collapse_run(m: re.Match[str]) -> str:
 
 
 def normalize_text(text: str) -> str:
-    """Unicode NFKC; convert \\r\\n, \\r, \\v, \\f, NEL and U+2028/2029 to \\n; remove
-    control/format characters except \\n and \\t (this covers zero-width chars and BOMs,
-    category Cf); collapse runs of 4+ identical noise characters to 3 ("!!!!!!" -> "!!!",
-    "😂😂😂😂😂" -> "😂😂😂", "ㅋㅋㅋㅋㅋ" -> "ㅋㅋㅋ"; noise = ``! ? . , ~ ^ ; :``, Korean
-    laughter/crying jamo and symbols/emoji, not the structural ``- = _ * # / | + ` < >``);
-    turn other Unicode spaces into " "; collapse runs of spaces/tabs to one space; strip
-    trailing spaces on each line; collapse 3+ newlines to 2; strip the whole string."""
-    text = _LINE_BREAKS.sub("\n", unicodedata.normalize("NFKC", text))
+    """Convert \\r\\n, \\r, \\v, \\f, NEL and U+2028/2029 to \\n; remove control/format
+    characters except \\n and \\t (this covers zero-width chars and BOMs, category Cf);
+    Unicode NFKC, except for Hangul compatibility jamo such as ㅋ/ㅠ, which NFKC would fuse
+    into syllables ("ㅋㅠ" -> "큐"); collapse runs of 4+ identical noise characters to 3
+    ("!!!!!!" -> "!!!", "😂😂😂😂😂" -> "😂😂😂", "ㅋㅋㅋㅋㅋ" -> "ㅋㅋㅋ"; noise = ``! ? . , ~ ^ ; :``,
+    the jamo ㅋ ㅎ ㅠ ㅜ ㅡ ㅗ ㅇ and symbols/emoji with their skin-tone modifier, but not the
+    structural ``- = _ * # / | + ` < >`` of Markdown, code and PEM armour); turn other
+    Unicode spaces into " "; collapse runs of spaces/tabs to one space; strip trailing
+    spaces on each line; collapse 3+ newlines to 2; strip the whole string.  Idempotent."""
+    # Controls go before NFKC, so that characters they separated compose in one pass.
+    text = _LINE_BREAKS.sub("\n", text)
     text = "".join(ch for ch in text
                    if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cf", "Cs"))
+    text = "".join(part if i % 2 else unicodedata.normalize("NFKC", part)
+                   for i, part in enumerate(_COMPAT_JAMO.split(text)))
     text = _RUN.sub(_collapse_run, text)
     text = "".join(" " if unicodedata.category(ch) == "Zs" else ch for ch in text)
     text = re.sub(r"[ \t]+", " ", text)

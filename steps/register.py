@@ -166,29 +166,108 @@ def decide(cfg: RegisterConfig, candidate: float, incumbent: float, incumbent_la
     return relative > cfg.min_improvement, verdict
 
 
+def gate_checks(cfg: RegisterConfig, candidate: EvalReport, base: EvalReport | None) -> list[tuple[bool, str]]:
+    """The policy's other conditions: the smoke test, and the forgetting check against the base model."""
+    checks: list[tuple[bool, str]] = []
+    smoke = candidate.stats.get("smoke")
+    if cfg.require_smoke and smoke is not None:
+        if smoke.get("passed"):
+            checks.append((True, "smoke test passed"))
+        else:
+            failing = [p["prompt"] for p in smoke.get("prompts", []) if not p.get("passed")]
+            detail = (f"prompts failing: {failing}" if failing
+                      else f"classes never predicted: {smoke.get('missing_classes', [])}")
+            checks.append((False, f"smoke test failed ({detail})"))
+    before = (base.stats.get("reference_perplexity") if base is not None else None)
+    after = candidate.stats.get("reference_perplexity")
+    if cfg.forgetting_tolerance is not None and before and after:
+        growth = after / before - 1
+        ok = growth <= cfg.forgetting_tolerance
+        checks.append((ok, f"forgetting: reference perplexity {before:.4g} -> {after:.4g} ({growth:+.1%}, "
+                           f"allowed <= {cfg.forgetting_tolerance:+.0%})"))
+    return checks
+
+
 def promote_model(
-    cfg: RegisterConfig, version: RegisteredVersion, candidate: EvalReport, incumbent: EvalReport, incumbent_label: str
+    cfg: RegisterConfig, version: RegisteredVersion, candidate: EvalReport, incumbent: EvalReport, incumbent_label: str,
+    base: EvalReport | None = None,
 ) -> PromotionDecision:
-    """Move ``champion`` to ``version`` when it beats the incumbent; record the decision either way."""
+    """Move ``champion`` to ``version`` when it beats the incumbent and passes the policy's other
+    checks (smoke test, forgetting); record the decision either way (tag and model card)."""
     client = _client()
-    current = find_champion(cfg)
-    value, against = float(candidate.stats[cfg.metric]), float(incumbent.stats[cfg.metric])
-    better, verdict = decide(cfg, value, against, incumbent_label)
-    if current is not None and current.version == version.version:
-        promoted, reason, champion = True, f"already champion: {verdict}", version.version
-    elif better:
-        if current is not None:
-            client.set_registered_model_alias(cfg.model_name, "previous-champion", current.version)
-        client.set_registered_model_alias(cfg.model_name, "champion", version.version)
-        promoted, reason, champion = True, f"promoted: {verdict}", version.version
-    else:
-        promoted = False
-        reason = f"not promoted, {'champion unchanged' if current else 'no champion yet'}: {verdict}"
-        champion = current.version if current else None
+    with promotion_lock(cfg.model_name):
+        current = find_champion(cfg)
+        value, against = float(candidate.stats[cfg.metric]), float(incumbent.stats[cfg.metric])
+        checks = gate_checks(cfg, candidate, base)
+        now = f"champion v{current.version}" if current is not None else "base model"
+        if current is not None and current.version != version.version and now != incumbent_label:
+            # Another run promoted a version after this run evaluated its incumbent: compare with that one.
+            other = client.get_model_version(cfg.model_name, current.version)
+            mine = client.get_model_version(cfg.model_name, version.version)
+            comparable = (other.tags.get("tuneline.data_digest") == mine.tags.get("tuneline.data_digest")
+                          and other.tags.get("tuneline.metric") == cfg.metric
+                          and other.tags.get("tuneline.metric_value", "") != "")
+            if comparable:
+                against, incumbent_label = float(other.tags["tuneline.metric_value"]), now
+            else:
+                checks.append((False, f"the champion changed to v{current.version} during this run and was measured "
+                                      "on another eval set; run again to compare"))
+        better, verdict = decide(cfg, value, against, incumbent_label)
+        failed = [text for ok, text in checks if not ok]
+        detail = "; ".join([verdict, *(text for _, text in checks)])
+        if current is not None and current.version == version.version:
+            promoted, reason, champion = True, f"already champion: {detail}", version.version
+        elif better and not failed:
+            if current is not None:
+                client.set_registered_model_alias(cfg.model_name, "previous-champion", current.version)
+            client.set_registered_model_alias(cfg.model_name, "champion", version.version)
+            promoted, reason, champion = True, f"promoted: {detail}", version.version
+        else:
+            promoted = False
+            reason = f"not promoted, {'champion unchanged' if current else 'no champion yet'}: {detail}"
+            champion = current.version if current else None
+        verify_champion(cfg, champion)
     client.set_model_version_tag(cfg.model_name, version.version, "tuneline.promotion", reason)
+    description = client.get_model_version(cfg.model_name, version.version).description or ""
+    client.update_model_version(cfg.model_name, version.version, description=description.rstrip() + "\n\n"
+                                + promotion_section(reason, candidate, incumbent, incumbent_label, checks))
     log.info("promotion gate: %s", reason)
     return PromotionDecision(promoted=promoted, reason=reason, champion_version=champion, metric=cfg.metric,
                              candidate_value=value, incumbent_value=against, incumbent=incumbent_label)
+
+
+def promotion_section(reason: str, candidate: EvalReport, incumbent: EvalReport, label: str,
+                      checks: list[tuple[bool, str]]) -> str:
+    """The model card's account of the gate: the decision, each check, and the metrics compared."""
+    shown = [m for m in CARD_METRICS if m in candidate.stats or m in incumbent.stats]
+    lines = ["## Promotion decision", "", reason, "",
+             *[f"- {'pass' if ok else 'FAIL'}: {text}" for ok, text in checks], "",
+             f"| model | {' | '.join(shown)} |", "|---|" + "---|" * len(shown),
+             f"| candidate | {' | '.join(str(candidate.stats.get(m, '-')) for m in shown)} |",
+             f"| {label} | {' | '.join(str(incumbent.stats.get(m, '-')) for m in shown)} |"]
+    return "\n".join(lines) + "\n"
+
+
+def verify_champion(cfg: RegisterConfig, expected: str | None) -> None:
+    """Re-read the alias after writing it: a concurrent writer that slipped past the lock shows up here."""
+    from mlflow.exceptions import MlflowException
+
+    from steps.errors import TransientError
+
+    try:
+        current: str | None = _client().get_model_version_by_alias(cfg.model_name, "champion").version
+    except MlflowException:
+        current = None
+    if current != expected:
+        raise TransientError(f"{cfg.model_name}: champion is v{current} after the gate set v{expected}; "
+                             "another promotion interfered, retrying")
+
+
+def promotion_lock(model_name: str, timeout: float = 300.0) -> Any:
+    """One promotion per registered model at a time: a create-only lock object in the artifact bucket."""
+    from steps.store import ArtifactStore
+
+    return ArtifactStore.from_env("locks").lock(f"promote/{model_name}", timeout=timeout)
 
 
 def signature_for(task: str) -> Any:

@@ -68,6 +68,13 @@ def promote(name: str, version: str, force: bool = False, reason: str | None = N
     """Move ``champion`` to the version when it passes the gate against the champion (or when forced)."""
     if force and not reason:
         raise ConfigError("--force needs --reason TEXT: an override is recorded with its reason")
+    from steps.register import promotion_lock
+
+    with promotion_lock(name):
+        return _promote(name, version, force, reason)
+
+
+def _promote(name: str, version: str, force: bool, reason: str | None) -> str:
     client = _client()
     candidate = _version(client, name, version)
     champion = _alias(client, name, "champion")
@@ -101,7 +108,14 @@ def promote(name: str, version: str, force: bool = False, reason: str | None = N
 
 def rollback(name: str) -> str:
     """``champion`` back to ``previous-champion``; the rolled-back version is tagged and loses the alias."""
+    from steps.register import promotion_lock
+
     client = _client()
+    with promotion_lock(name):
+        return _rollback(client, name)
+
+
+def _rollback(client: Any, name: str) -> str:
     champion, previous = _alias(client, name, "champion"), _alias(client, name, "previous-champion")
     if champion is None or previous is None:
         raise ConfigError(f"{name} has no champion and previous-champion to roll back between")

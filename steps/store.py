@@ -18,6 +18,7 @@ never from parameters, and are never logged.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -25,8 +26,9 @@ import os
 import platform
 import shutil
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import boto3
 from botocore.config import Config
@@ -132,6 +134,39 @@ class ArtifactStore:
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._call("put_object", Key=key, Body=data)
+
+    @contextlib.contextmanager
+    def lock(self, name: str, timeout: float = 300.0, stale_after: float = 900.0) -> Iterator[None]:
+        """A mutual-exclusion lock: the create-only object ``<prefix>/<name>.lock`` (``IfNoneMatch="*"``).
+
+        Waits up to ``timeout`` seconds; a lock older than ``stale_after`` (its holder died) is broken.
+        """
+        key = f"{self.prefix}/{name}.lock"
+        body = json.dumps({"host": platform.node(), "pid": os.getpid(), "at": time.time()}).encode()
+        deadline = time.time() + timeout
+        while True:
+            try:
+                self._call("put_object", Key=key, Body=body, IfNoneMatch="*")
+                break
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code", "") not in {"PreconditionFailed", "412",
+                                                                          "ConditionalRequestConflict"}:
+                    raise
+            try:
+                held_since = json.loads(self.get_bytes(key)).get("at", 0.0)
+            except (ArtifactError, ValueError):
+                held_since = time.time()
+            if time.time() - held_since > stale_after:
+                log.warning("lock %s held since %.0f s: breaking it", key, time.time() - held_since)
+                self._call("delete_object", Key=key)
+                continue
+            if time.time() > deadline:
+                raise TransientError(f"lock s3://{self.bucket}/{key} still held after {timeout:.0f} s")
+            time.sleep(0.2)
+        try:
+            yield
+        finally:
+            self._call("delete_object", Key=key)
 
     def list_keys(self, prefix: str) -> list[str]:
         keys: list[str] = []

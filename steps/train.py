@@ -53,6 +53,23 @@ def train_model(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store: Arti
     key = run_key(STEP, cfg, [data.digest, model.base.digest])
     if (done := store.lookup(STEP, key)) is not None:
         return ModelRef(base=model.base, adapter=ArtifactRef(**done.model_dump()))
+    if cfg.processes > 1:
+        distributed.launch(cfg, data, model, store, key)  # rank 0 of the torchrun job commits the artifact
+        if (done := store.lookup(STEP, key)) is None:
+            raise ArtifactError(f"the {cfg.processes} training processes exited cleanly but committed no "
+                                f"{STEP} artifact under {store.artifact_key(STEP, key)}")
+        return ModelRef(base=model.base, adapter=ArtifactRef(**done.model_dump()))
+    tuned = train_in_process(cfg, data, model, store, key)
+    assert tuned is not None
+    return tuned
+
+
+def train_in_process(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store: ArtifactStore, key: str,
+                     group: Group = SINGLE) -> ModelRef | None:
+    """The training loop, in this process: the whole run, or rank ``group.rank`` of a data-parallel one.
+
+    Returns the committed model on rank 0 (the only rank that writes), None on the others.
+    """
     import torch
     from transformers import get_scheduler
 
@@ -68,12 +85,16 @@ def train_model(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store: Arti
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(net)
     named = [(name, p) for name, p in net.named_parameters() if p.requires_grad]
+    pad_id = net.config.pad_token_id or 0
+    # The loss of this rank's share of a micro-batch, as a module: DDP all-reduces gradients of its backward.
+    trainer = group.wrap(ShardLoss(net, task, cfg, pad_id, device, group), [p for _, p in named])
+    if group.active:  # same initial weights on every rank (seeded above); independent dropout from here on
+        torch.manual_seed(cfg.seed + group.rank)
     optimizer = make_optimizer(cfg, [p for _, p in named], device)
     total = cfg.max_steps or math.ceil(cfg.epochs * math.ceil(len(rows) / cfg.batch_size) / cfg.grad_accum_steps)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round((cfg.warmup_ratio or 0.0) * total)
     scheduler = get_scheduler("constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler,
                               optimizer, num_warmup_steps=warmup, num_training_steps=total)
-    pad_id = net.config.pad_token_id or 0
 
     checkpoints = Checkpoints(store, key, cfg)
     state: dict[str, Any] = {"step": 0, "history": [], "evals": [], "tokens": 0, "seconds": 0.0,

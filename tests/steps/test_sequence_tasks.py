@@ -63,6 +63,10 @@ def test_a_trained_classifier_beats_the_untrained_head(store, classes, tiny_enco
     mine = evaluate_model(EVAL, tuned, classes, store).stats
     assert mine["accuracy"] > base["accuracy"] and mine["eval_loss"] < base["eval_loss"]
     assert mine["accuracy"] >= 0.8, mine
+    assert mine["smoke"]["kind"] == "classification" and mine["smoke"]["probe"] > 0
+    assert mine["smoke_passed"] == (not mine["smoke"]["missing_classes"])
+    assert mine["smoke_passed"]  # a good classifier predicts every class on the balanced probe
+    assert "reference_perplexity" not in mine
 
 
 def test_head_method_trains_only_the_classifier_and_last_block(store, classes, tiny_encoder):

@@ -58,7 +58,19 @@ def test_evaluate_reports_perplexity_and_bleu_for_base_and_tuned(store, dataset,
     for report in (base, tuned):
         assert math.isfinite(report.stats["perplexity"]) and report.stats["perplexity"] > 1
         assert report.stats["bleu_samples"] == 3 and 0 <= report.stats["bleu"] <= 100
+        smoke = report.stats["smoke"]
+        assert smoke["kind"] == "generation" and len(smoke["prompts"]) == 3 and smoke["seconds_per_input"] > 0
+        assert report.stats["smoke_passed"] == smoke["passed"] == all(p["passed"] for p in smoke["prompts"])
+        assert report.stats["reference_perplexity"] > 1
         assert len(store.read_jsonl(report, "samples.jsonl")) == 3
     # A random tiny model is near-uniform over 49k tokens; a few LoRA steps on repetitive data beat it.
     assert tuned.stats["perplexity"] < base.stats["perplexity"]
     assert base.stats["model"] == "base" and tuned.stats["model"] == "fine-tuned"
+
+
+def test_degenerate_answers_are_detected():
+    from steps.evaluate import degenerate
+
+    assert degenerate([5, 6, 7, 8] * 6)
+    assert not degenerate(list(range(40)))
+    assert not degenerate([1, 2, 3])  # too short to judge

@@ -1,0 +1,185 @@
+"""Data-parallel training processes: the torchrun launcher and the per-rank process group.
+
+``train.processes > 1``: ``steps.train.train_model`` calls ``launch``, which runs
+
+    python -m torch.distributed.run --standalone --nproc_per_node N -m steps.distributed '<json>'
+
+(``torchrun`` itself, run from this interpreter so that the same virtual environment is used)
+and waits for it. The JSON holds references only, never pickles: the train config, the
+DatasetRef and ModelRef, the store's bucket, prefix and cache folder, and the run key the
+parent computed (so a source edit while the run is in flight cannot move the artifact). The
+environment (S3 endpoint and credentials, ``TUNELINE_CACHE``, offline flags) is inherited.
+
+Every rank runs ``main``: it joins the process group (gloo on CPU; nccl on CUDA, rank r on
+GPU ``LOCAL_RANK``) and runs the ordinary training loop (``steps.train.train_in_process``)
+with its ``Group``; the loop asks the group for its share of each micro-batch, wraps the
+model with ``Group.wrap`` (DistributedDataParallel) and reduces what it logs. Rank 0 alone
+writes (checkpoints, the train artifact); the parent then finds the committed artifact.
+``Group()`` (one process) makes every one of these calls a no-op, so single-process training
+runs the very same loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from steps.errors import TunelineError
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class DistributedError(TunelineError):
+    """The data-parallel training processes failed."""
+
+
+def launch(cfg: Any, data: Any, model: Any, store: Any, key: str) -> None:
+    """Run ``cfg.processes`` ranks of the train step under torchrun and wait for them."""
+    args = {"cfg": cfg.model_dump(mode="json"), "data": data.model_dump(mode="json"),
+            "model": model.model_dump(mode="json"), "bucket": store.bucket, "prefix": store.prefix,
+            "cache_dir": str(store.cache_dir), "key": key}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.processes),
+               "-m", "steps.distributed", json.dumps(args)]
+    env = os.environ.copy()
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    # torchrun would set 1 thread per rank; share this machine's cores between the ranks instead.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.processes)))
+    log.info("train: launching %d data-parallel processes (torchrun)", cfg.processes)
+    done = subprocess.run(command, env=env, cwd=REPO, check=False)
+    if done.returncode != 0:
+        raise DistributedError(f"torchrun with {cfg.processes} training processes failed (exit {done.returncode}); "
+                               "the ranks' errors are in the log above")
+
+
+@dataclass(frozen=True)
+class Group:
+    """This process's place among the data-parallel ranks; ``Group()`` is a single process."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    backend: str = ""
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @classmethod
+    def start(cls, device: str) -> Group:
+        """Join the torchrun process group (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_* from the environment)."""
+        import torch
+        import torch.distributed as dist
+
+        rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+        if device == "cuda":
+            torch.cuda.set_device(local)  # "cuda" then means this rank's GPU everywhere in the loop
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        else:
+            dist.init_process_group("gloo")
+        return cls(rank=rank, world=world, local_rank=local, backend=dist.get_backend())
+
+    def stop(self) -> None:
+        import torch.distributed as dist
+
+        if self.active and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def _device(self) -> Any:
+        import torch
+
+        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
+
+    def wrap(self, module: Any, trainable: list[Any]) -> Any:
+        """DistributedDataParallel over ``module`` (whose forward computes the loss); identity for one process.
+
+        Ranks load the same weights with the same seed; the trainable ones are broadcast from rank
+        0 anyway (not the frozen base: no need to ship a whole base model between processes).
+        """
+        if not self.active:
+            return module
+        import torch
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        with torch.no_grad():
+            for p in trainable:
+                dist.broadcast(p.data, src=0)
+        # device_ids=None: the module is already on this rank's device, and inputs (rows) are not tensors.
+        return DistributedDataParallel(module, device_ids=None, broadcast_buffers=False, init_sync=False)
+
+    @contextlib.contextmanager
+    def accumulating(self, model: Any, sync: bool) -> Iterator[None]:
+        """No gradient all-reduce for this backward unless ``sync`` (the last micro-batch of a step)."""
+        with (model.no_sync() if self.active and not sync else contextlib.nullcontext()):
+            yield
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over the ranks (float64)."""
+        if not self.active:
+            return list(values)
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self._device())
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's decision, on every rank (so that no rank leaves the loop alone)."""
+        if not self.active:
+            return flag
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([int(flag)], device=self._device())
+        dist.broadcast(t, src=0)
+        return bool(t.item())
+
+    def gather(self, tensor: Any) -> list[Any]:
+        """Every rank's copy of a same-shape tensor (on CPU), in rank order."""
+        if not self.active:
+            return [tensor]
+        import torch.distributed as dist
+
+        local = tensor.to(self._device())
+        out = [local.clone() for _ in range(self.world)]
+        dist.all_gather(out, local)
+        return [t.cpu() for t in out]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """One rank of a data-parallel train step (run by torchrun; see ``launch``)."""
+    from steps.config import TrainConfig
+    from steps.store import ArtifactStore, DatasetRef, ModelRef, s3_client
+    from steps.train import pick_device, train_in_process
+
+    args = json.loads((argv if argv is not None else sys.argv[1:])[0])
+    cfg = TrainConfig.model_validate(args["cfg"])
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s")
+    store = ArtifactStore(s3_client(os.environ.get("TUNELINE_S3_ENDPOINT_URL") or None), args["bucket"],
+                          args["prefix"], Path(args["cache_dir"]))
+    group = Group.start(pick_device(cfg.device))
+    try:
+        train_in_process(cfg, DatasetRef.model_validate(args["data"]), ModelRef.model_validate(args["model"]), store,
+                         args["key"], group)
+    finally:
+        group.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Deployments as the Prefect UI uses them: `tuneline deploy` against a real Prefect server (the
+session's test server, an HTTP server in its own process), the run form's schema read back from
+the API, a run created from the form's values with a few fields edited, executed by
+`tuneline worker`, and parameters that the server or the flow refuse."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.cli import main
+from flows.deploy import REPO, SPEC_FILE, base_job_template, load_spec
+from helpers import chat, write_jsonl
+
+PARAM_SETS = sorted(p.stem for p in (REPO / "deployments" / "params").glob("*.yaml"))
+FINAL_WAIT_S = 300
+
+
+def test_prefect_yaml_has_one_deployment_per_parameter_set_and_the_gpu_settings_render(monkeypatch):
+    from prefect.cli.deploy._models import PrefectYamlModel
+    from prefect.utilities.templating import apply_values
+
+    monkeypatch.setenv("TUNELINE_BUCKET", "tuneline")
+    PrefectYamlModel.model_validate(yaml.safe_load(SPEC_FILE.read_text()))  # Prefect reads it too
+    for pool in ("process", "docker", "kubernetes"):
+        planned = {p.name: p for p in load_spec(pool=pool)}
+        assert sorted(n for n, p in planned.items() if p.entrypoint == "flows.pipeline.finetune") == PARAM_SETS
+        assert planned["incoming"].entrypoint == "flows.watch.watch"
+        assert planned["incoming"].parameters == {"prefix": "s3://tuneline/incoming/",
+                                                  "deployment": "tuneline-finetune/default"}
+        assert planned["default"].parameters["params"]["train"]["max_steps"] == 60  # from params/default.yaml
+        assert [s["cron"] for s in planned["default"].schedules] == ["0 2 * * *"]
+        assert all(not s["active"] for p in planned.values() for s in p.schedules)  # registered inactive
+    assert load_spec(pool="process")[0].job_variables == {"working_dir": str(REPO)}
+
+    # Kubernetes: training runs get the GPU image, one GPU and a GPU node; the sensor does not.
+    k8s = {p.name: p for p in load_spec(pool="kubernetes", image_gpu="reg.example/tuneline-gpu:1")}
+    template = base_job_template("kubernetes", k8s["default"].pool["base_job_template"])
+    manifest = apply_values(template["job_configuration"]["job_manifest"], k8s["default"].job_variables,
+                            remove_notset=True)
+    pod = manifest["spec"]["template"]["spec"]
+    assert pod["containers"][0]["image"] == "reg.example/tuneline-gpu:1"
+    assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 1}
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    watcher = apply_values(template["job_configuration"]["job_manifest"], k8s["incoming"].job_variables,
+                           remove_notset=True)["spec"]["template"]["spec"]
+    assert watcher["containers"][0]["image"] == "tuneline-cpu:0.1.0"
+    assert "nvidia.com/gpu" not in watcher["containers"][0]["resources"].get("limits", {})
+    assert "nodeSelector" not in watcher
+    # The images named there are the ones containers/ builds.
+    for image in ("tuneline-cpu", "tuneline-gpu"):
+        assert (REPO / "containers" / f"Dockerfile.{image.split('-')[1]}").is_file()
+
+
+@contextlib.contextmanager
+def worker(pool: str, api_url: str, log: Path):
+    """`tuneline worker` in its own process group, as a user starts it; stopped with Ctrl-C (SIGINT)."""
+    env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_HOME": str(log.parent / "prefect-home"),
+           "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "worker", "--pool-name", pool, "--limit", "2"],
+                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wait_final(client, run_ids, log: Path):
+    deadline = time.monotonic() + FINAL_WAIT_S
+    while True:
+        runs = [client.read_flow_run(i) for i in run_ids]
+        if all(r.state is not None and r.state.is_final() for r in runs):
+            return runs
+        if time.monotonic() > deadline:
+            tail = log.read_text(errors="replace")[-4000:]
+            raise AssertionError(f"runs not final after {FINAL_WAIT_S}s: {[r.state_name for r in runs]}\n{tail}")
+        time.sleep(1)
+
+
+@pytest.mark.services
+def test_deploy_then_run_from_the_form_like_the_ui(prefect_api, store, tmp_path, capsys):
+    from mlflow import MlflowClient
+    from prefect import get_client
+    from prefect.exceptions import PrefectHTTPStatusError
+    from prefect.settings import get_current_settings
+
+    pool = f"tuneline-test-{uuid.uuid4().hex[:6]}"
+    assert main(["deploy", "--pool-name", pool]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "tuneline-finetune/default" in out and "nightly-retrain: cron 0 2 * * * UTC (off)" in out
+
+    with get_client(sync_client=True) as client:
+        # Every deployment is on the new process pool, which deploy created.
+        assert client.read_work_pool(pool).type == "process"
+        deployed = {d.name for d in client.read_deployments() if d.work_pool_name == pool}
+        assert deployed == {*PARAM_SETS, "incoming"}
+
+        # The form: PipelineParams' schema with descriptions, defaults and bounds; the values of the file.
+        default = client.read_deployment_by_name("tuneline-finetune/default")
+        assert default.enforce_parameter_schema and default.entrypoint == "flows.pipeline.finetune"
+        schema = default.parameter_openapi_schema
+        train = schema["definitions"]["TrainConfig"]["properties"]
+        assert train["max_steps"]["description"].startswith("Optimizer steps")
+        assert train["max_steps"]["anyOf"][0]["minimum"] == 1 and train["learning_rate"]["default"] == 2e-4
+        assert set(train["method"]["enum"]) == {"full", "head", "lora", "qlora", "reft"}
+        assert schema["definitions"]["PipelineParams"]["additionalProperties"] is False
+        assert default.parameters["params"]["train"]["max_steps"] == 60
+        assert default.description.startswith("The default run")
+        [nightly] = default.schedules
+        assert nightly.schedule.cron == "0 2 * * *" and nightly.slug == "nightly-retrain" and not nightly.active
+
+        # A schedule switched on in the UI stays on when deploy runs again; --schedules off switches it off.
+        client.update_deployment_schedule(default.id, nightly.id, active=True)
+        assert main(["deploy", "--pool-name", pool, "--only", "default"]) == 0
+        assert [s.active for s in client.read_deployment_by_name("tuneline-finetune/default").schedules] == [True]
+        assert main(["deploy", "--pool-name", pool, "--only", "default", "--schedules", "off"]) == 0
+        assert [s.active for s in client.read_deployment_by_name("tuneline-finetune/default").schedules] == [False]
+
+        # The user opens the tiny deployment's form and edits a few fields.
+        tiny = client.read_deployment_by_name("tuneline-finetune/tiny")
+        form = copy.deepcopy(tiny.parameters)
+        name = f"ui-{uuid.uuid4().hex[:6]}"
+        rows = [chat(f"What is {i} plus one?", f"{i} plus one is {i + 1}.") for i in range(24)]
+        form["params"]["ingest"]["source"] = str(write_jsonl(tmp_path / "ui.jsonl", rows))
+        form["params"]["artifacts_prefix"] = store.prefix
+        form["params"]["register"]["model_name"] = name
+        form["params"]["train"].update(max_steps=2, batch_size=4)
+        form["params"]["evaluate"].update(max_records=8, bleu_samples=1)
+        run = client.create_flow_run_from_deployment(tiny.id, parameters=form)
+
+        # Out of bounds: the server refuses the run at creation, naming the field.
+        bad = copy.deepcopy(form)
+        bad["params"]["train"]["max_steps"] = -1
+        with pytest.raises(PrefectHTTPStatusError) as refused:
+            client.create_flow_run_from_deployment(tiny.id, parameters=bad)
+        assert refused.value.response.status_code == 409
+        detail = refused.value.response.json()["detail"]
+        assert "params.train.max_steps" in detail, detail
+        # Valid per field but inconsistent (quant settings with method lora): the run starts and
+        # fails at once on PipelineParams' own check, with the field in the message.
+        odd = copy.deepcopy(form)
+        odd["params"]["train"]["quant"]["quant_type"] = "fp4"
+        odd_run = client.create_flow_run_from_deployment(tiny.id, parameters=odd)
+
+        log = tmp_path / "worker.log"
+        with worker(pool, get_current_settings().api.url, log):
+            done, failed = wait_final(client, [run.id, odd_run.id], log)
+    assert done.state.is_completed(), f"{done.state.message}\n{log.read_text(errors='replace')[-4000:]}"
+    assert failed.state.is_failed() and "train.quant settings apply to method qlora" in failed.state.message
+    versions = MlflowClient().search_model_versions(f"name = '{name}'")
+    assert len(versions) == 1
+    assert any(k.startswith(f"{store.prefix}/train/") for k in store.list_keys(store.prefix + "/"))
