@@ -113,6 +113,7 @@ def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore)
     with mlflow.start_run(run_name=f"{cfg.model_name}-{key[:8]}", tags=tags) as run, \
             tempfile.TemporaryDirectory(prefix="tuneline-register-") as tmp:
         mlflow.log_params(flatten(record.params))
+        log_datasets(record, store)
         history = store.read_json(record.model.adapter, "train_log.json")
         log_series(run.info.run_id, history)
         mlflow.log_metrics({f"{name}_{metric}": value for name, stats in evals.items()
@@ -268,6 +269,22 @@ def promotion_lock(model_name: str, timeout: float = 300.0) -> Any:
     from steps.store import ArtifactStore
 
     return ArtifactStore.from_env("locks").lock(f"promote/{model_name}", timeout=timeout)
+
+
+def log_datasets(record: RunRecord, store: ArtifactStore) -> None:
+    """``mlflow.log_input`` for the raw data and the train/eval splits, each with its S3 source and digest."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    tokenized, raw = record.datasets["tokenize"], record.datasets["ingest"]
+    inputs = [(raw, "raw.jsonl", "raw", str(raw.stats.get("source_sha256", raw.digest))),
+              (tokenized, "train.jsonl", "training", tokenized.digest),
+              (tokenized, "eval.jsonl", "evaluation", tokenized.digest)]
+    for ref, name, context, digest in inputs:
+        source = resolve_dataset_source(f"s3://{store.bucket}/{ref.key}/{name}")
+        dataset = MetaDataset(source=source, name=f"{ref.step}/{name}", digest=digest[:32])
+        mlflow.log_input(dataset, context=context)
 
 
 def signature_for(task: str) -> Any:

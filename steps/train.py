@@ -30,15 +30,18 @@ import re
 import resource
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from steps import fastpath, methods, preference
-from steps.batching import batch_order, collate, sequence_loss, token_nll
+from steps import distributed, fastpath, methods, preference
+from steps.batching import IGNORE, batch_order, collate, sequence_loss, token_nll
 from steps.fastpath import pack_order
 from steps.config import TrainConfig
+from steps.distributed import Group
+from steps.errors import ArtifactError
 from steps.methods.common import Task
 from steps.lineage import run_key
 from steps.store import ArtifactRef, ArtifactStore, DatasetRef, ModelRef
@@ -47,6 +50,7 @@ log = logging.getLogger(__name__)
 
 STEP = "train"
 CHECKPOINTS = "train-checkpoints"
+SINGLE = Group()  # one process: every data-parallel call of the loop is a no-op
 
 
 def train_model(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store: ArtifactStore) -> ModelRef:
@@ -87,7 +91,7 @@ def train_in_process(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store:
     named = [(name, p) for name, p in net.named_parameters() if p.requires_grad]
     pad_id = net.config.pad_token_id or 0
     # The loss of this rank's share of a micro-batch, as a module: DDP all-reduces gradients of its backward.
-    trainer = group.wrap(ShardLoss(net, task, cfg, pad_id, device, group), [p for _, p in named])
+    trainer = group.wrap(loss_module(net, task, cfg, pad_id, device, group), [p for _, p in named])
     if group.active:  # same initial weights on every rank (seeded above); independent dropout from here on
         torch.manual_seed(cfg.seed + group.rank)
     optimizer = make_optimizer(cfg, [p for _, p in named], device)
@@ -100,7 +104,7 @@ def train_in_process(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store:
     state: dict[str, Any] = {"step": 0, "history": [], "evals": [], "tokens": 0, "seconds": 0.0,
                              "best_eval": None, "bad_evals": 0, "stopped_early": False, "resumed_from": None}
     if (latest := checkpoints.latest()) is not None:
-        state = checkpoints.restore(latest, named, optimizer, scheduler)
+        state = checkpoints.restore(latest, named, optimizer, scheduler, group)
         state["resumed_from"] = state["step"]
         log.info("train: resuming from checkpoint at step %d", state["step"])
     lengths = [len(r["input_ids"]) for r in rows]
@@ -112,45 +116,59 @@ def train_in_process(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     started = time.time() - state["seconds"]
-    net.train()
-    progress = tqdm(range(state["step"] + 1, total + 1), desc="train", unit="step", initial=state["step"], total=total)
+    trainer.train()
+    progress = tqdm(range(state["step"] + 1, total + 1), desc="train", unit="step", initial=state["step"], total=total,
+                    disable=not group.main)
     for step in progress:
-        step_loss, step_metrics = 0.0, {}
-        for _ in range(cfg.grad_accum_steps):
-            batch_rows = [rows[i] for i in next(order)]
+        tokens, logged = 0, {}
+        for micro in range(cfg.grad_accum_steps):
+            part = share_of(group, [rows[i] for i in next(order)], task, cfg, budget)
             if reference is not None:
-                reference.fill(batch_rows, pad_id)
-            loss, tokens, metrics = batch_loss(net, batch_rows, task, cfg, pad_id, device, budget)
-            (loss / cfg.grad_accum_steps).backward()
-            step_loss += loss.item() / cfg.grad_accum_steps
-            state["tokens"] += tokens
-            for name, value in metrics.items():
-                step_metrics[name] = step_metrics.get(name, 0.0) + value / cfg.grad_accum_steps
+                reference.fill(part.rows, pad_id)
+            with group.accumulating(trainer, sync=micro == cfg.grad_accum_steps - 1):
+                loss, micro_tokens, micro_logged = trainer(part, budget)
+                (loss / cfg.grad_accum_steps).backward()
+            tokens += micro_tokens
+            for name, value in micro_logged.items():
+                logged[name] = logged.get(name, 0.0) + value / cfg.grad_accum_steps
+        if group.active:  # every rank logged its share: the sums are the global batch's numbers
+            tokens, *values = group.sum([tokens, *logged.values()])
+            tokens, logged = round(tokens), dict(zip(logged, values))
         torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.max_grad_norm)
         lr = scheduler.get_last_lr()[0]  # the rate this step uses
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] = step
-        state["history"].append({"step": step, "loss": step_loss, "lr": lr, **step_metrics})
+        state["tokens"] += tokens
+        step_loss = logged.pop("loss")
+        state["history"].append({"step": step, "loss": step_loss, "lr": lr, **logged})
         progress.set_postfix(loss=f"{step_loss:.3f}")
         es = cfg.early_stopping
-        if es and reference is not None and step % es.eval_every == 0:
-            reference.fill(eval_rows, pad_id)
-        if es and step % es.eval_every == 0 and should_stop(cfg, task, net, eval_rows, pad_id, device, state):
-            log.info("train: early stop at step %d (eval loss %.4f, best %.4f)", step, state["evals"][-1]["loss"], state["best_eval"])
-            break
+        if es and step % es.eval_every == 0:
+            stop = False
+            if group.main:  # the other ranks wait for rank 0's decision
+                if reference is not None:
+                    reference.fill(eval_rows, pad_id)
+                stop = should_stop(cfg, task, net, eval_rows, pad_id, device, state)
+            if group.agree(stop):
+                if group.main:
+                    log.info("train: early stop at step %d (eval loss %.4f, best %.4f)", step,
+                             state["evals"][-1]["loss"], state["best_eval"])
+                break
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
             state["seconds"] = time.time() - started
-            checkpoints.save(step, named, optimizer, scheduler, state)
+            checkpoints.save(step, named, optimizer, scheduler, state, group)
     state["seconds"] = time.time() - started
+    if not group.main:
+        return None
 
     with tempfile.TemporaryDirectory(prefix="tuneline-train-") as tmp:
         out = Path(tmp)
         methods.save(cfg, net, out, task)
         if (out / "adapter_config.json").exists():
             point_adapter_at_base(out, f"s3://{store.bucket}/{model.base.key}")
-        report = train_report(cfg, net, state, device, total)
+        report = train_report(cfg, net, state, device, total, group.world)
         writer = store.writer(STEP, key, cfg, inputs=[data, model.base])
         writer.put_dir(out)
         writer.put_json("train_log.json", state["history"])
@@ -210,6 +228,106 @@ def batch_loss(net: Any, rows: list[dict], task: Task, cfg: TrainConfig, pad_id:
     return net(**batch, **fastpath.PACKED_FORWARD).loss, tokens, {}
 
 
+@dataclass(frozen=True)
+class Share:
+    """This rank's part of one micro-batch and its weights in the micro-batch's loss.
+
+    ``unit_share``: its share of the loss normaliser (label tokens, or rows/pairs for per-row
+    losses); ``row_share``: its share of the rows. A rank with nothing to normalise runs one row
+    of the micro-batch at weight 0 (``tokens`` then says what it really holds), so that every
+    rank still runs a forward and backward and the gradient all-reduce stays in step.
+    """
+
+    rows: list[dict]
+    unit_share: float = 1.0
+    row_share: float = 1.0
+    tokens: int | None = None
+
+
+def share_of(group: Group, rows: list[dict], task: Task, cfg: TrainConfig, budget: int) -> Share:
+    """Rows ``rank::world`` of the global micro-batch, weighted so that the ranks' losses sum to its loss."""
+    if not group.active:
+        return Share(rows)
+    units = [loss_units(r, task, cfg, budget) for r in rows]
+    mine = list(range(group.rank, len(rows), group.world))
+    total, local = sum(units), sum(units[i] for i in mine)
+    if not mine or (local == 0 and not orpo(task, cfg)):  # (ORPO's token mean is clamped: no NaN on 0 tokens)
+        stand_in = max(range(len(rows)), key=lambda i: units[i])
+        return Share([rows[stand_in]], 0.0, 0.0, tokens=row_tokens([rows[i] for i in mine], task, cfg, budget))
+    return Share([rows[i] for i in mine], local / total if total else 0.0, len(mine) / len(rows))
+
+
+def orpo(task: Task, cfg: TrainConfig) -> bool:
+    return task.kind == "preference" and cfg.preference.loss == "orpo"
+
+
+def loss_units(row: dict, task: Task, cfg: TrainConfig, budget: int) -> int:
+    """What the task's loss of a micro-batch averages over, in this row: label tokens (the model's
+    shifted next-token labels; for ORPO's NLL, the chosen answer's), or 1 (per-row and per-pair losses)."""
+    if task.sequence_head or (task.kind == "preference" and not orpo(task, cfg)):
+        return 1
+    labels = row.get("labels", row["input_ids"])
+    if cfg.packing and task.kind != "preference":
+        labels = labels[:budget]  # pack() truncates a document longer than the budget
+    return sum(1 for t in labels[1:] if t != IGNORE)
+
+
+def row_tokens(rows: list[dict], task: Task, cfg: TrainConfig, budget: int) -> int:
+    """The real tokens ``batch_loss`` would count for these rows."""
+    if task.kind == "preference":
+        return sum(len(r["input_ids"]) + len(r["rejected_ids"]) for r in rows)
+    n = sum(len(r["input_ids"]) for r in rows)
+    return min(n, budget) if cfg.packing else n
+
+
+def loss_module(net: Any, task: Task, cfg: TrainConfig, pad_id: int, device: str, group: Group) -> Any:
+    """A module whose forward is the loss of this rank's share of a micro-batch (what DDP wraps).
+
+    One process: ``batch_loss`` as it is. Data-parallel: the share's loss in the micro-batch
+    mean, times ``world`` (DDP averages gradients over the ranks), so that the all-reduced
+    gradient is exactly the gradient of the single-process mean over the whole micro-batch.
+    Logged values (loss, metrics) are the share's part of the micro-batch's value; summed over
+    the ranks they are the micro-batch's.
+    """
+    import torch
+
+    class ShardLoss(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, share: Share, budget: int) -> tuple[Any, int, dict[str, float]]:
+            if not group.active:
+                loss, tokens, metrics = batch_loss(self.net, share.rows, task, cfg, pad_id, device, budget)
+                return loss, tokens, {"loss": loss.item(), **metrics}
+            if orpo(task, cfg):  # token-mean NLL plus pair-mean odds term: each part gets its own share
+                nll, odds, log_odds, tokens = orpo_parts(self.net, share.rows, cfg, pad_id, device)
+                loss = nll * share.unit_share + odds * share.row_share
+                logged = {"log_odds": log_odds * share.row_share, "chosen_nll": nll.item() * share.unit_share}
+            else:
+                loss, tokens, metrics = batch_loss(self.net, share.rows, task, cfg, pad_id, device, budget)
+                loss = loss * share.unit_share
+                logged = {name: value * share.unit_share for name, value in metrics.items()}
+            tokens = share.tokens if share.tokens is not None else tokens
+            return loss * group.world, tokens, {"loss": loss.item(), **logged}
+
+    return ShardLoss()
+
+
+def orpo_parts(net: Any, rows: list[dict], cfg: TrainConfig, pad_id: int, device: str) -> tuple[Any, Any, float, int]:
+    """ORPO's two terms separately (``preference.pair_loss`` adds them): the chosen answers' NLL
+    (mean per token), the odds-ratio term (mean per pair), the mean log odds and the token count."""
+    import torch
+
+    logps, counts, tokens = preference.forward_logps(net, rows, pad_id, device)
+    n = len(rows)
+    chosen, rejected = logps[:n], logps[n:]
+    chosen_mean, rejected_mean = chosen / counts[:n].clamp(min=1), rejected / counts[n:].clamp(min=1)
+    nll = -chosen.sum() / counts[:n].sum().clamp(min=1)
+    odds, log_odds = preference.orpo_loss(chosen_mean, rejected_mean, torch.zeros_like(nll), cfg.preference.beta)
+    return nll, odds, log_odds.mean().item(), tokens
+
+
 def eval_loss(cfg: TrainConfig, task: Task, net: Any, rows: list[dict], pad_id: int, device: str) -> float:
     """Mean eval loss in the training objective's own terms (token NLL, sequence loss or pair loss)."""
     import torch
@@ -243,7 +361,8 @@ def should_stop(cfg: TrainConfig, task: Task, net: Any, rows: list[dict], pad_id
     return state["stopped_early"]
 
 
-def train_report(cfg: TrainConfig, net: Any, state: dict, device: str, planned: int) -> dict[str, Any]:
+def train_report(cfg: TrainConfig, net: Any, state: dict, device: str, planned: int, processes: int = 1
+                 ) -> dict[str, Any]:
     import torch
 
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
@@ -251,6 +370,7 @@ def train_report(cfg: TrainConfig, net: Any, state: dict, device: str, planned: 
     return {
         "method": cfg.method,
         "device": device,
+        "processes": processes,
         "trainable_params": sum(p.numel() for p in net.parameters() if p.requires_grad),
         "total_params": sum(p.numel() for p in net.parameters()),
         "steps": state["step"],
@@ -259,7 +379,8 @@ def train_report(cfg: TrainConfig, net: Any, state: dict, device: str, planned: 
         "tokens_per_s": round(state["tokens"] / max(state["seconds"], 1e-9), 1),
         "wall_seconds": round(state["seconds"], 2),
         "peak_memory_gib": round(peak / 2**30, 3),
-        "peak_memory_kind": "cuda max allocated" if device == "cuda" else "process max RSS",
+        "peak_memory_kind": ("cuda max allocated" if device == "cuda" else "process max RSS")
+                            + (" (rank 0)" if processes > 1 else ""),
         "stopped_early": state["stopped_early"],
         "resumed_from": state["resumed_from"],
         "evals": state["evals"],
@@ -287,9 +408,20 @@ class Checkpoints:
                        if (m := re.search(r"/step-(\d+)/_MANIFEST\.json$", k)))
         return self.store.lookup(self.step_name, f"step-{steps[-1]:06d}") if steps else None
 
-    def save(self, step: int, named: list, optimizer: Any, scheduler: Any, state: dict) -> None:
+    def save(self, step: int, named: list, optimizer: Any, scheduler: Any, state: dict, group: Group = SINGLE) -> None:
+        """Rank 0 writes (weights and optimizer state are the same on every rank); every rank must
+        call this, since the RNG states of all ranks are gathered (``torch.rank1``, ... next to rank 0's)."""
         import torch
         from safetensors.torch import save as to_bytes
+
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        if group.active:
+            rng = {(name if r == 0 else f"{name}.rank{r}"): t for name, mine in rng.items()
+                   for r, t in enumerate(group.gather(mine))}
+        if not group.main:
+            return
 
         opt = optimizer.state_dict()
         tensors = {f"{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items() if torch.is_tensor(v)}
@@ -299,15 +431,13 @@ class Checkpoints:
         writer.put_bytes("optimizer.safetensors", to_bytes({k: v.cpu().contiguous() for k, v in tensors.items()}))
         writer.put_json("optimizer.json", {"param_groups": opt["param_groups"], "scalars": scalars})
         writer.put_json("scheduler.json", scheduler.state_dict())
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
         writer.put_bytes("rng.safetensors", to_bytes(rng))
         writer.put_json("progress.json", state)
         writer.commit(stats={"step": step})
         log.info("train: checkpoint at step %d committed", step)
 
-    def restore(self, ref: ArtifactRef, named: list, optimizer: Any, scheduler: Any) -> dict:
+    def restore(self, ref: ArtifactRef, named: list, optimizer: Any, scheduler: Any, group: Group = SINGLE) -> dict:
+        """Every rank restores the same weights and optimizer state, and its own RNG state."""
         import torch
         from safetensors.torch import load as from_bytes
 
@@ -324,6 +454,8 @@ class Checkpoints:
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         scheduler.load_state_dict(self.store.read_json(ref, "scheduler.json"))
         rng = from_bytes(self.store.read_bytes(ref, "rng.safetensors"))
+        rng = {name: rng.get(f"{name}.rank{group.rank}", t) if group.rank else t
+               for name, t in rng.items() if ".rank" not in name}
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])

@@ -101,11 +101,13 @@ def test_deploy_then_run_from_the_form_like_the_ui(prefect_api, store, tmp_path,
     from prefect.exceptions import PrefectHTTPStatusError
     from prefect.settings import get_current_settings
 
+    T0 = time.time()
     pool = f"tuneline-test-{uuid.uuid4().hex[:6]}"
     assert main(["deploy", "--pool-name", pool]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "tuneline-finetune/default" in out and "nightly-retrain: cron 0 2 * * * UTC (off)" in out
 
+    print("T", round(time.time()-T0,1), 'with get_client(sync', file=sys.stderr)
     with get_client(sync_client=True) as client:
         # Every deployment is on the new process pool, which deploy created.
         assert client.read_work_pool(pool).type == "process"
@@ -126,6 +128,7 @@ def test_deploy_then_run_from_the_form_like_the_ui(prefect_api, store, tmp_path,
         [nightly] = default.schedules
         assert nightly.schedule.cron == "0 2 * * *" and nightly.slug == "nightly-retrain" and not nightly.active
 
+        print("T", round(time.time()-T0,1), '# A schedule switche', file=sys.stderr)
         # A schedule switched on in the UI stays on when deploy runs again; --schedules off switches it off.
         client.update_deployment_schedule(default.id, nightly.id, active=True)
         assert main(["deploy", "--pool-name", pool, "--only", "default"]) == 0
@@ -133,6 +136,7 @@ def test_deploy_then_run_from_the_form_like_the_ui(prefect_api, store, tmp_path,
         assert main(["deploy", "--pool-name", pool, "--only", "default", "--schedules", "off"]) == 0
         assert [s.active for s in client.read_deployment_by_name("tuneline-finetune/default").schedules] == [False]
 
+        print("T", round(time.time()-T0,1), '# The user opens', file=sys.stderr)
         # The user opens the tiny deployment's form and edits a few fields.
         tiny = client.read_deployment_by_name("tuneline-finetune/tiny")
         form = copy.deepcopy(tiny.parameters)
@@ -159,9 +163,11 @@ def test_deploy_then_run_from_the_form_like_the_ui(prefect_api, store, tmp_path,
         odd["params"]["train"]["quant"]["quant_type"] = "fp4"
         odd_run = client.create_flow_run_from_deployment(tiny.id, parameters=odd)
 
+        print("T", round(time.time()-T0,1), 'log = tmp_path / "wo', file=sys.stderr)
         log = tmp_path / "worker.log"
         with worker(pool, get_current_settings().api.url, log):
             done, failed = wait_final(client, [run.id, odd_run.id], log)
+    print("T", round(time.time()-T0,1), 'assert done.state.is', file=sys.stderr)
     assert done.state.is_completed(), f"{done.state.message}\n{log.read_text(errors='replace')[-4000:]}"
     assert failed.state.is_failed() and "train.quant settings apply to method qlora" in failed.state.message
     versions = MlflowClient().search_model_versions(f"name = '{name}'")

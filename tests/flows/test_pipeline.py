@@ -79,6 +79,11 @@ def test_full_flow_registers_promotes_and_reruns_fully_cached(prefect_api, store
     artifacts = {a.path for a in client.list_artifacts(summary.version.run_id, "plots")}
     assert artifacts == {"plots/loss_curve.png"}
     assert len(client.get_metric_history(summary.version.run_id, "loss")) == params.train.max_steps
+    inputs = client.get_run(summary.version.run_id).inputs.dataset_inputs
+    contexts = {i.tags[0].value: i.dataset for i in inputs}
+    assert set(contexts) == {"raw", "training", "evaluation"}
+    assert contexts["training"].digest == summary.record.datasets["tokenize"].digest[:32]
+    assert "train.jsonl" in contexts["training"].source
 
     # The registered pyfunc loads from the registry alone and answers.
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
