@@ -362,7 +362,32 @@ def _assignment_ok(m: re.Match[str]) -> tuple[int, int] | bool:
 
 # --- rules: (entity, pattern, validator) ------------------------------------------
 
-_Rule = tuple[str, re.Pattern[str], Callable[[re.Match[str]], "bool | tuple[int, int]"]]
+# A rule runs only on texts where its gate succeeds: a regex search, or a tuple of
+# lower-case substrings one of which the lower-cased text must contain (a cheap superset
+# of what every match contains).  Most texts lack "@", "://", "akia", "eyj", ..., so most
+# rules are skipped and redacting many short records stays fast.
+_Gate = "tuple[str, ...] | re.Pattern[str]"
+_Rule = tuple[str, _Gate, re.Pattern[str], Callable[[re.Match[str]], "bool | tuple[int, int]"]]
+
+_G_AT = ("@",)
+_G_OBFUSCATED_AT = re.compile(r"[\[({<]\s*(?i:at|dot)\s*[\])}>]|골뱅이|닷|쩜")
+_G_DIGITS = re.compile(r"\d\d")
+_G_IPV4 = re.compile(r"\d\.\d")
+_G_COLON = (":",)
+_G_URL = ("://",)
+_G_AWS = ("akia", "asia")
+_G_GITHUB = ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_")
+_G_SLACK = ("xoxb-", "xoxa-", "xoxp-", "xoxr-", "xoxs-", "hooks.slack.com")
+_G_STRIPE = ("_live_", "_test_")
+_G_SK = ("sk-",)
+_G_AIZA = ("aiza",)
+_G_UNDERSCORE_TOKENS = ("hf_", "npm_", "glpat-", "dckr_pat_")
+_G_USER_FLAG = ("-u",)  # -u and --user
+_G_JWT = ("eyj",)
+_G_PEM = ("-----begin ",)
+_G_AUTH = ("bearer", "basic")
+_G_KEY = ("pass", "pwd", "secret", "token", "key", "credential")
+_G_KO_KEY = ("비밀번호", "비번", "패스워드", "암호")
 
 # Card layouts get one regex each so that a group layout that fails Luhn does not
 # hide a shorter/longer valid layout at the same position (finditer is greedy).
@@ -389,74 +414,74 @@ _KEY = (r"(?=[PpSsTtAaCc])(?P<key>(?i:" + _PASSWORD_KEYS + "|" + _TOKEN_KEYS + r
 _KO_KEY = r"(?P<key>비밀번호|비번|패스워드|암호)(?:는|은)?[ \t]*(?P<sep>:|=)?[ \t]*"
 
 _RULES: tuple[_Rule, ...] = (
-    ("EMAIL", re.compile(
+    ("EMAIL", _G_AT, re.compile(
         r"(?<![A-Za-z0-9._%+\-])(?P<local>[A-Za-z0-9._%+\-]+(?:'[A-Za-z0-9._%+\-]+)*)@"
         r"(?P<host>(?:" + _DOMAIN_LABEL + r"\.)+[A-Za-z]{2,63})"
         r"(?![A-Za-z0-9\-])(?!\.[A-Za-z0-9])"), _email_ok),
-    ("EMAIL", re.compile(
+    ("EMAIL", _G_OBFUSCATED_AT, re.compile(
         r"(?<![A-Za-z0-9._%+\-])(?P<local>[A-Za-z0-9._%+\-]+)(?P<at>" + _OB_AT + r")"
         r"(?P<dom>(?:" + _DOMAIN_LABEL + _OB_DOT + r")+)(?P<tld>[A-Za-z]{2,63})"
         r"(?![A-Za-z0-9\-])(?!\.[A-Za-z0-9])"), _obfuscated_email_ok),
     # US: (555) 123-4567, 555-123-4567, 555.123.4567, +1 555 123 4567, 1-555-123-4567.
     # Separators are required: bare 10-digit runs are too often ids/timestamps.
-    ("PHONE", _rx(r"(?:\+?1[ .\-]?)?(?:\((?P<pa>[2-9]\d\d)\) ?|[2-9]\d\d(?P<s1>[ .\-]))"
+    ("PHONE", _G_DIGITS, _rx(r"(?:\+?1[ .\-]?)?(?:\((?P<pa>[2-9]\d\d)\) ?|[2-9]\d\d(?P<s1>[ .\-]))"
                   r"\d{3}(?P<s2>[ .\-])\d{4}"), _us_phone_ok),
     # KR mobile: 010-1234-5678 / 01012345678 (bare allowed: the 01x prefix is distinctive).
-    ("PHONE", _rx(r"(?P<pre>01[016789])(?P<s>[ .\-]?)(?P<mid>\d{3,4})(?P=s)\d{4}"), _kr_mobile_ok),
+    ("PHONE", _G_DIGITS, _rx(r"(?P<pre>01[016789])(?P<s>[ .\-]?)(?P<mid>\d{3,4})(?P=s)\d{4}"), _kr_mobile_ok),
     # KR landline: 02-123-4567, 031-1234-5678 (separators required).
-    ("PHONE", _rx(r"(?P<area>0\d{1,2})(?P<s>[ .\-])\d{3,4}(?P=s)\d{4}"), _kr_landline_ok),
+    ("PHONE", _G_DIGITS, _rx(r"(?P<area>0\d{1,2})(?P<s>[ .\-])\d{3,4}(?P=s)\d{4}"), _kr_landline_ok),
     # KR landline with a closing parenthesis: (02) 1234-5678, 02)1234-5678, (031)123-4567.
-    ("PHONE", _rx(r"\(?(?P<area>0\d{1,2})(?P<close>\)) ?\d{3,4}[.\-]\d{4}"), _kr_paren_landline_ok),
+    ("PHONE", _G_DIGITS, _rx(r"\(?(?P<area>0\d{1,2})(?P<close>\)) ?\d{3,4}[.\-]\d{4}"), _kr_paren_landline_ok),
     # International: +CC or (+CC), optional "(0)" trunk or "(415)" area, then groups that share one
     # separator (+82 10-1234-5678, +44 20 7946 0958, +33 1 23 45 67 89); 8-15 digits.
-    ("PHONE", _rx(r"(?:\+[1-9]\d{0,2}|\(\+[1-9]\d{0,2}\))[ .\-]?(?:\(\d{1,4}\)[ .\-]?)?\d{1,5}"
+    ("PHONE", _G_DIGITS, _rx(r"(?:\+[1-9]\d{0,2}|\(\+[1-9]\d{0,2}\))[ .\-]?(?:\(\d{1,4}\)[ .\-]?)?\d{1,5}"
                   r"(?:(?P<s>[ .\-]?)\d{2,8}(?:(?P=s)\d{2,8}){0,4})?"), _intl_phone_ok),
-    ("CREDIT_CARD", _rx(r"\d{13,19}"), _card_ok),
-    *(("CREDIT_CARD", _rx(r"\d{%d}(?P<s>[ \-])" % first
+    ("CREDIT_CARD", _G_DIGITS, _rx(r"\d{13,19}"), _card_ok),
+    *(("CREDIT_CARD", _G_DIGITS, _rx(r"\d{%d}(?P<s>[ \-])" % first
                           + "(?P=s)".join(r"\d{%d}" % n for n in rest)), _card_ok)
       for first, *rest in _CARD_LAYOUTS),
-    ("KR_RRN", _rx(r"\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])-?[1-8]\d{6}"), _rrn_ok),
-    ("US_SSN", _rx(r"(?P<a>\d{3})(?P<s>[ \-])(?P<g>\d{2})(?P=s)(?P<n>\d{4})"), _ssn_ok),
+    ("KR_RRN", _G_DIGITS, _rx(r"\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])-?[1-8]\d{6}"), _rrn_ok),
+    ("US_SSN", _G_DIGITS, _rx(r"(?P<a>\d{3})(?P<s>[ \-])(?P<g>\d{2})(?P=s)(?P<n>\d{4})"), _ssn_ok),
     # IPv4 may sit next to "-" (ranges such as 10.0.0.1-10.0.0.9), but never continue
     # a dotted sequence (1.2.3.4.5) or a token (v1.2.3.4).
-    ("IP_ADDRESS", re.compile(r"(?<![A-Za-z0-9_])(?<![0-9]\.)\d{1,3}(?:\.\d{1,3}){3}"
+    ("IP_ADDRESS", _G_IPV4, re.compile(r"(?<![A-Za-z0-9_])(?<![0-9]\.)\d{1,3}(?:\.\d{1,3}){3}"
                               r"(?![A-Za-z0-9_])(?!\.[0-9])"), _ipv4_ok),
     # IPv6 candidate (full, compressed, IPv4-embedded); ipaddress does the real check.
-    ("IP_ADDRESS", re.compile(
+    ("IP_ADDRESS", _G_COLON, re.compile(
         r"(?<![A-Za-z0-9_:.])(?:[0-9A-Fa-f]{0,4}:){2,7}"
         r"(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9A-Fa-f]{1,4})?"
         r"(?![A-Za-z0-9_:])(?!\.[0-9])"), _ipv6_ok),
     # scheme://user:password@host -> the user:password part.
-    ("URL_CREDENTIALS", re.compile(
+    ("URL_CREDENTIALS", _G_URL, re.compile(
         r"(?<![A-Za-z0-9+.\-])[A-Za-z][A-Za-z0-9+.\-]{1,19}://"
         r"(?P<v>[^\s/?#@:\"'<>]*:(?P<pw>[^\s/?@\"'<>]+))@(?=[A-Za-z0-9\[])"), _url_credentials_ok),
-    ("SECRET", _tok(r"(?P<pfx>AKIA|ASIA)(?P<body>[A-Z0-9]{16})"), _aws_ok),
-    ("SECRET", _tok(r"gh[pousr]_(?P<body>[A-Za-z0-9]{36,255})"), _prefixed_ok),
-    ("SECRET", _tok(r"github_pat_(?P<body>[A-Za-z0-9_]{22,255})"), _prefixed_ok),
-    ("SECRET", _tok(r"xox[baprs]-(?P<body>[A-Za-z0-9\-]{10,250})"), _prefixed_ok),
-    ("SECRET", re.compile(r"https://hooks\.slack\.com/services/(?P<body>T[A-Z0-9]{6,}/B[A-Z0-9]{6,}/"
+    ("SECRET", _G_AWS, _tok(r"(?P<pfx>AKIA|ASIA)(?P<body>[A-Z0-9]{16})"), _aws_ok),
+    ("SECRET", _G_GITHUB, _tok(r"gh[pousr]_(?P<body>[A-Za-z0-9]{36,255})"), _prefixed_ok),
+    ("SECRET", _G_GITHUB, _tok(r"github_pat_(?P<body>[A-Za-z0-9_]{22,255})"), _prefixed_ok),
+    ("SECRET", _G_SLACK, _tok(r"xox[baprs]-(?P<body>[A-Za-z0-9\-]{10,250})"), _prefixed_ok),
+    ("SECRET", _G_SLACK, re.compile(r"https://hooks\.slack\.com/services/(?P<body>T[A-Z0-9]{6,}/B[A-Z0-9]{6,}/"
                           r"[A-Za-z0-9]{16,})" + _TR), _prefixed_ok),
-    ("SECRET", _tok(r"(?:sk|rk|pk)_(?:live|test)_(?P<body>[A-Za-z0-9]{16,247})"), _prefixed_ok),
-    ("SECRET", _tok(r"sk-(?P<body>[A-Za-z0-9]{20,250})"), _mixed_case_ok),
-    ("SECRET", _tok(r"sk-(?:proj|svcacct|admin|ant-(?:api|admin)\d\d)-(?P<body>[A-Za-z0-9_\-]{20,250})"),
+    ("SECRET", _G_STRIPE, _tok(r"(?:sk|rk|pk)_(?:live|test)_(?P<body>[A-Za-z0-9]{16,247})"), _prefixed_ok),
+    ("SECRET", _G_SK, _tok(r"sk-(?P<body>[A-Za-z0-9]{20,250})"), _mixed_case_ok),
+    ("SECRET", _G_SK, _tok(r"sk-(?:proj|svcacct|admin|ant-(?:api|admin)\d\d)-(?P<body>[A-Za-z0-9_\-]{20,250})"),
      _prefixed_ok),
-    ("SECRET", _tok(r"AIza(?P<body>[0-9A-Za-z_\-]{35})"), _prefixed_ok),
-    ("SECRET", _tok(r"hf_(?P<body>[A-Za-z0-9]{30,40})"), _prefixed_ok),
-    ("SECRET", _tok(r"(?:npm_|glpat-|dckr_pat_)(?P<body>[A-Za-z0-9_\-]{20,64})"), _prefixed_ok),
+    ("SECRET", _G_AIZA, _tok(r"AIza(?P<body>[0-9A-Za-z_\-]{35})"), _prefixed_ok),
+    ("SECRET", _G_UNDERSCORE_TOKENS, _tok(r"hf_(?P<body>[A-Za-z0-9]{30,40})"), _prefixed_ok),
+    ("SECRET", _G_UNDERSCORE_TOKENS, _tok(r"(?:npm_|glpat-|dckr_pat_)(?P<body>[A-Za-z0-9_\-]{20,64})"), _prefixed_ok),
     # curl -u user:password / --user user:password (not docker's -u 1000:1000 uid:gid)
-    ("SECRET", re.compile(r"(?<!\S)(?:-u|--user)[ \t=]+[\"']?(?P<v>[^\s:\"']+:[^\s\"']+)"),
+    ("SECRET", _G_USER_FLAG, re.compile(r"(?<!\S)(?:-u|--user)[ \t=]+[\"']?(?P<v>[^\s:\"']+:[^\s\"']+)"),
      lambda m: not re.fullmatch(r"[\d:]+", m["v"]) and m.span("v")),
-    ("SECRET", re.compile(r"(?<![A-Za-z0-9_\-.])(?P<h>eyJ[A-Za-z0-9_\-]{8,})\.(?P<p>eyJ[A-Za-z0-9_\-]{8,})"
+    ("SECRET", _G_JWT, re.compile(r"(?<![A-Za-z0-9_\-.])(?P<h>eyJ[A-Za-z0-9_\-]{8,})\.(?P<p>eyJ[A-Za-z0-9_\-]{8,})"
                           r"\.[A-Za-z0-9_\-]*" + _TR), _jwt_ok),
-    ("SECRET", re.compile(r"-----BEGIN (?P<kind>(?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?)-----"
+    ("SECRET", _G_PEM, re.compile(r"-----BEGIN (?P<kind>(?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?)-----"
                           r"(?:[\s\S]*?-----END (?P=kind)-----|(?:\s*[A-Za-z0-9+/=:,\-]+)*)"),
      lambda m: True),
-    ("SECRET", re.compile(r"(?<![A-Za-z0-9_])(?P<scheme>(?i:bearer|basic))[ \t]+"
+    ("SECRET", _G_AUTH, re.compile(r"(?<![A-Za-z0-9_])(?P<scheme>(?i:bearer|basic))[ \t]+"
                           r"(?P<v>[A-Za-z0-9\-._~+/]{8,}=*)" + _TR), _bearer_ok),
-    ("SECRET", re.compile(_KEY + _QUOTED), _assignment_ok),
-    ("SECRET", re.compile(_KEY + _UNQUOTED), _assignment_ok),
-    ("SECRET", re.compile(_KO_KEY + _QUOTED), _assignment_ok),
-    ("SECRET", re.compile(_KO_KEY + _UNQUOTED), _assignment_ok),
+    ("SECRET", _G_KEY, re.compile(_KEY + _QUOTED), _assignment_ok),
+    ("SECRET", _G_KEY, re.compile(_KEY + _UNQUOTED), _assignment_ok),
+    ("SECRET", _G_KO_KEY, re.compile(_KO_KEY + _QUOTED), _assignment_ok),
+    ("SECRET", _G_KO_KEY, re.compile(_KO_KEY + _UNQUOTED), _assignment_ok),
 )
 
 
@@ -597,7 +622,14 @@ class PiiEngine:
         """Non-overlapping matches sorted by start; on overlaps URL_CREDENTIALS and
         SECRET win, then the longer span, then the more specific entity."""
         cands: set[PiiMatch] = set()
-        for entity, rx, ok in self._rules:
+        gates: dict[int, bool] = {}
+        low = text.lower()
+        for entity, gate, rx, ok in self._rules:
+            if id(gate) not in gates:
+                gates[id(gate)] = (gate.search(text) is not None if isinstance(gate, re.Pattern)
+                                   else any(g in low for g in gate))
+            if not gates[id(gate)]:
+                continue
             for m in rx.finditer(text):
                 verdict = ok(m)
                 if verdict:

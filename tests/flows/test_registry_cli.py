@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +30,20 @@ def test_two_runs_then_manual_gate_override_rollback_and_predict(prefect_api, st
     client = MlflowClient()
     champion = lambda: client.get_model_version_by_alias(name, "champion").version  # noqa: E731
     assert champion() == "1"
+    # each model card explains its decision
+    first_card, second_card = (client.get_model_version(name, v).description for v in ("1", "2"))
+    assert "## Promotion decision" in first_card and "promoted: perplexity" in first_card
+    assert "not promoted, champion unchanged: perplexity" in second_card and "champion v1" in second_card
+
+    # registered files: weights as safetensors, metadata as JSON/YAML/text, code as source; never a pickle
+    import mlflow
+
+    folder = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/1", dst_path=str(tmp_path / "dl")))
+    files = [f for f in folder.rglob("*") if f.is_file()]
+    allowed = {".safetensors", ".json", ".yaml", ".yml", ".txt", ".md", ".jinja", ".py", ""}
+    assert files and {f.suffix for f in files} <= allowed, sorted({f.suffix for f in files})
+    assert any(f.suffix == ".safetensors" for f in files)
+    assert not [f for f in files if f.read_bytes()[:1] == b"\x80"]  # pickle protocol 2+ magic
 
     capsys.readouterr()
     assert main(["models", name]) == 0
