@@ -324,7 +324,7 @@ _PROSE_WORDS = {"changed", "updated", "expired", "invalid", "incorrect", "reset"
 
 def _key_start(text: str, end: int) -> int:
     start = end
-    while start > 0 and (text[start - 1].isascii() and (text[start - 1].isalnum() or text[start - 1] in "_.-")):
+    while start > 0 and text[start - 1].isascii() and (text[start - 1].isalnum() or text[start - 1] in "_.-"):
         start -= 1
     return start
 
@@ -335,7 +335,7 @@ def _assignment_ok(m: re.Match[str]) -> tuple[int, int] | bool:
     key = m.string[start:m.end("key")]
     if m.string[max(0, start - 2):start] == "${":
         return False  # ${PASSWORD:-default}
-    password_like = re.search(r"(?:" + _PASSWORD_KEYS + r"|비밀번호|비번|패스워드|암호)$", key, re.I) is not None
+    password_like = re.search(r"(?:" + _PASSWORD_KEYS + "|비밀번호|비번|패스워드|암호)$", key, re.I) is not None
     quoted = m.groupdict().get("q") is not None
     if (_NOT_SECRET_KEYS.search(key) and not re.search(r"password|passwd|passphrase", key, re.I)) \
             or value.lower() in _NOT_SECRET_VALUES or set(value) <= _MASK_CHARS:
@@ -351,8 +351,9 @@ def _assignment_ok(m: re.Match[str]) -> tuple[int, int] | bool:
     if password_like:
         # After ":" (prose, YAML) a letters-only word is a password only when it ends the
         # line: "password: letmein" yes, "Forgot password: click here" no.
-        last_word = (m.groupdict().get("is") is None and re.match(r"[.!]?[ \t]*(?:\n|$)", m.string[m.end("v"):]) is not None
-                     and len(value) >= 6 and value.lower() not in _PROSE_WORDS)
+        line_end = re.match(r"[.!]?[ \t]*(?:\n|$)", m.string[m.end("v"):]) is not None
+        last_word = (line_end and m.groupdict().get("is") is None and len(value) >= 6
+                     and value.lower() not in _PROSE_WORDS)
         return len(value) >= 4 and (quoted or "=" in sep or symbolic or last_word) and m.span("v")
     if re.search(r"private[_\-]?key$", key, re.I) and value.startswith("-----"):
         return False  # the PEM rule takes the whole block
@@ -360,13 +361,13 @@ def _assignment_ok(m: re.Match[str]) -> tuple[int, int] | bool:
             and (quoted or "=" in sep or symbolic) and m.span("v"))
 
 
-# --- rules: (entity, pattern, validator) ------------------------------------------
+# --- rules: (entity, gate, pattern, validator) ------------------------------------
 
 # A rule runs only on texts where its gate succeeds: a regex search, or a tuple of
 # lower-case substrings one of which the lower-cased text must contain (a cheap superset
 # of what every match contains).  Most texts lack "@", "://", "akia", "eyj", ..., so most
 # rules are skipped and redacting many short records stays fast.
-_Gate = "tuple[str, ...] | re.Pattern[str]"
+_Gate = tuple[str, ...] | re.Pattern[str]
 _Rule = tuple[str, _Gate, re.Pattern[str], Callable[[re.Match[str]], "bool | tuple[int, int]"]]
 
 _G_AT = ("@",)
@@ -425,27 +426,28 @@ _RULES: tuple[_Rule, ...] = (
     # US: (555) 123-4567, 555-123-4567, 555.123.4567, +1 555 123 4567, 1-555-123-4567.
     # Separators are required: bare 10-digit runs are too often ids/timestamps.
     ("PHONE", _G_DIGITS, _rx(r"(?:\+?1[ .\-]?)?(?:\((?P<pa>[2-9]\d\d)\) ?|[2-9]\d\d(?P<s1>[ .\-]))"
-                  r"\d{3}(?P<s2>[ .\-])\d{4}"), _us_phone_ok),
+                             r"\d{3}(?P<s2>[ .\-])\d{4}"), _us_phone_ok),
     # KR mobile: 010-1234-5678 / 01012345678 (bare allowed: the 01x prefix is distinctive).
     ("PHONE", _G_DIGITS, _rx(r"(?P<pre>01[016789])(?P<s>[ .\-]?)(?P<mid>\d{3,4})(?P=s)\d{4}"), _kr_mobile_ok),
     # KR landline: 02-123-4567, 031-1234-5678 (separators required).
     ("PHONE", _G_DIGITS, _rx(r"(?P<area>0\d{1,2})(?P<s>[ .\-])\d{3,4}(?P=s)\d{4}"), _kr_landline_ok),
     # KR landline with a closing parenthesis: (02) 1234-5678, 02)1234-5678, (031)123-4567.
-    ("PHONE", _G_DIGITS, _rx(r"\(?(?P<area>0\d{1,2})(?P<close>\)) ?\d{3,4}[.\-]\d{4}"), _kr_paren_landline_ok),
-    # International: +CC or (+CC), optional "(0)" trunk or "(415)" area, then groups that share one
-    # separator (+82 10-1234-5678, +44 20 7946 0958, +33 1 23 45 67 89); 8-15 digits.
+    ("PHONE", _G_DIGITS, _rx(r"\(?(?P<area>0\d{1,2})(?P<close>\)) ?\d{3,4}[.\-]\d{4}"),
+     _kr_paren_landline_ok),
+    # International: +CC or (+CC), optional "(0)" trunk or "(415)" area, then groups that
+    # share one separator (+82 10-1234-5678, +44 20 7946 0958, +33 1 23 45 67 89); 8-15 digits.
     ("PHONE", _G_DIGITS, _rx(r"(?:\+[1-9]\d{0,2}|\(\+[1-9]\d{0,2}\))[ .\-]?(?:\(\d{1,4}\)[ .\-]?)?\d{1,5}"
-                  r"(?:(?P<s>[ .\-]?)\d{2,8}(?:(?P=s)\d{2,8}){0,4})?"), _intl_phone_ok),
+                             r"(?:(?P<s>[ .\-]?)\d{2,8}(?:(?P=s)\d{2,8}){0,4})?"), _intl_phone_ok),
     ("CREDIT_CARD", _G_DIGITS, _rx(r"\d{13,19}"), _card_ok),
     *(("CREDIT_CARD", _G_DIGITS, _rx(r"\d{%d}(?P<s>[ \-])" % first
-                          + "(?P=s)".join(r"\d{%d}" % n for n in rest)), _card_ok)
+                                     + "(?P=s)".join(r"\d{%d}" % n for n in rest)), _card_ok)
       for first, *rest in _CARD_LAYOUTS),
     ("KR_RRN", _G_DIGITS, _rx(r"\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])-?[1-8]\d{6}"), _rrn_ok),
     ("US_SSN", _G_DIGITS, _rx(r"(?P<a>\d{3})(?P<s>[ \-])(?P<g>\d{2})(?P=s)(?P<n>\d{4})"), _ssn_ok),
     # IPv4 may sit next to "-" (ranges such as 10.0.0.1-10.0.0.9), but never continue
     # a dotted sequence (1.2.3.4.5) or a token (v1.2.3.4).
     ("IP_ADDRESS", _G_IPV4, re.compile(r"(?<![A-Za-z0-9_])(?<![0-9]\.)\d{1,3}(?:\.\d{1,3}){3}"
-                              r"(?![A-Za-z0-9_])(?!\.[0-9])"), _ipv4_ok),
+                                       r"(?![A-Za-z0-9_])(?!\.[0-9])"), _ipv4_ok),
     # IPv6 candidate (full, compressed, IPv4-embedded); ipaddress does the real check.
     ("IP_ADDRESS", _G_COLON, re.compile(
         r"(?<![A-Za-z0-9_:.])(?:[0-9A-Fa-f]{0,4}:){2,7}"
@@ -459,25 +461,27 @@ _RULES: tuple[_Rule, ...] = (
     ("SECRET", _G_GITHUB, _tok(r"gh[pousr]_(?P<body>[A-Za-z0-9]{36,255})"), _prefixed_ok),
     ("SECRET", _G_GITHUB, _tok(r"github_pat_(?P<body>[A-Za-z0-9_]{22,255})"), _prefixed_ok),
     ("SECRET", _G_SLACK, _tok(r"xox[baprs]-(?P<body>[A-Za-z0-9\-]{10,250})"), _prefixed_ok),
-    ("SECRET", _G_SLACK, re.compile(r"https://hooks\.slack\.com/services/(?P<body>T[A-Z0-9]{6,}/B[A-Z0-9]{6,}/"
-                          r"[A-Za-z0-9]{16,})" + _TR), _prefixed_ok),
+    ("SECRET", _G_SLACK, re.compile(r"https://hooks\.slack\.com/services/"
+                                    r"(?P<body>T[A-Z0-9]{6,}/B[A-Z0-9]{6,}/[A-Za-z0-9]{16,})" + _TR), _prefixed_ok),
     ("SECRET", _G_STRIPE, _tok(r"(?:sk|rk|pk)_(?:live|test)_(?P<body>[A-Za-z0-9]{16,247})"), _prefixed_ok),
     ("SECRET", _G_SK, _tok(r"sk-(?P<body>[A-Za-z0-9]{20,250})"), _mixed_case_ok),
     ("SECRET", _G_SK, _tok(r"sk-(?:proj|svcacct|admin|ant-(?:api|admin)\d\d)-(?P<body>[A-Za-z0-9_\-]{20,250})"),
      _prefixed_ok),
     ("SECRET", _G_AIZA, _tok(r"AIza(?P<body>[0-9A-Za-z_\-]{35})"), _prefixed_ok),
     ("SECRET", _G_UNDERSCORE_TOKENS, _tok(r"hf_(?P<body>[A-Za-z0-9]{30,40})"), _prefixed_ok),
-    ("SECRET", _G_UNDERSCORE_TOKENS, _tok(r"(?:npm_|glpat-|dckr_pat_)(?P<body>[A-Za-z0-9_\-]{20,64})"), _prefixed_ok),
+    ("SECRET", _G_UNDERSCORE_TOKENS, _tok(r"(?:npm_|glpat-|dckr_pat_)(?P<body>[A-Za-z0-9_\-]{20,64})"),
+     _prefixed_ok),
     # curl -u user:password / --user user:password (not docker's -u 1000:1000 uid:gid)
     ("SECRET", _G_USER_FLAG, re.compile(r"(?<!\S)(?:-u|--user)[ \t=]+[\"']?(?P<v>[^\s:\"']+:[^\s\"']+)"),
      lambda m: not re.fullmatch(r"[\d:]+", m["v"]) and m.span("v")),
-    ("SECRET", _G_JWT, re.compile(r"(?<![A-Za-z0-9_\-.])(?P<h>eyJ[A-Za-z0-9_\-]{8,})\.(?P<p>eyJ[A-Za-z0-9_\-]{8,})"
-                          r"\.[A-Za-z0-9_\-]*" + _TR), _jwt_ok),
+    ("SECRET", _G_JWT, re.compile(r"(?<![A-Za-z0-9_\-.])(?P<h>eyJ[A-Za-z0-9_\-]{8,})\."
+                                  r"(?P<p>eyJ[A-Za-z0-9_\-]{8,})\.[A-Za-z0-9_\-]*" + _TR), _jwt_ok),
+    # A PEM private key up to its END line, or (cut-off text) as far as base64 lines go.
     ("SECRET", _G_PEM, re.compile(r"-----BEGIN (?P<kind>(?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?)-----"
-                          r"(?:[\s\S]*?-----END (?P=kind)-----|(?:\s*[A-Za-z0-9+/=:,\-]+)*)"),
+                                  r"(?:[\s\S]*?-----END (?P=kind)-----|(?:\s*[A-Za-z0-9+/=:,\-]+)*)"),
      lambda m: True),
     ("SECRET", _G_AUTH, re.compile(r"(?<![A-Za-z0-9_])(?P<scheme>(?i:bearer|basic))[ \t]+"
-                          r"(?P<v>[A-Za-z0-9\-._~+/]{8,}=*)" + _TR), _bearer_ok),
+                                   r"(?P<v>[A-Za-z0-9\-._~+/]{8,}=*)" + _TR), _bearer_ok),
     ("SECRET", _G_KEY, re.compile(_KEY + _QUOTED), _assignment_ok),
     ("SECRET", _G_KEY, re.compile(_KEY + _UNQUOTED), _assignment_ok),
     ("SECRET", _G_KO_KEY, re.compile(_KO_KEY + _QUOTED), _assignment_ok),
@@ -488,7 +492,7 @@ _RULES: tuple[_Rule, ...] = (
 # --- canonical values, masks -----------------------------------------------------
 
 def _canonical_phone(value: str) -> str:
-    if value.lstrip().startswith("+"):
+    if value.lstrip("( ").startswith("+"):
         return "+" + _digits(re.sub(r"\(0\)", "", value))
     digits = _digits(value)
     if digits.startswith("0"):
