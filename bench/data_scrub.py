@@ -5,7 +5,7 @@
 For each N: writes N synthetic chat-like records (~200 characters, a third with an email
 or phone number) to a temporary JSONL file, scrubs it in a fresh process, and prints one
 JSON line with records, seconds, records_per_s and the scrubbing process's peak RSS
-(``resource.getrusage(RUSAGE_CHILDREN)``): flat memory means the peak stays the same
+(``VmHWM`` of that process): flat memory means the peak stays the same
 while N grows 100x. Rows are appended to ``bench/results/<date>-data-scrub.json``.
 """
 
@@ -16,7 +16,6 @@ import datetime
 import json
 import platform
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -43,12 +42,13 @@ def run(n: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-scrub-") as tmp:
         source, target = Path(tmp) / "in.jsonl", Path(tmp) / "out.jsonl"
         write_records(source, n)
-        code = ("import resource, sys; from flows.cli import main; "
-                f"sys.exit(main(['scrub', '--input', {str(source)!r}, '--output', {str(target)!r}, '--field', 'text']))")
+        code = ("import sys; from flows.cli import main; "
+                f"rc = main(['scrub', '--input', {str(source)!r}, '--output', {str(target)!r}, '--field', 'text']); "
+                "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM'))); sys.exit(rc)")
         started = time.time()
-        subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+        done = subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, capture_output=True, text=True)
         seconds = time.time() - started
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        peak = int(done.stdout.strip().splitlines()[-1]) / 1024  # VmHWM: the scrub process's own peak, in KiB
         return {"records": n, "input_mib": round(source.stat().st_size / 2**20, 1), "seconds": round(seconds, 1),
                 "records_per_s": round(n / seconds), "peak_rss_mib": round(peak, 1)}
 
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, nargs="+", default=[10_000, 1_000_000])
     args = parser.parse_args()
     rows = []
-    for n in sorted(args.n):  # RUSAGE_CHILDREN is a running maximum: smallest first
+    for n in sorted(args.n):
         rows.append(run(n))
         print(json.dumps(rows[-1]), flush=True)
     out = REPO / "bench" / "results" / f"{datetime.date.today().isoformat()}-data-scrub.json"

@@ -100,6 +100,12 @@ class ScrubConfig(StrictModel):
         "the scrub step stops with a configuration error.",
     )
     dedup: bool = Field(True, description="Drop records whose normalized messages (or text) repeat an earlier record.")
+    near_dedup: bool = Field(
+        True, description="Also drop near duplicates: records whose MinHash-estimated Jaccard similarity (character "
+        "5-grams of the normalized content) with an earlier kept record reaches near_threshold."
+    )
+    near_threshold: float = Field(0.85, gt=0.0, le=1.0, description="Similarity at which a record is a near duplicate.")
+    minhash_permutations: int = Field(128, ge=16, le=1024, description="MinHash signature size (more: finer estimate).")
 
     @model_validator(mode="before")
     @classmethod
@@ -258,6 +264,12 @@ class TrainConfig(StrictModel):
         "with DDP (gloo on CPU, nccl on CUDA, one GPU per process): each optimizer step still consumes the same "
         "global batch (batch_size x grad_accum_steps sequences), split across the processes."
     )
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Data parallelism when processes > 1: ddp (every process holds the whole model and "
+        "optimizer state; gradients are all-reduced) or fsdp (FSDP2: parameters, gradients and optimizer state are "
+        "sharded across the processes, each transformer block gathered only while it runs; not with qlora or "
+        "loss_chunk_tokens)."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -290,6 +302,9 @@ class TrainConfig(StrictModel):
         if self.method == "reft" and (self.packing or self.loss_chunk_tokens):
             raise ValueError("train.method 'reft' places interventions per sequence; packing and loss_chunk_tokens "
                              "are for full, head, lora and qlora")
+        if self.distributed == "fsdp" and (self.method == "qlora" or self.loss_chunk_tokens):
+            raise ValueError("train.distributed 'fsdp' cannot shard a 4-bit base (qlora), and loss_chunk_tokens "
+                             "reads the output head outside the model's forward; use distributed 'ddp'")
         if self.method == "qlora" and self.device == "cpu" and self.quant.compute_dtype == "float16":
             raise ValueError("train.quant.compute_dtype float16 is not supported on CPU; use float32 or auto")
         return self

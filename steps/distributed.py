@@ -13,7 +13,8 @@ environment (S3 endpoint and credentials, ``TUNELINE_CACHE``, offline flags) is 
 Every rank runs ``main``: it joins the process group (gloo on CPU; nccl on CUDA, rank r on
 GPU ``LOCAL_RANK``) and runs the ordinary training loop (``steps.train.train_in_process``)
 with its ``Group``; the loop asks the group for its share of each micro-batch, wraps the
-model with ``Group.wrap`` (DistributedDataParallel) and reduces what it logs. Rank 0 alone
+model with ``Group.wrap`` (DistributedDataParallel, or FSDP2 ``fully_shard`` with
+``train.distributed: fsdp``) and reduces what it logs. Rank 0 alone
 writes (checkpoints, the train artifact); the parent then finds the committed artifact.
 ``Group()`` (one process) makes every one of these calls a no-op, so single-process training
 runs the very same loop.
@@ -68,6 +69,7 @@ class Group:
     world: int = 1
     local_rank: int = 0
     backend: str = ""
+    strategy: str = "ddp"  # or "fsdp"
 
     @property
     def main(self) -> bool:
@@ -77,8 +79,14 @@ class Group:
     def active(self) -> bool:
         return self.world > 1
 
+    @property
+    def sharded(self) -> bool:
+        """FSDP: weights, gradients and optimizer state are DTensors sharded over the ranks, and every
+        forward of the model is collective (all ranks must run the same forwards, e.g. evaluations)."""
+        return self.active and self.strategy == "fsdp"
+
     @classmethod
-    def start(cls, device: str) -> Group:
+    def start(cls, device: str, strategy: str = "ddp") -> Group:
         """Join the torchrun process group (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_* from the environment)."""
         import torch
         import torch.distributed as dist
@@ -89,7 +97,7 @@ class Group:
             dist.init_process_group("nccl", device_id=torch.device("cuda", local))
         else:
             dist.init_process_group("gloo")
-        return cls(rank=rank, world=world, local_rank=local, backend=dist.get_backend())
+        return cls(rank=rank, world=world, local_rank=local, backend=dist.get_backend(), strategy=strategy)
 
     def stop(self) -> None:
         import torch.distributed as dist
@@ -102,9 +110,13 @@ class Group:
 
         return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
 
-    def wrap(self, module: Any, trainable: list[Any]) -> Any:
-        """DistributedDataParallel over ``module`` (whose forward computes the loss); identity for one process.
+    def wrap(self, module: Any, net: Any) -> Any:
+        """The data-parallel form of ``module`` (whose forward computes the loss with its submodule ``net``).
 
+        ddp: DistributedDataParallel over ``module``. fsdp: ``net`` itself is sharded in place
+        (FSDP2 ``fully_shard``: each transformer block, then the whole model as the root unit, so
+        that any call of ``net`` gathers what it needs; its parameters become DTensors, so take
+        them from ``net`` again afterwards) and ``module`` is returned as is. One process: identity.
         Ranks load the same weights with the same seed; the trainable ones are broadcast from rank
         0 anyway (not the frozen base: no need to ship a whole base model between processes).
         """
@@ -112,19 +124,44 @@ class Group:
             return module
         import torch
         import torch.distributed as dist
-        from torch.nn.parallel import DistributedDataParallel
 
         with torch.no_grad():
-            for p in trainable:
-                dist.broadcast(p.data, src=0)
+            for p in net.parameters():
+                if p.requires_grad:
+                    dist.broadcast(p.data, src=0)
+        if self.sharded:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in blocks(net):
+                fully_shard(block)
+            fully_shard(net)
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
         # device_ids=None: the module is already on this rank's device, and inputs (rows) are not tensors.
-        return DistributedDataParallel(module, device_ids=None, broadcast_buffers=False, init_sync=False)
+        return DistributedDataParallel(module, device_ids=None, init_sync=False, forward_sync_buffers=False)
 
     @contextlib.contextmanager
     def accumulating(self, model: Any, sync: bool) -> Iterator[None]:
         """No gradient all-reduce for this backward unless ``sync`` (the last micro-batch of a step)."""
-        with (model.no_sync() if self.active and not sync else contextlib.nullcontext()):
+        # (fsdp reduce-scatters every micro-batch: accumulating unsharded gradients would cost their memory)
+        with (model.no_sync() if self.active and not self.sharded and not sync else contextlib.nullcontext()):
             yield
+
+    def full(self, tensor: Any) -> Any:
+        """The whole tensor of a sharded one (collective: every rank must ask, in the same order)."""
+        return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+    def like(self, value: Any, param: Any) -> Any:
+        """``value`` (a whole tensor, the same on every rank) sharded as ``param`` is, when it is a DTensor
+        of the same shape; else ``value`` itself."""
+        if not hasattr(param, "device_mesh") or tuple(value.shape) != tuple(param.shape):
+            return value
+        from torch.distributed.tensor import distribute_tensor
+
+        # src_data_rank=None: every rank holds the same whole tensor and keeps its own shard (no communication).
+        return distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements,
+                                 src_data_rank=None)
 
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sum over the ranks (float64)."""
@@ -160,6 +197,12 @@ class Group:
         return [t.cpu() for t in out]
 
 
+def blocks(net: Any) -> list[Any]:
+    """The transformer blocks of a model (the classes its transformers models name in ``_no_split_modules``)."""
+    names = {name for m in net.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
+    return [m for m in net.modules() if type(m).__name__ in names]
+
+
 def main(argv: list[str] | None = None) -> None:
     """One rank of a data-parallel train step (run by torchrun; see ``launch``)."""
     from steps.config import TrainConfig
@@ -173,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
                         format=f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s")
     store = ArtifactStore(s3_client(os.environ.get("TUNELINE_S3_ENDPOINT_URL") or None), args["bucket"],
                           args["prefix"], Path(args["cache_dir"]))
-    group = Group.start(pick_device(cfg.device))
+    group = Group.start(pick_device(cfg.device), cfg.distributed)
     try:
         train_in_process(cfg, DatasetRef.model_validate(args["data"]), ModelRef.model_validate(args["model"]), store,
                          args["key"], group)

@@ -395,6 +395,8 @@ _G_KO_KEY = ("비밀번호", "비번", "패스워드", "암호")
 _CARD_LAYOUTS = ((4, 4, 4, 4), (4, 4, 4, 4, 3), (4, 6, 5), (4, 6, 4), (4, 4, 5))
 
 _DOMAIN_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?"
+# Local parts use possessive quantifiers: their characters never include "@" or brackets,
+# so backtracking into them cannot help and only costs time.
 # Obfuscated "at"/"dot": bracketed English words (any case) or Korean words.
 _OB_AT = r"(?:\s*[\[({<]\s*(?i:at)\s*[\])}>]\s*|\s*골뱅이\s*|@)"
 _OB_DOT = r"(?:\s*[\[({<]\s*(?i:dot)\s*[\])}>]\s*|\s*(?:닷|쩜)\s*|\.)"
@@ -416,11 +418,11 @@ _KO_KEY = r"(?P<key>비밀번호|비번|패스워드|암호)(?:는|은)?[ \t]*(?
 
 _RULES: tuple[_Rule, ...] = (
     ("EMAIL", _G_AT, re.compile(
-        r"(?<![A-Za-z0-9._%+\-])(?P<local>[A-Za-z0-9._%+\-]+(?:'[A-Za-z0-9._%+\-]+)*)@"
+        r"(?<![A-Za-z0-9._%+\-])(?P<local>[A-Za-z0-9._%+\-]++(?:'[A-Za-z0-9._%+\-]++)*+)@"
         r"(?P<host>(?:" + _DOMAIN_LABEL + r"\.)+[A-Za-z]{2,63})"
         r"(?![A-Za-z0-9\-])(?!\.[A-Za-z0-9])"), _email_ok),
     ("EMAIL", _G_OBFUSCATED_AT, re.compile(
-        r"(?<![A-Za-z0-9._%+\-])(?P<local>[A-Za-z0-9._%+\-]+)(?P<at>" + _OB_AT + r")"
+        r"(?<![A-Za-z0-9._%+\-])(?P<local>[A-Za-z0-9._%+\-]++)(?P<at>" + _OB_AT + r")"
         r"(?P<dom>(?:" + _DOMAIN_LABEL + _OB_DOT + r")+)(?P<tld>[A-Za-z]{2,63})"
         r"(?![A-Za-z0-9\-])(?!\.[A-Za-z0-9])"), _obfuscated_email_ok),
     # US: (555) 123-4567, 555-123-4567, 555.123.4567, +1 555 123 4567, 1-555-123-4567.
@@ -598,7 +600,9 @@ class PiiEngine:
 
     ``actions`` maps an entity to ``placeholder``, ``hash`` or ``mask``; other entities
     get ``default_action``.  ``salt`` is only used by ``hash`` (default: the
-    ``TUNELINE_PII_SALT`` environment variable, read only when some entity hashes)."""
+    ``TUNELINE_PII_SALT`` environment variable, read only when some entity hashes);
+    ``salt_id`` is then a 16-hex-digit HMAC of a constant under the salt (None without
+    hashing), safe to put into cache keys and manifests."""
 
     def __init__(self, entities: Iterable[str] = ENTITIES, actions: Mapping[str, str] | None = None,
                  default_action: str = "placeholder", salt: bytes | None = None):
@@ -613,32 +617,41 @@ class PiiEngine:
                 raise ValueError(f"unknown PII action {action!r}; expected one of {ACTIONS}")
         self.entities: tuple[str, ...] = tuple(e for e in known if e in selected)
         self.actions: dict[str, str] = {e: actions.get(e, default_action) for e in self.entities}
-        self._rules = [r for r in _RULES if r[0] in self.entities]
+        # Rules grouped by gate (in _RULES order), so that each gate is checked once per text.
+        self._groups: list[tuple[_Gate, list[tuple[str, re.Pattern[str], Callable]]]] = []
+        for entity, gate, rx, ok in _RULES:
+            if entity in self.entities:
+                group = next((g for g in self._groups if g[0] is gate), None)
+                if group is None:
+                    group = (gate, [])
+                    self._groups.append(group)
+                group[1].append((entity, rx, ok))
         self._hmac: hmac.HMAC | None = None  # keyed with the salt; the salt itself is not kept
+        self.salt_id: str | None = None
         if "hash" in self.actions.values():
             key = salt_from_env() if salt is None else bytes(salt)
             if len(key) < MIN_SALT_BYTES:
                 raise ConfigError(f"PII hash salt ({SALT_ENV}) must be at least {MIN_SALT_BYTES} bytes long")
             self._hmac = hmac.new(key, digestmod="sha256")
+            # A non-reversible name for the salt: artifacts hashed with different salts can
+            # get different cache keys without the salt itself being stored anywhere.
+            self.salt_id = hmac.new(key, b"tuneline-pii-salt-id", "sha256").hexdigest()[:16]
         self._names = _presidio_person_finder() if "PERSON" in self.entities else None
 
     def find(self, text: str) -> list[PiiMatch]:
         """Non-overlapping matches sorted by start; on overlaps URL_CREDENTIALS and
         SECRET win, then the longer span, then the more specific entity."""
         cands: set[PiiMatch] = set()
-        gates: dict[int, bool] = {}
         low = text.lower()
-        for entity, gate, rx, ok in self._rules:
-            if id(gate) not in gates:
-                gates[id(gate)] = (gate.search(text) is not None if isinstance(gate, re.Pattern)
-                                   else any(g in low for g in gate))
-            if not gates[id(gate)]:
+        for gate, rules in self._groups:
+            if not (gate.search(text) if isinstance(gate, re.Pattern) else any(map(low.__contains__, gate))):
                 continue
-            for m in rx.finditer(text):
-                verdict = ok(m)
-                if verdict:
-                    start, end = verdict if isinstance(verdict, tuple) else m.span()
-                    cands.add(PiiMatch(entity, start, end))
+            for entity, rx, ok in rules:
+                for m in rx.finditer(text):
+                    verdict = ok(m)
+                    if verdict:
+                        start, end = verdict if isinstance(verdict, tuple) else m.span()
+                        cands.add(PiiMatch(entity, start, end))
         if self._names is not None:
             cands.update(PiiMatch("PERSON", s, e) for s, e in self._names(text) if e > s)
         chosen: list[PiiMatch] = []
@@ -688,6 +701,11 @@ _NOISE_JAMO = set("ㅋㅎㅠㅜㅡㅗㅇ")  # compatibility jamo, which normaliz
 _RUN = re.compile(r"(.[\U0001F3FB-\U0001F3FF\uFE0E\uFE0F]?)\1{3,}")
 
 
+def _printable(text: str) -> bool:
+    """No control, format, surrogate or non-ASCII space characters (besides \\n and \\t)."""
+    return text.replace("\n", " ").replace("\t", " ").isprintable()
+
+
 def _collapse_run(m: re.Match[str]) -> str:
     ch = m[1][0]
     if ch in _NOISE_PUNCT or ch in _NOISE_JAMO or unicodedata.category(ch) == "So":
@@ -707,12 +725,14 @@ def normalize_text(text: str) -> str:
     spaces on each line; collapse 3+ newlines to 2; strip the whole string.  Idempotent."""
     # Controls go before NFKC, so that characters they separated compose in one pass.
     text = _LINE_BREAKS.sub("\n", text)
-    text = "".join(ch for ch in text
-                   if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cf", "Cs"))
+    if not _printable(text):  # the per-character loops only where they can change something
+        text = "".join(ch for ch in text
+                       if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cf", "Cs"))
     text = "".join(part if i % 2 else unicodedata.normalize("NFKC", part)
                    for i, part in enumerate(_COMPAT_JAMO.split(text)))
     text = _RUN.sub(_collapse_run, text)
-    text = "".join(" " if unicodedata.category(ch) == "Zs" else ch for ch in text)
+    if not _printable(text):
+        text = "".join(" " if unicodedata.category(ch) == "Zs" else ch for ch in text)
     text = re.sub(r"[ \t]+", " ", text)
     text = re.sub(r" +\n", "\n", text)
     text = re.sub(r"\n{3,}", "\n\n", text)

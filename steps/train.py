@@ -88,10 +88,10 @@ def train_in_process(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store:
                  if task.kind == "preference" and cfg.preference.loss == "dpo" else None)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(net)
-    named = [(name, p) for name, p in net.named_parameters() if p.requires_grad]
     pad_id = net.config.pad_token_id or 0
     # The loss of this rank's share of a micro-batch, as a module: DDP all-reduces gradients of its backward.
-    trainer = group.wrap(loss_module(net, task, cfg, pad_id, device, group), [p for _, p in named])
+    trainer = group.wrap(loss_module(net, task, cfg, pad_id, device, group), net)
+    named = [(name, p) for name, p in net.named_parameters() if p.requires_grad]  # (after fsdp made them DTensors)
     if group.active:  # same initial weights on every rank (seeded above); independent dropout from here on
         torch.manual_seed(cfg.seed + group.rank)
     optimizer = make_optimizer(cfg, [p for _, p in named], device)
@@ -122,9 +122,10 @@ def train_in_process(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store:
     for step in progress:
         tokens, logged = 0, {}
         for micro in range(cfg.grad_accum_steps):
-            part = share_of(group, [rows[i] for i in next(order)], task, cfg, budget)
-            if reference is not None:
-                reference.fill(part.rows, pad_id)
+            batch_rows = [rows[i] for i in next(order)]
+            part = share_of(group, batch_rows, task, cfg, budget)
+            if reference is not None:  # fsdp: every rank runs the same (collective) forwards
+                reference.fill(batch_rows if group.sharded else part.rows, pad_id)
             with group.accumulating(trainer, sync=micro == cfg.grad_accum_steps - 1):
                 loss, micro_tokens, micro_logged = trainer(part, budget)
                 (loss / cfg.grad_accum_steps).backward()
@@ -147,7 +148,7 @@ def train_in_process(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store:
         es = cfg.early_stopping
         if es and step % es.eval_every == 0:
             stop = False
-            if group.main:  # the other ranks wait for rank 0's decision
+            if group.main or group.sharded:  # ddp: the other ranks wait for rank 0's decision
                 if reference is not None:
                     reference.fill(eval_rows, pad_id)
                 stop = should_stop(cfg, task, net, eval_rows, pad_id, device, state)
@@ -160,6 +161,10 @@ def train_in_process(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store:
             state["seconds"] = time.time() - started
             checkpoints.save(step, named, optimizer, scheduler, state, group)
     state["seconds"] = time.time() - started
+    if group.sharded:  # every rank takes part in gathering the trained weights; rank 0 saves them
+        trained = {name: group.full(p.detach()) for name, p in named}
+        if group.main:
+            net = unsharded(cfg, base_dir, device, task, trained)
     if not group.main:
         return None
 
@@ -183,6 +188,24 @@ def train_in_process(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store:
     log.info("train: %s, %d steps on %s, loss %.3f -> %.3f", cfg.method, state["step"], device,
              ref.stats["first_loss"], ref.stats["final_loss"])
     return ModelRef(base=model.base, adapter=ref)
+
+
+def unsharded(cfg: TrainConfig, base_dir: Path, device: str, task: Task, trained: dict[str, Any]) -> Any:
+    """The trained model in one piece (fsdp), on the CPU: the method's fresh model with the trained tensors.
+
+    Only trainable tensors change in training, so the fresh model plus them is the trained model.
+    Frozen weights take the dtype training used on ``device``; trained ones keep their own.
+    """
+    import torch
+
+    from steps.methods.common import dtype_for
+
+    net = methods.prepare(cfg, base_dir, "cpu", task).to(dtype_for(device))
+    params = dict(net.named_parameters())
+    with torch.no_grad():
+        for name, value in trained.items():
+            params[name].data = value.detach().cpu()
+    return net
 
 
 def pick_device(choice: str) -> str:
@@ -371,6 +394,7 @@ def train_report(cfg: TrainConfig, net: Any, state: dict, device: str, planned: 
         "method": cfg.method,
         "device": device,
         "processes": processes,
+        "distributed": cfg.distributed if processes > 1 else None,
         "trainable_params": sum(p.numel() for p in net.parameters() if p.requires_grad),
         "total_params": sum(p.numel() for p in net.parameters()),
         "steps": state["step"],
@@ -420,14 +444,16 @@ class Checkpoints:
         if group.active:
             rng = {(name if r == 0 else f"{name}.rank{r}"): t for name, mine in rng.items()
                    for r, t in enumerate(group.gather(mine))}
+        # fsdp: whole tensors gathered from the shards (collective, the same order on every rank)
+        opt = optimizer.state_dict()
+        tensors = {f"{i}.{k}": group.full(v) for i, s in opt["state"].items() for k, v in s.items()
+                   if torch.is_tensor(v)}
+        scalars = {f"{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items() if not torch.is_tensor(v)}
+        weights = {n: group.full(p.detach()).cpu().contiguous() for n, p in named}
         if not group.main:
             return
-
-        opt = optimizer.state_dict()
-        tensors = {f"{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items() if torch.is_tensor(v)}
-        scalars = {f"{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items() if not torch.is_tensor(v)}
         writer = self.store.writer(self.step_name, f"step-{step:06d}", self.cfg)
-        writer.put_bytes("trainable.safetensors", to_bytes({n: p.detach().cpu().contiguous() for n, p in named}))
+        writer.put_bytes("trainable.safetensors", to_bytes(weights))
         writer.put_bytes("optimizer.safetensors", to_bytes({k: v.cpu().contiguous() for k, v in tensors.items()}))
         writer.put_json("optimizer.json", {"param_groups": opt["param_groups"], "scalars": scalars})
         writer.put_json("scheduler.json", scheduler.state_dict())
@@ -444,12 +470,14 @@ class Checkpoints:
         weights = from_bytes(self.store.read_bytes(ref, "trainable.safetensors"))
         with torch.no_grad():
             for name, p in named:
-                p.copy_(weights[name])
+                p.copy_(group.like(weights[name], p))
         meta = self.store.read_json(ref, "optimizer.json")
         state: dict[int, dict[str, Any]] = {}
         for flat, value in [*from_bytes(self.store.read_bytes(ref, "optimizer.safetensors")).items(),
                             *meta["scalars"].items()]:
             index, name = flat.split(".", 1)
+            if torch.is_tensor(value):  # fsdp: sharded as its parameter is
+                value = group.like(value, named[int(index)][1])
             state.setdefault(int(index), {})[name] = value
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         scheduler.load_state_dict(self.store.read_json(ref, "scheduler.json"))

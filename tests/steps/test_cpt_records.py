@@ -52,7 +52,7 @@ def test_text_records_pass_in_text_form(store, tmp_path):
         {"id": "doc-a", "text": "First document.\n\nSecond paragraph."}, {"id": "line-2", "text": "No id here."}]
     assert ref.stats == {"records": 2, "rules": 7, "record_kind": "text"}
     report = store.read_json(ref, "report.json")
-    assert report["success"] and {r["table"] for r in report["rules"]} == {"records", "texts"}
+    assert report["success"] and {r["table"] for r in report["rules"]} == {"lines", "records", "texts"}
 
 
 @pytest.mark.parametrize("bad, rule, table", [
@@ -69,7 +69,7 @@ def test_each_broken_text_rule_stops_with_rule_count_and_line_but_no_content(sto
     with pytest.raises(DataQualityError) as err:
         validate_records(TEXT.model_copy(update={"max_text_chars": 100}), ingest(store, tmp_path, rows), store)
     message = str(err.value)
-    assert "as text records: 1 of 5 rules broken" in message
+    assert "as text records: 1 of 7 rules broken" in message
     assert f"rule '{rule}': 1 of" in message and f" {table} fail (e.g. lines 2)" in message
     assert SECRET not in message
     assert not [k for k in all_keys(store) if "/validate/" in k]
@@ -103,5 +103,6 @@ def test_text_records_are_normalized_redacted_and_deduplicated(store, tmp_path):
         {"id": "c", "text": "제 주민번호는 <KR_RRN> 입니다"},
     ]
     assert ref.stats == {"record_kind": "text", "records_in": 3, "records_out": 2, "duplicates_removed": 1,
-                         "pii": {"EMAIL": 2, "PHONE": 2, "CREDIT_CARD": 0, "KR_RRN": 1, "US_SSN": 0, "IP_ADDRESS": 0}}
+                         "pii": {"EMAIL": 2, "PHONE": 2, "CREDIT_CARD": 0, "KR_RRN": 1, "US_SSN": 0, "IP_ADDRESS": 0,
+                                 "URL_CREDENTIALS": 0, "SECRET": 0}, "near_duplicates_removed": 0}
     assert "jane" not in str(store.manifest(ref.key))

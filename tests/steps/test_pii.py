@@ -387,6 +387,13 @@ def test_hash_salt_comes_from_the_environment(monkeypatch):
     assert PiiEngine(default_action="hash").redact("a@b.com")[0] == token("EMAIL", "a@b.com")
 
 
+def test_salt_id_names_the_salt_without_revealing_it():
+    a, b = PiiEngine(default_action="hash", salt=SALT), PiiEngine(actions={"EMAIL": "hash"}, salt=SALT)
+    assert a.salt_id == b.salt_id and re.fullmatch(r"[0-9a-f]{16}", a.salt_id)
+    assert PiiEngine(default_action="hash", salt=b"another-salt-0123456789").salt_id != a.salt_id
+    assert PiiEngine(salt=SALT).salt_id is None  # no hash action
+
+
 def test_hash_without_salt_is_a_config_error_naming_the_variable(monkeypatch):
     monkeypatch.delenv(SALT_ENV, raising=False)
     with pytest.raises(ConfigError, match=SALT_ENV):

@@ -21,7 +21,8 @@ def test_pii_is_replaced_and_counted_by_type(store, tmp_path):
     assert out[0]["messages"][1]["content"] == "Card <CREDIT_CARD> noted."
     assert out[1]["messages"][0]["content"] == "제 번호는 <PHONE> 이고 주민번호는 <KR_RRN> 입니다"
     assert out[1]["messages"][1]["content"] == "SSN <US_SSN> from <IP_ADDRESS>"
-    assert ref.stats["pii"] == {"EMAIL": 1, "PHONE": 2, "CREDIT_CARD": 1, "KR_RRN": 1, "US_SSN": 1, "IP_ADDRESS": 1}
+    assert ref.stats["pii"] == {"EMAIL": 1, "PHONE": 2, "CREDIT_CARD": 1, "KR_RRN": 1, "US_SSN": 1, "IP_ADDRESS": 1,
+                                "URL_CREDENTIALS": 0, "SECRET": 0}
     manifest = store.manifest(ref.key)
     assert "Jane" not in str(manifest) and "4111" not in str(manifest)
 
@@ -45,9 +46,24 @@ def test_normalization_and_exact_dedup(store, tmp_path):
     assert [m["content"] for m in out[0]["messages"]] == ["Hello world", "Hi there"]
     assert len(out) == 2
     assert ref.stats | {"pii": None} == {"record_kind": "chat", "records_in": 4, "records_out": 2,
-                                         "duplicates_removed": 2, "pii": None}
+                                         "duplicates_removed": 2, "near_duplicates_removed": 0, "pii": None}
 
 
 def test_dedup_can_be_switched_off(store, tmp_path):
     ref = scrub(store, tmp_path, [chat("a", "b")] * 3, ScrubConfig(dedup=False))
     assert ref.stats["records_out"] == 3
+
+
+def test_near_duplicates_are_dropped_with_a_cluster_report(store, tmp_path):
+    base = "Our delivery to Busan takes three days, and express shipping costs twelve dollars extra per order."
+    rows = [chat("When will it arrive?", base, id="first"),
+            chat("When will it arrive?", base.replace("three days", "three business days"), id="near"),
+            chat("Do you ship abroad?", "Yes, to forty countries in Asia, Europe and the Americas.", id="other")]
+    ref = scrub(store, tmp_path, rows)
+    assert [r["id"] for r in store.read_jsonl(ref, RECORDS_FILE)] == ["first", "other"]
+    assert ref.stats["near_duplicates_removed"] == 1 and ref.stats["duplicates_removed"] == 1
+    report = store.read_json(ref, "dedup_report.json")
+    assert report["removed"] == 1 and report["largest"][0]["ids"] == ["first", "near"]
+    assert "Busan" not in str(report)
+    off = scrub(store, tmp_path, rows, ScrubConfig(near_dedup=False))
+    assert off.stats["records_out"] == 3

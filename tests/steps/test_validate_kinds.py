@@ -17,7 +17,8 @@ SECRET = "zebra-canary-4417"
 CLASSIFICATION = ValidateConfig(record_kind="classification")
 REGRESSION = ValidateConfig(record_kind="regression")
 PREFERENCE = ValidateConfig(record_kind="preference")
-NO_PII = {"EMAIL": 0, "PHONE": 0, "CREDIT_CARD": 0, "KR_RRN": 0, "US_SSN": 0, "IP_ADDRESS": 0}
+NO_PII = {"EMAIL": 0, "PHONE": 0, "CREDIT_CARD": 0, "KR_RRN": 0, "US_SSN": 0, "IP_ADDRESS": 0,
+          "URL_CREDENTIALS": 0, "SECRET": 0}
 
 
 def ingest(store, tmp_path, rows):
@@ -186,8 +187,8 @@ def test_classification_scrub_redacts_text_keeps_labels_and_dedups_by_text(store
         {"id": "a", "text": "Mail <EMAIL> now", "label": "spam"},
         {"id": "c", "text": "Call <PHONE>", "label": "ham"}]
     assert ref.stats == {"record_kind": "classification", "records_in": 4, "records_out": 2,
-                         "duplicates_removed": 2, "pii": NO_PII | {"EMAIL": 2, "PHONE": 2},
-                         "label_conflicts": 1, "label_counts": {"ham": 1, "spam": 1}}
+                         "duplicates_removed": 2, "near_duplicates_removed": 0,
+                         "pii": NO_PII | {"EMAIL": 2, "PHONE": 2}, "label_conflicts": 1, "label_counts": {"ham": 1, "spam": 1}}
     assert "jane" not in str(store.manifest(ref.key))
     kept_all = scrub(store, tmp_path, rows, CLASSIFICATION, ScrubConfig(dedup=False))
     assert kept_all.stats["records_out"] == 4 and kept_all.stats["label_conflicts"] == 1
@@ -214,7 +215,7 @@ def test_preference_scrub_redacts_all_three_and_dedups_on_all_three(store, tmp_p
         {"id": "a", "prompt": "My mail is <EMAIL>", "chosen": "Noted, <EMAIL>.", "rejected": "Call <PHONE>"},
         {"id": "c", "prompt": "My mail is <EMAIL>", "chosen": "Noted, <EMAIL>.", "rejected": "Something else"}]
     assert ref.stats == {"record_kind": "preference", "records_in": 3, "records_out": 2, "duplicates_removed": 1,
-                         "pii": NO_PII | {"EMAIL": 6, "PHONE": 2}}
+                         "near_duplicates_removed": 0, "pii": NO_PII | {"EMAIL": 6, "PHONE": 2}}
 
 
 # --- sources -------------------------------------------------------------------------
