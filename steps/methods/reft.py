@@ -125,6 +125,10 @@ class ReftModel(nn.Module):
         return self.base.config
 
     @property
+    def generation_config(self) -> Any:
+        return self.base.generation_config
+
+    @property
     def device(self) -> torch.device:
         return self.base.device
 

@@ -44,6 +44,10 @@ def test_each_new_object_starts_one_run_with_its_source(prefect_api, store, tmp_
     source = f"s3://{store.bucket}/{incoming}day1.jsonl"
     assert started["source"] == source
     assert watch(**sensor) == []  # a second pass: nothing new, no duplicate
+    # A pass that died after starting the run but before writing its marker: the next pass finds
+    # the same run (the idempotency key), it does not start another.
+    store.delete_prefix(f"{store.prefix}/watch-state/")
+    assert watch(**sensor) == [started]
 
     # The same key with new content is new data; a second object too.
     store.put_bytes(f"{incoming}day1.jsonl", rows + json.dumps(chat("q9", "a9")).encode() + b"\n")
