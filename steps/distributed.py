@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from steps.errors import TunelineError
+from steps.errors import ConfigError, TunelineError
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,11 @@ class DistributedError(TunelineError):
 
 def launch(cfg: Any, data: Any, model: Any, store: Any, key: str) -> None:
     """Run ``cfg.processes`` ranks of the train step under torchrun and wait for them."""
+    import torch
+
+    if cfg.device != "cpu" and torch.cuda.is_available() and torch.cuda.device_count() < cfg.processes:
+        raise ConfigError(f"train.processes is {cfg.processes}, but this machine has {torch.cuda.device_count()} "
+                          "CUDA device(s): one process per GPU")
     args = {"cfg": cfg.model_dump(mode="json"), "data": data.model_dump(mode="json"),
             "model": model.model_dump(mode="json"), "bucket": store.bucket, "prefix": store.prefix,
             "cache_dir": str(store.cache_dir), "key": key}
@@ -55,7 +60,7 @@ def launch(cfg: Any, data: Any, model: Any, store: Any, key: str) -> None:
     # torchrun would set 1 thread per rank; share this machine's cores between the ranks instead.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.processes)))
     log.info("train: launching %d data-parallel processes (torchrun)", cfg.processes)
-    done = subprocess.run(command, env=env, cwd=REPO, check=False)
+    done = subprocess.run(command, env=env, check=False)
     if done.returncode != 0:
         raise DistributedError(f"torchrun with {cfg.processes} training processes failed (exit {done.returncode}); "
                                "the ranks' errors are in the log above")

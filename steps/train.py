@@ -18,7 +18,45 @@ last). A retry of the same run (same config, data and code) resumes from the new
 complete checkpoint and continues exactly as if never interrupted.
 
 Outputs: the method's weights (safetensors), ``train_log.json`` (loss and learning rate
-per step) and ``train_report.json`` (parameters, tokens, throughput, memory, time).
+per step) and ``train_report.json`` (parameters, tokens, throughput, memory, time, processes).
+
+Data parallelism (``processes: N > 1``; launcher and process group in ``steps/distributed.py``):
+``train_model`` runs ``torchrun --standalone --nproc_per_node N -m steps.distributed '<json>'``
+(JSON references only: config, DatasetRef, ModelRef, bucket/prefix, run key; the environment is
+inherited), waits, and returns the artifact rank 0 committed. Each rank runs this same loop
+(``train_in_process`` with its ``Group``; one process is ``Group()``, where every group call is a
+no-op, so the single-process run is unchanged):
+
+- same global batch: every rank draws the single-process batch order; each micro-batch is split
+  across the ranks (rows or packed documents ``rank::N``), so a step consumes exactly the
+  single-process ``batch_size x grad_accum_steps`` rows.
+- exact loss scaling: a rank's loss is the model's mean over its rows times its share of the
+  micro-batch's normaliser (label tokens of the shifted labels for next-token losses, incl.
+  packing and chunked loss; rows for sequence heads and DPO; ORPO's NLL by chosen tokens, its
+  odds term by pairs) times N. DDP/FSDP average gradients over ranks, so the reduced gradient is
+  (in exact arithmetic) the single-process gradient of the micro-batch mean. A rank with no rows
+  or no label tokens in a micro-batch runs one stand-in row at weight 0 (collectives stay in step).
+  Gradient accumulation skips the all-reduce until the last micro-batch (ddp ``no_sync``).
+- logged loss, metrics and tokens are the sums of the ranks' shares (one all-reduce per step), so
+  ``train_log.json`` reads as in one process. Clipping, optimizer and scheduler see the same
+  gradients on every rank, so the weights stay identical (ddp) or consistently sharded (fsdp).
+- rank 0 alone writes checkpoints and the artifact; every rank restores a checkpoint (each its own
+  RNG state: the ranks' states are gathered into it). Early stopping: rank 0 evaluates (fsdp: every
+  rank, its forwards are collective) and broadcasts its decision. Dropout is seeded per rank, so
+  with dropout a run matches one process in distribution only.
+- what matches: batches, learning rates, tokens seen, step count and early-stop step exactly; losses
+  and weights up to float rounding (other padding widths, reduction order). Seen on CPU (2 gloo
+  processes, AdamW 1e-3): weights within 3e-8 (lora) and 1.2e-7 (full, ddp and fsdp); logged
+  losses within 1e-6; also for packing + chunked loss, classification, head, DPO, ORPO and reft.
+- ``distributed: fsdp``: FSDP2 ``fully_shard`` of each transformer block and of the model (a
+  collective root: every call of the model gathers what it needs); checkpoints gather whole
+  tensors for rank 0 and re-shard them on restore; the artifact is rank 0's fresh copy of the
+  model (on the CPU) with the gathered trained tensors. Not with qlora or ``loss_chunk_tokens``.
+- ``processes`` and ``distributed`` are part of the run key: a retry resumes only with the same.
+- tested on CPU in ``tests/steps/test_distributed.py`` (2 gloo processes vs one: lora resumed from
+  a checkpoint under ddp, full under ddp and resumed under fsdp; about 60 s for the three torchrun
+  launches on a 2-core machine, mostly process start-up and imports). nccl/CUDA is the same code
+  with one GPU per rank, not exercised by the tests.
 """
 
 from __future__ import annotations
@@ -444,9 +482,10 @@ class Checkpoints:
         if group.active:
             rng = {(name if r == 0 else f"{name}.rank{r}"): t for name, mine in rng.items()
                    for r, t in enumerate(group.gather(mine))}
-        # fsdp: whole tensors gathered from the shards (collective, the same order on every rank)
+        # fsdp: whole tensors gathered from the shards (collective: the same, sorted order on every rank; a
+        # restored optimizer's state is in the order safetensors loaded it, which differs between processes)
         opt = optimizer.state_dict()
-        tensors = {f"{i}.{k}": group.full(v) for i, s in opt["state"].items() for k, v in s.items()
+        tensors = {f"{i}.{k}": group.full(v) for i in sorted(opt["state"]) for k, v in sorted(opt["state"][i].items())
                    if torch.is_tensor(v)}
         scalars = {f"{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items() if not torch.is_tensor(v)}
         weights = {n: group.full(p.detach()).cpu().contiguous() for n, p in named}
@@ -473,8 +512,8 @@ class Checkpoints:
                 p.copy_(group.like(weights[name], p))
         meta = self.store.read_json(ref, "optimizer.json")
         state: dict[int, dict[str, Any]] = {}
-        for flat, value in [*from_bytes(self.store.read_bytes(ref, "optimizer.safetensors")).items(),
-                            *meta["scalars"].items()]:
+        for flat, value in sorted([*from_bytes(self.store.read_bytes(ref, "optimizer.safetensors")).items(),
+                                   *meta["scalars"].items()]):
             index, name = flat.split(".", 1)
             if torch.is_tensor(value):  # fsdp: sharded as its parameter is
                 value = group.like(value, named[int(index)][1])
