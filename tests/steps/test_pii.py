@@ -469,7 +469,7 @@ def test_scrub_step_applies_configured_actions(monkeypatch, caplog):
     caplog.set_level(logging.DEBUG)
     store = MemoryStore([{"id": "a", "text": "mail Kim@Naver.com or 010-1234-5678, password=hunter2"}])
     source = DatasetRef(step="validate", key="v", digest="d0", stats={"record_kind": "text"})
-    cfg = ScrubConfig(pii_action="mask", pii_actions={"EMAIL": "hash"})
+    cfg = ScrubConfig(pii_action="mask", pii_actions={"EMAIL": "hash"}, near_dedup=False)
     scrub_records(cfg, source, store)
     assert store.rows == [{"id": "a", "text": f"mail {token('EMAIL', 'kim@naver.com', secret.encode())} "
                                              "or ***-****-5678, password=*******"}]
