@@ -41,9 +41,9 @@ from steps import methods
 from steps.config import EvaluateConfig
 from steps.lineage import run_key
 from steps.store import ArtifactStore, DatasetRef, EvalReport, ModelRef
-from steps.batching import collate, sequence_loss, token_nll
+from steps.batching import collate, token_nll
 from steps.methods.common import CAUSAL, Task, load_base
-from steps.train import pick_device
+from steps.train import peak_memory_gib, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -94,16 +94,6 @@ def evaluate_model(cfg: EvaluateConfig, model: ModelRef, data: DatasetRef, store
 
 REFERENCE_TEXT = Path(__file__).resolve().parent / "reference" / "general.txt"
 REFERENCE_BLOCK = 256
-
-
-def peak_memory_gib(device: str) -> float:
-    import resource
-
-    import torch
-
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return round(peak / 2**30, 3)
 
 
 def degenerate(tokens: list[int], n: int = 4, limit: float = 0.3) -> bool:
@@ -188,13 +178,16 @@ def sequence_metrics(net: Any, rows: list[dict], task: Task, batch_size: int, pa
     import torch
 
     predictions: list[Any] = []
-    with torch.no_grad():
+    total = 0.0
+    with torch.no_grad():  # one pass: the loss (as sequence_loss computes it) and the predictions
         for i in range(0, len(rows), batch_size):
-            batch = {k: v.to(device) for k, v in collate(rows[i : i + batch_size], pad_id).items()}
-            logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            chunk = rows[i : i + batch_size]
+            out = net(**{k: v.to(device) for k, v in collate(chunk, pad_id).items()})
+            total += out.loss.item() * len(chunk)
+            logits = out.logits.float()
             predictions += (logits.argmax(-1) if task.kind == "classification" else logits[:, 0]).tolist()
     truth = [r["label"] for r in rows]
-    loss = round(sequence_loss(net, rows, batch_size, pad_id, device), 5)
+    loss = round(total / max(len(rows), 1), 5)
     if task.kind == "regression":
         from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 

@@ -16,12 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from steps.config import GATE_METRICS, RegisterConfig
+from steps.config import RegisterConfig
 from steps.errors import ConfigError
 from steps.register import decide
-
-LOWER = {metric: lower for metrics in GATE_METRICS.values() for metric, lower in metrics.items()}
-
 
 def _client() -> Any:
     from mlflow import MlflowClient

@@ -422,12 +422,17 @@ def should_stop(cfg: TrainConfig, task: Task, net: Any, rows: list[dict], pad_id
     return state["stopped_early"]
 
 
-def train_report(cfg: TrainConfig, net: Any, state: dict, device: str, planned: int, processes: int = 1
-                 ) -> dict[str, Any]:
+def peak_memory_gib(device: str) -> float:
+    """Peak memory so far: CUDA max allocated, or the process's max RSS on CPU."""
     import torch
 
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return round(peak / 2**30, 3)
+
+
+def train_report(cfg: TrainConfig, net: Any, state: dict, device: str, planned: int, processes: int = 1
+                 ) -> dict[str, Any]:
     return {
         "method": cfg.method,
         "device": device,
@@ -440,7 +445,7 @@ def train_report(cfg: TrainConfig, net: Any, state: dict, device: str, planned: 
         "tokens_seen": state["tokens"],
         "tokens_per_s": round(state["tokens"] / max(state["seconds"], 1e-9), 1),
         "wall_seconds": round(state["seconds"], 2),
-        "peak_memory_gib": round(peak / 2**30, 3),
+        "peak_memory_gib": peak_memory_gib(device),
         "peak_memory_kind": ("cuda max allocated" if device == "cuda" else "process max RSS")
                             + (" (rank 0)" if processes > 1 else ""),
         "stopped_early": state["stopped_early"],
