@@ -136,6 +136,56 @@ class BaseModelConfig(StrictModel):
     seed: int = Field(0, description="Initialisation seed of the tiny random model.")
 
 
+class BackTranslationSettings(StrictModel):
+    forward: str | None = Field(
+        None, description="Seq2seq model that translates the text out (a local folder, or 'package:<module>' for a "
+        "model shipped in an installed Python package: its model/ folder); loaded offline, no remote code."
+    )
+    backward: str | None = Field(None, description="Seq2seq model that translates the forward output back.")
+    translator: str | None = Field(
+        None, description="Instead of forward/backward: 'module:function', your own callable list[str] -> list[str] "
+        "that returns one paraphrase per text (e.g. a translation service client)."
+    )
+    batch_size: int = Field(16, ge=1, description="Texts per generate call.")
+    max_new_tokens: int = Field(256, ge=1, description="Generation budget of each translation.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> BackTranslationSettings:
+        models = self.forward is not None and self.backward is not None
+        if models == (self.translator is not None) or (self.forward is None) != (self.backward is None):
+            raise ValueError("back_translation: give both forward and backward models, or a translator, not both")
+        return self
+
+
+class AugmentConfig(StrictModel):
+    """Seeded augmentation of the train split only (steps/augment.py); eval is never touched."""
+
+    techniques: list[Literal["synonym", "swap", "back_translation"]] = Field(
+        ["synonym"], min_length=1, description="synonym: English words replaced from the shipped synonym table "
+        "(steps/reference/synonyms.tsv); swap: two adjacent words exchanged (any script, so also Korean, which "
+        "synonym leaves alone); back_translation: a round trip through back_translation's models."
+    )
+    target: Literal["prompt", "all"] = Field(
+        "prompt", description="prompt: only what the model reads (user turns, the preference prompt, the text of "
+        "text/classification/regression records); all: also the answers it learns (assistant turns, chosen and "
+        "rejected). Roles, system turns, ids and labels are never changed."
+    )
+    probability: float = Field(0.5, gt=0.0, le=1.0, description="Share of train records that get augmented copies.")
+    copies: int = Field(1, ge=1, le=16, description="Augmented copies added per chosen record (the original stays).")
+    word_rate: float = Field(0.15, gt=0.0, le=1.0, description="synonym: share of table words replaced; swap: "
+                             "adjacent swaps per word.")
+    seed: int = Field(0, description="Seed of the choices; the same seed and data give the same copies.")
+    back_translation: BackTranslationSettings | None = Field(None, description="Models (or a callable) for "
+                                                             "back_translation.")
+
+    @model_validator(mode="after")
+    def _back_translation_configured(self) -> AugmentConfig:
+        if ("back_translation" in self.techniques) != (self.back_translation is not None):
+            raise ValueError("tokenize.augment: the back_translation technique and the back_translation settings "
+                             "go together")
+        return self
+
+
 class TokenizeConfig(StrictModel):
     max_seq_len: int = Field(256, ge=16, le=8192, description="Chat records: longer conversations are truncated to this many tokens. "
                              "Text records: the length of every packed block.")
@@ -149,6 +199,9 @@ class TokenizeConfig(StrictModel):
         "classification, regression, preference) is longer than max_seq_len and truncated (1.0 = no gate)."
     )
     seed: int = Field(42, description="Seed of the train/eval split.")
+    augment: AugmentConfig | None = Field(
+        None, description="Augment the train split after the split (None = off); see AugmentConfig."
+    )
 
 
 class LoraSettings(StrictModel):

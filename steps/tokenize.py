@@ -33,6 +33,9 @@ rendered with the chat template, masked as in chat; a row is ``{"id", "input_ids
 cut at ``max_seq_len``; a pair that loses every answer token on either side is dropped.
 ``eval_prompts.jsonl`` holds the prompt and the chosen answer as reference.
 
+Augmentation (``augment``, off by default): seeded copies of train records only, added
+after the split and the leakage check (``steps/augment.py``); counts in ``augmentation``.
+
 No leakage: after the split, eval records whose MinHash similarity with any train record
 reaches ``leakage_threshold`` are dropped from eval (``eval_leakage_removed``). The
 truncation gate (``max_truncated_share``) fails the step when too many records are cut.
@@ -49,6 +52,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from steps.augment import augment_inputs, augment_train
 from steps.batching import IGNORE
 from steps.config import TASKS, TokenizeConfig
 from steps.errors import ConfigError, DataQualityError
@@ -62,7 +66,7 @@ STEP = "tokenize"
 
 
 def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, store: ArtifactStore) -> DatasetRef:
-    key = run_key(STEP, cfg, [source.digest, model.base.digest])
+    key = run_key(STEP, cfg, [source.digest, model.base.digest, *augment_inputs(cfg.augment)])
     if (done := store.lookup(STEP, key)) is not None:
         return DatasetRef(**done.model_dump())
     from transformers import AutoTokenizer
@@ -72,6 +76,8 @@ def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, s
     sides = split_records(records, cfg)
     leaked = drop_leakage(sides, cfg)
     kind = source.stats["record_kind"]
+    # Train records only, after the split and the leakage check (steps/augment.py).
+    augmented = augment_train(cfg.augment, sides, kind) if cfg.augment is not None else None
     if kind == "text":
         splits, prompts, stats = pack_texts(tokenizer, sides, cfg)
     elif kind in ("classification", "regression"):
@@ -81,7 +87,9 @@ def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, s
     else:
         splits, prompts, stats = encode_chats(tokenizer, sides, cfg)
     stats = {"task": TASKS[kind], **stats, "eval_leakage_removed": len(leaked)}
-    check_truncation(cfg, stats, len(records))
+    if augmented is not None:
+        stats["augmentation"] = augmented
+    check_truncation(cfg, stats, len(records) + (augmented or {}).get("records_added", 0))
     if not splits["train"] or not splits["eval"]:
         raise DataQualityError(
             f"tokenize: rule 'both splits non-empty': {len(splits['train'])} train and {len(splits['eval'])} eval "
