@@ -106,6 +106,15 @@ class ScrubConfig(StrictModel):
     )
     near_threshold: float = Field(0.85, gt=0.0, le=1.0, description="Similarity at which a record is a near duplicate.")
     minhash_permutations: int = Field(128, ge=16, le=1024, description="MinHash signature size (more: finer estimate).")
+    max_duplicate_share: float = Field(
+        0.9, ge=0.0, le=1.0, description="Largest share of the records that dedup may remove (exact and near "
+        "duplicates); more stops the run: a file that is mostly copies of a few records is an export error, not "
+        "training data.",
+    )
+    max_pii_only_share: float = Field(
+        0.5, ge=0.0, le=1.0, description="Largest share of the records that may be nothing but PII (no letter left "
+        "once PII is replaced); more stops the run: such records would teach the model placeholders.",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -20,6 +20,12 @@ Near duplicates (``near_dedup``): a record whose MinHash-estimated Jaccard simil
 an earlier kept record reaches ``near_threshold`` is dropped too (``steps/dedup.py``,
 character 5-grams, so Korean works); ``near_duplicates_removed`` in the stats and
 ``dedup_report.json`` (cluster sizes and example ids, never text) in the artifact.
+
+Two gates stop the run before anything is written (``DataQualityError`` naming the file,
+the rule, the count and example record ids -- ``line-<n>`` when the records have no id):
+more than ``max_duplicate_share`` of the records removed as duplicates (a file of copies),
+or more than ``max_pii_only_share`` of the records nothing but PII (no letter left once
+PII is replaced). ``pii_only_records`` in the stats counts the latter.
 """
 
 from __future__ import annotations
@@ -27,11 +33,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections import Counter
 from typing import Any
 
 from steps.config import ScrubConfig
 from steps.dedup import NearDuplicates, record_text
+from steps.errors import DataQualityError
 from steps.lineage import run_key
 from steps.pii import PiiEngine, normalize_text
 from steps.store import ArtifactStore, DatasetRef
@@ -41,6 +49,9 @@ log = logging.getLogger(__name__)
 
 STEP = "scrub"
 LABELED_KINDS = {"classification", "regression"}
+EXAMPLES = 5
+# What a replaced value becomes under the placeholder and hash actions (masks keep no letters).
+PLACEHOLDER = re.compile(r"<[A-Z_]+(?::[0-9a-f]{12})?>")
 
 
 def scrub_records(cfg: ScrubConfig, source: DatasetRef, store: ArtifactStore) -> DatasetRef:
@@ -55,18 +66,35 @@ def scrub_records(cfg: ScrubConfig, source: DatasetRef, store: ArtifactStore) ->
     pii: Counter[str] = Counter()
     seen: dict[str, Any] = {}  # fingerprint -> label of its first record (None for unlabeled kinds)
     kept: list[dict] = []
+    removed: list[str] = []  # ids of the duplicates dropped
+    pii_only: list[str] = []  # ids of the records that are nothing but PII
     conflicts = 0
     for record in records:
+        found = sum(pii.values())
         body = scrub_body(record, kind, engine, pii)
+        if sum(pii.values()) > found and not any(c.isalpha() for c in PLACEHOLDER.sub("", record_text(body))):
+            pii_only.append(record["id"])
         fingerprint = dedup_fingerprint(body, kind)
         if fingerprint in seen:
             conflicts += seen[fingerprint] != body.get("label")
             if cfg.dedup:
+                removed.append(record["id"])
                 continue
         if near is not None and near.check_and_add(record["id"], record_text(body)) is not None:
+            removed.append(record["id"])
             continue
         seen.setdefault(fingerprint, body.get("label"))
         kept.append({"id": record["id"], **body})
+    gates = [(f"at most {cfg.max_pii_only_share:.0%} of records are nothing but PII", pii_only,
+              cfg.max_pii_only_share, "hold no letter once PII is replaced"),
+             (f"at most {cfg.max_duplicate_share:.0%} of records are duplicates", removed,
+              cfg.max_duplicate_share, "repeat an earlier record (exactly or nearly)")]
+    for rule, ids, limit, what in gates:
+        if records and len(ids) / len(records) > limit:
+            raise DataQualityError(
+                f"scrub of {source_name(source, store)}: rule '{rule}': {len(ids)} of {len(records)} records "
+                f"({len(ids) / len(records):.1%}) {what} (e.g. records {', '.join(ids[:EXAMPLES])})"
+            )
     stats = {
         "record_kind": kind,
         "records_in": len(records),
@@ -74,6 +102,7 @@ def scrub_records(cfg: ScrubConfig, source: DatasetRef, store: ArtifactStore) ->
         "duplicates_removed": len(records) - len(kept),
         "near_duplicates_removed": near.removed if near is not None else 0,
         "pii": {entity: pii.get(entity, 0) for entity in cfg.pii_entities},
+        "pii_only_records": len(pii_only),
     }
     if kind in LABELED_KINDS:
         stats["label_conflicts"] = conflicts
@@ -85,6 +114,14 @@ def scrub_records(cfg: ScrubConfig, source: DatasetRef, store: ArtifactStore) ->
         writer.put_json("dedup_report.json", near.report())
     log.info("scrub: %d -> %d records, %d PII replaced", len(records), len(kept), sum(pii.values()))
     return DatasetRef(**writer.commit(stats=stats).model_dump())
+
+
+def source_name(ref: DatasetRef, store: ArtifactStore) -> str:
+    """The ingested source (file or URI) that ``ref`` descends from, followed through the manifests' inputs."""
+    manifest = store.manifest(ref.key)
+    while manifest["inputs"]:
+        manifest = store.manifest(manifest["inputs"][0]["key"])
+    return manifest["stats"].get("source", ref.key)
 
 
 def scrub_body(record: dict[str, Any], kind: str, engine: PiiEngine, pii: Counter[str]) -> dict[str, Any]:

@@ -104,5 +104,6 @@ def test_text_records_are_normalized_redacted_and_deduplicated(store, tmp_path):
     ]
     assert ref.stats == {"record_kind": "text", "records_in": 3, "records_out": 2, "duplicates_removed": 1,
                          "pii": {"EMAIL": 2, "PHONE": 2, "CREDIT_CARD": 0, "KR_RRN": 1, "US_SSN": 0, "IP_ADDRESS": 0,
-                                 "URL_CREDENTIALS": 0, "SECRET": 0}, "near_duplicates_removed": 0}
+                                 "URL_CREDENTIALS": 0, "SECRET": 0}, "near_duplicates_removed": 0,
+                         "pii_only_records": 0}
     assert "jane" not in str(store.manifest(ref.key))

@@ -46,7 +46,8 @@ def test_normalization_and_exact_dedup(store, tmp_path):
     assert [m["content"] for m in out[0]["messages"]] == ["Hello world", "Hi there"]
     assert len(out) == 2
     assert ref.stats | {"pii": None} == {"record_kind": "chat", "records_in": 4, "records_out": 2,
-                                         "duplicates_removed": 2, "near_duplicates_removed": 0, "pii": None}
+                                         "duplicates_removed": 2, "near_duplicates_removed": 0, "pii": None,
+                                         "pii_only_records": 0}
 
 
 def test_dedup_can_be_switched_off(store, tmp_path):
@@ -67,3 +68,34 @@ def test_near_duplicates_are_dropped_with_a_cluster_report(store, tmp_path):
     assert "Busan" not in str(report)
     off = scrub(store, tmp_path, rows, ScrubConfig(near_dedup=False))
     assert off.stats["records_out"] == 3
+
+
+def test_a_file_of_copies_stops_with_the_duplicate_rule(store, tmp_path):
+    import pytest
+
+    from steps.errors import DataQualityError
+
+    rows = [chat("How do I reset it?", "Open Settings.")] * 10 + [chat("Other", "question")]
+    with pytest.raises(DataQualityError, match=r"scrub of .*raw.jsonl: rule 'at most 50% of records are duplicates': "
+                                               r"9 of 11 records \(81.8%\) repeat an earlier record .*"
+                                               r"\(e.g. records line-2, line-3, line-4, line-5, line-6\)"):
+        scrub(store, tmp_path, rows, ScrubConfig(max_duplicate_share=0.5))
+    assert not [k for k in store.list_keys(store.prefix + "/") if "/scrub/" in k]  # nothing written
+    assert scrub(store, tmp_path, rows).stats["duplicates_removed"] == 9  # the default allows 90%
+
+
+def test_records_that_are_nothing_but_pii_are_counted_and_stop_the_run_past_the_share(store, tmp_path):
+    import pytest
+
+    from steps.errors import DataQualityError
+
+    rows = [chat("jane.doe@example.com", "010-2345-6789"), chat("4111 1111 1111 1111", "192.0.2.44"),
+            chat("Mail jane.doe@example.com", "Noted."), chat("What is two plus two?", "Four.")]
+    with pytest.raises(DataQualityError, match=r"rule 'at most 25% of records are nothing but PII': 2 of 4 records "
+                                               r"\(50.0%\) hold no letter once PII is replaced \(e.g. records line-1, "
+                                               r"line-2\)") as failure:
+        scrub(store, tmp_path, rows, ScrubConfig(max_pii_only_share=0.25))
+    assert "jane" not in str(failure.value) and "010" not in str(failure.value)
+    for action in ("placeholder", "mask"):  # a mask keeps no letter either
+        ref = scrub(store, tmp_path, rows, ScrubConfig(pii_action=action))
+        assert ref.stats["pii_only_records"] == 2 and ref.stats["records_out"] == 4

@@ -188,7 +188,7 @@ def test_classification_scrub_redacts_text_keeps_labels_and_dedups_by_text(store
         {"id": "c", "text": "Call <PHONE>", "label": "ham"}]
     assert ref.stats == {"record_kind": "classification", "records_in": 4, "records_out": 2,
                          "duplicates_removed": 2, "near_duplicates_removed": 0,
-                         "pii": NO_PII | {"EMAIL": 2, "PHONE": 2}, "label_conflicts": 1, "label_counts": {"ham": 1, "spam": 1}}
+                         "pii": NO_PII | {"EMAIL": 2, "PHONE": 2}, "pii_only_records": 0, "label_conflicts": 1, "label_counts": {"ham": 1, "spam": 1}}
     assert "jane" not in str(store.manifest(ref.key))
     kept_all = scrub(store, tmp_path, rows, CLASSIFICATION, ScrubConfig(dedup=False))
     assert kept_all.stats["records_out"] == 4 and kept_all.stats["label_conflicts"] == 1
@@ -215,7 +215,8 @@ def test_preference_scrub_redacts_all_three_and_dedups_on_all_three(store, tmp_p
         {"id": "a", "prompt": "My mail is <EMAIL>", "chosen": "Noted, <EMAIL>.", "rejected": "Call <PHONE>"},
         {"id": "c", "prompt": "My mail is <EMAIL>", "chosen": "Noted, <EMAIL>.", "rejected": "Something else"}]
     assert ref.stats == {"record_kind": "preference", "records_in": 3, "records_out": 2, "duplicates_removed": 1,
-                         "near_duplicates_removed": 0, "pii": NO_PII | {"EMAIL": 6, "PHONE": 2}}
+                         "near_duplicates_removed": 0, "pii": NO_PII | {"EMAIL": 6, "PHONE": 2},
+                         "pii_only_records": 0}
 
 
 # --- sources -------------------------------------------------------------------------
