@@ -33,8 +33,8 @@ Techniques, applied to each copy in this order:
 - synonym: English words of ``steps/reference/synonyms.tsv`` are replaced, each with
   probability ``word_rate``, by another word of their group (case kept). Korean and other
   non-Latin text is left untouched; PII placeholders (``<EMAIL>``, ``<PHONE:1a2b...>``) too.
-- swap: ``max(1, round(word_rate x words))`` random exchanges of two adjacent
-  whitespace-separated words (any script, so Korean word order is varied too).
+- swap: ``max(1, round(word_rate x words))`` exchanges of two adjacent whitespace-separated
+  words, at distinct positions (any script, so Korean word order is varied too).
 
 Stats (the tokenize manifest's ``augmentation``): ``records_augmented`` (originals with at
 least one copy), ``records_added`` (copies), ``techniques`` (copies each technique changed),
@@ -209,13 +209,13 @@ def substitute_synonyms(text: str, rng: random.Random, rate: float) -> str:
 
 
 def swap_words(text: str, rng: random.Random, rate: float) -> str:
-    """``max(1, round(rate x words))`` exchanges of two adjacent words; whitespace stays where it was."""
+    """``max(1, round(rate x words))`` exchanges of adjacent words at distinct positions; whitespace stays put."""
     parts = re.split(r"(\s+)", text)
     where = [i for i in range(0, len(parts), 2) if parts[i]]
     if len(where) < 2:
         return text
-    for _ in range(max(1, round(rate * len(where)))):
-        n = rng.randrange(len(where) - 1)
+    # distinct pairs: a product of distinct adjacent transpositions is never the identity
+    for n in rng.sample(range(len(where) - 1), min(max(1, round(rate * len(where))), len(where) - 1)):
         a, b = where[n], where[n + 1]
         parts[a], parts[b] = parts[b], parts[a]
     return "".join(parts)
@@ -304,7 +304,8 @@ class Seq2SeqTranslation:
                               unit="batch", mininterval=2):
                 batch = self.tokenizer(texts[start: start + self.batch_size], return_tensors="pt", padding=True,
                                        truncation=True).to(self.device)
-                ids = self.model.generate(**batch, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1)
+                ids = self.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                          max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1)
                 out += self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         return out
 
