@@ -5,6 +5,7 @@
     tuneline services down
     tuneline run --params deployments/params/default.yaml [--set train.max_steps=10 ...]
     tuneline scrub --input in.jsonl --output out.jsonl --field text   # PII scrubber alone, streaming
+                   [--action placeholder|hash|mask]   # hash: salt from TUNELINE_PII_SALT
     tuneline models [NAME]                 # registered versions, aliases, gate metric and decision
     tuneline promote NAME VERSION [--force --reason TEXT]
     tuneline rollback NAME                 # champion back to previous-champion
@@ -56,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     scrub.add_argument("--field", dest="fields", action="append", required=True, metavar="NAME",
                        help="field to scrub: a string, or a list of chat messages (repeat for several fields)")
     scrub.add_argument("--entities", default=None, help="comma-separated PII types (default: all)")
+    scrub.add_argument("--action", choices=["placeholder", "hash", "mask"], default="placeholder",
+                       help="placeholder: <EMAIL>; hash: <EMAIL:1a2b3c4d5e6f>, HMAC-SHA256 keyed with the secret salt "
+                       "in TUNELINE_PII_SALT (required, at least 16 characters; equal values get equal tokens); mask: "
+                       "letters and digits become * (phones and cards keep their last 4 digits)")
 
     models = sub.add_parser("models", help="registered versions with aliases, gate metric and decision")
     models.add_argument("name", nargs="?", help="one registered model (default: all)")
@@ -96,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("models", "promote", "rollback", "predict"):
         return registry_command(args)
     if args.command == "scrub":
-        return scrub_command(args.input, args.output, args.fields, args.entities)
+        return scrub_command(args.input, args.output, args.fields, args.entities, args.action)
     if args.command in ("deploy", "worker"):
         return deploy_command(args)
     if args.resume is not None:
@@ -178,7 +183,8 @@ def deploy_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def scrub_command(source: Path, target: Path, fields: list[str], entities: str | None) -> int:
+def scrub_command(source: Path, target: Path, fields: list[str], entities: str | None,
+                  action: str = "placeholder") -> int:
     from steps.errors import ConfigError, DataQualityError
     from steps.pii import ENTITIES, PiiEngine
     from steps.scrub_file import scrub_file
@@ -192,7 +198,7 @@ def scrub_command(source: Path, target: Path, fields: list[str], entities: str |
         print("error: --output must differ from --input", file=sys.stderr)
         return 2
     try:
-        stats = scrub_file(source, target, fields, PiiEngine(chosen))
+        stats = scrub_file(source, target, fields, PiiEngine(chosen, default_action=action))
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -200,7 +206,9 @@ def scrub_command(source: Path, target: Path, fields: list[str], entities: str |
         print(f"error: {exc}", file=sys.stderr)
         return 2
     found = ", ".join(f"{k}={v}" for k, v in stats["pii"].items())
-    print(f"scrubbed {stats['lines']} lines into {target} (PII replaced: {found})")
+    done = {"placeholder": "replaced", "hash": "hashed", "mask": "masked"}[action]
+    salt = f"; salt id {stats['salt_id']}" if stats.get("salt_id") else ""
+    print(f"scrubbed {stats['lines']} lines into {target} (PII {done}: {found}{salt})")
     return 0
 
 

@@ -1,11 +1,14 @@
 """The scrubber on its own, for users who only need PII removal on a JSONL file:
 
-    tuneline scrub --input in.jsonl --output out.jsonl --field text [--field messages]
+    tuneline scrub --input in.jsonl --output out.jsonl --field text [--field messages] [--action hash]
 
 Streams line by line (memory stays flat whatever the file size), keeps every other field
 and the record order, and normalizes + redacts the named fields exactly as the pipeline's
 scrub step does (``steps.pii``). A field may hold a string, or a list of chat messages
-whose ``content`` strings are scrubbed. Blank lines are kept as they are.
+whose ``content`` strings are scrubbed. Blank lines are kept as they are. Found PII becomes
+what the engine's action says (``--action``): a typed placeholder ``<EMAIL>``, a salted hash
+``<EMAIL:1a2b3c4d5e6f>`` (salt from ``TUNELINE_PII_SALT``, never written; the stats carry
+its non-reversible ``salt_id``) or a mask.
 
 Bad input stops the run with the file, line and rule (not JSON, not an object, a named
 field missing or of the wrong type) and leaves no output file: output is written to a
@@ -69,7 +72,7 @@ def scrub_lines(lines: Iterable[bytes], fields: list[str], engine: PiiEngine, or
 
 
 def scrub_file(source: Path, target: Path, fields: list[str], engine: PiiEngine | None = None) -> dict[str, Any]:
-    """Scrub ``source`` into ``target`` atomically; returns line and per-entity counts."""
+    """Scrub ``source`` into ``target`` atomically; returns line and per-entity counts (and the salt id)."""
     engine = engine or PiiEngine()
     counts: Counter[str] = Counter()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -84,4 +87,5 @@ def scrub_file(source: Path, target: Path, fields: list[str], engine: PiiEngine 
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    return {"lines": lines, "pii": {entity: counts.get(entity, 0) for entity in engine.entities}}
+    return {"lines": lines, "pii": {entity: counts.get(entity, 0) for entity in engine.entities},
+            "salt_id": engine.salt_id}

@@ -1,8 +1,11 @@
 """`tuneline scrub`: the PII scrubber on a JSONL file, streaming, order and other fields kept."""
 
 import json
+import re
 import subprocess
 import sys
+
+import pytest
 
 from flows.cli import main
 from helpers import write_jsonl
@@ -58,3 +61,51 @@ def test_memory_stays_flat_on_a_large_file(tmp_path):
     peak_mib = int(done.stdout.strip().splitlines()[-1]) / 1024
     assert peak_mib < 200, peak_mib  # the file alone is ~25 MB; holding it parsed would cost far more
     assert sum(1 for _ in (tmp_path / "o.jsonl").open()) == 200_000
+
+
+def test_hash_and_mask_actions_keep_order_and_other_fields(tmp_path, capsys, monkeypatch):
+    rows = [{"id": 2, "text": "Mail kim.minji@example.co.kr or call 010-2345-6789", "n": 1},
+            {"id": 1, "text": "again KIM.MINJI@example.co.kr, +82 10 2345 6789, and lee@example.com"},
+            {"id": 0, "text": "nothing personal here"}]
+    source = write_jsonl(tmp_path / "in.jsonl", rows)
+    target = tmp_path / "out.jsonl"
+
+    def scrub(action: str) -> list[dict]:
+        assert main(["scrub", "--input", str(source), "--output", str(target), "--field", "text",
+                     "--action", action]) == 0
+        return [json.loads(line) for line in target.read_text().splitlines()]
+
+    monkeypatch.setenv("TUNELINE_PII_SALT", "a-secret-salt-of-24-chars")
+    hashed = scrub("hash")
+    assert [r["id"] for r in hashed] == [2, 1, 0] and hashed[0]["n"] == 1 and hashed[2] == rows[2]
+    first, second = re.findall(r"<(EMAIL|PHONE):([0-9a-f]{12})>", hashed[0]["text"]), \
+        re.findall(r"<(EMAIL|PHONE):([0-9a-f]{12})>", hashed[1]["text"])
+    assert [e for e, _ in first] == ["EMAIL", "PHONE"] and [e for e, _ in second] == ["EMAIL", "PHONE", "EMAIL"]
+    assert second[:2] == first  # the same email and phone in other layouts: the same tokens
+    assert second[2][1] != first[0][1]
+    out = capsys.readouterr().out
+    assert "PII hashed: EMAIL=3, PHONE=2" in out and "salt id " in out and "a-secret-salt" not in target.read_text()
+    monkeypatch.setenv("TUNELINE_PII_SALT", "another-secret-salt-of-24")
+    assert scrub("hash")[0]["text"] != hashed[0]["text"]  # another salt, other tokens
+
+    masked = scrub("mask")
+    assert masked[0]["text"] == "Mail ***.*****@*******.**.** or call ***-****-6789"
+    assert "PII masked" in capsys.readouterr().out
+    assert scrub("placeholder")[0]["text"] == "Mail <EMAIL> or call <PHONE>"
+
+
+def test_hash_without_a_salt_is_a_clear_error_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    source = write_jsonl(tmp_path / "in.jsonl", [{"text": "mail me at a@example.com"}])
+    target = tmp_path / "out.jsonl"
+    monkeypatch.delenv("TUNELINE_PII_SALT", raising=False)
+    assert main(["scrub", "--input", str(source), "--output", str(target), "--field", "text",
+                 "--action", "hash"]) == 2
+    assert "needs a secret salt in the environment variable TUNELINE_PII_SALT" in capsys.readouterr().err
+    monkeypatch.setenv("TUNELINE_PII_SALT", "short")
+    assert main(["scrub", "--input", str(source), "--output", str(target), "--field", "text",
+                 "--action", "hash"]) == 2
+    assert "at least 16 bytes" in capsys.readouterr().err
+    assert not target.exists() and not list(tmp_path.glob(".out.jsonl.*"))
+    with pytest.raises(SystemExit):
+        main(["scrub", "--input", str(source), "--output", str(target), "--field", "text", "--action", "redact"])
+    assert "invalid choice: 'redact'" in capsys.readouterr().err
