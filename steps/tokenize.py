@@ -297,8 +297,10 @@ def in_eval(record_id: str, cfg: TokenizeConfig) -> bool:
 
 
 def split_summary(stats: dict) -> str:
-    """Chat records are truncated rows; text records are packed into blocks."""
+    """Chat records are truncated rows; text records are packed into blocks; augmented copies are counted."""
+    added = f" (incl. {stats['augmentation']['records_added']} augmented)" if "augmentation" in stats else ""
     if "train_documents" in stats:
-        return (f"{stats.get('train_documents')} train / {stats.get('eval_documents')} eval documents packed into "
-                f"{stats.get('train_records')} / {stats.get('eval_records')} blocks")
-    return f"{stats.get('train_records')} train / {stats.get('eval_records')} eval records, {stats.get('truncated')} truncated"
+        return (f"{stats.get('train_documents')}{added} train / {stats.get('eval_documents')} eval documents packed "
+                f"into {stats.get('train_records')} / {stats.get('eval_records')} blocks")
+    return (f"{stats.get('train_records')}{added} train / {stats.get('eval_records')} eval records, "
+            f"{stats.get('truncated')} truncated")

@@ -11,7 +11,7 @@ from steps.config import AugmentConfig, IngestConfig, PipelineParams, ScrubConfi
 from steps.errors import ConfigError
 from steps.ingest import ingest_records
 from steps.scrub import scrub_records
-from steps.tokenize import tokenize_dataset
+from steps.tokenize import split_summary, tokenize_dataset
 from steps.validate import validate_records
 from helpers import write_jsonl
 
@@ -125,6 +125,7 @@ def test_tokenize_augments_train_only_and_records_the_counts_in_the_manifest(sto
     assert data.stats["train_records"] == plain.stats["train_records"] + stats["records_added"] == len(train)
     assert sum("#aug" in r["id"] for r in train) == stats["records_added"]
     assert store.manifest(data.key)["stats"]["augmentation"] == stats
+    assert f"{len(train)} (incl. {stats['records_added']} augmented) train" in split_summary(data.stats)
     assert tokenize_dataset(cfg, clean, tiny_model, store).stats == data.stats  # same seed: cached, same counts
 
 
