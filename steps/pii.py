@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import hmac
 import ipaddress
 import json
@@ -370,6 +371,10 @@ def _assignment_ok(m: re.Match[str]) -> tuple[int, int] | bool:
 _Gate = tuple[str, ...] | re.Pattern[str]
 _Rule = tuple[str, _Gate, re.Pattern[str], Callable[[re.Match[str]], "bool | tuple[int, int]"]]
 
+# Characters that some text of each non-word gate contains: "@", digits, ":", brackets, "_"
+# and "-" of the token prefixes, and the first letters of the Korean obfuscated "at"/"dot".
+_TRIGGER = re.compile(r"[@:_\-\[({<\d골닷쩜]")
+
 _G_AT = ("@",)
 _G_OBFUSCATED_AT = re.compile(r"[\[({<]\s*(?i:at|dot)\s*[\])}>]|골뱅이|닷|쩜")
 _G_DIGITS = re.compile(r"\d\d")
@@ -626,6 +631,11 @@ class PiiEngine:
                     group = (gate, [])
                     self._groups.append(group)
                 group[1].append((entity, rx, ok))
+        # The gates' words that hold none of the _TRIGGER characters; with _TRIGGER, a text
+        # that neither matches (most chat messages) cannot pass any gate.
+        words = sorted({w for gate, _ in self._groups if not isinstance(gate, re.Pattern)
+                        for w in gate if _TRIGGER.search(w) is None})
+        self._words = tuple(words)
         self._hmac: hmac.HMAC | None = None  # keyed with the salt; the salt itself is not kept
         self.salt_id: str | None = None
         if "hash" in self.actions.values():
@@ -642,6 +652,8 @@ class PiiEngine:
         """Non-overlapping matches sorted by start; on overlaps URL_CREDENTIALS and
         SECRET win, then the longer span, then the more specific entity."""
         cands: set[PiiMatch] = set()
+        if self._names is None and not self._may_match(text):
+            return []
         low = text.lower()
         for gate, rules in self._groups:
             if not (gate.search(text) if isinstance(gate, re.Pattern) else any(map(low.__contains__, gate))):
@@ -662,6 +674,46 @@ class PiiEngine:
                 taken[c.start:c.end] = b"\x01" * (c.end - c.start)
                 chosen.append(c)
         return sorted(chosen, key=lambda c: c.start)
+
+    def _may_match(self, text: str) -> bool:
+        return _TRIGGER.search(text) is not None or any(map(text.lower().__contains__, self._words))
+
+    def _candidates(self, texts: list[str]) -> Iterable[int]:
+        """Indices of the texts that may pass a gate, found with one scan over all of them."""
+        if self._names is not None:
+            return range(len(texts))
+        joined = "\n".join(texts)  # a newline is in no trigger and in no word
+        low = joined.lower()
+        if len(low) != len(joined):  # lower() changed a length (e.g. "İ"): check text by text
+            return [i for i, text in enumerate(texts) if self._may_match(text)]
+        starts = [0]
+        for text in texts[:-1]:
+            starts.append(starts[-1] + len(text) + 1)
+        hits: set[int] = set()
+
+        def hit(at: int) -> int:  # mark the text holding position `at`; where the next one starts
+            i = bisect.bisect_right(starts, at) - 1
+            hits.add(i)
+            return starts[i + 1] if i + 1 < len(starts) else len(joined)
+
+        pos = 0
+        while (m := _TRIGGER.search(joined, pos)) is not None:
+            pos = hit(m.start())
+        for word in self._words:  # str.find beats a regex alternation of the words
+            pos = 0
+            while (at := low.find(word, pos)) >= 0:
+                pos = hit(at)
+        return sorted(hits)
+
+    def redact_many(self, texts: list[str]) -> tuple[list[str], Counter]:
+        """``redact`` over many texts: (redacted texts, Counter over all of them). One scan over
+        all texts picks the few that need the per-gate checks; the rest come back as they are."""
+        out = list(texts)
+        counts: Counter = Counter()
+        for i in self._candidates(texts):
+            out[i], found = self.redact(texts[i])
+            counts.update(found)
+        return out, counts
 
     def replacement(self, entity: str, value: str) -> str:
         """What one found value becomes under its entity's action."""
@@ -697,8 +749,14 @@ _LINE_BREAKS = re.compile(r"\r\n?|[\u2028\u2029\x0b\x0c\x85]")
 # Markdown, code and PEM armour, whose runs mean something.
 _NOISE_PUNCT = set("!?.,~^;:")
 _NOISE_JAMO = set("ㅋㅎㅠㅜㅡㅗㅇ")  # compatibility jamo, which normalize_text keeps out of NFKC
-# An emoji with its skin-tone modifier / variation selector counts as one character.
-_RUN = re.compile(r"(.[\U0001F3FB-\U0001F3FF\uFE0E\uFE0F]?)\1{3,}")
+# An emoji with its skin-tone modifier / variation selector counts as one character. Only
+# noise punctuation and non-ASCII characters can start a run that changes (_collapse_run
+# keeps every other run as it is), so the pattern tries the back-reference only there.
+_RUN = re.compile(r"([!?.,~^;:\x80-\U0010ffff][\U0001F3FB-\U0001F3FF\uFE0E\uFE0F]?)\1{3,}")
+_LINE_BREAK_CHARS = re.compile(r"[\r\u2028\u2029\x0b\x0c\x85]")
+_SPACE_RUNS = re.compile(r"[ \t]{2,}|\t")
+_TRAILING_SPACES = re.compile(r" +\n")
+_BLANK_LINES = re.compile(r"\n{3,}")
 
 
 def _printable(text: str) -> bool:
@@ -724,16 +782,21 @@ def normalize_text(text: str) -> str:
     Unicode spaces into " "; collapse runs of spaces/tabs to one space; strip trailing
     spaces on each line; collapse 3+ newlines to 2; strip the whole string.  Idempotent."""
     # Controls go before NFKC, so that characters they separated compose in one pass.
-    text = _LINE_BREAKS.sub("\n", text)
-    if not _printable(text):  # the per-character loops only where they can change something
+    # Each pass runs only where it can change something: plain ASCII prose skips most of them.
+    if _LINE_BREAK_CHARS.search(text):
+        text = _LINE_BREAKS.sub("\n", text)
+    if not _printable(text):
         text = "".join(ch for ch in text
                        if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cf", "Cs"))
-    text = "".join(part if i % 2 else unicodedata.normalize("NFKC", part)
-                   for i, part in enumerate(_COMPAT_JAMO.split(text)))
+    if not text.isascii():  # ASCII is already NFKC
+        text = "".join(part if i % 2 else unicodedata.normalize("NFKC", part)
+                       for i, part in enumerate(_COMPAT_JAMO.split(text)))
     text = _RUN.sub(_collapse_run, text)
     if not _printable(text):
         text = "".join(" " if unicodedata.category(ch) == "Zs" else ch for ch in text)
-    text = re.sub(r"[ \t]+", " ", text)
-    text = re.sub(r" +\n", "\n", text)
-    text = re.sub(r"\n{3,}", "\n\n", text)
+    text = _SPACE_RUNS.sub(" ", text)
+    if " \n" in text:
+        text = _TRAILING_SPACES.sub("\n", text)
+    if "\n\n\n" in text:
+        text = _BLANK_LINES.sub("\n\n", text)
     return text.strip()
