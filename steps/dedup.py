@@ -41,10 +41,16 @@ the same seed, the same 32-bit pre-mix) are applied as one (num_perm x shingles)
 matrix; the result is bit-for-bit what ``MinHash(num_perm, seed, hashfunc=<that
 hash>).update_batch(shingles)`` gives, and is wrapped as a ``LeanMinHash``.
 
-Index: a datasketch ``MinHashLSH``. Its bands are chosen so that a pair exactly at
-the threshold becomes a candidate with probability >= 0.95 (at 0.85 and 128
-permutations: 14 bands of 9 rows; the datasketch optimizer's 8 bands of 16 rows
-make such a pair a candidate only 46% of the time);
+Batches: ``NearDuplicates.check_and_add_many`` and ``leakage`` hash a whole batch of
+texts at once (one numpy pass over all their shingles, ``np.minimum.reduceat`` per
+text), with the same results as one text at a time.
+
+Index: LSH bands over the signatures, kept compact: each band's rows hash to one 64-bit
+key, stored with the kept record's row in sorted numpy runs (12 bytes per band and
+record, vs ~5 KB per record in a datasketch ``MinHashLSH``). Its bands are chosen so that
+a pair exactly at the threshold becomes a candidate with probability >= 0.95 (at 0.85 and
+128 permutations: 14 bands of 9 rows; the datasketch optimizer's 8 bands of 16 rows make
+such a pair a candidate only 46% of the time);
 every candidate is then verified with the MinHash Jaccard estimate, so extra
 candidates cost time, not precision. Only *kept* records (the first of each cluster)
 are indexed: a duplicate always points at a kept record, clusters are stars around
@@ -56,11 +62,11 @@ from __future__ import annotations
 import hashlib
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
-from datasketch import LeanMinHash, MinHash, MinHashLSH
+from datasketch import LeanMinHash, MinHash
 
 SCHEME = "affine32"
 _BLOCK = 4096            # rows of stored signatures per block (no big copies as the index grows)
@@ -162,11 +168,14 @@ class NearDuplicates:
     shingles, ``num_perm`` permutations) is at least ``threshold``, or ``None`` when
     there is none, in which case the record is kept and indexed. When several
     qualify, the most similar wins, ties going to the earliest. Either way the record
-    is counted in ``report()``. Results depend only on the seed, the parameters and
-    the input order (not on PYTHONHASHSEED). Record ids are assumed unique; only ids
-    are retained, never text.
+    is counted in ``report()``. ``check_and_add_many(ids, texts)`` gives the same
+    answers as calling ``check_and_add`` in order, with the hashing done for the whole
+    batch at once. Results depend only on the seed, the parameters and the input
+    order (not on PYTHONHASHSEED). Record ids are assumed unique; only ids are
+    retained, never text.
 
-    Memory: one ``num_perm`` uint32 signature per kept record plus the LSH tables;
+    Memory per kept record: its ``num_perm`` uint32 signature (512 bytes at 128), one
+    8-byte key and a 4-byte row per band (14 bands at 0.85: 168 bytes), and its id;
     duplicates cost their id in the cluster lists only.
     """
 
@@ -181,7 +190,7 @@ class NearDuplicates:
         a, b = MinHash(num_perm=num_perm, seed=seed, scheme=SCHEME).permutations
         self._a, self._b = a.astype(np.uint32)[:, None], b.astype(np.uint32)[:, None]
         self.bands, self.rows = _lsh_params(threshold, num_perm)
-        self._lsh = MinHashLSH(num_perm=num_perm, params=(self.bands, self.rows))
+        self._bands = _BandIndex()
         self._ids: list[str] = []               # row -> id of the kept record
         self._blocks: list[np.ndarray] = []     # signatures, _BLOCK rows each
         self._members: dict[int, list[str]] = {}  # row -> ids of its duplicates, in order
@@ -191,62 +200,112 @@ class NearDuplicates:
 
     def signature(self, text: str) -> np.ndarray:
         """MinHash values (uint32, ``num_perm``) of the text's near-form shingles."""
-        hv = shingle_hashes(near_form(text), self.shingle)
+        return self.signatures([text])[0]
+
+    def signatures(self, texts: list[str]) -> np.ndarray:
+        """(len(texts), num_perm) uint32: ``signature`` of each text, hashed as one batch."""
+        forms = [near_form(t) for t in texts]
+        out = np.full((len(forms), self.num_perm), np.uint32(0xFFFFFFFF), dtype=np.uint32)
+        if not forms:
+            return out
+        hv, starts = _batch_shingle_hashes(forms, self.shingle)
         s1, m1, s2, m2 = _FMIX32
         hv ^= hv >> s1
         hv *= m1
         hv ^= hv >> s2
         hv *= m2
         hv ^= hv >> s1
-        out = None
-        for start in range(0, len(hv), _CHUNK):
-            perm = self._a * hv[start:start + _CHUNK]   # (num_perm, shingles): a*h + b mod 2**32
+        # Column chunks of all texts' shingles: a*h + b mod 2**32, then the minimum per text
+        # (np.minimum.reduceat over the text boundaries inside the chunk).
+        total = len(hv)
+        for c0 in range(0, total, _CHUNK):
+            c1 = min(c0 + _CHUNK, total)
+            first = int(np.searchsorted(starts, c0, side="right")) - 1
+            last = int(np.searchsorted(starts, c1, side="left"))  # texts first..last-1 overlap the chunk
+            perm = self._a * hv[c0:c1]
             perm += self._b
-            low = perm.min(axis=1)
-            out = low if out is None else np.minimum(out, low, out=out)
+            bounds = np.maximum(starts[first:last], c0) - c0
+            low = np.minimum.reduceat(perm, bounds, axis=1).T
+            np.minimum(out[first:last], low, out=out[first:last])
         return out
 
     def minhash(self, text: str) -> LeanMinHash:
         """The text's signature as a datasketch ``LeanMinHash`` (scheme ``affine32``)."""
-        return self._lean(self.signature(text))
+        return LeanMinHash(seed=self.seed, hashvalues=self.signature(text), scheme=SCHEME)
 
     def _row(self, row: int) -> np.ndarray:
         return self._blocks[row // _BLOCK][row % _BLOCK]
 
-    def _lean(self, sig: np.ndarray) -> LeanMinHash:
-        return LeanMinHash(seed=self.seed, hashvalues=sig, scheme=SCHEME)
+    def _band_keys(self, sigs: np.ndarray) -> np.ndarray:
+        """(n, bands) uint64: a 64-bit hash of each band's rows, the band number mixed in."""
+        n = len(sigs)
+        v = sigs[:, : self.bands * self.rows].reshape(n, self.bands, self.rows).astype(np.uint64)
+        h = np.broadcast_to(np.arange(1, self.bands + 1, dtype=np.uint64) * _M64, (n, self.bands)).copy()
+        for j in range(self.rows):
+            h *= _M64
+            h += v[:, :, j]
+        s, m1, m2 = _FMIX64
+        h ^= h >> s
+        h *= m1
+        h ^= h >> s
+        h *= m2
+        h ^= h >> s
+        return h
 
-    def _best(self, lean: LeanMinHash) -> int | None:
-        """Row of the most similar indexed record at or above the threshold (earliest on ties)."""
-        sig = lean.hashvalues
+    def _best(self, sig: np.ndarray, candidates: Iterable[int]) -> int | None:
+        """Row of the most similar candidate at or above the threshold (earliest on ties)."""
         best, best_sim = None, -1.0
-        candidates = self._lsh.query(lean)
-        for row in sorted(candidates):
+        for row in sorted(set(candidates)):
             sim = np.count_nonzero(self._row(row) == sig) / self.num_perm
             if sim >= self.threshold and sim > best_sim:
                 best, best_sim = row, sim
         return best
 
-    def _index(self, record_id: str, lean: LeanMinHash) -> None:
+    def _store(self, record_id: str, sig: np.ndarray) -> int:
         row = len(self._ids)
         if row % _BLOCK == 0:
             self._blocks.append(np.empty((_BLOCK, self.num_perm), dtype=np.uint32))
-        self._blocks[-1][row % _BLOCK] = lean.hashvalues
+        self._blocks[-1][row % _BLOCK] = sig
         self._ids.append(record_id)
-        self._lsh.insert(row, lean, check_duplication=False)  # rows are unique by construction
+        return row
+
+    def _match_batch(self, ids: list[str], sigs: np.ndarray, add: bool) -> list[int | None]:
+        """Per record, the matched row or None; with ``add``, unmatched records are indexed in
+        order, so a later record of the batch can match an earlier one (as one by one)."""
+        keys = self._band_keys(sigs)
+        outside = self._bands.lookup(keys)                # record -> rows indexed before the batch
+        inside = _shared_keys(keys) if add else {}         # record -> earlier records of the batch
+        batch_row: dict[int, int] = {}                     # batch position -> row, for kept records
+        result: list[int | None] = []
+        kept: list[int] = []
+        for i, record_id in enumerate(ids):
+            candidates = list(outside.get(i, ()))
+            candidates += [batch_row[j] for j in inside.get(i, ()) if j in batch_row]
+            row = self._best(sigs[i], candidates) if candidates else None
+            result.append(row)
+            if row is None and add:
+                batch_row[i] = self._store(record_id, sigs[i])
+                kept.append(i)
+        if add and kept:
+            self._bands.add(keys[kept], np.array([batch_row[i] for i in kept], dtype=np.uint32))
+        return result
 
     # public API
 
     def check_and_add(self, record_id: str, text: str) -> str | None:
         """Id of the earlier kept record this text near-duplicates, else ``None`` (and index it)."""
-        self.seen += 1
-        lean = self.minhash(text)
-        row = self._best(lean)
-        if row is None:
-            self._index(record_id, lean)
-            return None
-        self._members.setdefault(row, []).append(record_id)
-        return self._ids[row]
+        return self.check_and_add_many([record_id], [text])[0]
+
+    def check_and_add_many(self, ids: list[str], texts: list[str]) -> list[str | None]:
+        """``check_and_add`` for each (id, text) in order, hashed as one batch."""
+        rows = self._match_batch(ids, self.signatures(texts), add=True)
+        self.seen += len(ids)
+        out: list[str | None] = []
+        for record_id, row in zip(ids, rows):
+            if row is not None:
+                self._members.setdefault(row, []).append(record_id)
+            out.append(None if row is None else self._ids[row])
+        return out
 
     @property
     def removed(self) -> int:
@@ -280,9 +339,99 @@ class NearDuplicates:
         }
 
 
+def _batch_shingle_hashes(forms: list[str], shingle: int) -> tuple[np.ndarray, np.ndarray]:
+    """All texts' ``shingle_hashes`` concatenated, and where each text's hashes start."""
+    lengths = np.fromiter((len(f) for f in forms), dtype=np.int64, count=len(forms))
+    counts = np.maximum(lengths - shingle + 1, 1)  # a text shorter than a shingle is one
+    starts = np.zeros(len(forms), dtype=np.int64)
+    np.cumsum(counts[:-1], out=starts[1:])
+    cps = np.frombuffer("".join(forms).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    n = len(cps) - shingle + 1
+    if n > 0:  # the hash of every window of the joined text; windows inside one text are kept
+        h = np.full(n, shingle, dtype=np.uint64)
+        for j in range(shingle):
+            h *= _M64
+            h += cps[j:j + n]
+        s, m1, m2 = _FMIX64
+        h ^= h >> s
+        h *= m1
+        h ^= h >> s
+        h *= m2
+        h ^= h >> s
+        windows = (h >> np.uint64(32)).astype(np.uint32)
+    else:
+        windows = np.empty(0, dtype=np.uint32)
+    text_starts = np.zeros(len(forms), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=text_starts[1:])
+    total = int(counts.sum())
+    # Output position p of a text's k-th shingle is starts[i] + k; its window in the joined
+    # text starts at text_starts[i] + k.
+    source = np.arange(total, dtype=np.int64) + np.repeat(text_starts - starts, counts)
+    long_enough = lengths >= shingle
+    is_long = np.repeat(long_enough, counts)
+    out = np.empty(total, dtype=np.uint32)
+    out[is_long] = windows[source[is_long]]
+    for i in np.flatnonzero(~long_enough):  # shorter than a shingle: one hash of the whole text
+        out[starts[i]] = shingle_hashes(forms[i], shingle)[0]
+    return out, starts
+
+
+def _shared_keys(keys: np.ndarray) -> dict[int, list[int]]:
+    """Record -> earlier records of the same batch that share a band key with it."""
+    n, bands = keys.shape
+    flat = keys.ravel()
+    order = np.argsort(flat, kind="stable")
+    ordered = flat[order]
+    same = np.flatnonzero(ordered[1:] == ordered[:-1])
+    pairs: dict[int, list[int]] = {}
+    if len(same) == 0:
+        return pairs
+    records = order // bands
+    # runs of equal keys: every later member pairs with every earlier one (runs are short)
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    ends = np.r_[starts[1:], len(ordered)]
+    for s, e in zip(starts[ends - starts > 1], ends[ends - starts > 1]):
+        members = sorted(set(records[s:e].tolist()))
+        for k, later in enumerate(members):
+            if k:
+                pairs.setdefault(later, []).extend(members[:k])
+    return pairs
+
+
+class _BandIndex:
+    """Band key -> rows, as sorted numpy runs (8-byte key + 4-byte row per entry), merged
+    LSM-style so that adding is cheap and a lookup searches a few runs."""
+
+    def __init__(self) -> None:
+        self._runs: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def add(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        flat = keys.ravel()
+        row_of = np.repeat(rows, keys.shape[1])
+        order = np.argsort(flat, kind="stable")
+        self._runs.append((flat[order], row_of[order]))
+        while len(self._runs) > 1 and len(self._runs[-2][0]) <= 2 * len(self._runs[-1][0]):
+            (k1, r1), (k2, r2) = self._runs.pop(), self._runs.pop()
+            merged = np.concatenate([k2, k1])
+            order = np.argsort(merged, kind="stable")
+            self._runs.append((merged[order], np.concatenate([r2, r1])[order]))
+
+    def lookup(self, keys: np.ndarray) -> dict[int, list[int]]:
+        """Record (row of ``keys``) -> indexed rows sharing one of its band keys."""
+        found: dict[int, list[int]] = {}
+        bands = keys.shape[1]
+        flat = keys.ravel()
+        for run_keys, run_rows in self._runs:
+            left = np.searchsorted(run_keys, flat, side="left")
+            right = np.searchsorted(run_keys, flat, side="right")
+            for q in np.flatnonzero(right > left).tolist():
+                found.setdefault(q // bands, []).extend(run_rows[left[q]:right[q]].tolist())
+        return found
+
+
 def leakage(train: Iterable[tuple[str, str]], eval: Iterable[tuple[str, str]],  # noqa: A002
             threshold: float = 0.85, *, num_perm: int = 128, shingle: int = 5,
-            seed: int = 1) -> list[tuple[str, str]]:
+            seed: int = 1, batch: int = 4096) -> list[tuple[str, str]]:
     """``(eval_id, train_id)`` for every eval record near-duplicating a train record.
 
     Every train record is indexed (train duplicates among themselves are not
@@ -291,14 +440,27 @@ def leakage(train: Iterable[tuple[str, str]], eval: Iterable[tuple[str, str]],  
     Eval records are not compared with each other. Pairs come in eval order.
     """
     index = NearDuplicates(threshold, num_perm=num_perm, shingle=shingle, seed=seed)
-    for record_id, text in train:
-        index._index(record_id, index.minhash(text))
+    for part in _batches(train, batch):
+        ids = [record_id for record_id, _ in part]
+        sigs = index.signatures([text for _, text in part])
+        rows = np.array([index._store(record_id, sig) for record_id, sig in zip(ids, sigs)], dtype=np.uint32)
+        index._bands.add(index._band_keys(sigs), rows)
     pairs = []
-    for record_id, text in eval:
-        row = index._best(index.minhash(text))
-        if row is not None:
-            pairs.append((record_id, index._ids[row]))
+    for part in _batches(eval, batch):
+        matched = index._match_batch([i for i, _ in part], index.signatures([t for _, t in part]), add=False)
+        pairs += [(record_id, index._ids[row]) for (record_id, _), row in zip(part, matched) if row is not None]
     return pairs
+
+
+def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    part: list[Any] = []
+    for item in items:
+        part.append(item)
+        if len(part) == size:
+            yield part
+            part = []
+    if part:
+        yield part
 
 
 def record_text(record: dict[str, Any]) -> str:
