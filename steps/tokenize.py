@@ -46,8 +46,10 @@ Output: ``train.jsonl`` and ``eval.jsonl`` and ``eval_prompts.jsonl``; the stats
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
+import re
 from typing import Any
 
 from tqdm import tqdm
@@ -63,6 +65,7 @@ from steps.validate import RECORDS_FILE
 log = logging.getLogger(__name__)
 
 STEP = "tokenize"
+ENCODE_BATCH = 1024  # conversations per tokenizer call
 
 
 def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, store: ArtifactStore) -> DatasetRef:
@@ -146,18 +149,14 @@ def encode_chats(tokenizer: Any, sides: dict[str, list[dict]], cfg: TokenizeConf
     prompts: list[dict[str, Any]] = []
     truncated = dropped = 0
     for side, records in sides.items():
-        for record in tqdm(records, desc=f"tokenize {side}", unit="rec", mininterval=2):
-            ids, labels = encode_chat(tokenizer, record["messages"])
-            if len(ids) > cfg.max_seq_len:
-                truncated += 1
-                ids, labels = ids[: cfg.max_seq_len], labels[: cfg.max_seq_len]
-            if all(label == IGNORE for label in labels):
-                dropped += 1  # truncation removed every answer token
-                continue
-            splits[side].append({"id": record["id"], "input_ids": ids, "labels": labels})
-            if side == "eval":
-                prompts.append({"id": record["id"], "messages": record["messages"][:-1],
-                                "reference": record["messages"][-1]["content"]})
+        progress = tqdm(total=len(records), desc=f"tokenize {side}", unit="rec", mininterval=2)
+        for start in range(0, len(records), ENCODE_BATCH):
+            batch = records[start:start + ENCODE_BATCH]
+            for record, (ids, labels) in zip(batch, encode_chat_batch(tokenizer, [r["messages"] for r in batch])):
+                truncated, dropped = _add_chat_row(splits[side], prompts if side == "eval" else None,
+                                                   record, ids, labels, cfg, truncated, dropped)
+            progress.update(len(batch))
+        progress.close()
     stats = {
         "train_records": len(splits["train"]),
         "eval_records": len(splits["eval"]),
@@ -167,6 +166,23 @@ def encode_chats(tokenizer: Any, sides: dict[str, list[dict]], cfg: TokenizeConf
         "dropped_no_answer": dropped,
     }
     return splits, prompts, stats
+
+
+def _add_chat_row(rows: list[dict[str, Any]], prompts: list[dict[str, Any]] | None, record: dict[str, Any],
+                  ids: list[int], labels: list[int], cfg: TokenizeConfig, truncated: int, dropped: int
+                  ) -> tuple[int, int]:
+    """Append one encoded conversation (truncated; dropped when no answer token is left) and,
+    for eval, its prompt; returns the updated truncated and dropped counts."""
+    if len(ids) > cfg.max_seq_len:
+        truncated += 1
+        ids, labels = ids[: cfg.max_seq_len], labels[: cfg.max_seq_len]
+    if all(label == IGNORE for label in labels):
+        return truncated, dropped + 1  # truncation removed every answer token
+    rows.append({"id": record["id"], "input_ids": ids, "labels": labels})
+    if prompts is not None:
+        prompts.append({"id": record["id"], "messages": record["messages"][:-1],
+                        "reference": record["messages"][-1]["content"]})
+    return truncated, dropped
 
 
 def encode_labelled(tokenizer: Any, sides: dict[str, list[dict]], cfg: TokenizeConfig, kind: str
@@ -239,23 +255,101 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[in
     assistant turn is the text between the prompt (with generation header) and the end
     of that turn, including its end-of-turn token.
     """
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    return encode_chat_batch(tokenizer, [messages])[0]
+
+
+def encode_chat_batch(tokenizer: Any, conversations: list[list[dict[str, str]]]
+                      ) -> list[tuple[list[int], list[int]]]:
+    """``encode_chat`` for many conversations: the texts are tokenized in one batch call (the
+    fast tokenizer's threads), and the prompt/turn prefixes that locate the assistant spans
+    come from one rendering per role sequence with placeholder contents (``_ChatLayout``)
+    instead of two template renderings per assistant turn."""
+    layouts: dict[tuple[str, ...], _ChatLayout] = {}
+    texts: list[str] = []
+    all_spans: list[list[tuple[int, int]]] = []
+    for messages in conversations:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        spans = None
+        if _ChatLayout.applies(messages):
+            roles = tuple(m["role"] for m in messages)
+            layout = layouts.get(roles) or layouts.setdefault(roles, _ChatLayout(tokenizer, roles))
+            spans = layout.spans(text, [m["content"] for m in messages])
+        texts.append(text)
+        all_spans.append(spans if spans is not None else _rendered_spans(tokenizer, messages, text))
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return [(list(ids), _labels(ids, offsets, spans))
+            for ids, offsets, spans in zip(encoded["input_ids"], encoded["offset_mapping"], all_spans)]
+
+
+def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """The token ids whose text starts inside an assistant span; IGNORE elsewhere."""
+    begins = [begin for begin, _ in offsets]
+    if begins != sorted(begins):  # token starts out of order: test each token against each span
+        return [token if any(start <= begin < end for start, end in spans) else IGNORE
+                for token, begin in zip(ids, begins)]
+    labels = [IGNORE] * len(ids)
+    for start, end in spans:  # the tokens starting in [start, end) are one run
+        first, stop = bisect.bisect_left(begins, start), bisect.bisect_left(begins, end)
+        labels[first:stop] = ids[first:stop]
+    return labels
+
+
+def _rendered_spans(tokenizer: Any, messages: list[dict[str, str]], text: str) -> list[tuple[int, int]]:
+    """(start, end) of each assistant turn in ``text``, from renderings of the conversation's prefixes."""
     spans: list[tuple[int, int]] = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
         turn = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False).rstrip("\n")
-        if not (turn.startswith(prompt) and text.startswith(turn)):
-            raise ConfigError("the chat template does not render conversation prefixes as prefixes; cannot mask prompts")
-        spans.append((len(prompt), len(turn)))
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(encoded["input_ids"])
-    labels = [
-        token if any(start <= begin < end for start, end in spans) else IGNORE
-        for token, (begin, _) in zip(ids, encoded["offset_mapping"])
-    ]
-    return ids, labels
+        spans.append(_span(prompt, turn, text))
+    return spans
+
+
+def _span(prompt: str, turn: str, text: str) -> tuple[int, int]:
+    if not (turn.startswith(prompt) and text.startswith(turn)):
+        raise ConfigError("the chat template does not render conversation prefixes as prefixes; cannot mask prompts")
+    return len(prompt), len(turn)
+
+
+_MARK = re.compile("\ue000(\\d+)\ue001")  # a placeholder content: private-use characters around an index
+
+
+class _ChatLayout:
+    """A chat template rendered once for one sequence of roles, with placeholder contents: the
+    full conversation, and per assistant turn its prompt (with generation header) and the
+    turn itself, as literal pieces and content indices. Filling in a conversation's contents
+    gives its prefixes without running the template again; ``spans`` uses that only when the
+    filled-in full text equals the real rendering (else None: render the prefixes)."""
+
+    def __init__(self, tokenizer: Any, roles: tuple[str, ...]):
+        marked = [{"role": role, "content": f"\ue000{i}\ue001"} for i, role in enumerate(roles)]
+        self.full = self._pieces(tokenizer.apply_chat_template(marked, tokenize=False))
+        self.turns = [(self._pieces(tokenizer.apply_chat_template(marked[:i], tokenize=False,
+                                                                  add_generation_prompt=True)),
+                       self._pieces(tokenizer.apply_chat_template(marked[: i + 1], tokenize=False)))
+                      for i, role in enumerate(roles) if role == "assistant"]
+
+    @staticmethod
+    def applies(messages: list[dict[str, str]]) -> bool:
+        """Only role and content, and no content holding the placeholder characters."""
+        return all(m.keys() <= {"role", "content"} and isinstance(m.get("content"), str)
+                   and "\ue000" not in m["content"] and "\ue001" not in m["content"] for m in messages)
+
+    @staticmethod
+    def _pieces(rendered: str) -> list[str | int]:
+        parts = _MARK.split(rendered)
+        return [int(part) if i % 2 else part for i, part in enumerate(parts)]
+
+    @staticmethod
+    def _fill(pieces: list[str | int], contents: list[str]) -> str:
+        return "".join(contents[p] if isinstance(p, int) else p for p in pieces)
+
+    def spans(self, text: str, contents: list[str]) -> list[tuple[int, int]] | None:
+        if self._fill(self.full, contents) != text:
+            return None
+        return [_span(self._fill(prompt, contents), self._fill(turn, contents).rstrip("\n"), text)
+                for prompt, turn in self.turns]
 
 
 def pack_texts(tokenizer: Any, sides: dict[str, list[dict]], cfg: TokenizeConfig
