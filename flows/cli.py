@@ -1,6 +1,7 @@
 """The ``tuneline`` command.
 
     tuneline services up          # SeaweedFS (S3), MLflow server, Prefect server; prints URLs
+    tuneline services up --backend postgres --mlflow-auth   # PostgreSQL behind both, MLflow basic auth
     tuneline services status
     tuneline services down
     tuneline run --params deployments/params/default.yaml [--set train.max_steps=10 ...]
@@ -41,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     services = sub.add_parser("services", help="start, stop or inspect the local S3, MLflow and Prefect servers")
     services.add_argument("action", choices=["up", "down", "status"])
     services.add_argument("--no-prefect", action="store_true", help="do not start the Prefect server")
+    services.add_argument("--backend", choices=["sqlite", "postgres"],
+                          help="database of MLflow and Prefect (default: $TUNELINE_DB_BACKEND or sqlite); postgres "
+                          "runs a local PostgreSQL cluster (apt-get install postgresql), the production backend")
+    services.add_argument("--mlflow-auth", action="store_true", default=None,
+                          help="MLflow basic auth (also TUNELINE_MLFLOW_AUTH=1); the generated password stays in "
+                          "the state dir's credentials.json and reaches clients as MLFLOW_TRACKING_PASSWORD")
 
     run = sub.add_parser("run", help="run the fine-tuning flow end to end")
     run.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="YAML parameter file (deployments/params/)")
@@ -97,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     for chatty in ("httpx", "httpcore", "botocore", "urllib3", "alembic"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
     if args.command == "services":
-        return services_command(args.action, prefect=not args.no_prefect)
+        return services_command(args.action, prefect=not args.no_prefect, backend=args.backend,
+                                mlflow_auth=args.mlflow_auth)
     if args.command in ("models", "promote", "rollback", "predict"):
         return registry_command(args)
     if args.command == "scrub":
@@ -111,10 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(args.params, args.overrides)
 
 
-def services_command(action: str, prefect: bool) -> int:
+def services_command(action: str, prefect: bool, backend: str | None = None, mlflow_auth: bool | None = None) -> int:
     from flows import services
 
-    cfg = services.ServiceConfig.from_env()
+    cfg = services.ServiceConfig.from_env().with_options(backend, mlflow_auth)
     if action == "up":
         services.up(cfg, prefect=prefect)
     elif action == "down":

@@ -120,6 +120,24 @@ def test_from_env(monkeypatch, tmp_path):
         ServiceConfig(tmp_path, s3_port=28333, mlflow_port=38334)
 
 
+def test_backend_and_auth_options(monkeypatch, tmp_path):
+    monkeypatch.setenv("TUNELINE_HOME", str(tmp_path))
+    for var in ("TUNELINE_S3_PORT", "TUNELINE_MLFLOW_PORT", "TUNELINE_PREFECT_PORT", "TUNELINE_BUCKET"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TUNELINE_DB_BACKEND", "postgres")
+    monkeypatch.setenv("TUNELINE_DB_PORT", "25433")
+    monkeypatch.setenv("TUNELINE_MLFLOW_AUTH", "1")
+    cfg = ServiceConfig.from_env()
+    assert (cfg.backend, cfg.db_port, cfg.mlflow_auth) == ("postgres", 25433, True)
+    assert cfg.with_options("sqlite", False).backend == "sqlite" and cfg.with_options().mlflow_auth
+    # The database URL carries no password (argv is readable by every local user).
+    assert urls(cfg)["postgres"] == "postgresql://tuneline@127.0.0.1:25433"
+    with pytest.raises(ServiceError, match="backend must be one of sqlite, postgres"):
+        ServiceConfig(tmp_path, backend="mysql")
+    with pytest.raises(ServiceError, match="overlap"):
+        ServiceConfig(tmp_path, backend="postgres", db_port=5000)  # MLflow's port
+
+
 def test_busy_port_is_refused_before_anything_starts(tmp_path):
     base, _, mlflow_port, prefect_port = _free_ports(set())
     cfg = ServiceConfig(tmp_path / "services", s3_port=base, mlflow_port=mlflow_port, prefect_port=prefect_port)
