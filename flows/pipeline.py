@@ -37,14 +37,15 @@ def save_result_storage() -> None:
 def finetune(params: PipelineParams = PipelineParams()) -> PipelineSummary:
     save_result_storage()
     prefix = params.artifacts_prefix
-    raw = tasks.ingest(params.ingest, prefix)
-    validated = tasks.validate(params.validate_, raw, prefix)
-    clean = tasks.scrub(params.scrub, validated, prefix)
-    base = tasks.base_model(params.base_model, prefix)
-    data = tasks.tokenize(params.tokenize, clean, base, prefix)
-    tuned = tasks.train(params.train, data, base, prefix)
-    base_eval = tasks.evaluate(params.evaluate, base, data, prefix)
-    tuned_eval = tasks.evaluate(params.evaluate, tuned, data, prefix)
+    where = params.dispatch  # step -> a tuneline-step deployment; others run in this flow run
+    raw = tasks.ingest(params.ingest, prefix, dispatch=where.get("ingest"))
+    validated = tasks.validate(params.validate_, raw, prefix, dispatch=where.get("validate"))
+    clean = tasks.scrub(params.scrub, validated, prefix, dispatch=where.get("scrub"))
+    base = tasks.base_model(params.base_model, prefix, dispatch=where.get("base_model"))
+    data = tasks.tokenize(params.tokenize, clean, base, prefix, dispatch=where.get("tokenize"))
+    tuned = tasks.train(params.train, data, base, prefix, dispatch=where.get("train"))
+    base_eval = tasks.evaluate(params.evaluate, base, data, prefix, dispatch=where.get("evaluate"))
+    tuned_eval = tasks.evaluate(params.evaluate, tuned, data, prefix, dispatch=where.get("evaluate"))
     record = RunRecord(
         params=params.model_dump(mode="json", by_alias=True),
         datasets={"ingest": raw, "validate": validated, "scrub": clean, "tokenize": data},
@@ -54,10 +55,10 @@ def finetune(params: PipelineParams = PipelineParams()) -> PipelineSummary:
     # The incumbent is evaluated before registering, so a failure there leaves no orphan version.
     current = tasks.champion(params.register_)
     if current is not None and current.model.digest != tuned.digest:
-        incumbent = tasks.evaluate(params.evaluate, current.model, data, prefix)
+        incumbent = tasks.evaluate(params.evaluate, current.model, data, prefix, dispatch=where.get("evaluate"))
         label = f"champion v{current.version}"
     else:
         incumbent, label = base_eval, "base model"
-    version = tasks.register(params.register_, record, prefix)
+    version = tasks.register(params.register_, record, prefix, dispatch=where.get("register"))
     decision = tasks.promote(params.register_, version, tuned_eval, incumbent, label, base_eval)
     return PipelineSummary(record=record, version=version, decision=decision)

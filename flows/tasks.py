@@ -20,7 +20,7 @@ from requests.exceptions import Timeout as HttpTimeout
 from steps.base_model import prepare_base_model
 from steps.config import (BaseModelConfig, EvaluateConfig, IngestConfig, RegisterConfig, ScrubConfig,
                           TokenizeConfig, TrainConfig, ValidateConfig)
-from steps.errors import TransientError
+from steps.errors import ConfigError, StepRunError, TransientError
 from steps.evaluate import evaluate_model
 from steps.ingest import ingest_records
 from steps.lineage import canonical_json, code_version
@@ -41,7 +41,8 @@ class StepCachePolicy(CachePolicy):
     references, which carry the digests). Prefect's TASK_SOURCE would only see the wrapper."""
 
     def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str:
-        payload = canonical_json({k: _jsonable(v) for k, v in inputs.items()})
+        # Where a step runs (``dispatch``) does not change what it computes.
+        payload = canonical_json({k: _jsonable(v) for k, v in inputs.items() if k != "dispatch"})
         return hashlib.sha256(f"{task_ctx.task.name}:{code_version()}:{payload}".encode()).hexdigest()
 
 
@@ -51,8 +52,14 @@ def _jsonable(value: Any) -> Any:
 
 def is_transient(task: Any, task_run: Any, state: Any) -> bool:
     """Retry storage and network trouble; never bad data or bad config."""
-    exc = state.data
-    return isinstance(exc, TRANSIENT) or (isinstance(exc, BotoCoreError) and "connect" in str(exc).lower())
+    exc, seen = state.data, 0
+    # Walk the chain: MLflow wraps a refused connection or a timeout in MlflowException ("API request
+    # to ... failed with exception ..."), with the requests error as its context.
+    while isinstance(exc, BaseException) and seen < 8:
+        if isinstance(exc, TRANSIENT) or (isinstance(exc, BotoCoreError) and "connect" in str(exc).lower()):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def step_task(name: str, timeout_seconds: int = 3600, tags: tuple[str, ...] = ("tuneline",)) -> Any:
@@ -77,38 +84,78 @@ def live_task(name: str) -> Any:
                 retry_condition_fn=is_transient, persist_result=False, tags=["tuneline"])
 
 
+def remote(step: str, deployment: str, returns: Any, **inputs: Any) -> Any:
+    """Run one step as a flow run of a ``tuneline-step`` deployment (flows/step_flow.py): its own
+    process, container or pod, as the deployment's work pool decides, e.g. the GPU image for
+    ``train``. Only JSON crosses: configs and references in, a reference out (the flow's result,
+    persisted as JSON in the artifact bucket); the artifacts themselves pass through S3."""
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    inputs = {k: _jsonable(v) for k, v in inputs.items()}
+    try:
+        run = run_deployment(deployment, parameters={"step": step, "inputs": inputs}, timeout=None)
+    except ObjectNotFound:
+        raise ConfigError(f"dispatch.{step}: the Prefect server has no deployment {deployment!r} "
+                          "(register it with `tuneline deploy --only gpu`, or name another)") from None
+    state = run.state
+    if state is not None and state.is_completed():
+        return returns.model_validate(state.result())
+    where = f"step {step!r} in flow run {run.name!r} of deployment {deployment!r}"
+    message = state.message if state is not None else "no state"
+    if state is not None and state.is_crashed():  # the infrastructure went away: worth another try
+        raise TransientError(f"{where} crashed: {message}")
+    raise StepRunError(f"{where} ended {state.name if state else 'without a state'}: {message}")
+
+
 @step_task("ingest")
-def ingest(cfg: IngestConfig, prefix: str) -> DatasetRef:
+def ingest(cfg: IngestConfig, prefix: str, dispatch: str | None = None) -> DatasetRef:
+    if dispatch:
+        return remote("ingest", dispatch, DatasetRef, cfg=cfg, prefix=prefix)
     return ingest_records(cfg, ArtifactStore.from_env(prefix))
 
 
 @step_task("validate")
-def validate(cfg: ValidateConfig, raw: DatasetRef, prefix: str) -> DatasetRef:
+def validate(cfg: ValidateConfig, raw: DatasetRef, prefix: str, dispatch: str | None = None) -> DatasetRef:
+    if dispatch:
+        return remote("validate", dispatch, DatasetRef, cfg=cfg, raw=raw, prefix=prefix)
     return validate_records(cfg, raw, ArtifactStore.from_env(prefix))
 
 
 @step_task("scrub")
-def scrub(cfg: ScrubConfig, validated: DatasetRef, prefix: str) -> DatasetRef:
+def scrub(cfg: ScrubConfig, validated: DatasetRef, prefix: str, dispatch: str | None = None) -> DatasetRef:
+    if dispatch:
+        return remote("scrub", dispatch, DatasetRef, cfg=cfg, validated=validated, prefix=prefix)
     return scrub_records(cfg, validated, ArtifactStore.from_env(prefix))
 
 
 @step_task("base-model")
-def base_model(cfg: BaseModelConfig, prefix: str) -> ModelRef:
+def base_model(cfg: BaseModelConfig, prefix: str, dispatch: str | None = None) -> ModelRef:
+    if dispatch:
+        return remote("base_model", dispatch, ModelRef, cfg=cfg, prefix=prefix)
     return prepare_base_model(cfg, ArtifactStore.from_env(prefix))
 
 
 @step_task("tokenize")
-def tokenize(cfg: TokenizeConfig, clean: DatasetRef, model: ModelRef, prefix: str) -> DatasetRef:
+def tokenize(cfg: TokenizeConfig, clean: DatasetRef, model: ModelRef, prefix: str,
+             dispatch: str | None = None) -> DatasetRef:
+    if dispatch:
+        return remote("tokenize", dispatch, DatasetRef, cfg=cfg, clean=clean, model=model, prefix=prefix)
     return tokenize_dataset(cfg, clean, model, ArtifactStore.from_env(prefix))
 
 
 @step_task("train", timeout_seconds=4 * 3600, tags=("tuneline", "tuneline-gpu"))
-def train(cfg: TrainConfig, data: DatasetRef, model: ModelRef, prefix: str) -> ModelRef:
+def train(cfg: TrainConfig, data: DatasetRef, model: ModelRef, prefix: str, dispatch: str | None = None) -> ModelRef:
+    if dispatch:
+        return remote("train", dispatch, ModelRef, cfg=cfg, data=data, model=model, prefix=prefix)
     return train_model(cfg, data, model, ArtifactStore.from_env(prefix))
 
 
 @step_task("evaluate", tags=("tuneline", "tuneline-gpu"))
-def evaluate(cfg: EvaluateConfig, model: ModelRef, data: DatasetRef, prefix: str) -> EvalReport:
+def evaluate(cfg: EvaluateConfig, model: ModelRef, data: DatasetRef, prefix: str,
+             dispatch: str | None = None) -> EvalReport:
+    if dispatch:
+        return remote("evaluate", dispatch, EvalReport, cfg=cfg, model=model, data=data, prefix=prefix)
     return evaluate_model(cfg, model, data, ArtifactStore.from_env(prefix))
 
 
@@ -118,7 +165,9 @@ def champion(cfg: RegisterConfig) -> Champion | None:
 
 
 @step_task("register")
-def register(cfg: RegisterConfig, record: RunRecord, prefix: str) -> RegisteredVersion:
+def register(cfg: RegisterConfig, record: RunRecord, prefix: str, dispatch: str | None = None) -> RegisteredVersion:
+    if dispatch:
+        return remote("register", dispatch, RegisteredVersion, cfg=cfg, record=record, prefix=prefix)
     return register_model(cfg, record, ArtifactStore.from_env(prefix))
 
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from steps.errors import ConfigError
 
+DispatchStep = Literal["ingest", "validate", "scrub", "base_model", "tokenize", "train", "evaluate", "register"]
 RecordKind = Literal["chat", "text", "classification", "regression", "preference"]
 # What the train step optimises for each record kind.
 TASKS: dict[str, str] = {"chat": "sft", "text": "cpt", "classification": "classification",
@@ -445,6 +446,12 @@ class PipelineParams(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Train step.")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Evaluate step.")
     register_: RegisterConfig = Field(default_factory=RegisterConfig, alias="register", description="Register step.")
+    dispatch: dict[DispatchStep, str] = Field(
+        default_factory=dict,
+        description="Steps to run in their own flow run, each on a deployment of the tuneline-step flow "
+                    "(its work pool decides process, container or pod), e.g. {\"train\": \"tuneline-step/gpu\", "
+                    "\"evaluate\": \"tuneline-step/gpu\"}. Steps not named run inside this flow run.",
+    )
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -463,6 +470,10 @@ class PipelineParams(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineParams:
+        for step, deployment in self.dispatch.items():
+            if deployment.count("/") != 1 or not all(deployment.split("/")):
+                raise ValueError(f"dispatch.{step}: {deployment!r} is not a deployment name (FLOW/DEPLOYMENT, "
+                                 "e.g. 'tuneline-step/gpu')")
         kind, method = self.validate_.record_kind, self.train.method
         if method == "reft" and kind != "chat":
             raise ValueError(f"train.method 'reft' intervenes at prompt positions of chat records, not on "

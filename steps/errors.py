@@ -23,3 +23,7 @@ class ArtifactError(TunelineError):
 
 class TransientError(TunelineError):
     """A failure that a retry can fix (storage or network trouble)."""
+
+
+class StepRunError(TunelineError):
+    """A step sent to another flow run (``dispatch``) failed there; the message says where and why."""

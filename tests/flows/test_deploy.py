@@ -36,6 +36,7 @@ def test_prefect_yaml_has_one_deployment_per_parameter_set_and_the_gpu_settings_
         planned = {p.name: p for p in load_spec(pool=pool)}
         assert sorted(n for n, p in planned.items() if p.entrypoint == "flows.pipeline.finetune") == PARAM_SETS
         assert planned["incoming"].entrypoint == "flows.watch.watch"
+        assert planned["gpu"].entrypoint == "flows.step_flow.run_step"  # dispatched steps (test_dispatch.py)
         assert planned["incoming"].parameters == {"prefix": "s3://tuneline/incoming/",
                                                   "deployment": "tuneline-finetune/default"}
         assert planned["default"].parameters["params"]["train"]["max_steps"] == 60  # from params/default.yaml
@@ -57,6 +58,11 @@ def test_prefect_yaml_has_one_deployment_per_parameter_set_and_the_gpu_settings_
     assert watcher["containers"][0]["image"] == "tuneline-cpu:0.1.0"
     assert "nvidia.com/gpu" not in watcher["containers"][0]["resources"].get("limits", {})
     assert "nodeSelector" not in watcher
+    # A step dispatched to tuneline-step/gpu gets its own pod on a GPU node.
+    step_pod = apply_values(template["job_configuration"]["job_manifest"], k8s["gpu"].job_variables,
+                            remove_notset=True)["spec"]["template"]["spec"]
+    assert step_pod["containers"][0]["image"] == "reg.example/tuneline-gpu:1"
+    assert step_pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     # The images named there are the ones containers/Dockerfile.<kind> builds.
     images = yaml.safe_load(SPEC_FILE.read_text())["definitions"]["images"]
     for kind, image in images.items():
@@ -141,7 +147,7 @@ def test_deploy_then_run_from_the_form_like_the_ui(prefect_api, tiny_model, tmp_
         # Every deployment is on the new process pool, which deploy created.
         assert client.read_work_pool(pool).type == "process"
         deployed = {d.name for d in client.read_deployments() if d.work_pool_name == pool}
-        assert deployed == {*PARAM_SETS, "incoming"}
+        assert deployed == {*PARAM_SETS, "incoming", "gpu"}
 
         # The form: PipelineParams' schema with descriptions, defaults and bounds; the values of the file.
         default = client.read_deployment_by_name("tuneline-finetune/default")
