@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -219,6 +220,43 @@ class ArtifactStore:
     def read_jsonl(self, ref: ArtifactRef, name: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.read_bytes(ref, name).decode("utf-8").splitlines() if line]
 
+    def iter_lines(self, ref: ArtifactRef, name: str, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+        """The file's lines (without the newline) streamed from S3, a chunk at a time: memory stays
+        flat whatever the file size. The digest is checked when the last line has been read, so a
+        consumer that reaches the end has read exactly the committed bytes (ArtifactError if not)."""
+        files = self.manifest(ref.key)["files"]
+        if name not in files:
+            raise ArtifactError(f"{ref.key} has no file {name!r} (has: {', '.join(sorted(files))})")
+        try:
+            body = self._call("get_object", Key=f"{ref.key}/{name}")["Body"]
+        except ClientError as exc:
+            raise ArtifactError(f"s3://{self.bucket}/{ref.key}/{name} cannot be read: {exc}") from exc
+        digest, rest = hashlib.sha256(), b""
+        for chunk in body.iter_chunks(chunk_bytes):
+            digest.update(chunk)
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop()
+            yield from lines
+        if rest:
+            yield rest
+        if digest.hexdigest() != files[name]["sha256"]:
+            raise ArtifactError(f"{ref.key}/{name} does not match its manifest digest")
+
+    def iter_jsonl(self, ref: ArtifactRef, name: str) -> Iterator[dict[str, Any]]:
+        """``read_jsonl`` as a stream (``iter_lines``)."""
+        return (json.loads(line) for line in self.iter_lines(ref, name) if line)
+
+    def iter_jsonl_chunks(self, ref: ArtifactRef, name: str, size: int) -> Iterator[list[dict[str, Any]]]:
+        """``iter_jsonl`` in lists of at most ``size`` records."""
+        chunk: list[dict[str, Any]] = []
+        for record in self.iter_jsonl(ref, name):
+            chunk.append(record)
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
     def download(self, ref: ArtifactRef) -> Path:
         """Materialise every file of an artifact locally, verified against the manifest; cached by digest."""
         target = self.cache_dir / ref.digest
@@ -266,6 +304,20 @@ class ArtifactWriter:
     def put_jsonl(self, name: str, rows: Iterable[dict[str, Any]]) -> None:
         self.put_bytes(name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
 
+    @contextlib.contextmanager
+    def jsonl_file(self, name: str) -> Iterator[JsonlSink]:
+        """Rows written one at a time go to a local temporary file, uploaded (multipart, streamed)
+        as ``name`` when the block ends without an error; memory stays flat whatever the size."""
+        handle, temporary = tempfile.mkstemp(prefix="tuneline-", suffix=".jsonl")
+        path = Path(temporary)
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as f:
+                sink = JsonlSink(f)
+                yield sink
+            self.put_file(name, path)
+        finally:
+            path.unlink(missing_ok=True)
+
     def put_file(self, name: str, path: Path) -> None:
         try:
             self.store.client.upload_file(str(path), self.store.bucket, f"{self.key}/{name}")
@@ -309,6 +361,22 @@ class ArtifactWriter:
             return ArtifactRef(step=self.step, key=self.key, digest=existing["digest"], stats=existing["stats"])
         log.info("%s: committed %s (%d files)", self.step, self.key, len(self.files))
         return ArtifactRef(step=self.step, key=self.key, digest=digest, stats=stats)
+
+
+class JsonlSink:
+    """Writes rows as JSON lines (``ArtifactWriter.jsonl_file``); ``rows`` counts them."""
+
+    def __init__(self, f: Any):
+        self._f = f
+        self.rows = 0
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.rows += 1
+
+    def write_many(self, rows: Iterable[dict[str, Any]]) -> None:
+        for row in rows:
+            self.write(row)
 
 
 def s3_client(endpoint_url: str | None) -> Any:
