@@ -705,15 +705,17 @@ class PiiEngine:
                 pos = hit(at)
         return sorted(hits)
 
-    def redact_many(self, texts: list[str]) -> tuple[list[str], Counter]:
-        """``redact`` over many texts: (redacted texts, Counter over all of them). One scan over
-        all texts picks the few that need the per-gate checks; the rest come back as they are."""
+    def redact_many(self, texts: list[str]) -> tuple[list[str], dict[int, Counter]]:
+        """``redact`` over many texts: the redacted texts, and per index of a text in which PII
+        was found its Counter. One scan over all texts picks the few that need the per-gate
+        checks; the rest come back as they are."""
         out = list(texts)
-        counts: Counter = Counter()
+        found: dict[int, Counter] = {}
         for i in self._candidates(texts):
-            out[i], found = self.redact(texts[i])
-            counts.update(found)
-        return out, counts
+            out[i], counts = self.redact(texts[i])
+            if counts:
+                found[i] = counts
+        return out, found
 
     def replacement(self, entity: str, value: str) -> str:
         """What one found value becomes under its entity's action."""

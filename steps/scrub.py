@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 STEP = "scrub"
 LABELED_KINDS = {"classification", "regression"}
 EXAMPLES = 5
+CHUNK_RECORDS = 10_000  # records per chunk of the stream
+# The text fields scrubbed per kind (chat records: every message's content).
+_TEXT_FIELDS = {"text": ("text",), "classification": ("text",), "regression": ("text",),
+                "preference": ("prompt", "chosen", "rejected")}
 # What a replaced value becomes under the placeholder and hash actions (masks keep no letters).
 PLACEHOLDER = re.compile(r"<[A-Z_]+(?::[0-9a-f]{12})?>")
 
@@ -60,60 +64,164 @@ def scrub_records(cfg: ScrubConfig, source: DatasetRef, store: ArtifactStore) ->
     key = run_key(STEP, cfg, [source.digest] + ([engine.salt_id] if engine.salt_id else []))
     if (done := store.lookup(STEP, key)) is not None:
         return DatasetRef(**done.model_dump())
-    records = store.read_jsonl(source, RECORDS_FILE)
     kind = source.stats["record_kind"]
     near = NearDuplicates(cfg.near_threshold, cfg.minhash_permutations) if cfg.dedup and cfg.near_dedup else None
-    pii: Counter[str] = Counter()
-    seen: dict[str, Any] = {}  # fingerprint -> label of its first record (None for unlabeled kinds)
-    kept: list[dict] = []
-    removed: list[str] = []  # ids of the duplicates dropped
-    pii_only: list[str] = []  # ids of the records that are nothing but PII
-    conflicts = 0
-    for record in records:
-        found = sum(pii.values())
-        body = scrub_body(record, kind, engine, pii)
-        if sum(pii.values()) > found and not any(c.isalpha() for c in PLACEHOLDER.sub("", record_text(body))):
-            pii_only.append(record["id"])
-        fingerprint = dedup_fingerprint(body, kind)
-        if fingerprint in seen:
-            conflicts += seen[fingerprint] != body.get("label")
-            if cfg.dedup:
-                removed.append(record["id"])
-                continue
-        if near is not None and near.check_and_add(record["id"], record_text(body)) is not None:
-            removed.append(record["id"])
-            continue
-        seen.setdefault(fingerprint, body.get("label"))
-        kept.append({"id": record["id"], **body})
-    gates = [(f"at most {cfg.max_pii_only_share:.0%} of records are nothing but PII", pii_only,
-              cfg.max_pii_only_share, "hold no letter once PII is replaced"),
-             (f"at most {cfg.max_duplicate_share:.0%} of records are duplicates", removed,
-              cfg.max_duplicate_share, "repeat an earlier record (exactly or nearly)")]
-    for rule, ids, limit, what in gates:
-        if records and len(ids) / len(records) > limit:
-            raise DataQualityError(
-                f"scrub of {source_name(source, store)}: rule '{rule}': {len(ids)} of {len(records)} records "
-                f"({len(ids) / len(records):.1%}) {what} (e.g. records {', '.join(ids[:EXAMPLES])})"
-            )
+    tally = _Tally(kind in LABELED_KINDS)
+    writer = store.writer(STEP, key, cfg, inputs=[source])
+    # Records stream through in chunks: memory holds one chunk plus the dedup state (an
+    # 8-byte key per kept record, and the MinHash index), whatever the file size. Kept
+    # records go to a local file that is uploaded only after the gates passed.
+    with writer.jsonl_file(RECORDS_FILE) as out:
+        for chunk in store.iter_jsonl_chunks(source, RECORDS_FILE, CHUNK_RECORDS):
+            out.write_many(scrub_chunk(chunk, kind, engine, near, cfg.dedup, tally))
+        records = tally.records
+        gates = [(f"at most {cfg.max_pii_only_share:.0%} of records are nothing but PII", tally.pii_only,
+                  cfg.max_pii_only_share, "hold no letter once PII is replaced"),
+                 (f"at most {cfg.max_duplicate_share:.0%} of records are duplicates", tally.removed,
+                  cfg.max_duplicate_share, "repeat an earlier record (exactly or nearly)")]
+        for rule, (count, ids), limit, what in gates:
+            if records and count / records > limit:
+                raise DataQualityError(
+                    f"scrub of {source_name(source, store)}: rule '{rule}': {count} of {records} records "
+                    f"({count / records:.1%}) {what} (e.g. records {', '.join(ids)})"
+                )
+    kept = records - tally.removed[0]
     stats = {
         "record_kind": kind,
-        "records_in": len(records),
-        "records_out": len(kept),
-        "duplicates_removed": len(records) - len(kept),
+        "records_in": records,
+        "records_out": kept,
+        "duplicates_removed": tally.removed[0],
         "near_duplicates_removed": near.removed if near is not None else 0,
-        "pii": {entity: pii.get(entity, 0) for entity in cfg.pii_entities},
-        "pii_only_records": len(pii_only),
+        "pii": {entity: tally.pii.get(entity, 0) for entity in cfg.pii_entities},
+        "pii_only_records": tally.pii_only[0],
     }
     if kind in LABELED_KINDS:
-        stats["label_conflicts"] = conflicts
+        stats["label_conflicts"] = tally.conflicts
     if kind == "classification":
-        stats["label_counts"] = dict(sorted(Counter(r["label"] for r in kept).items()))
-    writer = store.writer(STEP, key, cfg, inputs=[source])
-    writer.put_jsonl(RECORDS_FILE, kept)
+        stats["label_counts"] = dict(sorted(tally.labels.items()))
     if near is not None:
         writer.put_json("dedup_report.json", near.report())
-    log.info("scrub: %d -> %d records, %d PII replaced", len(records), len(kept), sum(pii.values()))
+    log.info("scrub: %d -> %d records, %d PII replaced", records, kept, sum(tally.pii.values()))
     return DatasetRef(**writer.commit(stats=stats).model_dump())
+
+
+class _Tally:
+    """What scrub counts over the whole stream; ids are kept for the first EXAMPLES only."""
+
+    def __init__(self, labeled: bool):
+        self.records = 0
+        self.pii: Counter[str] = Counter()
+        self.removed: list = [0, []]     # [count, example ids] of duplicates dropped
+        self.pii_only: list = [0, []]    # [count, example ids] of records that are nothing but PII
+        self.conflicts = 0
+        self.labels: Counter = Counter()  # label -> kept records (classification)
+        # 8-byte fingerprint of each kept record's content (-> its label for labeled kinds)
+        self.seen: dict[int, Any] | set[int] = {} if labeled else set()
+
+    @staticmethod
+    def note(slot: list, record_id: str) -> None:
+        slot[0] += 1
+        if len(slot[1]) < EXAMPLES:
+            slot[1].append(record_id)
+
+    def first_label(self, fingerprint: int) -> Any:
+        return self.seen[fingerprint] if isinstance(self.seen, dict) else None
+
+    def keep(self, fingerprint: int, label: Any) -> None:
+        if isinstance(self.seen, dict):
+            self.seen.setdefault(fingerprint, label)
+        else:
+            self.seen.add(fingerprint)
+
+
+def scrub_chunk(records: list[dict[str, Any]], kind: str, engine: PiiEngine, near: NearDuplicates | None,
+                dedup: bool, tally: _Tally) -> list[dict[str, Any]]:
+    """The kept records of one chunk, in order, exactly as one record at a time would keep them:
+    exact duplicates of a kept record are dropped (``dedup``), then near duplicates (``near``)."""
+    bodies, had_pii = scrub_bodies(records, kind, engine, tally.pii)
+    tally.records += len(records)
+    texts = [record_text(body) for body in bodies]
+    prints = [dedup_fingerprint(body, kind) for body in bodies]
+    for i in sorted(had_pii):
+        if not any(c.isalpha() for c in PLACEHOLDER.sub("", texts[i])):
+            tally.note(tally.pii_only, records[i]["id"])
+    kept = [False] * len(records)
+    removed: list[int] = []
+    first: dict[int, int] = {}   # fingerprint -> its first record in this chunk that was not a repeat
+    later: list[int] = []        # repeats of such a record, decided once it is
+    check: list[int] = []        # records for the near-duplicate check, in order
+    for i, fingerprint in enumerate(prints):
+        if fingerprint in tally.seen:
+            tally.conflicts += tally.first_label(fingerprint) != bodies[i].get("label")
+            if dedup:
+                removed.append(i)
+            else:
+                kept[i] = True
+        elif fingerprint in first:
+            later.append(i)
+        else:
+            first[fingerprint] = i
+            check.append(i)
+    recheck: list[int] = []
+    for batch, after in ((check, later), (recheck, [])):
+        matches = near.check_and_add_many([records[i]["id"] for i in batch], [texts[i] for i in batch]) \
+            if near is not None and batch else [None] * len(batch)
+        for i, match in zip(batch, matches):
+            if match is None:
+                kept[i] = True
+                tally.keep(prints[i], bodies[i].get("label"))
+            else:
+                removed.append(i)
+        for i in after:  # a repeat of a kept record is an exact duplicate; of a dropped one, near-checked
+            j = first[prints[i]]
+            if kept[j]:
+                tally.conflicts += bodies[j].get("label") != bodies[i].get("label")
+                if dedup:
+                    removed.append(i)
+                else:
+                    kept[i] = True
+            else:
+                recheck.append(i)
+    for i in sorted(removed):
+        tally.note(tally.removed, records[i]["id"])
+    out = [{"id": record["id"], **body} for record, body, keep in zip(records, bodies, kept) if keep]
+    if kind == "classification":
+        tally.labels.update(row["label"] for row in out)
+    return out
+
+
+def scrub_bodies(records: list[dict[str, Any]], kind: str, engine: PiiEngine, pii: Counter[str]
+                 ) -> tuple[list[dict[str, Any]], set[int]]:
+    """``scrub_body`` for a chunk, redacted as one batch; also the positions of records with PII."""
+    fields = _TEXT_FIELDS.get(kind)
+    texts: list[str] = []
+    for record in records:
+        if fields is None:
+            texts += [m["content"] for m in record["messages"]]
+        else:
+            texts += [record[field] for field in fields]
+    clean, found = engine.redact_many([normalize_text(text) for text in texts])
+    owner: list[int] = []
+    bodies = []
+    pos = 0
+    for n, record in enumerate(records):
+        if fields is None:
+            messages = record["messages"]
+            bodies.append({"messages": [{"role": m["role"], "content": clean[pos + k]} for k, m in enumerate(messages)]})
+            width = len(messages)
+        else:
+            body = {field: clean[pos + k] for k, field in enumerate(fields)}
+            if kind in LABELED_KINDS:
+                body["label"] = record["label"]
+            bodies.append(body)
+            width = len(fields)
+        owner += [n] * width
+        pos += width
+    had_pii: set[int] = set()
+    for i, counts in found.items():
+        pii.update(counts)
+        had_pii.add(owner[i])
+    return bodies, had_pii
 
 
 def source_name(ref: DatasetRef, store: ArtifactStore) -> str:
@@ -124,24 +232,8 @@ def source_name(ref: DatasetRef, store: ArtifactStore) -> str:
     return manifest["stats"].get("source", ref.key)
 
 
-def scrub_body(record: dict[str, Any], kind: str, engine: PiiEngine, pii: Counter[str]) -> dict[str, Any]:
-    """The record without its id: texts normalized and redacted, labels kept; PII found is added to `pii`."""
-
-    def clean(text: str) -> str:
-        text, found = engine.redact(normalize_text(text))
-        pii.update(found)
-        return text
-
-    if kind == "text":
-        return {"text": clean(record["text"])}
-    if kind in LABELED_KINDS:
-        return {"text": clean(record["text"]), "label": record["label"]}
-    if kind == "preference":
-        return {field: clean(record[field]) for field in ("prompt", "chosen", "rejected")}
-    return {"messages": [{"role": m["role"], "content": clean(m["content"])} for m in record["messages"]]}
-
-
-def dedup_fingerprint(body: dict[str, Any], kind: str) -> str:
-    """SHA-256 of what makes a record a duplicate: the text alone for labeled kinds, else the whole body."""
+def dedup_fingerprint(body: dict[str, Any], kind: str) -> int:
+    """What makes a record a duplicate (the text alone for labeled kinds, else the whole body) as
+    the first 8 bytes of its SHA-256: compact enough to keep one per record of a large file."""
     content = {"text": body["text"]} if kind in LABELED_KINDS else body
-    return hashlib.sha256(json.dumps(content, ensure_ascii=False).encode()).hexdigest()
+    return int.from_bytes(hashlib.sha256(json.dumps(content, ensure_ascii=False).encode()).digest()[:8], "big")
