@@ -102,6 +102,8 @@ def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore)
     if existing:
         v = existing[0]
         log.info("register: %s v%s already holds run key %s", cfg.model_name, v.version, key)
+        if v.tags.get("tuneline.registration") != "complete":  # an attempt died after creating it: finish it
+            finish_version(client, cfg.model_name, v.version, model_card(cfg, record, key))
         return RegisteredVersion(name=cfg.model_name, version=v.version, run_id=v.run_id, run_key=key)
 
     if record.model.adapter is None:
@@ -150,10 +152,17 @@ def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore)
     gate = {"tuneline.metric": cfg.metric,
             "tuneline.metric_value": str(record.evaluations["candidate"].stats.get(cfg.metric, ""))}
     version = mlflow.register_model(info.model_uri, cfg.model_name, tags={**tags, **gate, "tuneline.run_key": key})
-    client.update_model_version(cfg.model_name, version.version, description=card)
-    client.set_registered_model_alias(cfg.model_name, "challenger", version.version)
+    finish_version(client, cfg.model_name, version.version, card)
     log.info("register: %s v%s (@challenger), run %s", cfg.model_name, version.version, run.info.run_id)
     return RegisteredVersion(name=cfg.model_name, version=version.version, run_id=run.info.run_id, run_key=key)
+
+
+def finish_version(client: Any, name: str, version: str, card: str) -> None:
+    """The model card, alias ``challenger``, then the tag that marks the registration complete (last,
+    like a manifest: a retry that finds a version without it finishes the job)."""
+    client.update_model_version(name, version, description=card)
+    client.set_registered_model_alias(name, "challenger", version)
+    client.set_model_version_tag(name, version, "tuneline.registration", "complete")
 
 
 def decide(cfg: RegisterConfig, candidate: float, incumbent: float, incumbent_label: str) -> tuple[bool, str]:

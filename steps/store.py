@@ -28,6 +28,7 @@ import platform
 import shutil
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -143,7 +144,8 @@ class ArtifactStore:
         Waits up to ``timeout`` seconds; a lock older than ``stale_after`` (its holder died) is broken.
         """
         key = f"{self.prefix}/{name}.lock"
-        body = json.dumps({"host": platform.node(), "pid": os.getpid(), "at": time.time()}).encode()
+        token = uuid.uuid4().hex
+        body = json.dumps({"host": platform.node(), "pid": os.getpid(), "at": time.time(), "token": token}).encode()
         deadline = time.time() + timeout
         while True:
             try:
@@ -154,9 +156,12 @@ class ArtifactStore:
                                                                           "ConditionalRequestConflict"}:
                     raise
             try:
-                held_since = json.loads(self.get_bytes(key)).get("at", 0.0)
+                held = json.loads(self.get_bytes(key))
             except (ArtifactError, ValueError):
-                held_since = time.time()
+                held = {"at": time.time()}
+            if held.get("token") == token:  # our own write landed but its reply was lost: a retry met it
+                break
+            held_since = held.get("at", 0.0)
             if time.time() - held_since > stale_after:
                 log.warning("lock %s held since %.0f s: breaking it", key, time.time() - held_since)
                 self._call("delete_object", Key=key)
