@@ -29,6 +29,12 @@ Every kind also checks each line: valid UTF-8, and no control characters other t
 (tab, newline, CR, VT, form feed; raw or JSON-escaped). Results use ``exclude_unexpected_values`` so reports hold counts and line numbers, never
 record contents. A file of another kind fails the record-shape rule.
 
+Streaming: the raw file is read from S3 in chunks of ``CHUNK_LINES`` lines; each chunk's
+tables go through the suite and its records straight to the output file, so memory holds
+one chunk whatever the file size. Counts add up over chunks, example lines are the file's
+first failing ones; the distinct-labels rule runs once at the end on the distinct values
+seen. The data-docs pages show the first chunk's validation.
+
 Output: ``records.jsonl`` in the kind's form (chat ``{"id", "messages"}``, text ``{"id",
 "text"}``, classification and regression ``{"id", "text", "label"}``, preference ``{"id",
 "prompt", "chosen", "rejected"}``), ``report.json`` plus one GX data-docs page per table (``data_docs/<table>.html``), and ``record_kind`` in the stats, which
@@ -48,7 +54,7 @@ import os
 import statistics
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from steps.config import ValidateConfig
 from steps.errors import DataQualityError
@@ -61,6 +67,7 @@ log = logging.getLogger(__name__)
 STEP = "validate"
 RECORDS_FILE = "records.jsonl"
 EXAMPLES = 5
+CHUNK_LINES = 50_000  # raw lines per chunk of the stream (one suite run per chunk)
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 TEXT_COLUMNS = ["line", "text_chars", "text_blank"]
 
@@ -76,30 +83,119 @@ def validate_records(cfg: ValidateConfig, source: DatasetRef, store: ArtifactSto
     key = run_key(STEP, cfg, [source.digest])
     if (done := store.lookup(STEP, key)) is not None:
         return DatasetRef(**done.model_dump())
-    raw_lines = split_lines(store.read_bytes(source, RAW_FILE))
-    lines = [b.decode("utf-8", errors="replace") for b in raw_lines]
     build_tables, build_rules = SUITES[cfg.record_kind]
-    tables, output = build_tables(lines)
-    tables["lines"] = _line_table(raw_lines, lines)
+    rules = line_rules() + build_rules(cfg)
+    # Rules about a whole column (distinct labels) run once at the end, on the distinct values.
+    whole = [r for r in rules if type(r.expectation).__name__ == "ExpectColumnUniqueValueCountToBeBetween"]
+    per_row = [r for r in rules if r not in whole]
+    distinct: dict[str, dict[Any, int]] = {r.table: {} for r in whole}  # table -> value -> first line
+    rows_seen: Counter[str] = Counter()
+    merged: dict[str, dict[str, Any]] = {}
     pages: dict[str, str] = {}
-    report = run_suite(line_rules() + build_rules(cfg), tables, pages)
-    if not report["success"]:
-        broken = [r for r in report["rules"] if not r["success"]]
-        raise DataQualityError(
-            f"validation failed for {source.stats.get('source', source.key)} as {cfg.record_kind} records: "
-            f"{len(broken)} of {len(report['rules'])} rules broken\n" + "\n".join(map(_describe, broken))
-        )
-    summary = label_summary(cfg.record_kind, output)
-    report.update(summary)
+    summary_state = _LabelSummary(cfg.record_kind)
     writer = store.writer(STEP, key, cfg, inputs=[source])
-    writer.put_jsonl(RECORDS_FILE, output)
+    records = 0
+    # The raw file streams through in chunks of CHUNK_LINES lines: each chunk's tables are
+    # validated by the suite and its records written out, so memory holds one chunk.
+    with writer.jsonl_file(RECORDS_FILE) as out:
+        for start, raw_lines in _chunks(store.iter_lines(source, RAW_FILE), CHUNK_LINES):
+            lines = Lines((b.decode("utf-8", errors="replace") for b in raw_lines), start)
+            tables, output = build_tables(lines)
+            tables["lines"] = _line_table(raw_lines, lines)
+            chunk = run_suite(per_row, tables, pages if not pages else None)
+            _merge(merged, chunk["rules"])
+            for rule in whole:
+                column = rule.expectation.column
+                frame = tables[rule.table]
+                rows_seen[rule.table] = rows_seen[rule.table] + len(frame)
+                for value, line in zip(frame[column], frame["line"]):
+                    if value is not None and value == value:  # GX counts non-null values
+                        distinct[rule.table].setdefault(value, int(line))
+            summary_state.update(output)
+            out.write_many(output)
+            records += len(output)
+        if whole:
+            import pandas as pd
+
+            for table, values in distinct.items():
+                frame = pd.DataFrame({"line": list(values.values()),
+                                      **{r.expectation.column: list(values) for r in whole if r.table == table}})
+                result = run_suite([r for r in whole if r.table == table], {table: frame})
+                for entry in result["rules"]:
+                    entry["element_count"] = rows_seen[table]
+                _merge(merged, result["rules"])
+        report = {"success": all(r["success"] for r in merged.values()),
+                  "rules": [merged[r.name] for r in rules if r.name in merged]}
+        if not report["success"]:
+            broken = [r for r in report["rules"] if not r["success"]]
+            raise DataQualityError(
+                f"validation failed for {source.stats.get('source', source.key)} as {cfg.record_kind} records: "
+                f"{len(broken)} of {len(report['rules'])} rules broken\n" + "\n".join(map(_describe, broken))
+            )
+    summary = summary_state.result()
+    report.update(summary)
     writer.put_json("report.json", report)
     for table, html in pages.items():
         writer.put_bytes(f"data_docs/{table}.html", html.encode("utf-8"))
-    log.info("validate: %d %s records pass %d rules", len(output), cfg.record_kind, len(report["rules"]))
-    ref = writer.commit(stats={"records": len(output), "rules": len(report["rules"]),
+    log.info("validate: %d %s records pass %d rules", records, cfg.record_kind, len(report["rules"]))
+    ref = writer.commit(stats={"records": records, "rules": len(report["rules"]),
                                "record_kind": cfg.record_kind, **summary})
     return DatasetRef(**ref.model_dump())
+
+
+class Lines(list):
+    """The decoded lines of one chunk of the file, and the file line number of the first."""
+
+    def __init__(self, lines: Iterable[str], start: int = 1):
+        super().__init__(lines)
+        self.start = start
+
+
+def _chunks(lines: Iterable[bytes], size: int) -> Iterator[tuple[int, list[bytes]]]:
+    """(file line number of the first line, up to ``size`` lines) over the stream."""
+    chunk: list[bytes] = []
+    start = 1
+    for line in lines:
+        chunk.append(line)
+        if len(chunk) == size:
+            yield start, chunk
+            start += size
+            chunk = []
+    if chunk or start == 1:
+        yield start, chunk
+
+
+def _merge(merged: dict[str, dict[str, Any]], entries: list[dict[str, Any]]) -> None:
+    """Add one chunk's rule results: counts add up, example lines are the first EXAMPLES."""
+    for entry in entries:
+        total = merged.get(entry["rule"])
+        if total is None:
+            merged[entry["rule"]] = dict(entry)
+            continue
+        total["success"] = total["success"] and entry["success"]
+        total["element_count"] += entry["element_count"]
+        total["unexpected_count"] += entry["unexpected_count"]
+        total["example_lines"] = sorted(set(total["example_lines"]) | set(entry["example_lines"]))[:EXAMPLES]
+
+
+class _LabelSummary:
+    """``label_summary`` accumulated over chunks."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.counts: Counter = Counter()
+        self.values: list[int | float] = []  # regression labels
+
+    def update(self, records: list[dict]) -> None:
+        if self.kind == "classification":
+            self.counts.update(r["label"] for r in records)
+        elif self.kind == "regression":
+            self.values.extend(r["label"] for r in records)
+
+    def result(self) -> dict[str, Any]:
+        if self.kind == "classification":
+            return {"label_counts": dict(sorted(self.counts.items()))}
+        return label_summary(self.kind, [{"label": v} for v in self.values])
 
 
 def _describe(result: dict[str, Any]) -> str:
@@ -270,7 +366,7 @@ def _has_control(value: Any) -> bool:
 def _line_table(raw_lines: list[bytes], lines: list[str]) -> Any:
     """Per non-blank line: valid UTF-8, and free of control characters (raw or JSON-escaped)."""
     rows = []
-    for number, (raw, line) in enumerate(zip(raw_lines, lines), start=1):
+    for number, (raw, line) in enumerate(zip(raw_lines, lines), start=getattr(lines, "start", 1)):
         if not line.strip():
             continue
         try:
@@ -299,7 +395,7 @@ def line_rules() -> list[Rule]:
 
 def _parsed(lines: list[str], extra: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any], Any]]:
     """Each non-blank line as (line number, its record-table row, the parsed JSON or None)."""
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(lines, start=getattr(lines, "start", 1)):
         if not line.strip():
             continue
         row = {"line": number, "json_valid": True, "shape": "unknown", **extra}

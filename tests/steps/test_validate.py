@@ -103,3 +103,25 @@ def test_a_passing_gate_stores_gx_data_docs_without_contents(store, tmp_path):
         html = store.read_bytes(ref, f"data_docs/{table}.html").decode()
         assert html.startswith("<html>") or "<html" in html[:200]
         assert "Great Expectations" in html and SECRET not in html
+
+
+def test_a_file_streamed_in_chunks_gets_the_same_verdicts_and_file_line_numbers(store, tmp_path, monkeypatch):
+    """Chunks of 2 lines: line numbers, default ids and counts are the file's, and the
+    distinct-labels rule sees every chunk (each chunk alone has a single label)."""
+    import steps.validate as validate
+
+    monkeypatch.setattr(validate, "CHUNK_LINES", 2)
+    rows = [chat(f"q{i}", f"a{i}") for i in range(5)]
+    ref = run(store, tmp_path, rows)
+    assert [r["id"] for r in store.read_jsonl(ref, RECORDS_FILE)] == [f"line-{n}" for n in range(1, 6)]
+    report = store.read_json(ref, "report.json")
+    assert {r["rule"]: r["element_count"] for r in report["rules"]}["role is present"] == 10
+    with pytest.raises(DataQualityError) as failed:
+        run(store, tmp_path, rows + [chat(SECRET, "   ")])
+    assert "1 of 12 turns fail (e.g. lines 6)" in str(failed.value) and SECRET not in str(failed.value)
+    labeled = [{"text": f"t{i}", "label": "a" if i < 2 else "b"} for i in range(4)]
+    ref = run(store, tmp_path, labeled, ValidateConfig(record_kind="classification"))
+    assert ref.stats["label_counts"] == {"a": 2, "b": 2}
+    with pytest.raises(DataQualityError, match="at least 2 distinct labels': observed 1 across 4"):
+        run(store, tmp_path, [{"text": f"t{i}", "label": "a"} for i in range(4)],
+            ValidateConfig(record_kind="classification"))
