@@ -1,0 +1,219 @@
+"""The production-shaped local stack for the load and security tests, and the one load run
+both use.
+
+- ``prod_stack``: SeaweedFS + MLflow (basic auth) + Prefect server, both on PostgreSQL
+  (``ServiceConfig(backend="postgres", mlflow_auth=True)``), in a tmp state dir on free ports.
+- ``load_run``: ``RUNS`` concurrent flow runs of the tiny pipeline against it, one process each;
+  every log record of every run is kept for the lock-error and secret scans.
+- ``reliability_report``: merges a section of figures into the JSON file named by
+  ``TUNELINE_RELIABILITY_REPORT`` (nothing when it is unset), for docs/RELIABILITY.md.
+
+Test modules import the fixtures they use (``from prod_stack import prod_stack, load_run``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import shutil
+import socket
+import time
+import uuid
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from helpers import chat, write_jsonl
+from reliability_report import record_figures
+
+RUNS = 20
+TINY = Path(__file__).resolve().parents[2] / "deployments" / "params" / "tiny.yaml"
+# The cheapest run that still passes every step. The runs differ only in their MLflow experiment:
+# data, base model, training and evaluation come from the cache after the first run (as for any
+# rerun with unchanged inputs), and every run registers its own version of the one model: the
+# part of a run that writes to the databases. (Training each run anew adds CPU, not database load.)
+LOAD_OVERRIDES = ["train.max_steps=2", "evaluate.max_records=8", "evaluate.bleu_samples=1",
+                  "evaluate.max_new_tokens=4", "evaluate.smoke_prompts=[hi]", "evaluate.smoke_max_new_tokens=4",
+                  "evaluate.reference_blocks=0"]
+
+
+def report_section(name: str, figures: dict) -> None:
+    """Merge ``{name: figures}`` into $TUNELINE_RELIABILITY_REPORT (a JSON object), if set."""
+    for key, value in figures.items():
+        record_figures(name, key, value)
+
+
+def _free_weed_ports() -> tuple[int, set[int]]:
+    """A SeaweedFS base port with base..base+4 and the same +10000 free."""
+    def free(port: int) -> bool:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return True
+            except OSError:
+                return False
+
+    while True:
+        base = random.randint(30000, 39000)
+        ports = {base + i for i in range(5)} | {base + 10000 + i for i in range(5)}
+        if all(free(p) for p in ports):
+            return base, ports
+
+
+@pytest.fixture(scope="session")
+def prod_stack(tmp_path_factory):
+    from flows.services import ServiceConfig, down, postgres_data_dir, up
+
+    backend = os.environ.get("TUNELINE_LOAD_BACKEND", "postgres")  # sqlite: the same tests on the default backend
+    if backend == "postgres" and not any(Path("/usr/lib/postgresql").glob("*/bin/postgres")) \
+            and not shutil.which("postgres"):
+        pytest.skip("PostgreSQL server binaries not found: apt-get install postgresql")
+    base, weed = _free_weed_ports()
+    ports: list[int] = []
+    while len(ports) < 3:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in weed and port not in ports:
+            ports.append(port)
+    cfg = ServiceConfig(tmp_path_factory.mktemp("prod") / "services", s3_port=base, mlflow_port=ports[0],
+                        prefect_port=ports[1], db_port=ports[2], bucket="tuneline-prod", backend=backend,
+                        mlflow_auth=True)
+    t0 = time.monotonic()
+    try:
+        env = up(cfg, prefect=True)
+        yield {"cfg": cfg, "env": env, "up_s": time.monotonic() - t0}
+    finally:
+        down(cfg)
+        if backend == "postgres":
+            shutil.rmtree(postgres_data_dir(cfg), ignore_errors=True)
+
+
+@contextlib.contextmanager
+def client_of(env: dict[str, str]):
+    """This process as a client of that stack: its environment and its Prefect API."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+            yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class _Keep(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.append(f"{record.name} {record.levelname} {record.getMessage()}")
+            if record.exc_info:
+                self.lines.append(logging.Formatter().formatException(record.exc_info))
+        except Exception:  # noqa: BLE001 - a log line that cannot be formatted is not a test failure
+            pass
+
+
+@dataclass
+class LoadRun:
+    model_name: str
+    prefix: str
+    wall_s: float  # the RUNS concurrent runs, after the warm-up run
+    warmup_s: float
+    runs: list = field(default_factory=list)  # one dict per run: flow_run_id, state, message, summary, peak_rss_mib
+    log_lines: list[str] = field(default_factory=list)  # every log record of every run's process
+    secrets: dict[str, str] = field(default_factory=dict)
+
+
+def run_one_flow(params: dict, env: dict[str, str]) -> dict:
+    """One flow run in this (forked) process, as a worker would run it; returns what the test checks."""
+    import resource
+
+    import torch
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.pipeline import finetune
+    from steps.config import PipelineParams
+
+    torch.set_num_threads(1)  # 20 processes share 2 cores
+    os.environ.update(env)
+    keep = _Keep()
+    for lg in (logging.getLogger(), logging.getLogger("prefect")):
+        lg.addHandler(keep)
+    logging.getLogger().setLevel(logging.INFO)  # as `tuneline run` configures logging (flows/cli.py)
+    for chatty in ("httpx", "httpcore", "botocore", "urllib3", "alembic"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        state = finetune(PipelineParams.model_validate(params), return_state=True)
+        summary = state.result().model_dump(mode="json") if state.is_completed() else None
+    return {"flow_run_id": str(state.state_details.flow_run_id), "state": state.name, "message": state.message,
+            "summary": summary, "log_lines": keep.lines,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+@pytest.fixture(scope="session")
+def run_pool():
+    """Processes forked from a server that imported the pipeline once (an import of torch,
+    transformers, Prefect and MLflow costs ~10 s of CPU; 20 of them would dominate the test).
+    Threads cannot stand in for processes: model construction in transformers is not thread-safe
+    (accelerate's empty-weights context patches torch.nn.Module globally)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["flows.pipeline", "great_expectations", "mlflow.pyfunc", "matplotlib.pyplot",
+                                "prod_stack"])
+    with ProcessPoolExecutor(max_workers=RUNS, mp_context=ctx) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="session")
+def load_params(tmp_path_factory) -> tuple[str, list[dict]]:
+    """RUNS + 1 parameter sets: same data, prefix and model name, an MLflow experiment each."""
+    from steps.config import PipelineParams
+
+    rows = [chat(f"What is {i} times three?", f"{i} times three is {3 * i}.") for i in range(40)]
+    source = write_jsonl(tmp_path_factory.mktemp("load") / "chats.jsonl", rows)
+    name = f"load-{uuid.uuid4().hex[:6]}"
+    return name, [PipelineParams.from_yaml(TINY, [f"ingest.source={source}", f"artifacts_prefix={name}",
+                                                  f"register.model_name={name}", f"register.experiment={name}-{i}",
+                                                  *LOAD_OVERRIDES]).model_dump(mode="json", by_alias=True)
+                  for i in range(RUNS + 1)]
+
+
+def _secrets(prod_stack: dict) -> dict[str, str]:
+    creds = json.loads((prod_stack["cfg"].state_dir / "credentials.json").read_text())
+    return {**creds, "MLFLOW_TRACKING_PASSWORD": prod_stack["env"]["MLFLOW_TRACKING_PASSWORD"]}
+
+
+@pytest.fixture(scope="session")
+def first_run(prod_stack, run_pool, load_params) -> LoadRun:
+    """One tiny flow run under MLflow basic auth; it also fills the cache for the load run."""
+    name, params = load_params
+    t0 = time.monotonic()
+    run = run_pool.submit(run_one_flow, params[0], prod_stack["env"]).result()
+    wall = time.monotonic() - t0
+    assert run["state"] == "Completed", run["message"]
+    return LoadRun(name, name, wall, 0.0, [run], run.pop("log_lines"), _secrets(prod_stack))
+
+
+@pytest.fixture(scope="session")
+def load_run(prod_stack, run_pool, load_params, first_run) -> LoadRun:
+    """After ``first_run`` (the warm-up: data steps and base model cached), RUNS flow runs at once,
+    each in its own process, against the Prefect server and MLflow of ``prod_stack``."""
+    name, params = load_params
+    t0 = time.monotonic()
+    runs = list(run_pool.map(run_one_flow, params[1:], [prod_stack["env"]] * RUNS))
+    wall = time.monotonic() - t0
+    lines = [line for r in runs for line in r.pop("log_lines")]
+    return LoadRun(name, name, wall, first_run.wall_s, runs, lines, _secrets(prod_stack))
