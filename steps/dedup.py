@@ -439,17 +439,37 @@ def leakage(train: Iterable[tuple[str, str]], eval: Iterable[tuple[str, str]],  
     its most similar train record at or above ``threshold`` (earliest on ties).
     Eval records are not compared with each other. Pairs come in eval order.
     """
-    index = NearDuplicates(threshold, num_perm=num_perm, shingle=shingle, seed=seed)
+    index = LeakageIndex(threshold, num_perm=num_perm, shingle=shingle, seed=seed)
     for part in _batches(train, batch):
-        ids = [record_id for record_id, _ in part]
-        sigs = index.signatures([text for _, text in part])
-        rows = np.array([index._store(record_id, sig) for record_id, sig in zip(ids, sigs)], dtype=np.uint32)
-        index._bands.add(index._band_keys(sigs), rows)
+        index.add(part)
     pairs = []
     for part in _batches(eval, batch):
-        matched = index._match_batch([i for i, _ in part], index.signatures([t for _, t in part]), add=False)
-        pairs += [(record_id, index._ids[row]) for (record_id, _), row in zip(part, matched) if row is not None]
+        pairs += index.matches(part)
     return pairs
+
+
+class LeakageIndex:
+    """``leakage`` in two streaming halves: ``add`` train (id, text) batches, then ``matches``
+    for eval batches. Memory: a signature and the band keys per train record, no text."""
+
+    def __init__(self, threshold: float = 0.85, *, num_perm: int = 128, shingle: int = 5, seed: int = 1):
+        self._index = NearDuplicates(threshold, num_perm=num_perm, shingle=shingle, seed=seed)
+
+    def add(self, train: list[tuple[str, str]]) -> None:
+        if not train:
+            return
+        index = self._index
+        sigs = index.signatures([text for _, text in train])
+        rows = np.array([index._store(record_id, sig) for (record_id, _), sig in zip(train, sigs)], dtype=np.uint32)
+        index._bands.add(index._band_keys(sigs), rows)
+
+    def matches(self, eval: list[tuple[str, str]]) -> list[tuple[str, str]]:  # noqa: A002
+        """``(eval_id, train_id)`` for the eval records of this batch that copy a train record."""
+        if not eval:
+            return []
+        index = self._index
+        matched = index._match_batch([i for i, _ in eval], index.signatures([t for _, t in eval]), add=False)
+        return [(record_id, index._ids[row]) for (record_id, _), row in zip(eval, matched) if row is not None]
 
 
 def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

@@ -40,6 +40,11 @@ No leakage: after the split, eval records whose MinHash similarity with any trai
 reaches ``leakage_threshold`` are dropped from eval (``eval_leakage_removed``). The
 truncation gate (``max_truncated_share``) fails the step when too many records are cut.
 
+Streaming: chat records without augmentation are read from S3 in chunks of
+``CHUNK_RECORDS`` and written through local files (``stream_chats``): memory holds one
+chunk and the leakage index (a MinHash signature per train record), whatever the size.
+The other kinds, and augmentation, load the records of the step into memory.
+
 Output: ``train.jsonl`` and ``eval.jsonl`` and ``eval_prompts.jsonl``; the stats carry
 ``task`` (sft, cpt, classification, regression, preference), which the train step reads.
 """
@@ -50,6 +55,7 @@ import bisect
 import hashlib
 import logging
 import re
+from collections import Counter
 from typing import Any
 
 from tqdm import tqdm
@@ -66,6 +72,7 @@ log = logging.getLogger(__name__)
 
 STEP = "tokenize"
 ENCODE_BATCH = 1024  # conversations per tokenizer call
+CHUNK_RECORDS = 10_000  # chat records per chunk of the stream
 
 
 def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, store: ArtifactStore) -> DatasetRef:
@@ -75,6 +82,11 @@ def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, s
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(store.download(model.base))
+    if source.stats["record_kind"] == "chat" and cfg.augment is None:
+        writer = store.writer(STEP, key, cfg, inputs=[source, model.base])
+        stats = stream_chats(tokenizer, source, store, cfg, writer)
+        log.info("tokenize: %s", stats)
+        return DatasetRef(**writer.commit(stats=stats).model_dump())
     records = store.read_jsonl(source, RECORDS_FILE)
     sides = split_records(records, cfg)
     leaked = drop_leakage(sides, cfg)
@@ -93,18 +105,66 @@ def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, s
     if augmented is not None:
         stats["augmentation"] = augmented
     check_truncation(cfg, stats, len(records) + (augmented or {}).get("records_added", 0))
-    if not splits["train"] or not splits["eval"]:
-        raise DataQualityError(
-            f"tokenize: rule 'both splits non-empty': {len(splits['train'])} train and {len(splits['eval'])} eval "
-            f"rows from {len(records)} records (eval_fraction={cfg.eval_fraction}, max_seq_len={cfg.max_seq_len}); "
-            "add records or change the fraction"
-        )
+    check_both_splits(cfg, len(splits["train"]), len(splits["eval"]), len(records))
     writer = store.writer(STEP, key, cfg, inputs=[source, model.base])
     for side, rows in splits.items():
         writer.put_jsonl(f"{side}.jsonl", rows)
     writer.put_jsonl("eval_prompts.jsonl", prompts)
     log.info("tokenize: %s", stats)
     return DatasetRef(**writer.commit(stats=stats).model_dump())
+
+
+def stream_chats(tokenizer: Any, source: DatasetRef, store: ArtifactStore, cfg: TokenizeConfig,
+                 writer: Any) -> dict[str, Any]:
+    """Chat records without augmentation, streamed: the same rows, prompts and stats as
+    ``split_records`` + ``drop_leakage`` + ``encode_chats``, with memory for one chunk plus
+    the leakage index (a MinHash signature per train record). Two passes over the records:
+    the first indexes the train side, the second drops leaked eval records and encodes."""
+    from steps.dedup import LeakageIndex, record_text
+
+    leak = LeakageIndex(cfg.leakage_threshold) if cfg.leakage_threshold is not None else None
+    if leak is not None:
+        for chunk in store.iter_jsonl_chunks(source, RECORDS_FILE, CHUNK_RECORDS):
+            leak.add([(r["id"], record_text(r)) for r in chunk if not in_eval(r["id"], cfg)])
+    counts = Counter()
+    first_leak: tuple[str, str] | None = None
+    with writer.jsonl_file("train.jsonl") as train, writer.jsonl_file("eval.jsonl") as evals, \
+            writer.jsonl_file("eval_prompts.jsonl") as prompts:
+        sinks = {"train": train, "eval": evals}
+        for chunk in store.iter_jsonl_chunks(source, RECORDS_FILE, CHUNK_RECORDS):
+            counts["records"] += len(chunk)
+            sides = split_records(chunk, cfg)
+            if leak is not None and sides["eval"]:
+                pairs = leak.matches([(r["id"], record_text(r)) for r in sides["eval"]])
+                if pairs:
+                    first_leak = first_leak or pairs[0]
+                    gone = {eval_id for eval_id, _ in pairs}
+                    sides["eval"] = [r for r in sides["eval"] if r["id"] not in gone]
+                    counts["leaked"] += len(pairs)
+            splits, eval_prompts, stats = encode_chats(tokenizer, sides, cfg)
+            for side, rows in splits.items():
+                sinks[side].write_many(rows)
+            prompts.write_many(eval_prompts)
+            counts.update({k: v for k, v in stats.items() if k not in ("train_records", "eval_records")})
+        if first_leak is not None:
+            log.info("tokenize: %d eval records dropped as near copies of train records (e.g. %s ~ %s)",
+                     counts["leaked"], *first_leak)
+        stats = {"task": TASKS["chat"], "train_records": train.rows, "eval_records": evals.rows,
+                 "train_tokens": counts["train_tokens"], "trainable_tokens": counts["trainable_tokens"],
+                 "truncated": counts["truncated"], "dropped_no_answer": counts["dropped_no_answer"],
+                 "eval_leakage_removed": counts["leaked"]}
+        check_truncation(cfg, stats, counts["records"])
+        check_both_splits(cfg, stats["train_records"], stats["eval_records"], counts["records"])
+    return stats
+
+
+def check_both_splits(cfg: TokenizeConfig, train: int, evals: int, records: int) -> None:
+    if not train or not evals:
+        raise DataQualityError(
+            f"tokenize: rule 'both splits non-empty': {train} train and {evals} eval "
+            f"rows from {records} records (eval_fraction={cfg.eval_fraction}, max_seq_len={cfg.max_seq_len}); "
+            "add records or change the fraction"
+        )
 
 
 def drop_leakage(sides: dict[str, list[dict[str, Any]]], cfg: TokenizeConfig) -> list[tuple[str, str]]:
