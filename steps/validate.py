@@ -187,8 +187,8 @@ class _LabelSummary:
         self.values: list[int | float] = []  # regression labels
 
     def update(self, records: list[dict]) -> None:
-        if self.kind == "classification":
-            self.counts.update(r["label"] for r in records)
+        if self.kind == "classification":  # a label that is not a string (a list, say) fails its rule: skip it here
+            self.counts.update(r["label"] for r in records if isinstance(r["label"], str))
         elif self.kind == "regression":
             self.values.extend(r["label"] for r in records)
 

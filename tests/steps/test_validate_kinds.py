@@ -67,6 +67,7 @@ def test_classification_records_pass_with_class_balance(store, tmp_path):
     ({"text": SECRET * 10, "label": "a"}, "text length between 1 and 100 characters", "texts"),
     ({"text": SECRET, "label": ""}, "label is a non-empty string", "labels"),
     ({"text": SECRET, "label": 3}, "label is a non-empty string", "labels"),
+    ({"text": SECRET, "label": ["a"]}, "label is a non-empty string", "labels"),
     ({"text": "fine", "label": SECRET}, "label is one of a, b", "labels"),
 ])
 def test_each_broken_classification_rule_names_rule_and_line(store, tmp_path, bad, rule, table):
