@@ -7,7 +7,8 @@ the tokenizer as artifacts, with the ``steps`` package as code, and the base mod
 (``runs:/<id>/base_model``, logged once per base digest), so
 ``mlflow.pyfunc.load_model("models:/NAME@champion")`` works wherever the tracking
 server is reachable. Registration is idempotent: a version tagged with the same run
-key is returned instead of registering a second one.
+key is returned instead of registering a second one (and finished, when the attempt that
+created it died before its last write, the ``tuneline.registration=complete`` tag).
 
 Tracking server and S3 endpoint come from MLFLOW_TRACKING_URI / MLFLOW_S3_ENDPOINT_URL.
 """

@@ -35,7 +35,7 @@ from typing import Any, Iterable, Iterator
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
-from botocore.exceptions import ReadTimeoutError
+from botocore.exceptions import HTTPClientError, ReadTimeoutError
 from pydantic import BaseModel
 
 from steps.config import StrictModel
@@ -81,7 +81,7 @@ class ModelRef(StrictModel):
 
 
 def _transient(exc: Exception) -> bool:
-    if isinstance(exc, (BotoConnectionError, ReadTimeoutError)):
+    if isinstance(exc, (BotoConnectionError, ReadTimeoutError, HTTPClientError)):  # incl. a connection reset
         return True
     if isinstance(exc, ClientError):
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)

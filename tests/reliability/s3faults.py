@@ -150,33 +150,39 @@ WRITES = {"PutObject", "DeleteObject", "DeleteObjects", "CreateMultipartUpload",
           "CompleteMultipartUpload"}
 
 
-def step_boundary_faults(bursts: dict[tuple[str, str, str], tuple[str, ...]] | None = None) -> Plan:
-    """Faults for the first calls of every (step, operation, object):
+BOUNDARY = (("HeadObject", "manifest"), ("GetObject", "data"), ("ListObjectsV2", "data"), ("PutObject", "data"),
+            ("PutObject", "manifest"), ("DeleteObject", "data"), ("DeleteObjects", "data"))
 
-    - the first call fails once, the kind rotating per step so that each step meets several kinds;
+
+def step_boundary_faults(bursts: dict[tuple[str, str, str], tuple[str, ...]] | None = None) -> Plan:
+    """Faults for the first call of every step's reads and writes (``BOUNDARY``: the look-up of its
+    manifest, reads, listings, writes and deletions of its files, the manifest commit):
+
+    - the first call fails once (botocore's retry succeeds), the kind rotating per step so that each
+      step meets several kinds;
     - the first manifest write of each step is applied but its reply is lost (``timeout``): the
       retry meets the create-only condition (412) and must adopt the manifest it wrote itself;
-    - the second data write of each step fails twice in a row (botocore's third attempt succeeds);
     - ``bursts`` gives explicit kinds for a first call; four in a row exhaust the store client's
       attempts (``max_attempts=3`` retries after the first), so the step's task fails with a
       transient error and Prefect retries it.
     """
     bursts = bursts or {}
     rotation: dict[str, int] = {}
-    chosen: dict[tuple[str, str, str, int], tuple[str, ...]] = {}
+    chosen: dict[tuple[str, str, str], tuple[str, ...]] = {}
 
     def plan(step: str, operation: str, obj: str, call: int, attempt: int) -> str | None:
-        key = (step, operation, obj, call)
+        if call != 0:
+            return None
+        key = (step, operation, obj)
         if key not in chosen:
-            if call == 0 and (step, operation, obj) in bursts:
-                chosen[key] = bursts[(step, operation, obj)]
-            elif call == 0 and operation == "PutObject" and obj == "manifest":
+            if key in bursts:
+                chosen[key] = bursts[key]
+            elif (operation, obj) == ("PutObject", "manifest"):
                 chosen[key] = ("timeout",)
-            elif call in (0, 1):
-                failing = 2 if call == 1 and operation in WRITES and obj == "data" else (1 if call == 0 else 0)
+            elif (operation, obj) in BOUNDARY:
                 start = rotation.get(step, sum(step.encode()) % len(KINDS))
-                chosen[key] = tuple(KINDS[(start + i) % len(KINDS)] for i in range(failing))
-                rotation[step] = start + failing
+                chosen[key] = (KINDS[start % len(KINDS)],)
+                rotation[step] = start + 1
             else:
                 chosen[key] = ()
         kinds = chosen[key]
