@@ -377,7 +377,10 @@ _TRIGGER = re.compile(r"[@:_\-\[({<\d골닷쩜]")
 
 _G_AT = ("@",)
 _G_OBFUSCATED_AT = re.compile(r"[\[({<]\s*(?i:at|dot)\s*[\])}>]|골뱅이|닷|쩜")
-_G_DIGITS = re.compile(r"\d\d")
+# Every phone, card, RRN and SSN match is a run of at least 10 characters of digits and
+# " .-()+" that starts with a digit, "(" or "+" and ends with a digit (the shortest: a bare
+# 10-digit Korean mobile, "+1 2345678" with its 8 digits, "02-123-4567").
+_G_DIGITS = re.compile(r"[\d(+][\d .\-()+]{8,}\d")
 _G_IPV4 = re.compile(r"\d\.\d")
 _G_COLON = (":",)
 _G_URL = ("://",)

@@ -1,6 +1,7 @@
 """Tests for steps.pii: detection, validation, redaction actions and text normalisation."""
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -10,6 +11,7 @@ import sys
 import types
 from collections import Counter
 from dataclasses import FrozenInstanceError
+from types import SimpleNamespace
 
 import pytest
 
@@ -443,15 +445,18 @@ class MemoryStore:
     def lookup(self, step, key):
         return None
 
-    def read_jsonl(self, ref, name):
-        return self.records
+    def iter_jsonl_chunks(self, ref, name, size):
+        for start in range(0, len(self.records), size):
+            yield self.records[start:start + size]
 
     def writer(self, step, key, config, inputs=()):
         self.config = config
         return self
 
-    def put_jsonl(self, name, rows):
-        self.rows = list(rows)
+    @contextlib.contextmanager
+    def jsonl_file(self, name):
+        self.rows = []
+        yield SimpleNamespace(write_many=self.rows.extend)
 
     def commit(self, stats=None):
         from steps.store import DatasetRef
