@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Iterator
 
 import yaml
+from botocore.exceptions import ClientError
 
 from steps.config import IngestConfig
 from steps.errors import ConfigError, DataQualityError
@@ -79,7 +80,12 @@ def read_source(source: str, store: ArtifactStore) -> tuple[bytes, str]:
         bucket, _, key = source[len("s3://"):].partition("/")
         if not bucket or not key:
             raise ConfigError(f"ingest.source {source!r} is not of the form s3://bucket/key")
-        body = store.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        try:
+            body = store.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "NoSuchBucket", "404"):
+                raise ConfigError(f"ingest.source {source!r}: no such object") from exc
+            raise
         return body, source
     path = Path(source).expanduser()
     if not path.is_file():

@@ -45,6 +45,8 @@ def test_empty_file_and_missing_file_fail_clearly(store, tmp_path):
         ingest_records(IngestConfig(source=str(empty)), store)
     with pytest.raises(ConfigError, match="no such file"):
         ingest_records(IngestConfig(source=str(tmp_path / "nope.jsonl")), store)
+    with pytest.raises(ConfigError, match=r"ingest.source 's3://.*/nope.jsonl': no such object"):
+        ingest_records(IngestConfig(source=f"s3://{store.bucket}/{store.prefix}/nope.jsonl"), store)
     with pytest.raises(ConfigError, match="no language 'klingon'"):
         ingest_records(IngestConfig(source="chatterbot:klingon"), store)
     assert all_keys(store) == []
