@@ -336,9 +336,14 @@ def encode_chat_batch(tokenizer: Any, conversations: list[list[dict[str, str]]]
             spans = layout.spans(text, [m["content"] for m in messages])
         texts.append(text)
         all_spans.append(spans if spans is not None else _rendered_spans(tokenizer, messages, text))
-    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    return [(list(ids), _labels(ids, offsets, spans))
-            for ids, offsets, spans in zip(encoded["input_ids"], encoded["offset_mapping"], all_spans)]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # the Rust tokenizer directly: its ids and offsets, without per-row conversion
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+        pairs = [(e.ids, e.offsets) for e in encodings]
+    else:
+        encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        pairs = list(zip(encoded["input_ids"], encoded["offset_mapping"]))
+    return [(list(ids), _labels(ids, offsets, spans)) for (ids, offsets), spans in zip(pairs, all_spans)]
 
 
 def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
