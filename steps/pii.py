@@ -659,10 +659,15 @@ class PiiEngine:
             return []
         low = text.lower()
         for gate, rules in self._groups:
-            if not (gate.search(text) if isinstance(gate, re.Pattern) else any(map(low.__contains__, gate))):
+            if gate is _G_DIGITS:  # every match lies inside one of the gate's runs: scan only those
+                # (+2: the rules' lookaheads read two characters past a match)
+                windows = [(m.start(), min(len(text), m.end() + 2)) for m in gate.finditer(text)]
+            elif gate.search(text) if isinstance(gate, re.Pattern) else any(map(low.__contains__, gate)):
+                windows = [(0, len(text))]
+            else:
                 continue
             for entity, rx, ok in rules:
-                for m in rx.finditer(text):
+                for m in (m for start, end in windows for m in rx.finditer(text, start, end)):
                     verdict = ok(m)
                     if verdict:
                         start, end = verdict if isinstance(verdict, tuple) else m.span()
