@@ -192,7 +192,8 @@ def scrub_chunk(records: list[dict[str, Any]], kind: str, engine: PiiEngine, nea
 
 def scrub_bodies(records: list[dict[str, Any]], kind: str, engine: PiiEngine, pii: Counter[str]
                  ) -> tuple[list[dict[str, Any]], set[int]]:
-    """``scrub_body`` for a chunk, redacted as one batch; also the positions of records with PII."""
+    """The records without their ids, texts normalized and redacted (one batch for the chunk), labels
+    kept; PII found is added to ``pii``; also the positions of the records in which PII was found."""
     fields = _TEXT_FIELDS.get(kind)
     texts: list[str] = []
     for record in records:

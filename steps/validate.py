@@ -346,12 +346,6 @@ def _preference_tables(lines: list[str]) -> tuple[dict[str, Any], list[dict]]:
     return {"records": _frame(records, ["line", "json_valid", "shape"]), "pairs": _frame(pair_rows, columns)}, pairs
 
 
-def split_lines(data: bytes) -> list[bytes]:
-    """The file's lines, split on newline bytes only (so line numbers match any editor's)."""
-    lines = data.split(b"\n")
-    return lines[:-1] if lines and lines[-1] == b"" else lines
-
-
 def _has_control(value: Any) -> bool:
     """A control character other than whitespace (tab, newline, CR, VT, form feed) in the string values."""
     if isinstance(value, str):
