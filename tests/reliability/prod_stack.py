@@ -3,7 +3,8 @@ both use.
 
 - ``prod_stack``: SeaweedFS + MLflow (basic auth) + Prefect server, both on PostgreSQL
   (``ServiceConfig(backend="postgres", mlflow_auth=True)``), in a tmp state dir on free ports.
-- ``load_run``: ``RUNS`` concurrent flow runs of the tiny pipeline against it, one process each;
+- ``first_run``: one tiny flow run in its own process (the security tests' run, the load's warm-up);
+- ``load_run``: then ``RUNS`` concurrent flow runs of the tiny pipeline against the same stack;
   every log record of every run is kept for the lock-error and secret scans.
 - ``reliability_report``: merges a section of figures into the JSON file named by
   ``TUNELINE_RELIABILITY_REPORT`` (nothing when it is unset), for docs/RELIABILITY.md.
@@ -14,6 +15,7 @@ Test modules import the fixtures they use (``from prod_stack import prod_stack, 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -23,7 +25,7 @@ import socket
 import time
 import uuid
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -164,16 +166,50 @@ def run_one_flow(params: dict, env: dict[str, str]) -> dict:
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def run_flows_in_threads(params: list[dict], env: dict[str, str]) -> list[dict]:
+    """len(params) flow runs at once, each in a thread of this (forked) process."""
+    import torch
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.pipeline import finetune
+    from steps.config import PipelineParams
+
+    torch.set_num_threads(1)
+    os.environ.update(env)
+    keep = _Keep()
+    for lg in (logging.getLogger(), logging.getLogger("prefect")):
+        lg.addHandler(keep)
+    logging.getLogger().setLevel(logging.INFO)  # as `tuneline run` configures logging (flows/cli.py)
+    for chatty in ("httpx", "httpcore", "botocore", "urllib3", "alembic"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+
+    def one(p: dict) -> dict:
+        state = finetune(PipelineParams.model_validate(p), return_state=True)
+        summary = state.result().model_dump(mode="json") if state.is_completed() else None
+        return {"flow_run_id": str(state.state_details.flow_run_id), "state": state.name,
+                "message": state.message, "summary": summary}
+
+    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        with ThreadPoolExecutor(max_workers=len(params)) as threads:
+            # Threads do not inherit context variables: each gets a copy of this one's (the settings).
+            futures = [threads.submit(contextvars.copy_context().run, one, p) for p in params]
+            runs = [f.result() for f in futures]
+    import resource
+
+    runs[0]["log_lines"] = keep.lines
+    runs[0]["process_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return runs
+
+
 @pytest.fixture(scope="session")
 def run_pool():
-    """Processes forked from a server that imported the pipeline once (an import of torch,
-    transformers, Prefect and MLflow costs ~10 s of CPU; 20 of them would dominate the test).
-    Threads cannot stand in for processes: model construction in transformers is not thread-safe
-    (accelerate's empty-weights context patches torch.nn.Module globally)."""
+    """Fresh processes for the runs, forked from a server that imported the pipeline once (an
+    import of torch, transformers, Prefect and MLflow costs ~10 s of CPU): the test process keeps
+    no Prefect or MLflow state, and the runs inherit none of it."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["flows.pipeline", "great_expectations", "mlflow.pyfunc", "matplotlib.pyplot",
                                 "prod_stack"])
-    with ProcessPoolExecutor(max_workers=RUNS, mp_context=ctx) as pool:
+    with ProcessPoolExecutor(max_workers=2, mp_context=ctx) as pool:
         yield pool
 
 
@@ -209,11 +245,14 @@ def first_run(prod_stack, run_pool, load_params) -> LoadRun:
 
 @pytest.fixture(scope="session")
 def load_run(prod_stack, run_pool, load_params, first_run) -> LoadRun:
-    """After ``first_run`` (the warm-up: data steps and base model cached), RUNS flow runs at once,
-    each in its own process, against the Prefect server and MLflow of ``prod_stack``."""
+    """After ``first_run`` (the warm-up, in its own process), RUNS flow runs at once against the
+    Prefect server and MLflow of ``prod_stack``, in threads of one process. A process per run
+    needs ~250 MB each (5 GB for 20; measured on the shared 2-core CI machine, where that was
+    more than was free); every step the threads run is cached but register and promote, which
+    construct no model (transformers' model construction is not thread-safe)."""
     name, params = load_params
     t0 = time.monotonic()
-    runs = list(run_pool.map(run_one_flow, params[1:], [prod_stack["env"]] * RUNS))
+    runs = run_pool.submit(run_flows_in_threads, params[1:], prod_stack["env"]).result()
     wall = time.monotonic() - t0
-    lines = [line for r in runs for line in r.pop("log_lines")]
+    lines = runs[0].pop("log_lines")
     return LoadRun(name, name, wall, first_run.wall_s, runs, lines, _secrets(prod_stack))
