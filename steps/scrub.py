@@ -21,6 +21,12 @@ an earlier kept record reaches ``near_threshold`` is dropped too (``steps/dedup.
 character 5-grams, so Korean works); ``near_duplicates_removed`` in the stats and
 ``dedup_report.json`` (cluster sizes and example ids, never text) in the artifact.
 
+Streaming: records are read from S3 in chunks of ``CHUNK_RECORDS``; each chunk's texts are
+normalized and redacted as one batch and its near duplicates checked as one batch, with the
+same result as record by record; kept records go to a local file that is uploaded at the
+end. Memory holds one chunk plus the dedup state (an 8-byte key per kept record and the
+MinHash index), whatever the file size.
+
 Two gates stop the run before anything is written (``DataQualityError`` naming the file,
 the rule, the count and example record ids -- ``line-<n>`` when the records have no id):
 more than ``max_duplicate_share`` of the records removed as duplicates (a file of copies),
