@@ -9,7 +9,8 @@ both use.
 - ``reliability_report``: merges a section of figures into the JSON file named by
   ``TUNELINE_RELIABILITY_REPORT`` (nothing when it is unset), for docs/RELIABILITY.md.
 
-Test modules import the fixtures they use (``from prod_stack import prod_stack, load_run``).
+tests/reliability/conftest.py registers the fixtures once for the directory (imported into each
+test module instead, a session fixture would run once per module).
 """
 
 from __future__ import annotations

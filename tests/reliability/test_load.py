@@ -13,8 +13,7 @@ import re
 
 import pytest
 
-from prod_stack import (RUNS, client_of, first_run, load_params, load_run, prod_stack,  # noqa: F401 - fixtures
-                        report_section, run_pool)
+from prod_stack import RUNS, client_of, report_section  # fixtures: tests/reliability/conftest.py
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(2400)]  # the fixture setup runs 21 pipelines
 LOCK_ERRORS = re.compile(r"database is locked|deadlock detected|could not serialize access|"

@@ -22,8 +22,7 @@ import urllib.request
 
 import pytest
 
-from prod_stack import (client_of, first_run, load_params, prod_stack,  # noqa: F401 - fixtures
-                        report_section, run_pool)
+from prod_stack import client_of, report_section  # fixtures: tests/reliability/conftest.py
 
 pytestmark = pytest.mark.services
 PICKLE_OR_ZIP = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")  # torch.save writes a zip of pickles
