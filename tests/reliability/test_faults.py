@@ -157,11 +157,10 @@ class MlflowServer:
 
 @pytest.fixture
 def mlflow_server(services, tmp_path):
-    from conftest import free_port
 
     root = tmp_path / "mlflow-server"
     root.mkdir()
-    server = MlflowServer(root, free_port())
+    server = MlflowServer(root, _free_port())
     server.start()
     yield server
     if server.restarter is not None:
@@ -401,3 +400,11 @@ def test_a_lock_written_but_unanswered_is_still_held_by_its_writer(store):
         faults.uninstall()
     assert dict(faults.injected) == {("promote", "PutObject", "timeout"): 1}
     assert waited < 10 and not locks.exists(f"{store.prefix}/promote/m.lock")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
