@@ -125,6 +125,19 @@ def fingerprint(text: str) -> str:
 
 _M64 = np.uint64(0x9E3779B97F4A7C15)   # odd multiplier of the polynomial shingle hash
 _FMIX64 = (np.uint64(33), np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53))
+
+
+def _fmix64(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 64-bit finalizer, in place on a uint64 array (returned for chaining)."""
+    s, m1, m2 = _FMIX64
+    h ^= h >> s
+    h *= m1
+    h ^= h >> s
+    h *= m2
+    h ^= h >> s
+    return h
+
+
 _FMIX32 = (np.uint32(16), np.uint32(0x85EBCA6B), np.uint32(13), np.uint32(0xC2B2AE35))
 
 
@@ -142,13 +155,7 @@ def shingle_hashes(normal: str, shingle: int) -> np.ndarray:
     h = np.full(n, width, dtype=np.uint64)
     for j in range(width):
         h = h * _M64 + cps[j:j + n]
-    s, m1, m2 = _FMIX64
-    h ^= h >> s
-    h *= m1
-    h ^= h >> s
-    h *= m2
-    h ^= h >> s
-    return (h >> np.uint64(32)).astype(np.uint32)
+    return (_fmix64(h) >> np.uint64(32)).astype(np.uint32)
 
 
 def _lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
@@ -244,13 +251,7 @@ class NearDuplicates:
         for j in range(self.rows):
             h *= _M64
             h += v[:, :, j]
-        s, m1, m2 = _FMIX64
-        h ^= h >> s
-        h *= m1
-        h ^= h >> s
-        h *= m2
-        h ^= h >> s
-        return h
+        return _fmix64(h)
 
     def _best(self, sig: np.ndarray, candidates: Iterable[int]) -> int | None:
         """Row of the most similar candidate at or above the threshold (earliest on ties)."""
@@ -352,13 +353,7 @@ def _batch_shingle_hashes(forms: list[str], shingle: int) -> tuple[np.ndarray, n
         for j in range(shingle):
             h *= _M64
             h += cps[j:j + n]
-        s, m1, m2 = _FMIX64
-        h ^= h >> s
-        h *= m1
-        h ^= h >> s
-        h *= m2
-        h ^= h >> s
-        windows = (h >> np.uint64(32)).astype(np.uint32)
+        windows = (_fmix64(h) >> np.uint64(32)).astype(np.uint32)
     else:
         windows = np.empty(0, dtype=np.uint32)
     text_starts = np.zeros(len(forms), dtype=np.int64)

@@ -152,19 +152,26 @@ def run_one_flow(params: dict, env: dict[str, str]) -> dict:
     from steps.config import PipelineParams
 
     torch.set_num_threads(1)  # 20 processes share 2 cores
-    os.environ.update(env)
-    keep = _Keep()
-    for lg in (logging.getLogger(), logging.getLogger("prefect")):
-        lg.addHandler(keep)
-    logging.getLogger().setLevel(logging.INFO)  # as `tuneline run` configures logging (flows/cli.py)
-    for chatty in ("httpx", "httpcore", "botocore", "urllib3", "alembic"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
+    keep = _capture_logs(env)
     with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
         state = finetune(PipelineParams.model_validate(params), return_state=True)
         summary = state.result().model_dump(mode="json") if state.is_completed() else None
     return {"flow_run_id": str(state.state_details.flow_run_id), "state": state.name, "message": state.message,
             "summary": summary, "log_lines": keep.lines,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _capture_logs(env: dict[str, str]) -> _Keep:
+    """This (forked) process takes the stack's environment and keeps every log line, logging
+    configured as `tuneline run` does (flows/cli.py)."""
+    os.environ.update(env)
+    keep = _Keep()
+    for lg in (logging.getLogger(), logging.getLogger("prefect")):
+        lg.addHandler(keep)
+    logging.getLogger().setLevel(logging.INFO)
+    for chatty in ("httpx", "httpcore", "botocore", "urllib3", "alembic"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    return keep
 
 
 def run_flows_in_threads(params: list[dict], env: dict[str, str]) -> list[dict]:
@@ -176,13 +183,7 @@ def run_flows_in_threads(params: list[dict], env: dict[str, str]) -> list[dict]:
     from steps.config import PipelineParams
 
     torch.set_num_threads(1)
-    os.environ.update(env)
-    keep = _Keep()
-    for lg in (logging.getLogger(), logging.getLogger("prefect")):
-        lg.addHandler(keep)
-    logging.getLogger().setLevel(logging.INFO)  # as `tuneline run` configures logging (flows/cli.py)
-    for chatty in ("httpx", "httpcore", "botocore", "urllib3", "alembic"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
+    keep = _capture_logs(env)
 
     def one(p: dict) -> dict:
         state = finetune(PipelineParams.model_validate(p), return_state=True)
