@@ -41,7 +41,10 @@ import json
 import logging
 import re
 from collections import Counter
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
 
 from steps.config import ScrubConfig
 from steps.dedup import NearDuplicates, record_text
@@ -50,6 +53,7 @@ from steps.lineage import run_key
 from steps.pii import PiiEngine, normalize_text
 from steps.store import ArtifactStore, DatasetRef
 from steps.validate import RECORDS_FILE
+from steps.workers import ChunkWorkers, worker_count
 
 log = logging.getLogger(__name__)
 
@@ -65,21 +69,29 @@ PLACEHOLDER = re.compile(r"<[A-Z_]+(?::[0-9a-f]{12})?>")
 
 
 def scrub_records(cfg: ScrubConfig, source: DatasetRef, store: ArtifactStore) -> DatasetRef:
-    engine = PiiEngine(cfg.pii_entities, actions=cfg.pii_actions, default_action=cfg.pii_action)
+    engine = _engine(cfg)
     # A hash action's output depends on the salt: its (non-reversible) id is part of the cache key.
     key = run_key(STEP, cfg, [source.digest] + ([engine.salt_id] if engine.salt_id else []))
     if (done := store.lookup(STEP, key)) is not None:
         return DatasetRef(**done.model_dump())
     kind = source.stats["record_kind"]
-    near = NearDuplicates(cfg.near_threshold, cfg.minhash_permutations) if cfg.dedup and cfg.near_dedup else None
-    tally = _Tally(kind in LABELED_KINDS)
+    near = _near(cfg)
+    tally = _Tally(kind)
     writer = store.writer(STEP, key, cfg, inputs=[source])
-    # Records stream through in chunks: memory holds one chunk plus the dedup state (an
+    # Records stream through in chunks: memory holds a few chunks plus the dedup state (an
     # 8-byte key per kept record, and the MinHash index), whatever the file size. Kept
-    # records go to a local file that is uploaded only after the gates passed.
+    # records go to a local file that is uploaded only after the gates passed. With worker
+    # processes (steps/workers.py) they prepare the chunks and this process deduplicates.
+    workers = worker_count(source.stats.get("records", 0))
     with writer.jsonl_file(RECORDS_FILE) as out:
-        for chunk in store.iter_jsonl_chunks(source, RECORDS_FILE, CHUNK_RECORDS):
-            out.write_many(scrub_chunk(chunk, kind, engine, near, cfg.dedup, tally))
+        if workers:
+            config = {"scrub": cfg.model_dump(mode="json"), "kind": kind}
+            with ChunkWorkers("scrub", config, workers) as pool:
+                for answer in pool.map(store.iter_line_chunks(source, RECORDS_FILE, CHUNK_RECORDS)):
+                    out.write_lines(keep_chunk(PreparedChunk.from_bytes(answer), near, cfg.dedup, tally))
+        else:
+            for chunk in store.iter_jsonl_chunks(source, RECORDS_FILE, CHUNK_RECORDS):
+                out.write_lines(scrub_chunk(chunk, kind, engine, near, cfg.dedup, tally))
         records = tally.records
         gates = [(f"at most {cfg.max_pii_only_share:.0%} of records are nothing but PII", tally.pii_only,
                   cfg.max_pii_only_share, "hold no letter once PII is replaced"),
@@ -103,7 +115,7 @@ def scrub_records(cfg: ScrubConfig, source: DatasetRef, store: ArtifactStore) ->
     }
     if kind in LABELED_KINDS:
         stats["label_conflicts"] = tally.conflicts
-    if kind == "classification":
+    if tally.labels is not None:
         stats["label_counts"] = dict(sorted(tally.labels.items()))
     if near is not None:
         writer.put_json("dedup_report.json", near.report())
@@ -111,16 +123,26 @@ def scrub_records(cfg: ScrubConfig, source: DatasetRef, store: ArtifactStore) ->
     return DatasetRef(**writer.commit(stats=stats).model_dump())
 
 
+def _engine(cfg: ScrubConfig) -> PiiEngine:
+    return PiiEngine(cfg.pii_entities, actions=cfg.pii_actions, default_action=cfg.pii_action)
+
+
+def _near(cfg: ScrubConfig) -> NearDuplicates | None:
+    return NearDuplicates(cfg.near_threshold, cfg.minhash_permutations) if cfg.dedup and cfg.near_dedup else None
+
+
 class _Tally:
     """What scrub counts over the whole stream; ids are kept for the first EXAMPLES only."""
 
-    def __init__(self, labeled: bool):
+    def __init__(self, kind: str):
+        labeled = kind in LABELED_KINDS
         self.records = 0
         self.pii: Counter[str] = Counter()
         self.removed: list = [0, []]     # [count, example ids] of duplicates dropped
         self.pii_only: list = [0, []]    # [count, example ids] of records that are nothing but PII
         self.conflicts = 0
-        self.labels: Counter = Counter()  # label -> kept records (classification)
+        # label -> kept records (classification)
+        self.labels: Counter | None = Counter() if kind == "classification" else None
         # 8-byte fingerprint of each kept record's content (-> its label for labeled kinds)
         self.seen: dict[int, Any] | set[int] = {} if labeled else set()
 
@@ -140,25 +162,94 @@ class _Tally:
             self.seen.add(fingerprint)
 
 
-def scrub_chunk(records: list[dict[str, Any]], kind: str, engine: PiiEngine, near: NearDuplicates | None,
-                dedup: bool, tally: _Tally) -> list[dict[str, Any]]:
-    """The kept records of one chunk, in order, exactly as one record at a time would keep them:
-    exact duplicates of a kept record are dropped (``dedup``), then near duplicates (``near``)."""
-    bodies, had_pii = scrub_bodies(records, kind, engine, tally.pii)
-    tally.records += len(records)
+@dataclass
+class PreparedChunk:
+    """One chunk of records scrubbed but not yet deduplicated: per record its id, its output line
+    (JSON of the id and the scrubbed body), its exact-dedup fingerprint, its label (labeled
+    kinds) and its MinHash signature (near dedup on); the PII found and the records that are
+    nothing but PII. The part of scrub that needs no state from other chunks, so it can run in
+    a worker process (``chunk_worker``)."""
+
+    ids: list[str]
+    lines: list[str]
+    prints: list[int]
+    labels: list[Any]
+    pii: Counter[str]
+    pii_only: list[int]
+    sigs: np.ndarray | None
+
+    def to_bytes(self) -> bytes:
+        head = json.dumps({"ids": self.ids, "lines": self.lines, "prints": self.prints, "labels": self.labels,
+                           "pii": self.pii, "pii_only": self.pii_only,
+                           "sig_shape": None if self.sigs is None else list(self.sigs.shape)},
+                          ensure_ascii=False).encode()
+        sigs = b"" if self.sigs is None else np.ascontiguousarray(self.sigs, dtype="<u4").tobytes()
+        return len(head).to_bytes(8, "big") + head + sigs
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PreparedChunk:
+        size = int.from_bytes(data[:8], "big")
+        head = json.loads(data[8:8 + size])
+        shape = head["sig_shape"]
+        sigs = None if shape is None else np.frombuffer(data, dtype="<u4", offset=8 + size).reshape(shape)
+        return cls(head["ids"], head["lines"], head["prints"], head["labels"], Counter(head["pii"]),
+                   head["pii_only"], sigs)
+
+
+def prepare_chunk(records: list[dict[str, Any]], kind: str, engine: PiiEngine,
+                  near: NearDuplicates | None) -> PreparedChunk:
+    """Normalize and redact one chunk, and compute what dedup decides on (``PreparedChunk``)."""
+    pii: Counter[str] = Counter()
+    bodies, had_pii = scrub_bodies(records, kind, engine, pii)
     texts = [record_text(body) for body in bodies]
-    prints = [dedup_fingerprint(body, kind) for body in bodies]
-    for i in sorted(had_pii):
-        if not any(c.isalpha() for c in PLACEHOLDER.sub("", texts[i])):
-            tally.note(tally.pii_only, records[i]["id"])
-    kept = [False] * len(records)
+    pii_only = [i for i in sorted(had_pii) if not any(c.isalpha() for c in PLACEHOLDER.sub("", texts[i]))]
+    return PreparedChunk(
+        ids=[record["id"] for record in records],
+        lines=[json.dumps({"id": record["id"], **body}, ensure_ascii=False) for record, body in zip(records, bodies)],
+        prints=[dedup_fingerprint(body, kind) for body in bodies],
+        labels=[body.get("label") for body in bodies],
+        pii=pii, pii_only=pii_only,
+        sigs=near.signatures(texts) if near is not None else None,
+    )
+
+
+def chunk_worker(config: dict[str, Any]) -> Callable[[bytes], bytes]:
+    """The worker side (``steps/workers.py``): JSON lines of validated records in, a
+    ``PreparedChunk`` out. The salt of the hash action comes from the worker's environment."""
+    cfg = ScrubConfig.model_validate(config["scrub"])
+    engine = _engine(cfg)
+    near = _near(cfg)
+
+    def handle(chunk: bytes) -> bytes:
+        records = [json.loads(line) for line in chunk.split(b"\n") if line]
+        return prepare_chunk(records, config["kind"], engine, near).to_bytes()
+
+    return handle
+
+
+def scrub_chunk(records: list[dict[str, Any]], kind: str, engine: PiiEngine, near: NearDuplicates | None,
+                dedup: bool, tally: _Tally) -> list[str]:
+    """The output lines of one chunk's kept records (``keep_chunk`` of ``prepare_chunk``)."""
+    return keep_chunk(prepare_chunk(records, kind, engine, near), near, dedup, tally)
+
+
+def keep_chunk(chunk: PreparedChunk, near: NearDuplicates | None, dedup: bool, tally: _Tally) -> list[str]:
+    """The output lines of the kept records of one prepared chunk, in order, exactly as one record
+    at a time would keep them: exact duplicates of a kept record are dropped (``dedup``), then
+    near duplicates (``near``); counts go to ``tally``."""
+    ids, prints, labels = chunk.ids, chunk.prints, chunk.labels
+    tally.records += len(ids)
+    tally.pii.update(chunk.pii)
+    for i in chunk.pii_only:
+        tally.note(tally.pii_only, ids[i])
+    kept = [False] * len(ids)
     removed: list[int] = []
     first: dict[int, int] = {}   # fingerprint -> its first record in this chunk that was not a repeat
     later: list[int] = []        # repeats of such a record, decided once it is
     check: list[int] = []        # records for the near-duplicate check, in order
     for i, fingerprint in enumerate(prints):
         if fingerprint in tally.seen:
-            tally.conflicts += tally.first_label(fingerprint) != bodies[i].get("label")
+            tally.conflicts += tally.first_label(fingerprint) != labels[i]
             if dedup:
                 removed.append(i)
             else:
@@ -170,18 +261,18 @@ def scrub_chunk(records: list[dict[str, Any]], kind: str, engine: PiiEngine, nea
             check.append(i)
     recheck: list[int] = []
     for batch, after in ((check, later), (recheck, [])):
-        matches = near.check_and_add_many([records[i]["id"] for i in batch], [texts[i] for i in batch]) \
+        matches = near.check_and_add_signatures([ids[i] for i in batch], chunk.sigs[batch]) \
             if near is not None and batch else [None] * len(batch)
         for i, match in zip(batch, matches):
             if match is None:
                 kept[i] = True
-                tally.keep(prints[i], bodies[i].get("label"))
+                tally.keep(prints[i], labels[i])
             else:
                 removed.append(i)
         for i in after:  # a repeat of a kept record is an exact duplicate; of a dropped one, near-checked
             j = first[prints[i]]
             if kept[j]:
-                tally.conflicts += bodies[j].get("label") != bodies[i].get("label")
+                tally.conflicts += labels[j] != labels[i]
                 if dedup:
                     removed.append(i)
                 else:
@@ -189,11 +280,10 @@ def scrub_chunk(records: list[dict[str, Any]], kind: str, engine: PiiEngine, nea
             else:
                 recheck.append(i)
     for i in sorted(removed):
-        tally.note(tally.removed, records[i]["id"])
-    out = [{"id": record["id"], **body} for record, body, keep in zip(records, bodies, kept) if keep]
-    if kind == "classification":
-        tally.labels.update(row["label"] for row in out)
-    return out
+        tally.note(tally.removed, ids[i])
+    if tally.labels is not None:
+        tally.labels.update(label for label, keep in zip(labels, kept) if keep)
+    return [line for line, keep in zip(chunk.lines, kept) if keep]
 
 
 def scrub_bodies(records: list[dict[str, Any]], kind: str, engine: PiiEngine, pii: Counter[str]

@@ -262,6 +262,19 @@ class ArtifactStore:
         if chunk:
             yield chunk
 
+    def iter_line_chunks(self, ref: ArtifactRef, name: str, size: int) -> Iterator[bytes]:
+        """The file's non-blank lines in chunks of at most ``size`` lines, each chunk one
+        newline-joined bytes object (for worker processes: ``steps/workers.py``)."""
+        chunk: list[bytes] = []
+        for line in self.iter_lines(ref, name):
+            if line:
+                chunk.append(line)
+                if len(chunk) == size:
+                    yield b"\n".join(chunk)
+                    chunk = []
+        if chunk:
+            yield b"\n".join(chunk)
+
     def download(self, ref: ArtifactRef) -> Path:
         """Materialise every file of an artifact locally, verified against the manifest; cached by digest."""
         target = self.cache_dir / ref.digest
@@ -382,6 +395,12 @@ class JsonlSink:
     def write_many(self, rows: Iterable[dict[str, Any]]) -> None:
         for row in rows:
             self.write(row)
+
+    def write_lines(self, lines: list[str]) -> None:
+        """Rows already serialized as JSON, one per line."""
+        if lines:
+            self._f.write("\n".join(lines) + "\n")
+            self.rows += len(lines)
 
 
 def s3_client(endpoint_url: str | None) -> Any:

@@ -53,10 +53,13 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import json
 import logging
 import re
+import tempfile
 from collections import Counter
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 from tqdm import tqdm
 
@@ -67,6 +70,7 @@ from steps.errors import ConfigError, DataQualityError
 from steps.lineage import run_key
 from steps.store import ArtifactStore, DatasetRef, ModelRef
 from steps.validate import RECORDS_FILE
+from steps.workers import ChunkWorkers, worker_count
 
 log = logging.getLogger(__name__)
 
@@ -116,46 +120,233 @@ def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, s
 
 def stream_chats(tokenizer: Any, source: DatasetRef, store: ArtifactStore, cfg: TokenizeConfig,
                  writer: Any) -> dict[str, Any]:
-    """Chat records without augmentation, streamed: the same rows, prompts and stats as
-    ``split_records`` + ``drop_leakage`` + ``encode_chats``, with memory for one chunk plus
-    the leakage index (a MinHash signature per train record). Two passes over the records:
-    the first indexes the train side, the second drops leaked eval records and encodes."""
-    from steps.dedup import LeakageIndex, record_text
+    """Chat records without augmentation, streamed in one pass: the same rows, prompts and stats
+    as ``split_records`` + ``drop_leakage`` + ``encode_chats``, with memory for a few chunks plus
+    the leakage index (a MinHash signature per train record) and the eval records' signatures.
+    Each chunk is split, encoded and signed (``prepare_chats``, in worker processes for large
+    inputs: steps/workers.py); train rows are written at once and indexed, eval rows wait in a
+    local file until every train record is indexed, then those that copy one are dropped."""
+    from steps.dedup import LeakageIndex
 
     leak = LeakageIndex(cfg.leakage_threshold) if cfg.leakage_threshold is not None else None
-    if leak is not None:
-        for chunk in store.iter_jsonl_chunks(source, RECORDS_FILE, CHUNK_RECORDS):
-            leak.add([(r["id"], record_text(r)) for r in chunk if not in_eval(r["id"], cfg)])
-    counts = Counter()
-    first_leak: tuple[str, str] | None = None
-    with writer.jsonl_file("train.jsonl") as train, writer.jsonl_file("eval.jsonl") as evals, \
-            writer.jsonl_file("eval_prompts.jsonl") as prompts:
-        sinks = {"train": train, "eval": evals}
-        for chunk in store.iter_jsonl_chunks(source, RECORDS_FILE, CHUNK_RECORDS):
-            counts["records"] += len(chunk)
-            sides = split_records(chunk, cfg)
-            if leak is not None and sides["eval"]:
-                pairs = leak.matches([(r["id"], record_text(r)) for r in sides["eval"]])
-                if pairs:
-                    first_leak = first_leak or pairs[0]
-                    gone = {eval_id for eval_id, _ in pairs}
-                    sides["eval"] = [r for r in sides["eval"] if r["id"] not in gone]
-                    counts["leaked"] += len(pairs)
-            splits, eval_prompts, stats = encode_chats(tokenizer, sides, cfg)
-            for side, rows in splits.items():
-                sinks[side].write_many(rows)
-            prompts.write_many(eval_prompts)
-            counts.update({k: v for k, v in stats.items() if k not in ("train_records", "eval_records")})
-        if first_leak is not None:
+    workers = worker_count(source.stats.get("records_out", 0))
+    counts: Counter[str] = Counter()
+    eval_ids: list[str] = []
+    eval_sigs: list[Any] = []
+    with writer.jsonl_file("train.jsonl") as train, tempfile.TemporaryFile("w+", encoding="utf-8") as spool:
+        for chunk in _prepared_chats(tokenizer, source, store, cfg, workers):
+            counts["records"] += chunk.records
+            counts.update(chunk.train_counts)
+            train.write_lines(chunk.train_lines)
+            if leak is not None:
+                leak.add_signatures(chunk.train_ids, chunk.train_sigs)
+                eval_sigs.append(chunk.eval_sigs)
+            eval_ids += chunk.eval_ids
+            for entry in zip(chunk.eval_ids, chunk.eval_lines, chunk.eval_prompts, chunk.eval_truncated):
+                spool.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        pairs: list[tuple[str, str]] = []
+        if leak is not None and eval_ids:
+            import numpy as np
+
+            sigs = np.concatenate(eval_sigs)
+            for begin in range(0, len(eval_ids), CHUNK_RECORDS):
+                pairs += leak.matches_signatures(eval_ids[begin:begin + CHUNK_RECORDS], sigs[begin:begin + CHUNK_RECORDS])
+        if pairs:
             log.info("tokenize: %d eval records dropped as near copies of train records (e.g. %s ~ %s)",
-                     counts["leaked"], *first_leak)
-        stats = {"task": TASKS["chat"], "train_records": train.rows, "eval_records": evals.rows,
-                 "train_tokens": counts["train_tokens"], "trainable_tokens": counts["trainable_tokens"],
-                 "truncated": counts["truncated"], "dropped_no_answer": counts["dropped_no_answer"],
-                 "eval_leakage_removed": counts["leaked"]}
-        check_truncation(cfg, stats, counts["records"])
-        check_both_splits(cfg, stats["train_records"], stats["eval_records"], counts["records"])
+                     len(pairs), *pairs[0])
+        leaked = {eval_id for eval_id, _ in pairs}
+        spool.seek(0)
+        with writer.jsonl_file("eval.jsonl") as evals, writer.jsonl_file("eval_prompts.jsonl") as prompts:
+            for entry in spool:
+                record_id, line, prompt, truncated = json.loads(entry)
+                if record_id in leaked:
+                    continue
+                counts["truncated"] += truncated
+                if line is None:
+                    counts["dropped_no_answer"] += 1
+                    continue
+                evals.write_lines([line])
+                prompts.write_lines([prompt])
+            stats = {"task": TASKS["chat"], "train_records": train.rows, "eval_records": evals.rows,
+                     "train_tokens": counts["train_tokens"], "trainable_tokens": counts["trainable_tokens"],
+                     "truncated": counts["truncated"], "dropped_no_answer": counts["dropped_no_answer"],
+                     "eval_leakage_removed": len(pairs)}
+            check_truncation(cfg, stats, counts["records"])
+            check_both_splits(cfg, stats["train_records"], stats["eval_records"], counts["records"])
     return stats
+
+
+@dataclass
+class PreparedChats:
+    """One chunk of chat records split and encoded: train rows as JSON lines (dropped rows left
+    out) with their counts, and per eval record its row and prompt lines (None: dropped, no
+    answer token left) and whether it was truncated; MinHash signatures of both sides' records
+    for the leakage check (None when it is off). Ids: every train and eval record of the chunk."""
+
+    records: int
+    train_ids: list[str]
+    train_lines: list[str]
+    train_counts: dict[str, int]
+    eval_ids: list[str]
+    eval_lines: list[str | None]
+    eval_prompts: list[str | None]
+    eval_truncated: list[int]
+    train_sigs: Any
+    eval_sigs: Any
+
+    def to_bytes(self) -> bytes:
+        head = {k: v for k, v in self.__dict__.items() if not k.endswith("_sigs")}
+        head["signed"] = self.train_sigs is not None
+        data = json.dumps(head, ensure_ascii=False).encode()
+        sigs = [] if self.train_sigs is None else [self.train_sigs, self.eval_sigs]
+        return len(data).to_bytes(8, "big") + data + b"".join(a.astype("<u4").tobytes() for a in sigs)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, num_perm: int) -> PreparedChats:
+        import numpy as np
+
+        size = int.from_bytes(data[:8], "big")
+        head = json.loads(data[8:8 + size])
+        sigs = (None, None)
+        if head.pop("signed"):
+            flat = np.frombuffer(data, dtype="<u4", offset=8 + size).reshape(-1, num_perm)
+            n = len(head["train_ids"])
+            sigs = (flat[:n], flat[n:])
+        return cls(**head, train_sigs=sigs[0], eval_sigs=sigs[1])
+
+
+def prepare_chats(tokenizer: Any, records: list[dict[str, Any]], cfg: TokenizeConfig, signer: Any
+                  ) -> PreparedChats:
+    """Split, encode and (with a ``signer``, ``NearDuplicates``) sign one chunk of chat records."""
+    from steps.dedup import record_text
+
+    sides = split_records(records, cfg)
+    encoded = {side: encode_chat_batch(tokenizer, [r["messages"] for r in rows]) for side, rows in sides.items()}
+    counts = Counter(train_tokens=0, trainable_tokens=0, truncated=0, dropped_no_answer=0)
+    train_lines = []
+    for record, (ids, labels) in zip(sides["train"], encoded["train"]):
+        row, truncated = chat_row(record, ids, labels, cfg)
+        counts["truncated"] += truncated
+        if row is None:
+            counts["dropped_no_answer"] += 1
+            continue
+        counts["train_tokens"] += len(row["input_ids"])
+        counts["trainable_tokens"] += len(row["labels"]) - row["labels"].count(IGNORE)
+        train_lines.append(json.dumps(row, ensure_ascii=False))
+    eval_lines: list[str | None] = []
+    eval_prompts: list[str | None] = []
+    eval_truncated: list[int] = []
+    for record, (ids, labels) in zip(sides["eval"], encoded["eval"]):
+        row, truncated = chat_row(record, ids, labels, cfg)
+        eval_truncated.append(int(truncated))
+        eval_lines.append(None if row is None else json.dumps(row, ensure_ascii=False))
+        eval_prompts.append(None if row is None else json.dumps(eval_prompt(record), ensure_ascii=False))
+    sigs = [signer.signatures([record_text(r) for r in sides[side]]) if signer is not None else None
+            for side in ("train", "eval")]
+    return PreparedChats(len(records), [r["id"] for r in sides["train"]], train_lines, dict(counts),
+                         [r["id"] for r in sides["eval"]], eval_lines, eval_prompts, eval_truncated, *sigs)
+
+
+def _signer(cfg: TokenizeConfig) -> Any:
+    from steps.dedup import NearDuplicates
+
+    return NearDuplicates(cfg.leakage_threshold) if cfg.leakage_threshold is not None else None
+
+
+def _prepared_chats(tokenizer: Any, source: DatasetRef, store: ArtifactStore, cfg: TokenizeConfig, workers: int
+                    ) -> Iterator[PreparedChats]:
+    """``prepare_chats`` of each chunk, in order: here, or in ``workers`` worker processes."""
+    signer = _signer(cfg)
+    num_perm = signer.num_perm if signer is not None else 0
+    progress = tqdm(desc="tokenize", unit="rec", mininterval=2)
+    worker_config = worker_tokenizer(tokenizer) if workers else None
+    if worker_config is not None:
+        config = {"tokenize": cfg.model_dump(mode="json"), "tokenizer": worker_config}
+        with ChunkWorkers("tokenize", config, workers) as pool:
+            for answer in pool.map(store.iter_line_chunks(source, RECORDS_FILE, CHUNK_RECORDS)):
+                chunk = PreparedChats.from_bytes(answer, num_perm)
+                progress.update(chunk.records)
+                yield chunk
+    else:
+        for records in store.iter_jsonl_chunks(source, RECORDS_FILE, CHUNK_RECORDS):
+            chunk = prepare_chats(tokenizer, records, cfg, signer)
+            progress.update(chunk.records)
+            yield chunk
+    progress.close()
+
+
+def chunk_worker(config: dict[str, Any]) -> Callable[[bytes], bytes]:
+    """The worker side (``steps/workers.py``): JSON lines of scrubbed chat records in, a
+    ``PreparedChats`` out."""
+    cfg = TokenizeConfig.model_validate(config["tokenize"])
+    tokenizer = TemplateTokenizer(**config["tokenizer"])
+    signer = _signer(cfg)
+
+    def handle(chunk: bytes) -> bytes:
+        records = [json.loads(line) for line in chunk.split(b"\n") if line]
+        return prepare_chats(tokenizer, records, cfg, signer).to_bytes()
+
+    return handle
+
+
+class TemplateTokenizer:
+    """The two parts of a transformers tokenizer that chat encoding uses, rebuilt from plain
+    data: its Rust tokenizer (``backend_tokenizer``, from its JSON) and its chat template
+    rendered as ``apply_chat_template(..., tokenize=False)`` renders it. A worker process
+    builds this in well under a second instead of importing transformers' tokenizer classes;
+    ``worker_tokenizer`` checks it against the real tokenizer before any worker starts."""
+
+    def __init__(self, backend: str, chat_template: str, template_kwargs: dict[str, Any]):
+        from tokenizers import Tokenizer
+
+        self.backend_tokenizer = Tokenizer.from_str(backend)
+        self.chat_template, self.template_kwargs = chat_template, template_kwargs
+
+    @classmethod
+    def config_of(cls, tokenizer: Any) -> dict[str, Any]:
+        return {"backend": tokenizer.backend_tokenizer.to_str(), "chat_template": tokenizer.get_chat_template(),
+                "template_kwargs": dict(tokenizer.special_tokens_map)}
+
+    def apply_chat_template(self, conversation: list, tokenize: bool = False, add_generation_prompt: bool = False
+                            ) -> str | list[str]:
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        if tokenize:
+            raise ValueError("TemplateTokenizer renders text only")
+        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
+        chats = [[{k: v for k, v in m.items() if v is not None} for m in chat]
+                 for chat in (conversation if batched else [conversation])]
+        rendered, _ = render_jinja_template(conversations=chats, chat_template=self.chat_template,
+                                            add_generation_prompt=add_generation_prompt, **self.template_kwargs)
+        return rendered if batched else rendered[0]
+
+
+# Conversations the worker tokenizer must render and encode exactly as the real one does.
+_PROBES = [[{"role": "user", "content": "Hi there!"}, {"role": "assistant", "content": "Hello, 안녕하세요.\n"}],
+           [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " a\tb "},
+            {"role": "assistant", "content": "ok"}, {"role": "user", "content": "more?"},
+            {"role": "assistant", "content": "<no>"}]]
+
+
+def worker_tokenizer(tokenizer: Any) -> dict[str, Any] | None:
+    """``TemplateTokenizer.config_of(tokenizer)`` when the rebuilt tokenizer renders and encodes the
+    probe conversations exactly as ``tokenizer`` does; None (no workers) otherwise."""
+    try:
+        config = TemplateTokenizer.config_of(tokenizer)
+        rebuilt = TemplateTokenizer(**config)
+        for chat in _PROBES:
+            for cut in range(1, len(chat) + 1):
+                for prompt in (False, True):
+                    text = tokenizer.apply_chat_template(chat[:cut], tokenize=False, add_generation_prompt=prompt)
+                    if rebuilt.apply_chat_template(chat[:cut], add_generation_prompt=prompt) != text:
+                        return None
+                    if rebuilt.backend_tokenizer.encode(text, add_special_tokens=False).ids != \
+                            tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids:
+                        return None
+        return config
+    except Exception:  # noqa: BLE001 - any difference means: encode in this process
+        log.info("tokenize: the chat template cannot be rebuilt for worker processes; encoding here")
+        return None
 
 
 def check_both_splits(cfg: TokenizeConfig, train: int, evals: int, records: int) -> None:
@@ -221,7 +412,7 @@ def encode_chats(tokenizer: Any, sides: dict[str, list[dict]], cfg: TokenizeConf
         "train_records": len(splits["train"]),
         "eval_records": len(splits["eval"]),
         "train_tokens": sum(len(r["input_ids"]) for r in splits["train"]),
-        "trainable_tokens": sum(sum(label != IGNORE for label in r["labels"]) for r in splits["train"]),
+        "trainable_tokens": sum(len(r["labels"]) - r["labels"].count(IGNORE) for r in splits["train"]),
         "truncated": truncated,
         "dropped_no_answer": dropped,
     }
@@ -231,18 +422,32 @@ def encode_chats(tokenizer: Any, sides: dict[str, list[dict]], cfg: TokenizeConf
 def _add_chat_row(rows: list[dict[str, Any]], prompts: list[dict[str, Any]] | None, record: dict[str, Any],
                   ids: list[int], labels: list[int], cfg: TokenizeConfig, truncated: int, dropped: int
                   ) -> tuple[int, int]:
-    """Append one encoded conversation (truncated; dropped when no answer token is left) and,
-    for eval, its prompt; returns the updated truncated and dropped counts."""
-    if len(ids) > cfg.max_seq_len:
-        truncated += 1
-        ids, labels = ids[: cfg.max_seq_len], labels[: cfg.max_seq_len]
-    if all(label == IGNORE for label in labels):
-        return truncated, dropped + 1  # truncation removed every answer token
-    rows.append({"id": record["id"], "input_ids": ids, "labels": labels})
+    """Append one encoded conversation (``chat_row``) and, for eval, its prompt; returns the
+    updated truncated and dropped counts."""
+    row, cut = chat_row(record, ids, labels, cfg)
+    if row is None:
+        return truncated + cut, dropped + 1
+    rows.append(row)
     if prompts is not None:
-        prompts.append({"id": record["id"], "messages": record["messages"][:-1],
-                        "reference": record["messages"][-1]["content"]})
-    return truncated, dropped
+        prompts.append(eval_prompt(record))
+    return truncated + cut, dropped
+
+
+def chat_row(record: dict[str, Any], ids: list[int], labels: list[int], cfg: TokenizeConfig
+             ) -> tuple[dict[str, Any] | None, bool]:
+    """The row of one encoded conversation truncated to max_seq_len (None when truncation left no
+    answer token), and whether it was truncated."""
+    truncated = len(ids) > cfg.max_seq_len
+    if truncated:
+        ids, labels = ids[: cfg.max_seq_len], labels[: cfg.max_seq_len]
+    if labels.count(IGNORE) == len(labels):
+        return None, truncated
+    return {"id": record["id"], "input_ids": ids, "labels": labels}, truncated
+
+
+def eval_prompt(record: dict[str, Any]) -> dict[str, Any]:
+    """An eval conversation's prompt messages and reference answer (for BLEU)."""
+    return {"id": record["id"], "messages": record["messages"][:-1], "reference": record["messages"][-1]["content"]}
 
 
 def encode_labelled(tokenizer: Any, sides: dict[str, list[dict]], cfg: TokenizeConfig, kind: str
@@ -327,8 +532,8 @@ def encode_chat_batch(tokenizer: Any, conversations: list[list[dict[str, str]]]
     layouts: dict[tuple[str, ...], _ChatLayout] = {}
     texts: list[str] = []
     all_spans: list[list[tuple[int, int]]] = []
-    for messages in conversations:
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    rendered = tokenizer.apply_chat_template(conversations, tokenize=False) if conversations else []
+    for messages, text in zip(conversations, rendered):
         spans = None
         if _ChatLayout.applies(messages):
             roles = tuple(m["role"] for m in messages)

@@ -51,6 +51,7 @@ import logging
 import math
 import numbers
 import os
+import re
 import statistics
 from collections import Counter
 from dataclasses import dataclass
@@ -144,11 +145,27 @@ def validate_records(cfg: ValidateConfig, source: DatasetRef, store: ArtifactSto
 
 
 class Lines(list):
-    """The decoded lines of one chunk of the file, and the file line number of the first."""
+    """The decoded lines of one chunk of the file, and the file line number of the first.
+    ``parsed(i)`` is line i's JSON value (``_INVALID`` when it is not JSON), parsed once for
+    every table and check that reads it."""
 
     def __init__(self, lines: Iterable[str], start: int = 1):
         super().__init__(lines)
         self.start = start
+        self._parsed: list[Any] = [_UNPARSED] * len(self)
+
+    def parsed(self, i: int) -> Any:
+        value = self._parsed[i]
+        if value is _UNPARSED:
+            try:
+                value = json.loads(self[i])
+            except json.JSONDecodeError:
+                value = _INVALID
+            self._parsed[i] = value
+        return value
+
+
+_UNPARSED, _INVALID = object(), object()
 
 
 def _chunks(lines: Iterable[bytes], size: int) -> Iterator[tuple[int, list[bytes]]]:
@@ -346,10 +363,14 @@ def _preference_tables(lines: list[str]) -> tuple[dict[str, Any], list[dict]]:
     return {"records": _frame(records, ["line", "json_valid", "shape"]), "pairs": _frame(pair_rows, columns)}, pairs
 
 
+# C0 controls other than whitespace (tab, newline, VT, form feed, CR), DEL and the C1 controls.
+_CONTROL = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f]")
+
+
 def _has_control(value: Any) -> bool:
     """A control character other than whitespace (tab, newline, CR, VT, form feed) in the string values."""
     if isinstance(value, str):
-        return any(ord(c) < 32 and c not in "\t\n\r\x0b\x0c" or 127 <= ord(c) < 160 for c in value)
+        return _CONTROL.search(value) is not None
     if isinstance(value, dict):
         return any(_has_control(v) for v in value.values())
     if isinstance(value, list):
@@ -357,20 +378,25 @@ def _has_control(value: Any) -> bool:
     return False
 
 
+def _strict_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
 def _line_table(raw_lines: list[bytes], lines: list[str]) -> Any:
     """Per non-blank line: valid UTF-8, and free of control characters (raw or JSON-escaped)."""
     rows = []
-    for number, (raw, line) in enumerate(zip(raw_lines, lines), start=getattr(lines, "start", 1)):
+    lines = lines if isinstance(lines, Lines) else Lines(lines)
+    for i, (raw, line) in enumerate(zip(raw_lines, lines)):
+        number = lines.start + i
         if not line.strip():
             continue
-        try:
-            raw.decode("utf-8")
-            utf8 = True
-        except UnicodeDecodeError:
-            utf8 = False
-        try:
-            parsed: Any = json.loads(line)
-        except json.JSONDecodeError:
+        utf8 = "\ufffd" not in line or _strict_utf8(raw)  # decoded with errors="replace"
+        parsed = lines.parsed(i)
+        if parsed is _INVALID:
             parsed = line.rstrip("\r")
         rows.append({"line": number, "utf8_valid": utf8, "control_free": not _has_control(parsed)})
     return _frame(rows, ["line", "utf8_valid", "control_free"])
@@ -389,15 +415,15 @@ def line_rules() -> list[Rule]:
 
 def _parsed(lines: list[str], extra: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any], Any]]:
     """Each non-blank line as (line number, its record-table row, the parsed JSON or None)."""
-    for number, line in enumerate(lines, start=getattr(lines, "start", 1)):
+    lines = lines if isinstance(lines, Lines) else Lines(lines)
+    for i, line in enumerate(lines):
         if not line.strip():
             continue
-        row = {"line": number, "json_valid": True, "shape": "unknown", **extra}
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
+        row = {"line": lines.start + i, "json_valid": True, "shape": "unknown", **extra}
+        obj = lines.parsed(i)
+        if obj is _INVALID:
             row["json_valid"], row["shape"], obj = False, None, None
-        yield number, row, obj
+        yield lines.start + i, row, obj
 
 
 def _frame(rows: list[dict], columns: list[str]) -> Any:
