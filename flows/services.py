@@ -7,7 +7,8 @@ Three services, all bound to 127.0.0.1, with their state in one directory
   requires the generated keys; the bucket is created after it answers.
 - ``mlflow``: MLflow tracking server, artifacts proxied to ``s3://<bucket>/mlflow``;
   with ``mlflow_auth`` (``--mlflow-auth``, ``TUNELINE_MLFLOW_AUTH=1``) MLflow's basic-auth app:
-  every request but ``/health`` needs the generated user and password.
+  every request but ``/health`` needs the generated user and password (a verified pair is
+  cached in the server for ``_MLFLOW_AUTH_CACHE_S``: MLflow's ``auth_cache_ttl_seconds``).
 - ``prefect``: Prefect API + UI server (optional).
 
 Databases (``backend``, ``--backend``, ``TUNELINE_DB_BACKEND``):
@@ -78,6 +79,7 @@ _GRPC_OFFSET = 10000
 _WEED_COMPONENTS = ("s3", "master", "volume", "filer", "admin")  # HTTP port = s3_port + index
 _START_TIMEOUT = {"postgres": 60.0, "s3": 30.0, "mlflow": 120.0, "prefect": 120.0}  # mlflow migrates a fresh DB (~15 s)
 _HEALTH = {"s3": "/", "mlflow": "/health", "prefect": "/api/health"}
+_MLFLOW_AUTH_CACHE_S = 300  # basic auth: how long a verified user/password pair is trusted
 _BACKENDS = ("sqlite", "postgres")
 _DB_USER = "tuneline"  # PostgreSQL superuser of our own cluster, and MLflow's admin user
 _DATABASES = ("mlflow", "mlflow_auth", "prefect")
@@ -334,7 +336,11 @@ def _mlflow_spec(cfg: ServiceConfig, env: dict[str, str]) -> _Spec:
         ini.write_text("[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
                        f"database_uri = {_db_url(cfg, 'mlflow_auth', 'postgresql+psycopg')}\n"
                        f"admin_username = {_DB_USER}\n"
-                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                       # Without it every request pays a scrypt password check (~0.1 s of server CPU;
+                       # a registration makes ~120 requests). A wrong password is never cached, a
+                       # password change through the API clears the entry, and there is one worker.
+                       f"auth_cache_ttl_seconds = {_MLFLOW_AUTH_CACHE_S}\n")
         argv += ["--app-name", "basic-auth"]
         env = env | {"MLFLOW_AUTH_CONFIG_PATH": str(ini.resolve()),
                      "MLFLOW_AUTH_ADMIN_PASSWORD": _credentials(cfg)["mlflow_password"],
