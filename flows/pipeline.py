@@ -21,16 +21,31 @@ RESULTS_BLOCK = tasks.RESULT_STORAGE.split("/", 1)[1]
 
 def save_result_storage() -> None:
     """Persist task results (JSON) to the artifact bucket. Keys come from the environment
-    at run time (boto3's default chain), so the block stores no secret."""
+    at run time (boto3's default chain), so the block stores no secret.
+
+    Saved only when the server has no such block or a different one: a save costs ~1 s of
+    CPU in this process (Prefect derives the block's JSON schema dozens of times), a load
+    one request, and every flow run calls this."""
     endpoint = os.environ.get("TUNELINE_S3_ENDPOINT_URL")
-    S3Bucket(
+    block = S3Bucket(
         bucket_name=os.environ["TUNELINE_BUCKET"],
         bucket_folder="prefect-results",
         credentials=AwsCredentials(
             region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
             aws_client_parameters=AwsClientParameters(endpoint_url=endpoint) if endpoint else AwsClientParameters(),
         ),
-    ).save(RESULTS_BLOCK, overwrite=True)
+    )
+    try:
+        if _block_fields(S3Bucket.load(RESULTS_BLOCK)) == _block_fields(block):
+            return
+    except ValueError:  # no such block yet (or one this version cannot read): save ours
+        pass
+    block.save(RESULTS_BLOCK, overwrite=True)
+
+
+def _block_fields(block: S3Bucket) -> dict:
+    """The block's settings, without the server's bookkeeping (document id and name)."""
+    return {k: v for k, v in block.model_dump(mode="json").items() if not k.startswith("_")}
 
 
 @flow(name="tuneline-finetune", persist_result=False)
