@@ -77,6 +77,7 @@ log = logging.getLogger(__name__)
 STEP = "tokenize"
 ENCODE_BATCH = 1024  # conversations per tokenizer call
 CHUNK_RECORDS = 10_000  # chat records per chunk of the stream
+LEAKAGE_PERMUTATIONS = 128  # MinHash permutations of the leakage check (steps.dedup.LeakageIndex's default)
 
 
 def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, store: ArtifactStore) -> DatasetRef:
@@ -86,9 +87,13 @@ def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, s
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(store.download(model.base))
+    checked_by = leakage_checked_by(cfg, source, store)
+    if checked_by == "scrub":  # scrub's near dedup already guarantees it: no need to hash every record again
+        log.info("tokenize: train/eval leakage ruled out by scrub's near dedup (same threshold and signatures)")
+        cfg = cfg.model_copy(update={"leakage_threshold": None})
     if source.stats["record_kind"] == "chat" and cfg.augment is None:
         writer = store.writer(STEP, key, cfg, inputs=[source, model.base])
-        stats = stream_chats(tokenizer, source, store, cfg, writer)
+        stats = stream_chats(tokenizer, source, store, cfg, writer) | {"leakage_checked_by": checked_by}
         log.info("tokenize: %s", stats)
         return DatasetRef(**writer.commit(stats=stats).model_dump())
     records = store.read_jsonl(source, RECORDS_FILE)
@@ -105,7 +110,7 @@ def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, s
         splits, prompts, stats = encode_pairs(tokenizer, sides, cfg)
     else:
         splits, prompts, stats = encode_chats(tokenizer, sides, cfg)
-    stats = {"task": TASKS[kind], **stats, "eval_leakage_removed": len(leaked)}
+    stats = {"task": TASKS[kind], **stats, "eval_leakage_removed": len(leaked), "leakage_checked_by": checked_by}
     if augmented is not None:
         stats["augmentation"] = augmented
     check_truncation(cfg, stats, len(records) + (augmented or {}).get("records_added", 0))
@@ -128,7 +133,7 @@ def stream_chats(tokenizer: Any, source: DatasetRef, store: ArtifactStore, cfg: 
     local file until every train record is indexed, then those that copy one are dropped."""
     from steps.dedup import LeakageIndex
 
-    leak = LeakageIndex(cfg.leakage_threshold) if cfg.leakage_threshold is not None else None
+    leak = LeakageIndex(cfg.leakage_threshold, num_perm=LEAKAGE_PERMUTATIONS) if cfg.leakage_threshold is not None else None
     workers = worker_count(source.stats.get("records_out", 0))
     counts: Counter[str] = Counter()
     eval_ids: list[str] = []
@@ -250,7 +255,7 @@ def prepare_chats(tokenizer: Any, records: list[dict[str, Any]], cfg: TokenizeCo
 def _signer(cfg: TokenizeConfig) -> Any:
     from steps.dedup import NearDuplicates
 
-    return NearDuplicates(cfg.leakage_threshold) if cfg.leakage_threshold is not None else None
+    return NearDuplicates(cfg.leakage_threshold, LEAKAGE_PERMUTATIONS) if cfg.leakage_threshold is not None else None
 
 
 def _prepared_chats(tokenizer: Any, source: DatasetRef, store: ArtifactStore, cfg: TokenizeConfig, workers: int
@@ -349,6 +354,22 @@ def worker_tokenizer(tokenizer: Any) -> dict[str, Any] | None:
         return None
 
 
+def leakage_checked_by(cfg: TokenizeConfig, source: DatasetRef, store: ArtifactStore) -> str | None:
+    """Which step rules out train/eval leakage: "scrub" when the records come from a scrub whose
+    exact and near dedup ran at the leakage threshold with the same MinHash signatures (then no
+    two kept records reach the threshold: the later one of any such pair was checked against
+    the earlier one, which was indexed, under the same LSH bands, and dropped), "tokenize"
+    when this step has to check, None when the check is off."""
+    if cfg.leakage_threshold is None:
+        return None
+    manifest = store.manifest(source.key)
+    scrub = manifest.get("config") or {}
+    covered = (manifest.get("step") == "scrub" and scrub.get("dedup") is True and scrub.get("near_dedup") is True
+               and scrub.get("near_threshold") == cfg.leakage_threshold
+               and scrub.get("minhash_permutations") == LEAKAGE_PERMUTATIONS)
+    return "scrub" if covered else "tokenize"
+
+
 def check_both_splits(cfg: TokenizeConfig, train: int, evals: int, records: int) -> None:
     if not train or not evals:
         raise DataQualityError(
@@ -365,7 +386,8 @@ def drop_leakage(sides: dict[str, list[dict[str, Any]]], cfg: TokenizeConfig) ->
     from steps.dedup import leakage, record_text
 
     pairs = leakage([(r["id"], record_text(r)) for r in sides["train"]],
-                    [(r["id"], record_text(r)) for r in sides["eval"]], threshold=cfg.leakage_threshold)
+                    [(r["id"], record_text(r)) for r in sides["eval"]], threshold=cfg.leakage_threshold,
+                    num_perm=LEAKAGE_PERMUTATIONS)
     if pairs:
         gone = {eval_id for eval_id, _ in pairs}
         sides["eval"] = [r for r in sides["eval"] if r["id"] not in gone]

@@ -365,6 +365,9 @@ def _preference_tables(lines: list[str]) -> tuple[dict[str, Any], list[dict]]:
 
 # C0 controls other than whitespace (tab, newline, VT, form feed, CR), DEL and the C1 controls.
 _CONTROL = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f]")
+# What a JSON line that decodes to such a character must contain: the character itself or an
+# escape of it (\\uXXXX, or \\b for backspace). A line without any is control-free without parsing.
+_MAYBE_CONTROL = re.compile(_CONTROL.pattern + r"|\\(?:u00(?:0[0-8]|0[eEfF]|1[0-9a-fA-F]|7[fF]|[89][0-9a-fA-F])|b)")
 
 
 def _has_control(value: Any) -> bool:
@@ -395,10 +398,11 @@ def _line_table(raw_lines: list[bytes], lines: list[str]) -> Any:
         if not line.strip():
             continue
         utf8 = "\ufffd" not in line or _strict_utf8(raw)  # decoded with errors="replace"
-        parsed = lines.parsed(i)
-        if parsed is _INVALID:
-            parsed = line.rstrip("\r")
-        rows.append({"line": number, "utf8_valid": utf8, "control_free": not _has_control(parsed)})
+        control_free = True
+        if _MAYBE_CONTROL.search(line):
+            parsed = lines.parsed(i)
+            control_free = not _has_control(line.rstrip("\r") if parsed is _INVALID else parsed)
+        rows.append({"line": number, "utf8_valid": utf8, "control_free": control_free})
     return _frame(rows, ["line", "utf8_valid", "control_free"])
 
 

@@ -173,12 +173,23 @@ def serve(stdin: Any, stdout: Any) -> None:
     if header is None:
         return
     spec = json.loads(header)
-    handle = JOBS[spec["job"]](spec["config"])
+    try:
+        handle = JOBS[spec["job"]](spec["config"])
+    except (DataQualityError, ConfigError) as exc:
+        failed = _error_frame(exc)  # answered to every chunk: the step raises it with its message
+        handle = None
     while (chunk := _read_frame(stdin)) is not None:
+        if handle is None:
+            _write_frame(stdout, failed)
+            continue
         try:
             _write_frame(stdout, b"R" + handle(chunk))
         except (DataQualityError, ConfigError) as exc:
-            _write_frame(stdout, b"E" + json.dumps({"type": type(exc).__name__, "message": str(exc)}).encode())
+            _write_frame(stdout, _error_frame(exc))
+
+
+def _error_frame(exc: Exception) -> bytes:
+    return b"E" + json.dumps({"type": type(exc).__name__, "message": str(exc)}).encode()
 
 
 if __name__ == "__main__":
