@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from steps.config import ENCODER_SOURCES, BaseModelConfig
 from steps.errors import ConfigError
@@ -46,11 +48,16 @@ TINY_BERT_SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2
 def prepare_base_model(cfg: BaseModelConfig, store: ArtifactStore) -> ModelRef:
     encoder = cfg.source in ENCODER_SOURCES
     origin = encoder_dir() / "model.safetensors" if encoder else gguf_path()
-    key = run_key(STEP, cfg, [sha256_file(origin)])
+    origin_digest = sha256_file(origin)
+    key = run_key(STEP, cfg, [origin_digest])
     if (done := store.lookup(STEP, key)) is None:
         with tempfile.TemporaryDirectory(prefix="tuneline-base-") as tmp:
             folder = Path(tmp)
-            params = build_encoder(cfg, origin.parent, folder) if encoder else build_base_model(cfg, origin, folder)
+            if encoder:
+                params = build_encoder(cfg, origin.parent, folder)
+            else:
+                params = build_base_model(cfg, origin, folder, tokenizer_cache=store.cache_dir / "gguf-tokenizers"
+                                          / origin_digest[:32])
             writer = store.writer(STEP, key, cfg)
             writer.put_dir(folder)
             done = writer.commit(stats={"source": cfg.source, "parameters": params})
@@ -90,12 +97,32 @@ def build_encoder(cfg: BaseModelConfig, source: Path, out: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_base_model(cfg: BaseModelConfig, gguf: Path, out: Path) -> int:
+def gguf_tokenizer(gguf: Path, cache: Path | None = None) -> Any:
+    """The tokenizer of the GGUF file. Converting it takes seconds (~7 s on a small CPU; the tiny
+    model itself takes less than one), so the converted files are kept in ``cache`` (a folder
+    named by the file's digest: save_pretrained of a reloaded tokenizer writes the same bytes)."""
+    from transformers import AutoTokenizer
+
+    if cache is not None and cache.is_dir():
+        return AutoTokenizer.from_pretrained(cache)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}-", dir=cache.parent))
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, cache)  # atomic: a reader sees all of it or none
+        except OSError:  # another process got there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return tokenizer
+
+
+def build_base_model(cfg: BaseModelConfig, gguf: Path, out: Path, tokenizer_cache: Path | None = None) -> int:
     """Write a trainable HF folder to ``out``; returns the parameter count."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = gguf_tokenizer(gguf, tokenizer_cache)
     if cfg.source == "smollm2-135m-instruct":
         log.info("base_model: dequantizing %s (about 30 s)", gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)

@@ -74,3 +74,27 @@ def test_degenerate_answers_are_detected():
     assert degenerate([5, 6, 7, 8] * 6)
     assert not degenerate(list(range(40)))
     assert not degenerate([1, 2, 3])  # too short to judge
+
+
+def test_the_gguf_tokenizer_is_converted_once_and_reused_byte_for_byte(store, tiny_model, tmp_path, monkeypatch):
+    """A base model built in a new prefix takes the tokenizer from the local cache (no second
+    GGUF conversion) and stores the same tokenizer files a fresh conversion writes."""
+    from transformers import AutoTokenizer
+
+    from steps.base_model import gguf_path, prepare_base_model
+    from steps.config import BaseModelConfig
+
+    assert any((store.cache_dir / "gguf-tokenizers").iterdir())  # tiny_model's build filled it
+    conversions, real = [], AutoTokenizer.from_pretrained
+
+    def spy(*args, **kwargs):
+        conversions.append(kwargs.get("gguf_file"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", spy)
+    built = store.download(prepare_base_model(BaseModelConfig(source="tiny-random-llama"), store).base)
+    assert conversions == [None]
+    gguf = gguf_path()
+    real(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp_path)  # a fresh conversion
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names and all((built / n).read_bytes() == (tmp_path / n).read_bytes() for n in names)
