@@ -33,6 +33,7 @@ Presidio is optional (``pip install -e .[bench]``); without it the ``pii`` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -177,43 +178,62 @@ def _row(stage: str, records: int, seconds: float, nbytes: int, **extra: Any) ->
             "mb_per_s": round(nbytes / 1e6 / seconds, 2) if seconds else None, **extra}
 
 
-def run_path(store: Any, raw: Path, n: int) -> list[dict[str, Any]]:
-    """Upload raw JSONL as an ingest artifact, then time validate, scrub and tokenize."""
+def run_path(store: Any, raw: Path, n: int, workers: str = "auto") -> list[dict[str, Any]]:
+    """Upload raw JSONL as an ingest artifact, then time validate, scrub and tokenize with
+    ``TUNELINE_DATA_WORKERS=workers``, under a fresh prefix (nothing comes from the cache).
+    Every row says the setting and the number of workers it meant (``workers``)."""
     from steps.base_model import prepare_base_model
     from steps.config import BaseModelConfig, ScrubConfig, TokenizeConfig, ValidateConfig
     from steps.ingest import RAW_FILE
     from steps.scrub import scrub_records
-    from steps.store import DatasetRef
+    from steps.store import ArtifactStore, DatasetRef
     from steps.tokenize import tokenize_dataset
     from steps.validate import validate_records
+    from steps.workers import ENV, worker_count
 
-    model = prepare_base_model(BaseModelConfig(source="tiny-random-llama"), store)
-    store.download(model.base)
-    writer = store.writer("ingest", uuid.uuid4().hex, {"source": str(raw)})
-    writer.put_file(RAW_FILE, raw)
-    ingested = DatasetRef(**writer.commit(stats={"source": str(raw), "lines": n}).model_dump())
-    nbytes = raw.stat().st_size
-    t = time.perf_counter()
-    import great_expectations  # noqa: F401  (a cold import costs seconds, once per process)
+    saved = os.environ.get(ENV)
+    os.environ[ENV] = workers
+    store = ArtifactStore(store.client, store.bucket, f"{store.prefix}-w{workers}-{uuid.uuid4().hex[:6]}")
+    setting = {"workers": f"{workers} ({worker_count(n)} processes)"}
+    try:
+        model = prepare_base_model(BaseModelConfig(source="tiny-random-llama"), store)
+        store.download(model.base)
+        writer = store.writer("ingest", uuid.uuid4().hex, {"source": str(raw)})
+        writer.put_file(RAW_FILE, raw)
+        ingested = DatasetRef(**writer.commit(stats={"source": str(raw), "lines": n}).model_dump())
+        nbytes = raw.stat().st_size
+        t = time.perf_counter()
+        import great_expectations  # noqa: F401  (a cold import costs seconds, once per process)
 
-    rows = [{"stage": "validate: Great Expectations import, once per process (not in the total)",
-             "seconds": round(time.perf_counter() - t, 2)}]
-    t = time.perf_counter()
-    validated = validate_records(ValidateConfig(), ingested, store)
-    rows.append(_row("validate", n, time.perf_counter() - t, nbytes))
-    t = time.perf_counter()
-    scrubbed = scrub_records(ScrubConfig(), validated, store)
-    rows.append(_row("scrub (normalize + PII + exact/near dedup)", n, time.perf_counter() - t, nbytes,
-                     records_out=scrubbed.stats["records_out"],
-                     near_duplicates=scrubbed.stats["near_duplicates_removed"],
-                     pii=sum(scrubbed.stats["pii"].values())))
-    t = time.perf_counter()
-    tokenized = tokenize_dataset(TokenizeConfig(), scrubbed, model, store)
-    rows.append(_row("tokenize (chat template + leakage check)", scrubbed.stats["records_out"],
-                     time.perf_counter() - t, nbytes, train_records=tokenized.stats["train_records"]))
-    total = sum(r["seconds"] for r in rows[1:])
-    rows.append(_row("data path total", n, total, nbytes))
-    return rows
+        rows = [{"stage": "validate: Great Expectations import, once per process (not in the total)",
+                 "seconds": round(time.perf_counter() - t, 2)}]
+        t = time.perf_counter()
+        validated = validate_records(ValidateConfig(), ingested, store)
+        rows.append(_row("validate", n, time.perf_counter() - t, nbytes, **setting))
+        t = time.perf_counter()
+        scrubbed = scrub_records(ScrubConfig(), validated, store)
+        rows.append(_row("scrub (normalize + PII + exact/near dedup)", n, time.perf_counter() - t, nbytes,
+                         records_out=scrubbed.stats["records_out"],
+                         near_duplicates=scrubbed.stats["near_duplicates_removed"],
+                         pii=sum(scrubbed.stats["pii"].values()), **setting))
+        t = time.perf_counter()
+        tokenized = tokenize_dataset(TokenizeConfig(), scrubbed, model, store)
+        rows.append(_row("tokenize (chat template + leakage check)", scrubbed.stats["records_out"],
+                         time.perf_counter() - t, nbytes, train_records=tokenized.stats["train_records"],
+                         leakage_checked_by=tokenized.stats.get("leakage_checked_by"), **setting))
+        total = sum(r["seconds"] for r in rows[1:])
+        import resource
+
+        # Ended child processes' largest peak RSS: the workers' (the S3 server still runs here).
+        worker_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        rows.append(_row("data path total", n, total, nbytes, **setting,
+                         peak_rss_mib_largest_worker_so_far=round(worker_rss, 1)))
+        return rows
+    finally:
+        if saved is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = saved
 
 
 # --- PII: ours vs Presidio -------------------------------------------------------------
@@ -268,6 +288,13 @@ def run_pii(records: list[dict[str, Any]], presidio: Callable | None, sample: in
     ours = _row("pii: ours (PiiEngine, all entities, find + replace)", len(records), time.perf_counter() - t,
                 nbytes, found=found)
     rows.append(ours)
+    # The same six entity types as the Presidio recognizers below: the like-for-like comparison.
+    same = PiiEngine(sorted(set(PRESIDIO_ENTITIES.values())))
+    t = time.perf_counter()
+    found = sum(sum(c.values()) for c in same.redact_many(normal)[1].values())
+    like = _row("pii: ours (PiiEngine, Presidio's six entity types, find + replace)", len(records),
+                time.perf_counter() - t, nbytes, found=found)
+    rows.append(like)
     if presidio is None:
         rows.append({"stage": "pii: presidio", "skipped": "presidio-analyzer not installed (pip install -e .[bench])"})
         return rows
@@ -280,9 +307,12 @@ def run_pii(records: list[dict[str, Any]], presidio: Callable | None, sample: in
     scaled = seconds * len(records) / len(part)
     rows.append(_row(f"pii: presidio pattern recognizers (sample of {len(part)}, scaled)", len(part), seconds,
                      part_bytes, found_in_sample=hits, scaled_seconds_all_records=round(scaled, 1)))
-    rows.append({"stage": "pii: ours vs presidio", "throughput_ratio": round(ours["records_per_s"]
-                                                                               / rows[-1]["records_per_s"], 1),
-                 "note": f"presidio timed on {len(part)} records and scaled to {len(records)}"})
+    theirs = rows[-1]["records_per_s"]
+    note = f"presidio timed on {len(part)} records and scaled to {len(records)}"
+    rows.append({"stage": "pii: ours vs presidio", "throughput_ratio": round(ours["records_per_s"] / theirs, 1),
+                 "note": f"ours with all entity types; {note}"})
+    rows.append({"stage": "pii: ours vs presidio, same six entity types",
+                 "throughput_ratio": round(like["records_per_s"] / theirs, 1), "note": note})
     return rows
 
 
@@ -362,18 +392,25 @@ def run_minhash(records: list[dict[str, Any]], sample: int) -> list[dict[str, An
 
 # --- main --------------------------------------------------------------------------------
 
-def measure(n: int, presidio_sample: int, minhash_sample: int, store: Any | None = None) -> list[dict[str, Any]]:
-    """Every row of one run on n records (a store is started when none is given)."""
+def measure(n: int, presidio_sample: int, minhash_sample: int, store: Any | None = None,
+            path_workers: tuple[str, ...] = ("0", "auto")) -> list[dict[str, Any]]:
+    """Every row of one run on n records (a store is started when none is given). The data
+    path runs once per ``TUNELINE_DATA_WORKERS`` setting, one after the other on the same
+    input; the last row compares the last setting with the first."""
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         raw = Path(tmp) / "raw.jsonl"
         size = write_jsonl(raw, n)
         rows: list[dict[str, Any]] = [{"stage": "input", "records": n, "mb": round(size / 1e6, 1),
                                        "bytes_per_record": round(size / n)}]
-        if store is None:
-            with s3_store() as started:
-                rows += run_path(started, raw, n)
-        else:
-            rows += run_path(store, raw, n)
+        with (contextlib.nullcontext(store) if store is not None else s3_store()) as target:
+            totals = []
+            for workers in path_workers:
+                rows += run_path(target, raw, n, workers)
+                totals.append(rows[-1])
+        if len(totals) > 1:
+            rows.append({"stage": "data path: workers vs none", "baseline": totals[0]["workers"],
+                         "measured": totals[-1]["workers"],
+                         "speedup": round(totals[0]["seconds"] / totals[-1]["seconds"], 2)})
     records = list(synthetic_chats(n))
     presidio = presidio_analyzer()
     rows += run_pii(records, presidio, min(presidio_sample, n))
@@ -390,7 +427,9 @@ def path_rss(n: int) -> dict[str, Any]:
         with s3_store() as store:
             rows = run_path(store, raw, n)
     return {"records": n, "input_mb": round(size / 1e6, 1), "seconds": rows[-1]["seconds"],
-            "stages": {r["stage"]: r["seconds"] for r in rows[1:-1]}, "peak_rss_mib": round(_vm_hwm_mib(), 1)}
+            "workers": rows[-1]["workers"], "stages": {r["stage"]: r["seconds"] for r in rows[1:-1]},
+            "peak_rss_mib": round(_vm_hwm_mib(), 1),
+            "peak_rss_mib_largest_worker": rows[-1]["peak_rss_mib_largest_worker_so_far"]}
 
 
 def save(kind: str, payload: dict[str, Any], out_dir: Path) -> Path:
