@@ -24,8 +24,10 @@ character 5-grams, so Korean works); ``near_duplicates_removed`` in the stats an
 Streaming: records are read from S3 in chunks of ``CHUNK_RECORDS``; each chunk's texts are
 normalized and redacted as one batch and its near duplicates checked as one batch, with the
 same result as record by record; kept records go to a local file that is uploaded at the
-end. Memory holds one chunk plus the dedup state (an 8-byte key per kept record and the
-MinHash index), whatever the file size.
+end. Memory holds a few chunks plus the dedup state (an 8-byte key per kept record and the
+MinHash index), whatever the file size. Large inputs are normalized, redacted and signed
+by worker processes, one per core (``TUNELINE_DATA_WORKERS``, steps/workers.py), while this
+process deduplicates in order: the output is byte-identical with any number of workers.
 
 Two gates stop the run before anything is written (``DataQualityError`` naming the file,
 the rule, the count and example record ids -- ``line-<n>`` when the records have no id):

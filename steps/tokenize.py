@@ -37,13 +37,19 @@ Augmentation (``augment``, off by default): seeded copies of train records only,
 after the split and the leakage check (``steps/augment.py``); counts in ``augmentation``.
 
 No leakage: after the split, eval records whose MinHash similarity with any train record
-reaches ``leakage_threshold`` are dropped from eval (``eval_leakage_removed``). The
-truncation gate (``max_truncated_share``) fails the step when too many records are cut.
+reaches ``leakage_threshold`` are dropped from eval (``eval_leakage_removed``). When the
+records come from a scrub whose exact and near dedup ran at the same threshold with the
+same signatures (the defaults), no such pair can exist, so the check is not repeated;
+``leakage_checked_by`` in the stats says which step ruled leakage out ("scrub",
+"tokenize", or None when off). The truncation gate (``max_truncated_share``) fails the
+step when too many records are cut.
 
 Streaming: chat records without augmentation are read from S3 in chunks of
-``CHUNK_RECORDS`` and written through local files (``stream_chats``): memory holds one
-chunk and the leakage index (a MinHash signature per train record), whatever the size.
-The other kinds, and augmentation, load the records of the step into memory.
+``CHUNK_RECORDS``, in one pass, and written through local files (``stream_chats``): memory
+holds a few chunks, the leakage index (a MinHash signature per train record) and the eval
+records' signatures, whatever the size. Large inputs are encoded by worker processes, one
+per core (``TUNELINE_DATA_WORKERS``, steps/workers.py), with byte-identical output. The
+other kinds, and augmentation, load the records of the step into memory.
 
 Output: ``train.jsonl`` and ``eval.jsonl`` and ``eval_prompts.jsonl``; the stats carry
 ``task`` (sft, cpt, classification, regression, preference), which the train step reads.
