@@ -232,26 +232,28 @@ def prepare_chats(tokenizer: Any, records: list[dict[str, Any]], cfg: TokenizeCo
     from steps.dedup import record_text
 
     sides = split_records(records, cfg)
-    encoded = {side: encode_chat_batch(tokenizer, [r["messages"] for r in rows]) for side, rows in sides.items()}
     counts = Counter(train_tokens=0, trainable_tokens=0, truncated=0, dropped_no_answer=0)
     train_lines = []
-    for record, (ids, labels) in zip(sides["train"], encoded["train"]):
-        row, truncated = chat_row(record, ids, labels, cfg)
-        counts["truncated"] += truncated
-        if row is None:
-            counts["dropped_no_answer"] += 1
-            continue
-        counts["train_tokens"] += len(row["input_ids"])
-        counts["trainable_tokens"] += len(row["labels"]) - row["labels"].count(IGNORE)
-        train_lines.append(json.dumps(row, ensure_ascii=False))
     eval_lines: list[str | None] = []
     eval_prompts: list[str | None] = []
     eval_truncated: list[int] = []
-    for record, (ids, labels) in zip(sides["eval"], encoded["eval"]):
-        row, truncated = chat_row(record, ids, labels, cfg)
-        eval_truncated.append(int(truncated))
-        eval_lines.append(None if row is None else json.dumps(row, ensure_ascii=False))
-        eval_prompts.append(None if row is None else json.dumps(eval_prompt(record), ensure_ascii=False))
+    for side, rows in sides.items():
+        for begin in range(0, len(rows), ENCODE_BATCH):  # a batch of encodings in memory at a time
+            batch = rows[begin:begin + ENCODE_BATCH]
+            for record, (ids, labels) in zip(batch, encode_chat_batch(tokenizer, [r["messages"] for r in batch])):
+                row, truncated = chat_row(record, ids, labels, cfg)
+                if side == "eval":
+                    eval_truncated.append(int(truncated))
+                    eval_lines.append(None if row is None else json.dumps(row, ensure_ascii=False))
+                    eval_prompts.append(None if row is None else json.dumps(eval_prompt(record), ensure_ascii=False))
+                    continue
+                counts["truncated"] += truncated
+                if row is None:
+                    counts["dropped_no_answer"] += 1
+                    continue
+                counts["train_tokens"] += len(row["input_ids"])
+                counts["trainable_tokens"] += len(row["labels"]) - row["labels"].count(IGNORE)
+                train_lines.append(json.dumps(row, ensure_ascii=False))
     sigs = [signer.signatures([record_text(r) for r in sides[side]]) if signer is not None else None
             for side in ("train", "eval")]
     return PreparedChats(len(records), [r["id"] for r in sides["train"]], train_lines, dict(counts),
