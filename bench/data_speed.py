@@ -167,6 +167,35 @@ def s3_store() -> Iterator[Any]:
 
 # --- the data path ---------------------------------------------------------------------
 
+class _WorkerRss:
+    """The largest RSS any worker process (``python -m steps.workers``) of this one reached,
+    sampled every 0.1 s (ru_maxrss of children would count the forked parent's pages)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak_mib = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.wait(0.1):
+            for child in me.children(recursive=True):
+                try:
+                    if "steps.workers" in child.cmdline():
+                        self.peak_mib = max(self.peak_mib, child.memory_info().rss / 2**20)
+                except psutil.Error:
+                    pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def _vm_hwm_mib() -> float:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
@@ -195,6 +224,7 @@ def run_path(store: Any, raw: Path, n: int, workers: str = "auto") -> list[dict[
     os.environ[ENV] = workers
     store = ArtifactStore(store.client, store.bucket, f"{store.prefix}-w{workers}-{uuid.uuid4().hex[:6]}")
     setting = {"workers": f"{workers} ({worker_count(n)} processes)"}
+    watch = _WorkerRss()
     try:
         model = prepare_base_model(BaseModelConfig(source="tiny-random-llama"), store)
         store.download(model.base)
@@ -222,14 +252,11 @@ def run_path(store: Any, raw: Path, n: int, workers: str = "auto") -> list[dict[
                          time.perf_counter() - t, nbytes, train_records=tokenized.stats["train_records"],
                          leakage_checked_by=tokenized.stats.get("leakage_checked_by"), **setting))
         total = sum(r["seconds"] for r in rows[1:])
-        import resource
-
-        # Ended child processes' largest peak RSS: the workers' (the S3 server still runs here).
-        worker_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         rows.append(_row("data path total", n, total, nbytes, **setting,
-                         peak_rss_mib_largest_worker_so_far=round(worker_rss, 1)))
+                         peak_rss_mib_largest_worker=round(watch.peak_mib, 1)))
         return rows
     finally:
+        watch.stop()
         if saved is None:
             os.environ.pop(ENV, None)
         else:
@@ -429,7 +456,7 @@ def path_rss(n: int) -> dict[str, Any]:
     return {"records": n, "input_mb": round(size / 1e6, 1), "seconds": rows[-1]["seconds"],
             "workers": rows[-1]["workers"], "stages": {r["stage"]: r["seconds"] for r in rows[1:-1]},
             "peak_rss_mib": round(_vm_hwm_mib(), 1),
-            "peak_rss_mib_largest_worker": rows[-1]["peak_rss_mib_largest_worker_so_far"]}
+            "peak_rss_mib_largest_worker": rows[-1]["peak_rss_mib_largest_worker"]}
 
 
 def save(kind: str, payload: dict[str, Any], out_dir: Path) -> Path:
