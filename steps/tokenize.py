@@ -315,6 +315,13 @@ class TemplateTokenizer:
         self.backend_tokenizer = Tokenizer.from_str(backend)
         self.chat_template, self.template_kwargs = chat_template, template_kwargs
 
+    @property
+    def special_tokens_map(self) -> dict[str, Any]:
+        return self.template_kwargs
+
+    def get_chat_template(self) -> str:
+        return self.chat_template
+
     @classmethod
     def config_of(cls, tokenizer: Any) -> dict[str, Any]:
         return {"backend": tokenizer.backend_tokenizer.to_str(), "chat_template": tokenizer.get_chat_template(),
@@ -562,13 +569,30 @@ def encode_chat_batch(tokenizer: Any, conversations: list[list[dict[str, str]]]
     layouts: dict[tuple[str, ...], _ChatLayout] = {}
     texts: list[str] = []
     all_spans: list[list[tuple[int, int]]] = []
-    rendered = tokenizer.apply_chat_template(conversations, tokenize=False) if conversations else []
-    for messages, text in zip(conversations, rendered):
-        spans = None
+    # A content-transparent template (``_transparent``) renders a conversation as its layout with
+    # the contents filled in: no template run per conversation. Other templates run per conversation.
+    transparent = _transparent(tokenizer)
+    fills: dict[int, tuple[_ChatLayout, list[str]]] = {}
+    for i, messages in enumerate(conversations):
         if _ChatLayout.applies(messages):
             roles = tuple(m["role"] for m in messages)
             layout = layouts.get(roles) or layouts.setdefault(roles, _ChatLayout(tokenizer, roles))
-            spans = layout.spans(text, [m["content"] for m in messages])
+            if transparent and layout.verified:
+                fills[i] = layout, [m["content"] for m in messages]
+    rest = [messages for i, messages in enumerate(conversations) if i not in fills]
+    rendered = iter(tokenizer.apply_chat_template(rest, tokenize=False) if rest else [])
+    for i, messages in enumerate(conversations):
+        spans = None
+        if i in fills:
+            layout, contents = fills[i]
+            text = layout.fill(contents)
+        else:
+            text = next(rendered)
+            if _ChatLayout.applies(messages):
+                layout = layouts[tuple(m["role"] for m in messages)]
+                contents = [m["content"] for m in messages]
+        if _ChatLayout.applies(messages):
+            spans = layout.spans(text, contents)
         texts.append(text)
         all_spans.append(spans if spans is not None else _rendered_spans(tokenizer, messages, text))
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -629,6 +653,17 @@ class _ChatLayout:
                                                                   add_generation_prompt=True)),
                        self._pieces(tokenizer.apply_chat_template(marked[: i + 1], tokenize=False)))
                       for i, role in enumerate(roles) if role == "assistant"]
+        # The fill equals real renderings of probe contents (spaces at the ends, markup, quotes,
+        # newlines, Korean): the last guard before ``fill`` stands in for the template.
+        self.verified = all(
+            self.fill(contents) == tokenizer.apply_chat_template(
+                [{"role": role, "content": c} for role, c in zip(roles, contents)], tokenize=False)
+            for contents in ([f" <{i}> & 'x' \"y\"\n\n" for i in range(len(roles))],
+                             [f"안녕 {{{{ {i} }}}}\t" for i in range(len(roles))]))
+
+    def fill(self, contents: list[str]) -> str:
+        """The full conversation's text with these contents."""
+        return self._fill(self.full, contents)
 
     @staticmethod
     def applies(messages: list[dict[str, str]]) -> bool:
@@ -650,6 +685,107 @@ class _ChatLayout:
             return None
         return [_span(self._fill(prompt, contents), self._fill(turn, contents).rstrip("\n"), text)
                 for prompt, turn in self.turns]
+
+
+# The only names a content-transparent template may read, besides special tokens and the
+# message loop variables: everything else could carry content somewhere (see ``_transparent``).
+_SAFE_NAMES = {"messages", "loop", "add_generation_prompt", "raise_exception", "true", "false", "none",
+               "True", "False", "None"}
+_MESSAGE_KEYS = {"role", "content"}
+
+
+def _transparent(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template copies each message's content verbatim into its
+    output and lets nothing else depend on it: then the rendering of a conversation is its
+    role sequence's layout with the contents filled in, whatever they hold.
+
+    Checked on the template's syntax tree, by a whitelist (anything else: False, and every
+    conversation is rendered): no assignments, macros, includes or calls (but
+    ``raise_exception``); loops only over ``messages`` itself; a message read only as
+    ``message['role']`` or ``message['content']`` (also ``messages[<int>][...]``),
+    ``messages`` otherwise only looped over or measured (``| length``); and every
+    content read sits in an output expression made only of ``+`` and ``~``, so no test,
+    filter or comparison ever sees it. Names read must be those, the loop variables or
+    special tokens. A Jinja template that breaks none of these cannot branch on a content."""
+    cached = getattr(tokenizer, "_tuneline_transparent", None)
+    if cached is not None:
+        return cached
+    try:
+        result = _template_is_transparent(tokenizer.get_chat_template(), set(tokenizer.special_tokens_map))
+    except Exception:  # noqa: BLE001 - a template we cannot analyse is rendered per conversation
+        result = False
+    try:
+        tokenizer._tuneline_transparent = result
+    except AttributeError:
+        pass
+    return result
+
+
+def _template_is_transparent(template: str, token_names: set[str]) -> bool:
+    import jinja2
+    from jinja2 import nodes
+
+    tree = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+    parents: dict[int, nodes.Node] = {}
+    for node in tree.find_all(nodes.Node):
+        for child in node.iter_child_nodes():
+            parents[id(child)] = node
+    loop_vars = set()
+    for loop in tree.find_all(nodes.For):
+        if not (isinstance(loop.iter, nodes.Name) and loop.iter.name == "messages"
+                and isinstance(loop.target, nodes.Name) and loop.recursive is False):
+            return False
+        loop_vars.add(loop.target.name)
+    forbidden = (nodes.Assign, nodes.AssignBlock, nodes.Macro, nodes.CallBlock, nodes.FilterBlock, nodes.Include,
+                 nodes.Import, nodes.FromImport, nodes.Scope, nodes.With, nodes.Block, nodes.Extends)
+    if any(True for _ in tree.find_all(forbidden)):
+        return False
+    for call in tree.find_all(nodes.Call):
+        if not (isinstance(call.node, nodes.Name) and call.node.name == "raise_exception"):
+            return False
+    allowed = _SAFE_NAMES | loop_vars | token_names
+
+    def key_of(node: nodes.Node) -> Any:
+        if isinstance(node, nodes.Getattr):
+            return node.attr
+        if isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const):
+            return node.arg.value
+        return None
+
+    for name in tree.find_all(nodes.Name):
+        if name.ctx != "load":
+            continue
+        if name.name not in allowed:
+            return False
+        parent = parents.get(id(name))
+        if name.name in loop_vars:
+            if not (isinstance(parent, (nodes.Getitem, nodes.Getattr)) and parent.node is name
+                    and key_of(parent) in _MESSAGE_KEYS):
+                return False
+        elif name.name == "messages":
+            if isinstance(parent, nodes.For) and parent.iter is name:
+                continue
+            if isinstance(parent, nodes.Filter) and parent.name == "length" and parent.node is name:
+                continue
+            if not (isinstance(parent, nodes.Getitem) and parent.node is name and isinstance(key_of(parent), int)):
+                return False
+            grand = parents.get(id(parent))
+            if not (isinstance(grand, (nodes.Getitem, nodes.Getattr)) and grand.node is parent
+                    and key_of(grand) in _MESSAGE_KEYS):
+                return False
+    for node in tree.find_all((nodes.Getitem, nodes.Getattr, nodes.Const)):
+        if isinstance(node, nodes.Const):
+            if node.value == "content" and not isinstance(parents.get(id(node)), nodes.Getitem):
+                return False  # "content" as a filter argument, a dict key, ...
+            continue
+        if key_of(node) != "content":
+            continue
+        child, parent = node, parents.get(id(node))
+        while isinstance(parent, (nodes.Add, nodes.Concat)):
+            child, parent = parent, parents.get(id(parent))
+        if not isinstance(parent, nodes.Output):
+            return False
+    return True
 
 
 def pack_texts(tokenizer: Any, sides: dict[str, list[dict]], cfg: TokenizeConfig

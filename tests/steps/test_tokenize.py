@@ -99,3 +99,49 @@ def test_eval_records_that_nearly_copy_a_train_record_are_dropped(store, tmp_pat
     assert copy["id"] not in kept and kept == set(eval_ids)
     off = tokenize_dataset(cfg.model_copy(update={"leakage_threshold": None}), clean, tiny_model, store)
     assert copy["id"] in {r["id"] for r in store.read_jsonl(off, "eval.jsonl")}
+
+
+TRANSPARENT = {
+    "chatml": "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+    "tilde and first message": "{{ messages[0]['role'] }}{% for m in messages %}{{ m.role ~ ': ' ~ m.content }}{% endfor %}",
+    "length and loop": "{{ messages | length }}{% for m in messages %}{% if loop.first %}{{ bos_token }}{% endif %}"
+                       "{{ m['content'] }}{% endfor %}",
+}
+NOT_TRANSPARENT = {  # each could change the output with the content: rendered per conversation
+    "trim": "{% for m in messages %}{{ m['content'] | trim }}{% endfor %}",
+    "set": "{% for m in messages %}{% set c = m['content'] %}{{ c }}{% endfor %}",
+    "test on content": "{% for m in messages %}{% if m['content'] %}{{ m['content'] }}{% endif %}{% endfor %}",
+    "method call": "{% for m in messages %}{% if m.content.startswith('<') %}x{% endif %}{{ m.content }}{% endfor %}",
+    "whole message": "{% for m in messages %}{{ m | tojson }}{% endfor %}",
+    "get": "{% for m in messages %}{{ m.get('content') }}{% endfor %}",
+    "filtered loop": "{% for m in messages | selectattr('role') %}{{ m['content'] }}{% endfor %}",
+    "other key": "{% for m in messages %}{{ m['tool_calls'] }}{{ m['content'] }}{% endfor %}",
+    "unknown name": "{% for m in messages %}{{ m['content'] }}{{ today }}{% endfor %}",
+    "content compared": "{% if messages[0]['content'] == 'x' %}y{% endif %}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRANSPARENT) + sorted(NOT_TRANSPARENT))
+def test_only_templates_that_copy_contents_verbatim_skip_rendering(name):
+    from steps.tokenize import _template_is_transparent
+
+    template = TRANSPARENT.get(name) or NOT_TRANSPARENT[name]
+    assert _template_is_transparent(template, {"bos_token", "eos_token"}) is (name in TRANSPARENT)
+
+
+def test_filled_layouts_encode_exactly_as_rendered_conversations(tiny_tokenizer, monkeypatch):
+    """The SmolLM2 template is transparent: conversations are filled into layouts, not rendered;
+    token ids and labels equal those of a real rendering, whatever the contents hold."""
+    import steps.tokenize as tokenize
+
+    conversations = [
+        [{"role": "user", "content": "  spaced  \n\n"}, {"role": "assistant", "content": "<|im_end|> {{ x }} & \"q\""}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "안녕하세요?"},
+         {"role": "assistant", "content": "네!\t"}, {"role": "user", "content": "{% if %}"},
+         {"role": "assistant", "content": "\ue000 marker-like"}],
+    ]
+    assert tokenize._transparent(tiny_tokenizer) is True
+    filled = tokenize.encode_chat_batch(tiny_tokenizer, conversations)
+    monkeypatch.setattr(tokenize, "_transparent", lambda tokenizer: False)
+    assert filled == tokenize.encode_chat_batch(tiny_tokenizer, conversations)
