@@ -205,10 +205,17 @@ def prepare_chunk(records: list[dict[str, Any]], kind: str, engine: PiiEngine,
     bodies, had_pii = scrub_bodies(records, kind, engine, pii)
     texts = [record_text(body) for body in bodies]
     pii_only = [i for i in sorted(had_pii) if not any(c.isalpha() for c in PLACEHOLDER.sub("", texts[i]))]
+    if kind in LABELED_KINDS:
+        lines = [json.dumps({"id": record["id"], **body}, ensure_ascii=False) for record, body in zip(records, bodies)]
+        prints = [dedup_fingerprint(body, kind) for body in bodies]
+    else:  # the fingerprint hashes the body's JSON, which the output line holds after the id: dump it once
+        dumped = [json.dumps(body, ensure_ascii=False) for body in bodies]
+        prints = [_fingerprint_of(text) for text in dumped]
+        lines = [f'{{"id": {json.dumps(record["id"], ensure_ascii=False)}, {text[1:]}' for record, text in zip(records, dumped)]
     return PreparedChunk(
         ids=[record["id"] for record in records],
-        lines=[json.dumps({"id": record["id"], **body}, ensure_ascii=False) for record, body in zip(records, bodies)],
-        prints=[dedup_fingerprint(body, kind) for body in bodies],
+        lines=lines,
+        prints=prints,
         labels=[body.get("label") for body in bodies],
         pii=pii, pii_only=pii_only,
         sigs=near.signatures(texts) if near is not None else None,
@@ -335,4 +342,8 @@ def dedup_fingerprint(body: dict[str, Any], kind: str) -> int:
     """What makes a record a duplicate (the text alone for labeled kinds, else the whole body) as
     the first 8 bytes of its SHA-256: compact enough to keep one per record of a large file."""
     content = {"text": body["text"]} if kind in LABELED_KINDS else body
-    return int.from_bytes(hashlib.sha256(json.dumps(content, ensure_ascii=False).encode()).digest()[:8], "big")
+    return _fingerprint_of(json.dumps(content, ensure_ascii=False))
+
+
+def _fingerprint_of(dumped: str) -> int:
+    return int.from_bytes(hashlib.sha256(dumped.encode()).digest()[:8], "big")
