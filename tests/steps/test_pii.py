@@ -456,7 +456,8 @@ class MemoryStore:
     @contextlib.contextmanager
     def jsonl_file(self, name):
         self.rows = []
-        yield SimpleNamespace(write_many=self.rows.extend)
+        yield SimpleNamespace(write_many=self.rows.extend,
+                              write_lines=lambda lines: self.rows.extend(json.loads(line) for line in lines))
 
     def commit(self, stats=None):
         from steps.store import DatasetRef
