@@ -55,7 +55,7 @@ from steps.lineage import run_key
 from steps.pii import PiiEngine, normalize_text
 from steps.store import ArtifactStore, DatasetRef
 from steps.validate import RECORDS_FILE
-from steps.workers import ChunkWorkers, worker_count
+from steps.workers import ChunkWorkers, pack, unpack, worker_count
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,8 @@ def scrub_records(cfg: ScrubConfig, source: DatasetRef, store: ArtifactStore) ->
             config = {"scrub": cfg.model_dump(mode="json"), "kind": kind}
             with ChunkWorkers("scrub", config, workers) as pool:
                 for answer in pool.map(store.iter_line_chunks(source, RECORDS_FILE, CHUNK_RECORDS)):
-                    out.write_lines(keep_chunk(PreparedChunk.from_bytes(answer), near, cfg.dedup, tally))
+                    chunk = PreparedChunk.from_bytes(answer, cfg.minhash_permutations)
+                    out.write_lines(keep_chunk(chunk, near, cfg.dedup, tally))
         else:
             for chunk in store.iter_jsonl_chunks(source, RECORDS_FILE, CHUNK_RECORDS):
                 out.write_lines(scrub_chunk(chunk, kind, engine, near, cfg.dedup, tally))
@@ -181,21 +182,14 @@ class PreparedChunk:
     sigs: np.ndarray | None
 
     def to_bytes(self) -> bytes:
-        head = json.dumps({"ids": self.ids, "lines": self.lines, "prints": self.prints, "labels": self.labels,
-                           "pii": self.pii, "pii_only": self.pii_only,
-                           "sig_shape": None if self.sigs is None else list(self.sigs.shape)},
-                          ensure_ascii=False).encode()
-        sigs = b"" if self.sigs is None else np.ascontiguousarray(self.sigs, dtype="<u4").tobytes()
-        return len(head).to_bytes(8, "big") + head + sigs
+        head = {k: v for k, v in self.__dict__.items() if k != "sigs"}
+        return pack(head | {"signed": self.sigs is not None}, [] if self.sigs is None else [self.sigs])
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> PreparedChunk:
-        size = int.from_bytes(data[:8], "big")
-        head = json.loads(data[8:8 + size])
-        shape = head["sig_shape"]
-        sigs = None if shape is None else np.frombuffer(data, dtype="<u4", offset=8 + size).reshape(shape)
-        return cls(head["ids"], head["lines"], head["prints"], head["labels"], Counter(head["pii"]),
-                   head["pii_only"], sigs)
+    def from_bytes(cls, data: bytes, num_perm: int) -> PreparedChunk:
+        head, sigs = unpack(data, num_perm)
+        signed = head.pop("signed")
+        return cls(**head | {"pii": Counter(head["pii"])}, sigs=sigs if signed else None)
 
 
 def prepare_chunk(records: list[dict[str, Any]], kind: str, engine: PiiEngine,

@@ -58,6 +58,7 @@ Output: ``train.jsonl`` and ``eval.jsonl`` and ``eval_prompts.jsonl``; the stats
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import json
 import logging
@@ -65,7 +66,7 @@ import re
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from tqdm import tqdm
 
@@ -76,7 +77,7 @@ from steps.errors import ConfigError, DataQualityError
 from steps.lineage import run_key
 from steps.store import ArtifactStore, DatasetRef, ModelRef
 from steps.validate import RECORDS_FILE
-from steps.workers import ChunkWorkers, worker_count
+from steps.workers import ChunkWorkers, pack, unpack, worker_count
 
 log = logging.getLogger(__name__)
 
@@ -94,17 +95,20 @@ def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, s
 
     tokenizer = AutoTokenizer.from_pretrained(store.download(model.base))
     checked_by = leakage_checked_by(cfg, source, store)
-    if checked_by == "scrub":  # scrub's near dedup already guarantees it: no need to hash every record again
+    # What this step checks: without the leakage MinHash when scrub's near dedup already ruled
+    # leakage out. The manifest keeps the configuration as given (``cfg``).
+    work = cfg
+    if checked_by == "scrub":
         log.info("tokenize: train/eval leakage ruled out by scrub's near dedup (same threshold and signatures)")
-        cfg = cfg.model_copy(update={"leakage_threshold": None})
+        work = cfg.model_copy(update={"leakage_threshold": None})
     if source.stats["record_kind"] == "chat" and cfg.augment is None:
         writer = store.writer(STEP, key, cfg, inputs=[source, model.base])
-        stats = stream_chats(tokenizer, source, store, cfg, writer) | {"leakage_checked_by": checked_by}
+        stats = stream_chats(tokenizer, source, store, work, writer) | {"leakage_checked_by": checked_by}
         log.info("tokenize: %s", stats)
         return DatasetRef(**writer.commit(stats=stats).model_dump())
     records = store.read_jsonl(source, RECORDS_FILE)
     sides = split_records(records, cfg)
-    leaked = drop_leakage(sides, cfg)
+    leaked = drop_leakage(sides, work)
     kind = source.stats["record_kind"]
     # Train records only, after the split and the leakage check (steps/augment.py).
     augmented = augment_train(cfg.augment, sides, kind) if cfg.augment is not None else None
@@ -207,23 +211,15 @@ class PreparedChats:
 
     def to_bytes(self) -> bytes:
         head = {k: v for k, v in self.__dict__.items() if not k.endswith("_sigs")}
-        head["signed"] = self.train_sigs is not None
-        data = json.dumps(head, ensure_ascii=False).encode()
-        sigs = [] if self.train_sigs is None else [self.train_sigs, self.eval_sigs]
-        return len(data).to_bytes(8, "big") + data + b"".join(a.astype("<u4").tobytes() for a in sigs)
+        signed = self.train_sigs is not None
+        return pack(head | {"signed": signed}, [self.train_sigs, self.eval_sigs] if signed else [])
 
     @classmethod
     def from_bytes(cls, data: bytes, num_perm: int) -> PreparedChats:
-        import numpy as np
-
-        size = int.from_bytes(data[:8], "big")
-        head = json.loads(data[8:8 + size])
-        sigs = (None, None)
-        if head.pop("signed"):
-            flat = np.frombuffer(data, dtype="<u4", offset=8 + size).reshape(-1, num_perm)
-            n = len(head["train_ids"])
-            sigs = (flat[:n], flat[n:])
-        return cls(**head, train_sigs=sigs[0], eval_sigs=sigs[1])
+        head, sigs = unpack(data, num_perm or 1)
+        n = len(head["train_ids"])
+        signed = head.pop("signed")
+        return cls(**head, train_sigs=sigs[:n] if signed else None, eval_sigs=sigs[n:] if signed else None)
 
 
 def prepare_chats(tokenizer: Any, records: list[dict[str, Any]], cfg: TokenizeConfig, signer: Any
@@ -570,29 +566,21 @@ def encode_chat_batch(tokenizer: Any, conversations: list[list[dict[str, str]]]
     texts: list[str] = []
     all_spans: list[list[tuple[int, int]]] = []
     # A content-transparent template (``_transparent``) renders a conversation as its layout with
-    # the contents filled in: no template run per conversation. Other templates run per conversation.
+    # the contents filled in: no template run for it. Other conversations are rendered in one call.
     transparent = _transparent(tokenizer)
-    fills: dict[int, tuple[_ChatLayout, list[str]]] = {}
-    for i, messages in enumerate(conversations):
+    plans: list[tuple[_ChatLayout | None, bool]] = []  # per conversation: its layout, and whether to fill it
+    for messages in conversations:
+        layout = None
         if _ChatLayout.applies(messages):
             roles = tuple(m["role"] for m in messages)
             layout = layouts.get(roles) or layouts.setdefault(roles, _ChatLayout(tokenizer, roles))
-            if transparent and layout.verified:
-                fills[i] = layout, [m["content"] for m in messages]
-    rest = [messages for i, messages in enumerate(conversations) if i not in fills]
+        plans.append((layout, transparent and layout is not None and layout.verified))
+    rest = [messages for messages, (_, fill) in zip(conversations, plans) if not fill]
     rendered = iter(tokenizer.apply_chat_template(rest, tokenize=False) if rest else [])
-    for i, messages in enumerate(conversations):
-        spans = None
-        if i in fills:
-            layout, contents = fills[i]
-            text = layout.fill(contents)
-        else:
-            text = next(rendered)
-            if _ChatLayout.applies(messages):
-                layout = layouts[tuple(m["role"] for m in messages)]
-                contents = [m["content"] for m in messages]
-        if _ChatLayout.applies(messages):
-            spans = layout.spans(text, contents)
+    for messages, (layout, fill) in zip(conversations, plans):
+        contents = [m["content"] for m in messages] if layout is not None else []
+        text = layout.fill(contents) if fill else next(rendered)
+        spans = layout.spans(text, contents) if layout is not None else None
         texts.append(text)
         all_spans.append(spans if spans is not None else _rendered_spans(tokenizer, messages, text))
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -689,8 +677,7 @@ class _ChatLayout:
 
 # The only names a content-transparent template may read, besides special tokens and the
 # message loop variables: everything else could carry content somewhere (see ``_transparent``).
-_SAFE_NAMES = {"messages", "loop", "add_generation_prompt", "raise_exception", "true", "false", "none",
-               "True", "False", "None"}
+_SAFE_NAMES = {"messages", "loop", "add_generation_prompt", "raise_exception"}
 _MESSAGE_KEYS = {"role", "content"}
 
 
@@ -707,21 +694,13 @@ def _transparent(tokenizer: Any) -> bool:
     content read sits in an output expression made only of ``+`` and ``~``, so no test,
     filter or comparison ever sees it. Names read must be those, the loop variables or
     special tokens. A Jinja template that breaks none of these cannot branch on a content."""
-    cached = getattr(tokenizer, "_tuneline_transparent", None)
-    if cached is not None:
-        return cached
     try:
-        result = _template_is_transparent(tokenizer.get_chat_template(), set(tokenizer.special_tokens_map))
+        return _cached_transparent(tokenizer.get_chat_template(), frozenset(tokenizer.special_tokens_map))
     except Exception:  # noqa: BLE001 - a template we cannot analyse is rendered per conversation
-        result = False
-    try:
-        tokenizer._tuneline_transparent = result
-    except AttributeError:
-        pass
-    return result
+        return False
 
 
-def _template_is_transparent(template: str, token_names: set[str]) -> bool:
+def _template_is_transparent(template: str, token_names: Iterable[str]) -> bool:
     import jinja2
     from jinja2 import nodes
 
@@ -743,7 +722,7 @@ def _template_is_transparent(template: str, token_names: set[str]) -> bool:
     for call in tree.find_all(nodes.Call):
         if not (isinstance(call.node, nodes.Name) and call.node.name == "raise_exception"):
             return False
-    allowed = _SAFE_NAMES | loop_vars | token_names
+    allowed = _SAFE_NAMES | loop_vars | set(token_names)
 
     def key_of(node: nodes.Node) -> Any:
         if isinstance(node, nodes.Getattr):
@@ -786,6 +765,9 @@ def _template_is_transparent(template: str, token_names: set[str]) -> bool:
         if not isinstance(parent, nodes.Output):
             return False
     return True
+
+
+_cached_transparent = functools.lru_cache(maxsize=16)(_template_is_transparent)  # one analysis per template
 
 
 def pack_texts(tokenizer: Any, sides: dict[str, list[dict]], cfg: TokenizeConfig

@@ -20,6 +20,7 @@ the output, so it is not part of any cache key.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import queue
@@ -28,7 +29,7 @@ import subprocess
 import sys
 import threading
 from collections import deque
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from steps.errors import ConfigError, DataQualityError, TunelineError
 
@@ -151,20 +152,24 @@ class ChunkWorkers:
             worker.close(kill=exc_type is not None)
 
 
-def _scrub_job(config: dict[str, Any]) -> Callable[[bytes], bytes]:
-    from steps.scrub import chunk_worker
-
-    return chunk_worker(config)
-
-
-def _tokenize_job(config: dict[str, Any]) -> Callable[[bytes], bytes]:
-    from steps.tokenize import chunk_worker
-
-    return chunk_worker(config)
+# What a worker can be asked to run: the module whose ``chunk_worker(config)`` returns the chunk
+# function (JSON lines in, an answer out) of that data step.
+JOBS = {"scrub": "steps.scrub", "tokenize": "steps.tokenize"}
 
 
-# What a worker can be asked to run: the chunk functions of the data steps.
-JOBS: dict[str, Callable[[dict[str, Any]], Callable[[bytes], bytes]]] = {"scrub": _scrub_job, "tokenize": _tokenize_job}
+def pack(head: dict[str, Any], sigs: list[Any]) -> bytes:
+    """An answer: 8-byte length, the JSON ``head``, then the uint32 arrays ``sigs`` (MinHash
+    signatures) as raw little-endian bytes."""
+    data = json.dumps(head, ensure_ascii=False).encode()
+    return len(data).to_bytes(8, "big") + data + b"".join(a.astype("<u4").tobytes() for a in sigs)
+
+
+def unpack(data: bytes, num_perm: int) -> tuple[dict[str, Any], Any]:
+    """``pack``'s head and its arrays as one (rows, num_perm) uint32 array (read-only, no copy)."""
+    import numpy as np
+
+    size = int.from_bytes(data[:8], "big")
+    return json.loads(data[8:8 + size]), np.frombuffer(data, dtype="<u4", offset=8 + size).reshape(-1, num_perm)
 
 
 def serve(stdin: Any, stdout: Any) -> None:
@@ -174,7 +179,7 @@ def serve(stdin: Any, stdout: Any) -> None:
         return
     spec = json.loads(header)
     try:
-        handle = JOBS[spec["job"]](spec["config"])
+        handle = importlib.import_module(JOBS[spec["job"]]).chunk_worker(spec["config"])
     except (DataQualityError, ConfigError) as exc:
         failed = _error_frame(exc)  # answered to every chunk: the step raises it with its message
         handle = None
