@@ -66,7 +66,6 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
-from datasketch import LeanMinHash, MinHash
 
 SCHEME = "affine32"
 _BLOCK = 4096            # rows of stored signatures per block (no big copies as the index grows)
@@ -158,6 +157,18 @@ def shingle_hashes(normal: str, shingle: int) -> np.ndarray:
     return (_fmix64(h) >> np.uint64(32)).astype(np.uint32)
 
 
+def affine32_permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """datasketch's ``affine32`` permutation parameters (``MinHash(num_perm, seed,
+    scheme="affine32").permutations`` as uint32): odd multipliers ``a`` and offsets ``b`` drawn
+    from ``np.random.RandomState(seed)`` in that order. Computed here so that the data steps and
+    their worker processes need not import datasketch (with scipy: ~1 s per process);
+    tests/steps/test_dedup.py checks them against datasketch itself."""
+    gen = np.random.RandomState(seed)
+    a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    b = gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)
+    return a, b
+
+
 def _lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     """(bands, rows): the most rows per band such that P(candidate | J = threshold) >= 0.95."""
     for rows in range(num_perm // 2, 0, -1):
@@ -194,8 +205,8 @@ class NearDuplicates:
         if shingle < 1:
             raise ValueError("shingle must be at least 1")
         self.threshold, self.num_perm, self.shingle, self.seed = threshold, num_perm, shingle, seed
-        a, b = MinHash(num_perm=num_perm, seed=seed, scheme=SCHEME).permutations
-        self._a, self._b = a.astype(np.uint32)[:, None], b.astype(np.uint32)[:, None]
+        a, b = affine32_permutations(num_perm, seed)
+        self._a, self._b = a[:, None], b[:, None]
         self.bands, self.rows = _lsh_params(threshold, num_perm)
         self._bands = _BandIndex()
         self._ids: list[str] = []               # row -> id of the kept record
@@ -236,8 +247,10 @@ class NearDuplicates:
             np.minimum(out[first:last], low, out=out[first:last])
         return out
 
-    def minhash(self, text: str) -> LeanMinHash:
+    def minhash(self, text: str) -> Any:
         """The text's signature as a datasketch ``LeanMinHash`` (scheme ``affine32``)."""
+        from datasketch import LeanMinHash
+
         return LeanMinHash(seed=self.seed, hashvalues=self.signature(text), scheme=SCHEME)
 
     def _row(self, row: int) -> np.ndarray:

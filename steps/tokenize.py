@@ -325,16 +325,52 @@ class TemplateTokenizer:
 
     def apply_chat_template(self, conversation: list, tokenize: bool = False, add_generation_prompt: bool = False
                             ) -> str | list[str]:
-        from transformers.utils.chat_template_utils import render_jinja_template
-
         if tokenize:
             raise ValueError("TemplateTokenizer renders text only")
         batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
         chats = [[{k: v for k, v in m.items() if v is not None} for m in chat]
                  for chat in (conversation if batched else [conversation])]
-        rendered, _ = render_jinja_template(conversations=chats, chat_template=self.chat_template,
-                                            add_generation_prompt=add_generation_prompt, **self.template_kwargs)
+        plain = _plain_template(self.chat_template, frozenset(self.template_kwargs))
+        if plain is not None:
+            rendered = [plain.render(messages=chat, tools=None, documents=None,
+                                     add_generation_prompt=add_generation_prompt, **self.template_kwargs)
+                        for chat in chats]
+        else:
+            from transformers.utils.chat_template_utils import render_jinja_template
+
+            rendered, _ = render_jinja_template(conversations=chats, chat_template=self.chat_template,
+                                                add_generation_prompt=add_generation_prompt, **self.template_kwargs)
         return rendered if batched else rendered[0]
+
+
+@functools.lru_cache(maxsize=16)
+def _plain_template(template: str, token_names: frozenset[str]) -> Any:
+    """A content-transparent template (``_template_is_transparent``) compiled in a sandboxed
+    Jinja environment set up as transformers sets up its own (``trim_blocks``, ``lstrip_blocks``,
+    loop controls, ``raise_exception``), or None. Such a template calls nothing but
+    ``raise_exception`` and reads only messages' roles and contents, the loop and special tokens,
+    so transformers' other globals and its message preprocessing cannot change its output; its
+    ``tojson`` filter differs from Jinja's, so a template using it gets None. This spares a worker
+    process the import of transformers (~1 s); ``worker_tokenizer`` still compares renderings with
+    the real tokenizer's before any worker starts."""
+    try:
+        if not _cached_transparent(template, token_names):
+            return None
+        import jinja2
+        from jinja2 import nodes
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        if any(f.name == "tojson" for f in env.parse(template).find_all(nodes.Filter)):
+            return None
+
+        def raise_exception(message: str) -> None:
+            raise jinja2.exceptions.TemplateError(message)
+
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(template)
+    except Exception:  # noqa: BLE001 - rendered by transformers instead
+        return None
 
 
 # Conversations the worker tokenizer must render and encode exactly as the real one does.

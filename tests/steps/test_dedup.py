@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from datasketch import MinHash
 
-from steps.dedup import NearDuplicates, exact_form, fingerprint, leakage, near_form
+from steps.dedup import NearDuplicates, affine32_permutations, exact_form, fingerprint, leakage, near_form
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -91,6 +91,24 @@ def reference_hash32(shingle: str) -> int:
     h = (h * 0xC4CEB9FE1A85EC53) & MASK
     h ^= h >> 33
     return h >> 32
+
+
+@pytest.mark.parametrize("num_perm,seed", [(128, 1), (64, 7), (256, 123), (2, 0)])
+def test_affine32_permutations_are_datasketchs(num_perm, seed):
+    """Our copy of datasketch's permutation parameters (so steps.dedup need not import it)."""
+    a, b = affine32_permutations(num_perm, seed)
+    want_a, want_b = MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations
+    assert a.dtype == b.dtype == np.uint32
+    assert np.array_equal(a, want_a) and np.array_equal(b, want_b)
+
+
+def test_data_steps_do_not_import_datasketch():
+    """datasketch (and scipy behind it) cost ~1 s per worker process: only the bench and
+    ``minhash`` (a LeanMinHash for callers who want one) import it."""
+    code = "import sys, steps.dedup, steps.scrub, steps.tokenize; print('datasketch' in sys.modules, 'scipy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=REPO)
+    assert out.stdout.split() == ["False", "False"]
 
 
 @pytest.mark.parametrize("text", [BASE, KO, "ok", "", "abcde", "x" * 3 + "y" * 20000,

@@ -145,3 +145,40 @@ def test_filled_layouts_encode_exactly_as_rendered_conversations(tiny_tokenizer,
     filled = tokenize.encode_chat_batch(tiny_tokenizer, conversations)
     monkeypatch.setattr(tokenize, "_transparent", lambda tokenizer: False)
     assert filled == tokenize.encode_chat_batch(tiny_tokenizer, conversations)
+
+
+def test_worker_tokenizer_renders_like_transformers_without_importing_it(tiny_tokenizer, tmp_path):
+    """Worker processes render a transparent template in their own sandboxed Jinja environment
+    (no transformers import, ~1 s each): same text as the real tokenizer, including generation
+    prompts, Korean, markup and a raise_exception branch; other templates go through transformers."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import jinja2
+
+    from steps.tokenize import TemplateTokenizer, _plain_template, worker_tokenizer
+
+    config = worker_tokenizer(tiny_tokenizer)
+    assert config is not None
+    rebuilt = TemplateTokenizer(**config)
+    assert _plain_template(rebuilt.chat_template, frozenset(rebuilt.template_kwargs)) is not None
+    chats = [[{"role": "user", "content": "안녕 {{ x }} <b>&</b>"}, {"role": "assistant", "content": " ok\n"}],
+             [{"role": "system", "content": "S"}, {"role": "user", "content": "q"}]]
+    for prompt in (False, True):
+        assert rebuilt.apply_chat_template(chats, add_generation_prompt=prompt) == \
+            tiny_tokenizer.apply_chat_template(chats, tokenize=False, add_generation_prompt=prompt)
+    guarded = TemplateTokenizer(config["backend"], "{% if messages | length == 0 %}{{ raise_exception('empty') }}"
+                                "{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}", {})
+    with pytest.raises(jinja2.exceptions.TemplateError, match="empty"):
+        guarded.apply_chat_template([])
+    assert _plain_template("{% for m in messages %}{{ m['role'] | tojson }}{{ m['content'] }}{% endfor %}",
+                           frozenset()) is None  # transformers' tojson is not Jinja's
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    code = ("import json, sys; from steps.tokenize import TemplateTokenizer; "
+            f"t = TemplateTokenizer(**json.load(open({str(tmp_path / 'config.json')!r}))); "
+            f"t.apply_chat_template({chats!r}); print('transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "False"
