@@ -64,6 +64,7 @@ import json
 import logging
 import re
 import tempfile
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
@@ -619,14 +620,47 @@ def encode_chat_batch(tokenizer: Any, conversations: list[list[dict[str, str]]]
         spans = layout.spans(text, contents) if layout is not None else None
         texts.append(text)
         all_spans.append(spans if spans is not None else _rendered_spans(tokenizer, messages, text))
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:  # the Rust tokenizer directly: its ids and offsets, without per-row conversion
-        encodings = backend.encode_batch(texts, add_special_tokens=False)
-        pairs = [(e.ids, e.offsets) for e in encodings]
-    else:
-        encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        pairs = list(zip(encoded["input_ids"], encoded["offset_mapping"]))
-    return [(list(ids), _labels(ids, offsets, spans)) for (ids, offsets), spans in zip(pairs, all_spans)]
+    results: list[tuple[list[int], list[int]] | None] = [None] * len(texts)
+    if (encoder := pretoken_encoder(tokenizer)) is not None:  # steps/pretokens.py: same ids, cached pre-tokens
+        for k, (text, spans) in enumerate(zip(texts, all_spans)):
+            bounds = sorted({bound for span in spans for bound in span})
+            if (encoded := encoder.encode(text, bounds)) is not None:
+                ids, at = encoded
+                token_at = dict(zip(bounds, at))
+                labels = [IGNORE] * len(ids)
+                for start, end in spans:
+                    first, stop = token_at[start], token_at[end]
+                    labels[first:stop] = ids[first:stop]
+                results[k] = (ids, labels)
+    rest = [k for k, result in enumerate(results) if result is None]
+    if rest:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:  # the Rust tokenizer directly: its ids and offsets, without per-row conversion
+            encodings = backend.encode_batch([texts[k] for k in rest], add_special_tokens=False)
+            pairs = [(e.ids, e.offsets) for e in encodings]
+        else:
+            encoded = tokenizer([texts[k] for k in rest], add_special_tokens=False, return_offsets_mapping=True)
+            pairs = list(zip(encoded["input_ids"], encoded["offset_mapping"]))
+        for k, (ids, offsets) in zip(rest, pairs):
+            results[k] = (list(ids), _labels(ids, offsets, all_spans[k]))
+    return results  # type: ignore[return-value]
+
+
+_ENCODERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def pretoken_encoder(tokenizer: Any) -> Any:
+    """The tokenizer's ``PretokenEncoder`` (steps/pretokens.py), built once per tokenizer object
+    and process, or None (then the Rust tokenizer encodes every text)."""
+    try:
+        if tokenizer not in _ENCODERS:
+            from steps.pretokens import PretokenEncoder
+
+            backend = getattr(tokenizer, "backend_tokenizer", None)
+            _ENCODERS[tokenizer] = PretokenEncoder.of(backend) if backend is not None else None
+        return _ENCODERS[tokenizer]
+    except TypeError:  # not weak-referenceable
+        return None
 
 
 def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
