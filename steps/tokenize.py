@@ -159,7 +159,7 @@ def stream_chats(tokenizer: Any, source: DatasetRef, store: ArtifactStore, cfg: 
                 eval_sigs.append(chunk.eval_sigs)
             eval_ids += chunk.eval_ids
             for entry in zip(chunk.eval_ids, chunk.eval_lines, chunk.eval_prompts, chunk.eval_truncated):
-                spool.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                spool.write(_spooled(*entry))
         pairs: list[tuple[str, str]] = []
         if leak is not None and eval_ids:
             import numpy as np
@@ -174,7 +174,7 @@ def stream_chats(tokenizer: Any, source: DatasetRef, store: ArtifactStore, cfg: 
         spool.seek(0)
         with writer.jsonl_file("eval.jsonl") as evals, writer.jsonl_file("eval_prompts.jsonl") as prompts:
             for entry in spool:
-                record_id, line, prompt, truncated = json.loads(entry)
+                record_id, line, prompt, truncated = _unspooled(entry)
                 if record_id in leaked:
                     continue
                 counts["truncated"] += truncated
@@ -190,6 +190,17 @@ def stream_chats(tokenizer: Any, source: DatasetRef, store: ArtifactStore, cfg: 
             check_truncation(cfg, stats, counts["records"])
             check_both_splits(cfg, stats["train_records"], stats["eval_records"], counts["records"])
     return stats
+
+
+def _spooled(record_id: str, line: str | None, prompt: str | None, truncated: int) -> str:
+    """One eval record in the spool file: tab-separated, the id JSON-quoted; the row and prompt
+    are JSON lines (no raw tab or newline in them) or empty for None."""
+    return f"{json.dumps(record_id, ensure_ascii=False)}\t{truncated}\t{line or ''}\t{prompt or ''}\n"
+
+
+def _unspooled(entry: str) -> tuple[str, str | None, str | None, int]:
+    record_id, truncated, line, prompt = entry.rstrip("\n").split("\t")
+    return json.loads(record_id), line or None, prompt or None, int(truncated)
 
 
 @dataclass

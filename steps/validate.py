@@ -113,7 +113,10 @@ def validate_records(cfg: ValidateConfig, source: DatasetRef, store: ArtifactSto
                     if value is not None and value == value:  # GX counts non-null values
                         distinct[rule.table].setdefault(value, int(line))
             summary_state.update(output)
-            out.write_many(output)
+            if output and isinstance(output[0], str):  # chat records come as JSON lines
+                out.write_lines(output)
+            else:
+                out.write_many(output)
             records += len(output)
         if whole:
             import pandas as pd
@@ -234,34 +237,54 @@ def label_summary(kind: str, records: list[dict]) -> dict[str, Any]:
     return {}
 
 
-def _chat_tables(lines: list[str]) -> tuple[dict[str, Any], list[dict]]:
-    """Flatten raw lines into a record table, a turn table and the chat-form records."""
-    records: list[dict] = []
-    turns: list[dict] = []
-    chats: list[dict] = []
-    # None = "not applicable": a line that is not JSON fails only the JSON rule.
-    for number, row, obj in _parsed(lines, {"n_messages": None, "order_ok": None}):
-        records.append(row)
-        if row["json_valid"] is False:
+def _chat_tables(lines: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """Flatten raw lines into a record table, a turn table and the chat-form records as JSON
+    lines. Columns are built as lists (no per-row dicts); a record that already is its chat form
+    (``{"id": <str>, "messages": [...]}``) keeps its line as it came, else it is serialized."""
+    lines = lines if isinstance(lines, Lines) else Lines(lines)
+    rec_line: list[int] = []
+    rec_json: list[bool] = []
+    rec_shape: list[str | None] = []
+    rec_count: list[int | None] = []  # None = "not applicable": a line that is not JSON fails only the JSON rule
+    rec_order: list[bool | None] = []
+    turn_line: list[int] = []
+    turn_role: list[str | None] = []
+    turn_chars: list[int | None] = []
+    turn_blank: list[bool] = []
+    chats: list[str] = []
+    for i, line in enumerate(lines):
+        if not line.strip():
             continue
-        messages = _as_messages(obj)
+        number = lines.start + i
+        obj = lines.parsed(i)
+        rec_line.append(number)
+        messages = None if obj is _INVALID else _as_messages(obj)
+        rec_json.append(obj is not _INVALID)
         if messages is None:
+            rec_shape.append(None if obj is _INVALID else "unknown")
+            rec_count.append(None)
+            rec_order.append(None)
             continue
-        row["shape"] = "chat" if "messages" in obj else "instruction"
-        row["n_messages"] = len(messages)
+        rec_shape.append("chat" if "messages" in obj else "instruction")
+        rec_count.append(len(messages))
         roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
-        row["order_ok"] = _order_ok(roles)
+        rec_order.append(_order_ok(roles))
         for m, role in zip(messages, roles):
             content = m.get("content") if isinstance(m, dict) else None
-            turns.append({
-                "line": number,
-                "role": role if isinstance(role, str) else None,
-                "content_chars": len(content) if isinstance(content, str) else None,
-                "content_blank": not (isinstance(content, str) and content.strip()),
-            })
-        chats.append({"id": str(obj.get("id", f"line-{number}")), "messages": messages})
-    return {"records": _frame(records, ["line", "json_valid", "shape", "n_messages", "order_ok"]),
-            "turns": _frame(turns, ["line", "role", "content_chars", "content_blank"])}, chats
+            is_str = isinstance(content, str)
+            turn_line.append(number)
+            turn_role.append(role if isinstance(role, str) else None)
+            turn_chars.append(len(content) if is_str else None)
+            turn_blank.append(not (is_str and content.strip()))
+        if len(obj) == 2 and isinstance(obj.get("id"), str) and "messages" in obj:
+            chats.append(line.strip(" \t\r\n"))  # JSON whitespace only around a valid line
+        else:
+            chats.append(json.dumps({"id": str(obj.get("id", f"line-{number}")), "messages": messages},
+                                    ensure_ascii=False))
+    return {"records": _columns({"line": rec_line, "json_valid": rec_json, "shape": rec_shape,
+                                 "n_messages": rec_count, "order_ok": rec_order}),
+            "turns": _columns({"line": turn_line, "role": turn_role, "content_chars": turn_chars,
+                               "content_blank": turn_blank})}, chats
 
 
 def _text_tables(lines: list[str]) -> tuple[dict[str, Any], list[dict]]:
@@ -391,19 +414,24 @@ def _strict_utf8(raw: bytes) -> bool:
 
 def _line_table(raw_lines: list[bytes], lines: list[str]) -> Any:
     """Per non-blank line: valid UTF-8, and free of control characters (raw or JSON-escaped)."""
-    rows = []
+    numbers: list[int] = []
+    utf8: list[bool] = []
+    control_free: list[bool] = []
     lines = lines if isinstance(lines, Lines) else Lines(lines)
+    maybe_control = _MAYBE_CONTROL.search
     for i, (raw, line) in enumerate(zip(raw_lines, lines)):
-        number = lines.start + i
         if not line.strip():
             continue
-        utf8 = "\ufffd" not in line or _strict_utf8(raw)  # decoded with errors="replace"
-        control_free = True
-        if _MAYBE_CONTROL.search(line):
+        numbers.append(lines.start + i)
+        utf8.append("\ufffd" not in line or _strict_utf8(raw))  # decoded with errors="replace"
+        free = True
+        # A printable line holds no control character itself (C0, DEL and C1 are not printable):
+        # then only an escape of one can, and both escapes start with a backslash.
+        if ("\\u00" in line or "\\b" in line or not line.isprintable()) and maybe_control(line):
             parsed = lines.parsed(i)
-            control_free = not _has_control(line.rstrip("\r") if parsed is _INVALID else parsed)
-        rows.append({"line": number, "utf8_valid": utf8, "control_free": control_free})
-    return _frame(rows, ["line", "utf8_valid", "control_free"])
+            free = not _has_control(line.rstrip("\r") if parsed is _INVALID else parsed)
+        control_free.append(free)
+    return _columns({"line": numbers, "utf8_valid": utf8, "control_free": control_free})
 
 
 def line_rules() -> list[Rule]:
@@ -434,6 +462,15 @@ def _frame(rows: list[dict], columns: list[str]) -> Any:
     import pandas as pd
 
     return pd.DataFrame(rows, columns=columns)
+
+
+def _columns(columns: dict[str, list]) -> Any:
+    """``_frame`` from columns: the same frame (dtypes included) without a dict per row."""
+    import pandas as pd
+
+    if not next(iter(columns.values())):
+        return _frame([], list(columns))  # no rows: object columns, as _frame makes them
+    return pd.DataFrame(columns)
 
 
 def _as_messages(obj: Any) -> list | None:

@@ -34,6 +34,23 @@ def test_chat_and_instruction_records_pass_in_chat_form(store, tmp_path):
     assert all(r["success"] for r in store.read_json(ref, "report.json")["rules"])
 
 
+def test_records_already_in_chat_form_keep_their_line_others_are_rewritten(store, tmp_path):
+    """A line that is exactly ``{"id": <str>, "messages": [...]}`` is written as it came (no
+    re-serialization); extra fields are dropped and a missing or non-string id is filled in."""
+    lines = ['{"messages": [{"role": "user", "content": "caf\\u00e9"}, {"role": "assistant", "content": "ok"}],'
+             ' "id": "kept"}',
+             json.dumps(chat("q", "a", id="extra") | {"source": "web"}),
+             json.dumps(chat("q2", "a2", id=7)),
+             json.dumps({"messages": chat("q3", "a3")["messages"]})]
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("\n".join(lines) + "\n")
+    ref = validate_records(ValidateConfig(), ingest_records(IngestConfig(source=str(raw)), store), store)
+    written = store.read_bytes(ref, RECORDS_FILE).decode().splitlines()
+    assert written[0] == lines[0]
+    assert [json.loads(line) for line in written[1:]] == [chat("q", "a", id="extra"), chat("q2", "a2", id="7"),
+                                                          chat("q3", "a3", id="line-4")]
+
+
 @pytest.mark.parametrize("bad, rule", [
     (f'{{"messages": [{{"role": "user", "content": "{SECRET}"', "line is valid JSON"),
     ({"text": SECRET}, "record is a chat or instruction record"),
