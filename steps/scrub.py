@@ -55,7 +55,7 @@ from steps.lineage import run_key
 from steps.pii import PiiEngine, normalize_text
 from steps.store import ArtifactStore, DatasetRef
 from steps.validate import RECORDS_FILE
-from steps.workers import ChunkWorkers, pack, unpack, worker_count
+from steps.workers import ChunkWorkers, balanced_chunk, pack, unpack, worker_count
 
 log = logging.getLogger(__name__)
 
@@ -85,15 +85,16 @@ def scrub_records(cfg: ScrubConfig, source: DatasetRef, store: ArtifactStore) ->
     # records go to a local file that is uploaded only after the gates passed. With worker
     # processes (steps/workers.py) they prepare the chunks and this process deduplicates.
     workers = worker_count(source.stats.get("records", 0))
+    size = balanced_chunk(source.stats.get("records", 0), CHUNK_RECORDS)
     with writer.jsonl_file(RECORDS_FILE) as out:
         if workers:
             config = {"scrub": cfg.model_dump(mode="json"), "kind": kind}
             with ChunkWorkers("scrub", config, workers) as pool:
-                for answer in pool.map(store.iter_line_chunks(source, RECORDS_FILE, CHUNK_RECORDS)):
+                for answer in pool.map(store.iter_line_chunks(source, RECORDS_FILE, size)):
                     chunk = PreparedChunk.from_bytes(answer, cfg.minhash_permutations)
                     out.write_lines(keep_chunk(chunk, near, cfg.dedup, tally))
         else:
-            for chunk in store.iter_jsonl_chunks(source, RECORDS_FILE, CHUNK_RECORDS):
+            for chunk in store.iter_jsonl_chunks(source, RECORDS_FILE, size):
                 out.write_lines(scrub_chunk(chunk, kind, engine, near, cfg.dedup, tally))
         records = tally.records
         gates = [(f"at most {cfg.max_pii_only_share:.0%} of records are nothing but PII", tally.pii_only,

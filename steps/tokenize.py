@@ -78,7 +78,7 @@ from steps.errors import ConfigError, DataQualityError
 from steps.lineage import run_key
 from steps.store import ArtifactStore, DatasetRef, ModelRef
 from steps.validate import RECORDS_FILE
-from steps.workers import ChunkWorkers, pack, unpack, worker_count
+from steps.workers import ChunkWorkers, balanced_chunk, pack, unpack, worker_count
 
 log = logging.getLogger(__name__)
 
@@ -281,15 +281,16 @@ def _prepared_chats(tokenizer: Any, source: DatasetRef, store: ArtifactStore, cf
     num_perm = signer.num_perm if signer is not None else 0
     progress = tqdm(desc="tokenize", unit="rec", mininterval=2)
     worker_config = worker_tokenizer(tokenizer) if workers else None
+    size = balanced_chunk(source.stats.get("records_out", 0), CHUNK_RECORDS)
     if worker_config is not None:
         config = {"tokenize": cfg.model_dump(mode="json"), "tokenizer": worker_config}
         with ChunkWorkers("tokenize", config, workers) as pool:
-            for answer in pool.map(store.iter_line_chunks(source, RECORDS_FILE, CHUNK_RECORDS)):
+            for answer in pool.map(store.iter_line_chunks(source, RECORDS_FILE, size)):
                 chunk = PreparedChats.from_bytes(answer, num_perm)
                 progress.update(chunk.records)
                 yield chunk
     else:
-        for records in store.iter_jsonl_chunks(source, RECORDS_FILE, CHUNK_RECORDS):
+        for records in store.iter_jsonl_chunks(source, RECORDS_FILE, size):
             chunk = prepare_chats(tokenizer, records, cfg, signer)
             progress.update(chunk.records)
             yield chunk

@@ -133,3 +133,18 @@ def test_a_dead_worker_is_an_error_naming_its_exit_code():
         with ChunkWorkers("scrub", config, 1) as pool:
             pool.workers[0].proc.kill()
             list(pool.map([b'{"id": "a", "messages": []}']))
+
+
+def test_chunks_are_shared_evenly_between_workers():
+    """Chunk sizes depend on the input size only (so outputs cannot depend on the worker count)
+    and come in multiples of 12 chunks: an even share for 1, 2, 3, 4 or 6 workers."""
+    from steps.workers import SHARES, balanced_chunk
+
+    assert balanced_chunk(92_837, 10_000) == 7_737          # 12 chunks
+    assert balanced_chunk(1_000_000, 10_000) == 9_260       # 108 chunks
+    assert balanced_chunk(0, 10_000) == 10_000              # size unknown
+    assert balanced_chunk(300, 10_000) == 1_000             # small inputs: chunks of 1,000 or more
+    for records in (20_000, 20_001, 92_837, 1_000_003):
+        size = balanced_chunk(records, 10_000)
+        chunks = -(-records // size)
+        assert size <= 10_000 and chunks == SHARES * -(-records // (10_000 * SHARES))
