@@ -49,7 +49,7 @@ import regex
 BYTE_LEVEL_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 _LETTER, _NUMBER, _SPACE = regex.compile(r"\p{L}"), regex.compile(r"\p{N}"), regex.compile(r"\s")
 _CLASS_PROBES = ("a", "1", "!")  # a character joins "a" iff letter, "1" iff number, "!" iff other
-MAX_CACHE = 1 << 20             # pre-tokens cached per process; cleared when full
+MAX_CACHE = 1 << 18             # pre-tokens cached per process (~45 MB at most); cleared when full
 # A miss (a pre-token not cached yet) costs ~5 us more than the tokenizer spends on it, a hit
 # saves ~1 us: past ~20% misses the cache loses. Checked per window of pre-tokens; an encoder
 # over the limit (above break-even, so that a cold cache on natural text stays under it) steps
