@@ -51,6 +51,11 @@ records' signatures, whatever the size. Large inputs are encoded by worker proce
 per core (``TUNELINE_DATA_WORKERS``, steps/workers.py), with byte-identical output. The
 other kinds, and augmentation, load the records of the step into memory.
 
+Encoding chats: a content-transparent template is filled into per-role-sequence layouts
+instead of rendered (``_ChatLayout``), and byte-level BPE tokenizers encode through a cache
+of pre-tokens with the tokenizer's own ids (``pretoken_encoder``, steps/pretokens.py); any
+conversation either cannot vouch for is rendered and encoded by the tokenizer itself.
+
 Output: ``train.jsonl`` and ``eval.jsonl`` and ``eval_prompts.jsonl``; the stats carry
 ``task`` (sft, cpt, classification, regression, preference), which the train step reads.
 """
