@@ -50,6 +50,9 @@ BYTE_LEVEL_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p
 _LETTER, _NUMBER, _SPACE = regex.compile(r"\p{L}"), regex.compile(r"\p{N}"), regex.compile(r"\s")
 _CLASS_PROBES = ("a", "1", "!")  # a character joins "a" iff letter, "1" iff number, "!" iff other
 MAX_CACHE = 1 << 18             # pre-tokens cached per process (~45 MB at most); cleared when full
+# Whole pieces between added tokens, up to PIECE_CHARS characters, are cached too: the first
+# MAX_PIECES seen (a chat template's constant pieces, like a default system prompt, come first).
+PIECE_CHARS, MAX_PIECES = 256, 4096
 # A miss (a pre-token not cached yet) costs ~5 us more than the tokenizer spends on it, a hit
 # saves ~1 us: past ~20% misses the cache loses. Checked per window of pre-tokens; an encoder
 # over the limit (above break-even, so that a cold cache on natural text stays under it) steps
@@ -93,6 +96,7 @@ class PretokenEncoder:
         longest_first = sorted(self._added, key=len, reverse=True)
         self._cut = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")").split if self._added else None
         self._cache: dict[str, list[int]] = {}
+        self._pieces: dict[str, list[int]] = {}  # short text between added tokens -> its ids
         self._chars: dict[str, bool] = {}  # character -> both regex engines class it alike
         self._unsafe: set[str] = set()
         self.words = self.misses = 0   # in the current window
@@ -126,7 +130,7 @@ class PretokenEncoder:
             self._learn(chars.difference(self._chars))
         if self._unsafe and not self._unsafe.isdisjoint(chars):
             return None
-        cache, words_of = self._cache, self._words
+        cache, words_of, pieces = self._cache, self._words, self._pieces
         ids: list[int] = []
         at: list[int] = []
         b, nb = 0, len(bounds)
@@ -140,6 +144,8 @@ class PretokenEncoder:
             end = pos + len(piece)
             if i % 2:
                 ids.append(self._added[piece])
+            elif (known := pieces.get(piece)) is not None and not (b < nb and bounds[b] < end):
+                ids += known  # a piece seen before, e.g. a template's default system prompt
             elif b < nb and bounds[b] < end:  # a bound inside this piece: track word starts
                 words = words_of(piece)
                 self.words += len(words)
@@ -159,11 +165,14 @@ class PretokenEncoder:
             else:
                 words = words_of(piece)
                 self.words += len(words)
+                first = len(ids)
                 for word in words:
                     token_ids = cache.get(word) or self._miss(word)
                     if token_ids is None:
                         return None
                     ids += token_ids
+                if len(piece) <= PIECE_CHARS and len(pieces) < MAX_PIECES:
+                    pieces[piece] = ids[first:]
             pos = end
         while b < nb:
             if bounds[b] != pos:

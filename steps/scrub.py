@@ -183,8 +183,9 @@ class PreparedChunk:
     sigs: np.ndarray | None
 
     def to_bytes(self) -> bytes:
-        head = {k: v for k, v in self.__dict__.items() if k != "sigs"}
-        return pack(head | {"signed": self.sigs is not None}, [] if self.sigs is None else [self.sigs])
+        head = {k: v for k, v in self.__dict__.items() if k not in ("sigs", "lines")}
+        return pack(head | {"signed": self.sigs is not None}, [] if self.sigs is None else [self.sigs],
+                    {"lines": self.lines})
 
     @classmethod
     def from_bytes(cls, data: bytes, num_perm: int) -> PreparedChunk:

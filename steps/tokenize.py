@@ -227,9 +227,10 @@ class PreparedChats:
     eval_sigs: Any
 
     def to_bytes(self) -> bytes:
-        head = {k: v for k, v in self.__dict__.items() if not k.endswith("_sigs")}
+        lines = {k: getattr(self, k) for k in ("train_lines", "eval_lines", "eval_prompts")}
+        head = {k: v for k, v in self.__dict__.items() if not k.endswith("_sigs") and k not in lines}
         signed = self.train_sigs is not None
-        return pack(head | {"signed": signed}, [self.train_sigs, self.eval_sigs] if signed else [])
+        return pack(head | {"signed": signed}, [self.train_sigs, self.eval_sigs] if signed else [], lines)
 
     @classmethod
     def from_bytes(cls, data: bytes, num_perm: int) -> PreparedChats:

@@ -173,19 +173,35 @@ class ChunkWorkers:
 JOBS = {"scrub": "steps.scrub", "tokenize": "steps.tokenize"}
 
 
-def pack(head: dict[str, Any], sigs: list[Any]) -> bytes:
-    """An answer: 8-byte length, the JSON ``head``, then the uint32 arrays ``sigs`` (MinHash
+def pack(head: dict[str, Any], sigs: list[Any], lines: dict[str, list[str | None]] | None = None) -> bytes:
+    """An answer: 8-byte length and the JSON ``head``; 8-byte length and the named lists of
+    ``lines`` (JSON lines: no newline inside; None goes as an empty line) joined by newlines,
+    so they are not escaped again inside the head; then the uint32 arrays ``sigs`` (MinHash
     signatures) as raw little-endian bytes."""
-    data = json.dumps(head, ensure_ascii=False).encode()
-    return len(data).to_bytes(8, "big") + data + b"".join(a.astype("<u4").tobytes() for a in sigs)
+    lines = lines or {}
+    data = json.dumps(head | {"_lines": {name: len(rows) for name, rows in lines.items()}}, ensure_ascii=False).encode()
+    text = "\n".join(row or "" for rows in lines.values() for row in rows).encode()
+    return b"".join([len(data).to_bytes(8, "big"), data, len(text).to_bytes(8, "big"), text,
+                     *(a.astype("<u4").tobytes() for a in sigs)])
 
 
 def unpack(data: bytes, num_perm: int) -> tuple[dict[str, Any], Any]:
-    """``pack``'s head and its arrays as one (rows, num_perm) uint32 array (read-only, no copy)."""
+    """``pack``'s head, with each list of ``lines`` under its name (empty lines as None), and its
+    arrays as one (rows, num_perm) uint32 array (read-only, no copy)."""
     import numpy as np
 
     size = int.from_bytes(data[:8], "big")
-    return json.loads(data[8:8 + size]), np.frombuffer(data, dtype="<u4", offset=8 + size).reshape(-1, num_perm)
+    head = json.loads(data[8:8 + size])
+    at = 8 + size
+    text_size = int.from_bytes(data[at:at + 8], "big")
+    counts = head.pop("_lines")
+    rows = data[at + 8:at + 8 + text_size].decode().split("\n") if counts and sum(counts.values()) else []
+    begin = 0
+    for name, count in counts.items():
+        head[name] = [row or None for row in rows[begin:begin + count]]
+        begin += count
+    sigs = np.frombuffer(data, dtype="<u4", offset=at + 8 + text_size).reshape(-1, num_perm)
+    return head, sigs
 
 
 def serve(stdin: Any, stdout: Any) -> None:

@@ -126,3 +126,16 @@ def test_text_that_never_repeats_makes_the_encoder_step_aside(backend, monkeypat
     got = [encoder.encode(text) for text in texts]
     assert encoder.gave_up and got[-1] is None
     assert got[0] is not None and got[0][0] == backend.encode(texts[0], add_special_tokens=False).ids
+
+
+def test_cached_pieces_still_map_bounds_inside_them(backend):
+    """A piece between added tokens seen before is copied whole, unless a bound falls inside it."""
+    encoder = PretokenEncoder.of(backend)
+    text = "<|im_start|>assistant\nhello world<|im_end|>"
+    assert encoder.encode(text)[0] == backend.encode(text, add_special_tokens=False).ids
+    assert "assistant\nhello world" in encoder._pieces
+    ids, at = encoder.encode(text, [22, 27])  # "hello", " world"
+    prefix = backend.encode("<|im_start|>assistant\n", add_special_tokens=False).ids
+    hello = backend.encode("hello", add_special_tokens=False).ids
+    assert ids == backend.encode(text, add_special_tokens=False).ids
+    assert at == [len(prefix), len(prefix) + len(hello)]

@@ -148,3 +148,20 @@ def test_chunks_are_shared_evenly_between_workers():
         size = balanced_chunk(records, 10_000)
         chunks = -(-records // size)
         assert size <= 10_000 and chunks == SHARES * -(-records // (10_000 * SHARES))
+
+
+def test_answers_carry_lines_outside_the_json_head():
+    """pack/unpack: lists of JSON lines travel as one newline-joined block (not escaped inside the
+    head), None as an empty line, next to the head and the signature arrays."""
+    import numpy as np
+
+    from steps.workers import pack, unpack
+
+    sigs = np.arange(12, dtype=np.uint32).reshape(3, 4)
+    lines = {"train": ['{"a": "x\\ny"}', '{"b": "\u2028 안녕"}'], "eval": [None, '{"c": 1}', None], "none": []}
+    head, got = unpack(pack({"n": 3}, [sigs], lines), 4)
+    assert head == {"n": 3, **lines}
+    assert np.array_equal(got, sigs)
+    head, got = unpack(pack({"n": 0}, [], {"only": [None]}), 4)
+    assert head == {"n": 0, "only": [None]} and got.shape == (0, 4)
+    assert unpack(pack({}, []), 1)[0] == {}
