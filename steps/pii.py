@@ -691,7 +691,7 @@ class PiiEngine:
         if self._names is not None:
             return range(len(texts))
         joined = "\n".join(texts)  # a newline is in no trigger and in no word
-        low = joined.lower()
+        low = joined.lower() if self._words else joined  # no gate words to look for: no lowering
         if len(low) != len(joined):  # lower() changed a length (e.g. "İ"): check text by text
             return [i for i, text in enumerate(texts) if self._may_match(text)]
         starts = [0]
