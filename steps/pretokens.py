@@ -9,7 +9,8 @@ most of the cost (~2.5 s per 10k conversations on one core, ``pre_tokenize_str``
 as much), and the same pre-tokens come back over and over. ``PretokenEncoder`` cuts added
 tokens with one Python regex, splits pieces with the same pre-tokenizer regex in the
 ``regex`` module (C, ~4x faster here), and looks each pre-token's ids up in a cache filled by
-the tokenizer's own BPE model (``model.tokenize``) on first sight.
+the tokenizer's own BPE model (``model.tokenize``) on first sight. Short pieces between added
+tokens that come back whole (a chat template's default system prompt) are cached as pieces.
 
 Why the ids are the tokenizer's own, not an approximation:
 
