@@ -184,10 +184,10 @@ class PretokenEncoder:
 
     def _miss(self, word: str) -> list[int] | None:
         self.misses += 1
-        pieces = self._pre.pre_tokenize_str(word)
-        if len(pieces) != 1:
+        split = self._pre.pre_tokenize_str(word)
+        if len(split) != 1:
             return None  # the Rust pre-tokenizer splits it: not one of its pre-tokens
-        token_ids = [token.id for token in self._model.tokenize(pieces[0][0])]
+        token_ids = [token.id for token in self._model.tokenize(split[0][0])]
         if not token_ids:
             return None
         if len(self._cache) >= MAX_CACHE:

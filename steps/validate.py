@@ -604,7 +604,9 @@ def preference_rules(cfg: ValidateConfig) -> list[Rule]:
 
 
 # record kind -> (raw lines -> (tables, output records), config -> rules)
-SUITES: dict[str, tuple[Callable[[list[str]], tuple[dict[str, Any], list[dict]]],
+# Per record kind: the table builder (raw lines -> GX tables and the records to write, as dicts
+# or, for chat, already as JSON lines) and the suite's rules.
+SUITES: dict[str, tuple[Callable[[list[str]], tuple[dict[str, Any], list[dict] | list[str]]],
                         Callable[[ValidateConfig], list[Rule]]]] = {
     "chat": (_chat_tables, chat_rules),
     "text": (_text_tables, text_rules),
