@@ -110,10 +110,13 @@ def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore)
     if record.model.adapter is None:
         raise ConfigError("register needs a fine-tuned model (a ModelRef with an adapter)")
     base_uri = base_model_uri(record.model.base, store)
-    mlflow.set_experiment(cfg.experiment)
+    # The experiment by id: set_experiment's "active experiment" is process-wide, and a run
+    # registering its base model in another thread may change it before start_run.
+    experiment = mlflow.set_experiment(cfg.experiment)
     evals = {name: report.stats for name, report in record.evaluations.items()}
     tags = lineage_tags(key, record)
-    with mlflow.start_run(run_name=f"{cfg.model_name}-{key[:8]}", tags=tags) as run, \
+    with mlflow.start_run(experiment_id=experiment.experiment_id, run_name=f"{cfg.model_name}-{key[:8]}",
+                          tags=tags) as run, \
             tempfile.TemporaryDirectory(prefix="tuneline-register-") as tmp:
         mlflow.log_params(flatten(record.params))
         log_datasets(record, store)
@@ -321,7 +324,7 @@ def base_model_uri(base: ArtifactRef, store: ArtifactStore) -> str:
     if found:
         return f"runs:/{found[0].info.run_id}/base_model"
     folder = store.download(base)
-    with mlflow.start_run(run_name=f"base-{base.digest[:12]}",
+    with mlflow.start_run(experiment_id=experiment.experiment_id, run_name=f"base-{base.digest[:12]}",
                           tags={"tuneline.base_digest": base.digest, "tuneline.base_key": base.key}) as run:
         for path in sorted(folder.iterdir()):
             if path.is_file() and path.name != "_MANIFEST.json":
