@@ -9,6 +9,14 @@ loading quantizes the same base again (deterministic) and applies the adapter.
 Limits: runs on CUDA and, slowly, on CPU (bitsandbytes 0.50 CPU kernels; float16
 compute is not supported there); no merged full weights (merging into 4-bit weights
 would round the adapter away).
+
+One CPU path of bitsandbytes is switched off (``same_path_on_every_cpu``): on a CPU with
+AVX512-BF16, ``Linear4bit.forward`` in eval mode under ``no_grad`` repacks its weight in place
+for a bf16 kernel. That repacking needs in_features to be a multiple of the quantization
+block (64) and out_features of 32 (a 32-wide layer fails with ``shape '[32, 0]' is invalid
+for input of size 16``), computes in bf16 (other numbers than every other CPU), and stays
+after ``train()``, where the kernel has no backward. Without it every CPU runs the same
+dequantize-and-matmul path, so results do not depend on the machine's instruction set.
 """
 
 from __future__ import annotations
@@ -40,8 +48,19 @@ def quantization_config(cfg: TrainConfig, device: str, task: Task = CAUSAL) -> A
 def load_quantized_base(cfg: TrainConfig, base_dir: Path, device: str, task: Task = CAUSAL) -> Any:
     # device_map places the weights while they are quantized (a 4-bit model is not moved
     # afterwards); without it bitsandbytes picks CUDA whenever present, even for device "cpu".
-    return load_base(cfg, base_dir, device, task, quantization_config=quantization_config(cfg, device, task),
-                     device_map=device)
+    model = load_base(cfg, base_dir, device, task, quantization_config=quantization_config(cfg, device, task),
+                      device_map=device)
+    same_path_on_every_cpu(model)
+    return model
+
+
+def same_path_on_every_cpu(model: Any) -> None:
+    """Keep bitsandbytes' 4-bit layers off their AVX512-BF16-only inference repacking (module docstring)."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def prepare(cfg: TrainConfig, base_dir: Path, device: str, task: Task = CAUSAL) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch
 from steps.config import TrainConfig
 from steps.errors import ConfigError
 from steps.methods import qlora
+from steps.methods.common import Task
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
@@ -53,3 +56,53 @@ def test_qlora_rejects_float16_compute_on_cpu(base_dir):
     cfg = TrainConfig(method="qlora", quant={"compute_dtype": "float16"})  # device "auto" resolved to cpu
     with pytest.raises(ConfigError, match="float16 is not supported on CPU"):
         qlora.prepare(cfg, base_dir, "cpu")
+
+
+@pytest.fixture(scope="session")
+def encoder_dir(tiny_encoder) -> Path:
+    from steps.store import ArtifactStore
+
+    return ArtifactStore.from_env("shared").download(tiny_encoder.base)
+
+
+def test_qlora_runs_the_same_path_on_a_cpu_with_avx512_bf16(encoder_dir, monkeypatch):
+    """bitsandbytes asks the CPU once per layer (``has_avx512bf16`` when a Linear4bit is built); where
+    the answer is yes, an eval forward under no_grad repacks the weight for a bf16 kernel, which fails
+    on layers narrower than the 64-value quantization block (the tiny BERT is 32 wide) and would leave
+    packed weights behind for training. Emulated here on any CPU by answering yes."""
+    task = Task(kind="classification", labels=["a", "b", "c"])
+    cfg = TrainConfig(method="qlora")
+    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102], [101, 7592, 2088, 102, 0, 0]])
+    mask = (ids != 0).long()
+
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)
+    # The root cause, as bitsandbytes 0.50 has it: a layer that believes the CPU has AVX512-BF16.
+    bare = bnb.nn.Linear4bit(32, 32, compute_dtype=torch.float32).to("cpu").eval()
+    assert bare.support_avx512bf16_for_cpu
+    with pytest.raises(RuntimeError, match=r"shape '\[32, 0\]' is invalid"), torch.no_grad():
+        bare(torch.randn(2, 32))
+
+    torch.manual_seed(0)
+    emulated = qlora.prepare(cfg, encoder_dir, "cpu", task)
+    monkeypatch.undo()
+    torch.manual_seed(0)
+    plain = qlora.prepare(cfg, encoder_dir, "cpu", task)
+
+    layers = [m for m in emulated.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    emulated.eval()
+    plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(emulated(input_ids=ids, attention_mask=mask).logits,
+                                   plain(input_ids=ids, attention_mask=mask).logits)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    # Training after an evaluation (early stopping) gets the same gradients as on any other CPU.
+    for model in (emulated, plain):
+        model.train()
+        torch.manual_seed(1)  # the same dropout masks
+        model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 2])).loss.backward()
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    assert any(n for n in grads if "layer.0." in n and "lora_B" in n)
+    for name, p in emulated.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[name], msg=name)
