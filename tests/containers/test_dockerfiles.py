@@ -41,7 +41,11 @@ def test_hadolint_finds_nothing(dockerfile: Path):
 def test_pinned_non_root_and_startable_by_a_prefect_worker(dockerfile: Path):
     text = dockerfile.read_text()
     assert re.search(r"^FROM python:\d+\.\d+\.\d+-slim-\w+$", text, re.M), "base image pinned to an exact version"
-    assert "torch==" in text and ":latest" not in text
+    assert ":latest" not in text
+    # Every package from the image's lock file, by version and hash (locks/lock.py writes them).
+    lock = f"locks/{dockerfile.suffix[1:]}.txt"
+    assert re.search(rf"^RUN pip install --require-hashes --no-deps .*-r {lock}$", text, re.M), lock
+    assert (CONTAINERS.parent / lock).is_file()
     assert re.search(r"^USER \d+:\d+$", text, re.M), "runs as a numeric non-root user"
     # Docker and Kubernetes workers pass `prefect flow-run execute ...` as the container's command
     # (Kubernetes: as args); an ENTRYPOINT would be prepended to it.
@@ -51,5 +55,4 @@ def test_pinned_non_root_and_startable_by_a_prefect_worker(dockerfile: Path):
     rules = [line for line in (dockerfile.parent / f"{dockerfile.name}.dockerignore").read_text().splitlines()
              if line and not line.startswith("#")]
     allowed = {line[1:].rstrip("/") for line in rules if line.startswith("!")}
-    assert rules[0] == "*" and allowed == {"pyproject.toml", "requirements-models.txt", "README.md", "steps", "flows",
-                                          "deployments"}
+    assert rules[0] == "*" and allowed == {"pyproject.toml", lock, "README.md", "steps", "flows", "deployments"}
