@@ -26,7 +26,7 @@ from typing import Iterator
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from steps.dedup import NearDuplicates, fingerprint  # noqa: E402
+from steps.text.dedup import NearDuplicates, fingerprint  # noqa: E402
 
 
 def rss_mib() -> float:

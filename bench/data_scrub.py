@@ -1,4 +1,4 @@
-"""Scrubber memory and throughput: ``tuneline scrub`` (steps/scrub_file.py) on N records.
+"""Scrubber memory and throughput: ``tuneline scrub`` (steps/scrub/file.py) on N records.
 
     python bench/data_scrub.py --n 10000 1000000
 

@@ -19,7 +19,7 @@ What one run measures, all on the same records and in the same process:
   Presidio covers (span-exact and any-overlap), and look-alikes damaged: negative lines
   (no gold span) on which an engine reports something.
 - ``minhash``: datasketch (``MinHash.update_batch`` + ``MinHashLSH``, the usual recipe)
-  against ours (``steps.dedup.NearDuplicates``) on the first ``--minhash-sample`` records'
+  against ours (``steps.text.dedup.NearDuplicates``) on the first ``--minhash-sample`` records'
   text, same threshold and permutations.
 
 ``--rss N ...`` runs only the ``path`` part, once per N, each in a fresh process, and
@@ -142,17 +142,17 @@ def write_jsonl(path: Path, n: int, seed: int = 0) -> int:
 
 @contextmanager
 def s3_store() -> Iterator[Any]:
-    from steps.store import ArtifactStore
+    from steps.core.store import ArtifactStore
 
     if os.environ.get("TUNELINE_BUCKET"):
         yield ArtifactStore.from_env(prefix=f"bench-{uuid.uuid4().hex[:8]}")
         return
-    from flows import services
+    from services import stack as services
     sys.path.insert(0, str(REPO / "tests"))
-    from conftest import free_weed_base  # the test suite's port picker
+    from helpers import free_weed_base  # the test suite's port picker
 
     with tempfile.TemporaryDirectory(prefix="bench-s3-") as tmp:
-        cfg = services.ServiceConfig(state_dir=Path(tmp), s3_port=free_weed_base(), bucket="bench")
+        cfg = services.ServiceConfig(state_dir=Path(tmp), s3_port=free_weed_base(20000), bucket="bench")
         spec = services._specs(cfg, prefect=False)["s3"]  # S3 only: no MLflow for a data bench
         (Path(tmp) / "logs").mkdir()
         services._spawn(cfg, spec)
@@ -168,7 +168,7 @@ def s3_store() -> Iterator[Any]:
 # --- the data path ---------------------------------------------------------------------
 
 class _WorkerRss:
-    """The largest RSS any worker process (``python -m steps.workers``) of this one reached,
+    """The largest RSS any worker process (``python -m steps.core.workers``) of this one reached,
     sampled every 0.1 s (ru_maxrss of children would count the forked parent's pages)."""
 
     def __init__(self) -> None:
@@ -186,7 +186,7 @@ class _WorkerRss:
         while not self._stop.wait(0.1):
             for child in me.children(recursive=True):
                 try:
-                    if "steps.workers" in child.cmdline():
+                    if "steps.core.workers" in child.cmdline():
                         self.peak_mib = max(self.peak_mib, child.memory_info().rss / 2**20)
                 except psutil.Error:
                     pass
@@ -213,12 +213,12 @@ def run_path(store: Any, raw: Path, n: int, workers: str = "auto") -> list[dict[
     Every row says the setting and the number of workers it meant (``workers``)."""
     from steps.base_model import prepare_base_model
     from steps.config import BaseModelConfig, ScrubConfig, TokenizeConfig, ValidateConfig
-    from steps.ingest import RAW_FILE
-    from steps.scrub import scrub_records
-    from steps.store import ArtifactStore, DatasetRef
-    from steps.tokenize import tokenize_dataset
+    from steps.core.contract import RAW_FILE
+    from steps.core.store import ArtifactStore, DatasetRef
+    from steps.core.workers import ENV, worker_count
+    from steps.scrub.step import scrub_records
+    from steps.tokenize.step import tokenize_dataset
     from steps.validate import validate_records
-    from steps.workers import ENV, worker_count
 
     saved = os.environ.get(ENV)
     os.environ[ENV] = workers
@@ -272,9 +272,14 @@ def presidio_analyzer() -> Any | None:
         import tldextract
         from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
         from presidio_analyzer.nlp_engine import SpacyNlpEngine
-        from presidio_analyzer.predefined_recognizers import (CreditCardRecognizer, EmailRecognizer,
-                                                              IpRecognizer, KrRrnRecognizer, PhoneRecognizer,
-                                                              UsSsnRecognizer)
+        from presidio_analyzer.predefined_recognizers import (
+            CreditCardRecognizer,
+            EmailRecognizer,
+            IpRecognizer,
+            KrRrnRecognizer,
+            PhoneRecognizer,
+            UsSsnRecognizer,
+        )
     except ImportError:
         return None
     # tldextract would try to download the public suffix list; use its bundled snapshot.
@@ -299,7 +304,8 @@ def contents(records: list[dict[str, Any]]) -> list[str]:
 
 
 def run_pii(records: list[dict[str, Any]], presidio: Callable | None, sample: int) -> list[dict[str, Any]]:
-    from steps.pii import PiiEngine, normalize_text
+    from steps.text.normalize import normalize_text
+    from steps.text.pii import PiiEngine
 
     texts = contents(records)
     nbytes = sum(len(t.encode()) for t in texts)
@@ -368,7 +374,7 @@ def golden_scores(find: Callable[[str], list[tuple[str, int, int]]], entities: s
 
 
 def run_golden(presidio: Callable | None) -> list[dict[str, Any]]:
-    from steps.pii import PiiEngine
+    from steps.text.pii import PiiEngine
 
     engine = PiiEngine()
     entities = set(PRESIDIO_ENTITIES.values())
@@ -386,7 +392,7 @@ def run_golden(presidio: Callable | None) -> list[dict[str, Any]]:
 def run_minhash(records: list[dict[str, Any]], sample: int) -> list[dict[str, Any]]:
     from datasketch import MinHash, MinHashLSH
 
-    from steps.dedup import NearDuplicates, near_form, record_text
+    from steps.text.dedup import NearDuplicates, near_form, record_text
 
     texts = [record_text(r) for r in records[:sample]]
     nbytes = sum(len(t.encode()) for t in texts)

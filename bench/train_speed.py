@@ -6,8 +6,8 @@ data (same lengths, same model shape, same tokens per optimizer step).
     python bench/train_speed.py --shape tiny --steps 3 --warmup 1   # CPU smoke (CI)
     python bench/train_speed.py --only baseline_lora ours_lora_packed_chunked
 
-Our variants run the real training step's code (``steps.methods`` prepare, ``steps.train``
-optimizer and ``batch_loss``, ``steps.fastpath`` packing/chunked loss), one technique at a time.
+Our variants run the real training step's code (``steps.train.methods`` prepare, ``steps.train.step``
+optimizer and ``batch_loss``, ``steps.train.batching`` packing, ``steps.train.losses`` chunked loss), one technique at a time.
 Rows go to ``bench/results/<date>-<device>.json``: name, mode, tokens_per_s (real tokens,
 padding excluded), mfu_pct (4·N FLOPs/token for LoRA/QLoRA, 6·N for full, against
 ``--peak-tflops``, CUDA only), peak_mem_gib, tokens_per_step, speedup_vs_baseline (against the
@@ -175,12 +175,12 @@ def ours(args: Any, name: str, mode: str, folder: Path, data: list[dict], n_para
     """The training step's own code path with the chosen techniques on."""
     import torch
 
-    from steps import methods
-    from steps.batching import batch_order
     from steps.config import LoraSettings, TrainConfig
-    from steps.fastpath import pack_order
-    from steps.methods.common import Task
-    from steps.train import batch_loss, make_optimizer
+    from steps.core.contract import Task
+    from steps.train import methods
+    from steps.train.batching import batch_order, pack_order
+    from steps.train.losses import batch_loss
+    from steps.train.step import make_optimizer
 
     lora = LoraSettings(r=LORA["r"], alpha=LORA["alpha"], dropout=0.0, target_modules=LORA["target_modules"])
     settings: dict[str, Any] = {"method": mode, "batch_size": args.batch_size, "max_steps": args.steps + args.warmup,

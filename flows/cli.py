@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def services_command(action: str, prefect: bool, backend: str | None = None, mlflow_auth: bool | None = None) -> int:
-    from flows import services
+    from services import stack as services
 
     cfg = services.ServiceConfig.from_env().with_options(backend, mlflow_auth)
     if action == "up":
@@ -135,8 +135,8 @@ def services_command(action: str, prefect: bool, backend: str | None = None, mlf
 
 
 def registry_command(args: argparse.Namespace) -> int:
-    from steps import registry
-    from steps.errors import ConfigError
+    from steps.core.errors import ConfigError
+    from steps.register import registry
 
     use_local_services()
     try:
@@ -163,7 +163,7 @@ def registry_command(args: argparse.Namespace) -> int:
 
 def deploy_command(args: argparse.Namespace) -> int:
     """`tuneline deploy` and `tuneline worker`, against the local services unless the environment names others."""
-    from steps.errors import ConfigError
+    from steps.core.errors import ConfigError
 
     links = use_local_services()
     from flows import deploy
@@ -193,9 +193,9 @@ def deploy_command(args: argparse.Namespace) -> int:
 
 def scrub_command(source: Path, target: Path, fields: list[str], entities: str | None,
                   action: str = "placeholder") -> int:
-    from steps.errors import ConfigError, DataQualityError
-    from steps.pii import ENTITIES, PiiEngine
-    from steps.scrub_file import scrub_file
+    from steps.core.errors import ConfigError, DataQualityError
+    from steps.scrub.file import scrub_file
+    from steps.text.pii import ENTITIES, PiiEngine
 
     chosen = [e.strip() for e in entities.split(",")] if entities else list(ENTITIES)
     unknown = sorted(set(chosen) - set(ENTITIES))
@@ -222,7 +222,7 @@ def scrub_command(source: Path, target: Path, fields: list[str], entities: str |
 
 def run_command(params_path: Path, overrides: list[str], resume: str | None = None) -> int:
     from steps.config import PipelineParams
-    from steps.errors import ConfigError, DataQualityError
+    from steps.core.errors import ConfigError, DataQualityError
 
     options: dict = {}
     try:
@@ -240,7 +240,7 @@ def run_command(params_path: Path, overrides: list[str], resume: str | None = No
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from flows.pipeline import finetune
-    from steps.report import render_summary
+    from steps.register.report import render_summary
 
     try:
         state = start(finetune, params, options)
@@ -269,7 +269,7 @@ def start(flow: Any, params: Any, options: dict) -> Any:
 
 def use_local_services() -> dict[str, str]:
     """Point clients at the local services (unless the environment names others); return UI links."""
-    from flows import services
+    from services import stack as services
 
     cfg = services.ServiceConfig.from_env()
     state = services.status(cfg)

@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from steps.config import PipelineParams
-from steps.errors import ConfigError
+from steps.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC_FILE = REPO / "deployments" / "prefect.yaml"

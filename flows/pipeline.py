@@ -13,8 +13,8 @@ from prefect_aws import AwsClientParameters, AwsCredentials, S3Bucket
 
 from flows import tasks
 from steps.config import PipelineParams
-from steps.register import RunRecord
-from steps.report import PipelineSummary
+from steps.register.report import PipelineSummary
+from steps.register.step import RunRecord
 
 RESULTS_BLOCK = tasks.RESULT_STORAGE.split("/", 1)[1]
 
@@ -50,6 +50,13 @@ def _block_fields(block: S3Bucket) -> dict:
 
 @flow(name="tuneline-finetune", persist_result=False)
 def finetune(params: PipelineParams = PipelineParams()) -> PipelineSummary:
+    """Fine-tune a base model on a dataset and register it: ingest, validate, scrub, tokenize, train,
+    evaluate (base, candidate, champion), register as `challenger`, promote to `champion` through the gate.
+
+    Every step is a retryable task whose result (a JSON reference to its artifact in S3) is cached:
+    a rerun with the same inputs reuses every finished step. Bad data or configuration fails the run
+    before anything is registered, naming the rule; the summary lists what each step did.
+    """
     save_result_storage()
     prefix = params.artifacts_prefix
     where = params.dispatch  # step -> a tuneline-step deployment; others run in this flow run

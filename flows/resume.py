@@ -16,7 +16,7 @@ from typing import Any
 from uuid import UUID
 
 from steps.config import PipelineParams
-from steps.errors import ConfigError
+from steps.core.errors import ConfigError
 
 FLOW_NAME = "tuneline-finetune"
 RESUMABLE = ("FAILED", "CRASHED", "CANCELLED")

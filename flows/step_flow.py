@@ -16,7 +16,7 @@ from prefect import flow
 from pydantic import TypeAdapter
 
 from flows import tasks
-from steps.errors import ConfigError
+from steps.core.errors import ConfigError
 
 STEPS = {"ingest": tasks.ingest, "validate": tasks.validate, "scrub": tasks.scrub, "base_model": tasks.base_model,
          "tokenize": tasks.tokenize, "train": tasks.train, "evaluate": tasks.evaluate, "register": tasks.register}

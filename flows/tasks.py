@@ -8,9 +8,10 @@ its step function.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, Callable
 
-from botocore.exceptions import BotoCoreError, ConnectionError as BotoConnectionError, ReadTimeoutError
+from botocore.exceptions import BotoCoreError, ReadTimeoutError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 from prefect import task
 from prefect.cache_policies import CachePolicy
 from prefect.tasks import exponential_backoff
@@ -18,18 +19,33 @@ from requests.exceptions import ConnectionError as HttpConnectionError
 from requests.exceptions import Timeout as HttpTimeout
 
 from steps.base_model import prepare_base_model
-from steps.config import (BaseModelConfig, EvaluateConfig, IngestConfig, RegisterConfig, ScrubConfig,
-                          TokenizeConfig, TrainConfig, ValidateConfig)
-from steps.errors import ConfigError, StepRunError, TransientError
+from steps.config import (
+    BaseModelConfig,
+    EvaluateConfig,
+    IngestConfig,
+    RegisterConfig,
+    ScrubConfig,
+    TokenizeConfig,
+    TrainConfig,
+    ValidateConfig,
+)
+from steps.core.errors import ConfigError, StepRunError, TransientError
+from steps.core.lineage import canonical_json, code_version
+from steps.core.store import ArtifactStore, DatasetRef, EvalReport, ModelRef
 from steps.evaluate import evaluate_model
 from steps.ingest import ingest_records
-from steps.lineage import canonical_json, code_version
-from steps.register import (Champion, PromotionDecision, RegisteredVersion, RunRecord, find_champion,
-                            promote_model, register_model)
-from steps.scrub import scrub_records
-from steps.store import ArtifactStore, DatasetRef, EvalReport, ModelRef
-from steps.tokenize import tokenize_dataset
-from steps.train import train_model
+from steps.register.step import (
+    Champion,
+    PromotionDecision,
+    RegisteredVersion,
+    RunRecord,
+    find_champion,
+    promote_model,
+    register_model,
+)
+from steps.scrub.step import scrub_records
+from steps.tokenize.step import tokenize_dataset
+from steps.train.step import train_model
 from steps.validate import validate_records
 
 RESULT_STORAGE = "s3-bucket/tuneline-results"
@@ -108,55 +124,50 @@ def remote(step: str, deployment: str, returns: Any, **inputs: Any) -> Any:
     raise StepRunError(f"{where} ended {state.name if state else 'without a state'}: {message}")
 
 
+def here_or_remote(step: str, dispatch: str | None, work: Callable[..., Any], returns: type, prefix: str,
+                   **inputs: Any) -> Any:
+    """``work(*inputs, store)`` in this flow run, or, with ``dispatch``, the same step as a flow run of
+    that ``tuneline-step`` deployment (``remote``)."""
+    if dispatch:
+        return remote(step, dispatch, returns, **inputs, prefix=prefix)
+    return work(*inputs.values(), ArtifactStore.from_env(prefix))
+
+
 @step_task("ingest")
 def ingest(cfg: IngestConfig, prefix: str, dispatch: str | None = None) -> DatasetRef:
-    if dispatch:
-        return remote("ingest", dispatch, DatasetRef, cfg=cfg, prefix=prefix)
-    return ingest_records(cfg, ArtifactStore.from_env(prefix))
+    return here_or_remote("ingest", dispatch, ingest_records, DatasetRef, prefix, cfg=cfg)
 
 
 @step_task("validate")
 def validate(cfg: ValidateConfig, raw: DatasetRef, prefix: str, dispatch: str | None = None) -> DatasetRef:
-    if dispatch:
-        return remote("validate", dispatch, DatasetRef, cfg=cfg, raw=raw, prefix=prefix)
-    return validate_records(cfg, raw, ArtifactStore.from_env(prefix))
+    return here_or_remote("validate", dispatch, validate_records, DatasetRef, prefix, cfg=cfg, raw=raw)
 
 
 @step_task("scrub")
 def scrub(cfg: ScrubConfig, validated: DatasetRef, prefix: str, dispatch: str | None = None) -> DatasetRef:
-    if dispatch:
-        return remote("scrub", dispatch, DatasetRef, cfg=cfg, validated=validated, prefix=prefix)
-    return scrub_records(cfg, validated, ArtifactStore.from_env(prefix))
+    return here_or_remote("scrub", dispatch, scrub_records, DatasetRef, prefix, cfg=cfg, validated=validated)
 
 
 @step_task("base-model")
 def base_model(cfg: BaseModelConfig, prefix: str, dispatch: str | None = None) -> ModelRef:
-    if dispatch:
-        return remote("base_model", dispatch, ModelRef, cfg=cfg, prefix=prefix)
-    return prepare_base_model(cfg, ArtifactStore.from_env(prefix))
+    return here_or_remote("base_model", dispatch, prepare_base_model, ModelRef, prefix, cfg=cfg)
 
 
 @step_task("tokenize")
 def tokenize(cfg: TokenizeConfig, clean: DatasetRef, model: ModelRef, prefix: str,
              dispatch: str | None = None) -> DatasetRef:
-    if dispatch:
-        return remote("tokenize", dispatch, DatasetRef, cfg=cfg, clean=clean, model=model, prefix=prefix)
-    return tokenize_dataset(cfg, clean, model, ArtifactStore.from_env(prefix))
+    return here_or_remote("tokenize", dispatch, tokenize_dataset, DatasetRef, prefix, cfg=cfg, clean=clean, model=model)
 
 
 @step_task("train", timeout_seconds=4 * 3600, tags=("tuneline", "tuneline-gpu"))
 def train(cfg: TrainConfig, data: DatasetRef, model: ModelRef, prefix: str, dispatch: str | None = None) -> ModelRef:
-    if dispatch:
-        return remote("train", dispatch, ModelRef, cfg=cfg, data=data, model=model, prefix=prefix)
-    return train_model(cfg, data, model, ArtifactStore.from_env(prefix))
+    return here_or_remote("train", dispatch, train_model, ModelRef, prefix, cfg=cfg, data=data, model=model)
 
 
 @step_task("evaluate", tags=("tuneline", "tuneline-gpu"))
 def evaluate(cfg: EvaluateConfig, model: ModelRef, data: DatasetRef, prefix: str,
              dispatch: str | None = None) -> EvalReport:
-    if dispatch:
-        return remote("evaluate", dispatch, EvalReport, cfg=cfg, model=model, data=data, prefix=prefix)
-    return evaluate_model(cfg, model, data, ArtifactStore.from_env(prefix))
+    return here_or_remote("evaluate", dispatch, evaluate_model, EvalReport, prefix, cfg=cfg, model=model, data=data)
 
 
 @live_task("find-champion")
@@ -166,9 +177,7 @@ def champion(cfg: RegisterConfig) -> Champion | None:
 
 @step_task("register")
 def register(cfg: RegisterConfig, record: RunRecord, prefix: str, dispatch: str | None = None) -> RegisteredVersion:
-    if dispatch:
-        return remote("register", dispatch, RegisteredVersion, cfg=cfg, record=record, prefix=prefix)
-    return register_model(cfg, record, ArtifactStore.from_env(prefix))
+    return here_or_remote("register", dispatch, register_model, RegisteredVersion, prefix, cfg=cfg, record=record)
 
 
 @live_task("promote")

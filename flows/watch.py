@@ -28,7 +28,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from steps.config import PipelineParams
-from steps.errors import ConfigError
+from steps.core.errors import ConfigError
 
 FLOW_NAME = "tuneline-watch"
 
@@ -79,7 +79,7 @@ def watch(
     from botocore.exceptions import ClientError
     from prefect.deployments import run_deployment
 
-    from steps.store import s3_client
+    from steps.core.store import s3_client
 
     log = get_run_logger()
     bucket, key_prefix = _split(prefix)

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from steps.config import ENCODER_SOURCES, BaseModelConfig
-from steps.errors import ConfigError
-from steps.lineage import run_key, sha256_file
-from steps.store import ArtifactRef, ArtifactStore, ModelRef
+from steps.core.errors import ConfigError
+from steps.core.lineage import run_key, sha256_file
+from steps.core.store import ArtifactRef, ArtifactStore, ModelRef
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,11 @@ TINY_BERT_SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2
 
 
 def prepare_base_model(cfg: BaseModelConfig, store: ArtifactStore) -> ModelRef:
+    """The base model ``cfg.source`` as a plain Hugging Face folder (config, safetensors weights, tokenizer).
+
+    Writes the folder as an artifact keyed by the source file's digest; the stats carry the source
+    and the parameter count. Raises ``ConfigError`` when the package that ships the model is missing.
+    """
     encoder = cfg.source in ENCODER_SOURCES
     origin = encoder_dir() / "model.safetensors" if encoder else gguf_path()
     origin_digest = sha256_file(origin)

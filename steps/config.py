@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
-from steps.errors import ConfigError
+from steps.core.contract import StrictModel
+from steps.core.errors import ConfigError
 
 DispatchStep = Literal["ingest", "validate", "scrub", "base_model", "tokenize", "train", "evaluate", "register"]
 RecordKind = Literal["chat", "text", "classification", "regression", "preference"]
@@ -35,10 +36,6 @@ GATE_METRICS: dict[str, dict[str, bool]] = {
 
 PiiEntity = Literal["EMAIL", "PHONE", "CREDIT_CARD", "KR_RRN", "US_SSN", "IP_ADDRESS", "URL_CREDENTIALS", "SECRET",
                     "PERSON"]
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class IngestConfig(StrictModel):
@@ -80,7 +77,7 @@ class ValidateConfig(StrictModel):
 class ScrubConfig(StrictModel):
     pii_entities: list[PiiEntity] = Field(
         ["EMAIL", "PHONE", "CREDIT_CARD", "KR_RRN", "US_SSN", "IP_ADDRESS", "URL_CREDENTIALS", "SECRET"],
-        description="PII types found and replaced (see steps/pii.py): URL_CREDENTIALS is the user:password of "
+        description="PII types found and replaced (see steps/text/pii.py): URL_CREDENTIALS is the user:password of "
         "scheme://user:password@host, SECRET covers API keys, tokens, JWTs, private keys and password=/token= "
         "values. PERSON (names) needs presidio_names and is added by it.",
     )
@@ -168,7 +165,7 @@ class BackTranslationSettings(StrictModel):
 
 
 class AugmentConfig(StrictModel):
-    """Seeded augmentation of the train split only (steps/augment.py); eval is never touched."""
+    """Seeded augmentation of the train split only (steps/tokenize/augment.py); eval is never touched."""
 
     techniques: list[Literal["synonym", "swap", "back_translation"]] = Field(
         ["synonym"], min_length=1, description="synonym: English words replaced from the shipped synonym table "
@@ -268,6 +265,20 @@ METHOD_SECTIONS = {"lora": {"lora", "qlora"}, "quant": {"qlora"}, "head": {"head
 
 
 class TrainConfig(StrictModel):
+    """Training settings, grouped by what they control (as the sections below):
+
+    > The method and its settings: ``method`` and the section of that method (``lora`` for lora and
+      qlora, ``quant`` for qlora, ``head``, ``reft``), ``preference`` (the pair loss), ``merge_weights``.
+    > Optimization: ``optimizer``, ``learning_rate``, ``scheduler`` with ``warmup_steps`` or
+      ``warmup_ratio``, ``weight_decay``, ``max_grad_norm``, ``dropout``.
+    > How long to train: ``max_steps`` or ``epochs``, ``early_stopping``.
+    > Batches: ``batch_size``, ``grad_accum_steps``, ``packing`` with ``tokens_per_batch``.
+    > Memory and kernels: ``gradient_checkpointing``, ``loss_chunk_tokens``, ``attention``.
+    > Checkpoints and reproducibility: ``checkpoint_every``, ``seed``.
+    > Devices and processes: ``device``, ``processes``, ``distributed``.
+    """
+
+    # The method and its settings
     method: Literal["full", "head", "lora", "qlora", "reft"] = Field(
         "lora",
         description="full: every weight trains; head: frozen base, only the output head (and the last N layers); "
@@ -281,6 +292,9 @@ class TrainConfig(StrictModel):
     preference: PreferenceSettings = Field(
         default_factory=PreferenceSettings, description="Loss of preference tuning (validate.record_kind 'preference')."
     )
+    merge_weights: bool = Field(False, description="lora only: also store full weights with the adapter merged in.")
+
+    # Optimization
     optimizer: Literal["adamw", "sgd", "adamw_8bit"] = Field(
         "adamw", description="adamw (torch, fused on CUDA), sgd (momentum 0.9), adamw_8bit (bitsandbytes)."
     )
@@ -290,21 +304,20 @@ class TrainConfig(StrictModel):
     )
     warmup_steps: int | None = Field(5, ge=0, description="Linear warm-up steps (or give warmup_ratio instead).")
     warmup_ratio: float | None = Field(None, ge=0.0, lt=1.0, description="Warm-up as a share of all steps.")
+    weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
+    dropout: float | None = Field(None, ge=0.0, lt=1.0, description="Override the model's attention dropout.")
+
+    # How long to train
     max_steps: int | None = Field(
         200, ge=1, description="Optimizer steps to train (the step budget; or give epochs instead)."
     )
     epochs: float | None = Field(None, gt=0.0, description="Passes over the train split (instead of max_steps).")
+    early_stopping: EarlyStopping | None = Field(None, description="Stop when the eval loss stops improving.")
+
+    # Batches
     batch_size: int = Field(8, ge=1, description="Sequences per micro-batch.")
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
-    weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay.")
-    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
-    dropout: float | None = Field(None, ge=0.0, lt=1.0, description="Override the model's attention dropout.")
-    early_stopping: EarlyStopping | None = Field(None, description="Stop when the eval loss stops improving.")
-    checkpoint_every: int = Field(
-        50, ge=0, description="Optimizer steps between checkpoints synced to the store (0 = none); a retry resumes "
-        "from the newest complete one."
-    )
     packing: bool = Field(
         False, description="Causal-LM tasks: padding-free micro-batches of whole documents up to tokens_per_batch "
         "tokens, with per-document attention (documents never attend to each other)."
@@ -312,6 +325,9 @@ class TrainConfig(StrictModel):
     tokens_per_batch: int | None = Field(
         None, ge=16, description="packing: token budget of one micro-batch (default batch_size x tokenize.max_seq_len)."
     )
+
+    # Memory and kernels
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     loss_chunk_tokens: int = Field(
         0, ge=0, description="Causal-LM tasks: compute the output projection and cross-entropy over chunks of this "
         "many label tokens, never materialising full fp32 logits (0 = off: the model's own loss)."
@@ -319,8 +335,15 @@ class TrainConfig(StrictModel):
     attention: Literal["auto", "sdpa", "flex_attention", "eager"] = Field(
         "auto", description="Attention kernel; 'auto' = flex_attention when packing on CUDA, else sdpa."
     )
-    merge_weights: bool = Field(False, description="lora only: also store full weights with the adapter merged in.")
+
+    # Checkpoints and reproducibility
+    checkpoint_every: int = Field(
+        50, ge=0, description="Optimizer steps between checkpoints synced to the store (0 = none); a retry resumes "
+        "from the newest complete one."
+    )
     seed: int = Field(42, description="Seed for weight initialisation, dropout and data order.")
+
+    # Devices and processes
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks CUDA when present.")
     processes: int = Field(
         1, ge=1, description="Data-parallel processes on this machine; >1 launches the train step through torchrun "

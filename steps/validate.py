@@ -58,15 +58,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 from steps.config import ValidateConfig
-from steps.errors import DataQualityError
-from steps.ingest import RAW_FILE
-from steps.lineage import run_key
-from steps.store import ArtifactStore, DatasetRef
+from steps.core.contract import RAW_FILE, RECORDS_FILE
+from steps.core.errors import DataQualityError
+from steps.core.lineage import run_key
+from steps.core.store import ArtifactStore, DatasetRef
 
 log = logging.getLogger(__name__)
 
 STEP = "validate"
-RECORDS_FILE = "records.jsonl"
 EXAMPLES = 5
 CHUNK_LINES = 50_000  # raw lines per chunk of the stream (one suite run per chunk)
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
@@ -81,6 +80,13 @@ class Rule:
 
 
 def validate_records(cfg: ValidateConfig, source: DatasetRef, store: ArtifactStore) -> DatasetRef:
+    """Check every raw line against the Great Expectations suite of ``cfg.record_kind``.
+
+    Writes ``records.jsonl`` (one record per line, instruction pairs in chat form, ids filled in),
+    ``report.json`` (per rule: failing count and example line numbers, never contents) and a data-docs
+    page per table; ``record_kind`` in the stats. Raises ``DataQualityError`` naming the file, the
+    rule, the failing count and example lines when any rule fails: then nothing is committed.
+    """
     key = run_key(STEP, cfg, [source.digest])
     if (done := store.lookup(STEP, key)) is not None:
         return DatasetRef(**done.model_dump())

@@ -4,13 +4,12 @@ ports for the whole session, a store with a fresh prefix per test, and a tiny ba
 from __future__ import annotations
 
 import os
-import random
-import socket
 import uuid
 from itertools import islice
-from pathlib import Path
 
 import pytest
+
+from helpers import free_port, free_weed_base
 
 os.environ.update({
     "HF_HUB_OFFLINE": "1",
@@ -21,39 +20,17 @@ os.environ.update({
     "GX_ANALYTICS_ENABLED": "false",
     "TOKENIZERS_PARALLELISM": "false",
 })
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_weed_base() -> int:
-    """SeaweedFS uses base..base+4 and the same +10000 for gRPC."""
-    for _ in range(200):
-        base = random.randint(20000, 29000)
-        if all(_free(base + i) and _free(base + 10000 + i) for i in range(5)):
-            return base
-    raise RuntimeError("no free port block for SeaweedFS")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest-xdist workers share the cores: one compute thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
 def services(tmp_path_factory: pytest.TempPathFactory):
-    from flows.services import ServiceConfig, down, up
+    from services.stack import ServiceConfig, down, up
 
     root = tmp_path_factory.mktemp("tuneline")
     os.environ["TUNELINE_CACHE"] = str(root / "cache")
-    base = free_weed_base()
+    base = free_weed_base(20000)
     weed_ports = {base + i for i in range(5)} | {base + 10000 + i for i in range(5)}
     mlflow_port, prefect_port = islice((p for p in iter(free_port, None) if p not in weed_ports), 2)
     cfg = ServiceConfig(state_dir=root / "services", s3_port=base, mlflow_port=mlflow_port,
@@ -65,7 +42,7 @@ def services(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture
 def store(services):
-    from steps.store import ArtifactStore
+    from steps.core.store import ArtifactStore
 
     return ArtifactStore.from_env(prefix=f"test-{uuid.uuid4().hex[:10]}")
 
@@ -75,7 +52,7 @@ def tiny_model(services):
     """A tiny random Llama with the SmolLM2 tokenizer, committed once under a shared prefix."""
     from steps.base_model import prepare_base_model
     from steps.config import BaseModelConfig
-    from steps.store import ArtifactStore
+    from steps.core.store import ArtifactStore
 
     return prepare_base_model(BaseModelConfig(source="tiny-random-llama"), ArtifactStore.from_env("shared"))
 
@@ -85,7 +62,7 @@ def tiny_encoder(services):
     """A tiny random BERT with the all-MiniLM-L6-v2 tokenizer, committed once under a shared prefix."""
     from steps.base_model import prepare_base_model
     from steps.config import BaseModelConfig
-    from steps.store import ArtifactStore
+    from steps.core.store import ArtifactStore
 
     return prepare_base_model(BaseModelConfig(source="tiny-random-bert"), ArtifactStore.from_env("shared"))
 
@@ -94,7 +71,7 @@ def tiny_encoder(services):
 def tiny_tokenizer(services, tiny_model):
     from transformers import AutoTokenizer
 
-    from steps.store import ArtifactStore
+    from steps.core.store import ArtifactStore
 
     return AutoTokenizer.from_pretrained(ArtifactStore.from_env("shared").download(tiny_model.base))
 
@@ -106,3 +83,20 @@ def prefect_api(services):
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests on the production-shaped stack (tests/reliability/prod_stack.py: PostgreSQL, MLflow with
+    auth, 21 flow runs) share one session fixture: with pytest-xdist (``--dist loadgroup``) they run
+    in one worker, so that the stack is started once."""
+    for item in items:
+        if "prod_stack" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("prod-stack"))
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: a worker per core, at least 2 (many tests wait on servers and subprocesses) and
+    at most 4 (each worker runs its own SeaweedFS, MLflow and Prefect)."""
+    return min(4, max(2, os.cpu_count() or 2))
+

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import random
+import socket
 from pathlib import Path
 
 
@@ -25,8 +28,8 @@ def sft_dataset(store, tmp_path: Path, model, n: int = 40, max_seq_len: int = 64
     """Ingest -> validate -> scrub -> tokenize a small arithmetic chat set; returns the tokenized DatasetRef."""
     from steps.config import IngestConfig, ScrubConfig, TokenizeConfig, ValidateConfig
     from steps.ingest import ingest_records
-    from steps.scrub import scrub_records
-    from steps.tokenize import tokenize_dataset
+    from steps.scrub.step import scrub_records
+    from steps.tokenize.step import tokenize_dataset
     from steps.validate import validate_records
 
     rows = [chat(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}.") for i in range(n)]
@@ -70,10 +73,54 @@ def kind_dataset(store, tmp_path: Path, model, kind: str, rows: list[dict], max_
     """Ingest -> validate -> scrub -> tokenize records of ``kind``; returns the tokenized DatasetRef."""
     from steps.config import IngestConfig, ScrubConfig, TokenizeConfig, ValidateConfig
     from steps.ingest import ingest_records
-    from steps.scrub import scrub_records
-    from steps.tokenize import tokenize_dataset
+    from steps.scrub.step import scrub_records
+    from steps.tokenize.step import tokenize_dataset
     from steps.validate import validate_records
 
     raw = ingest_records(IngestConfig(source=str(write_jsonl(tmp_path / f"{kind}.jsonl", rows))), store)
     clean = scrub_records(ScrubConfig(), validate_records(ValidateConfig(record_kind=kind), raw, store), store)
     return tokenize_dataset(TokenizeConfig(eval_fraction=0.25, max_seq_len=max_seq_len), clean, model, store)
+
+
+def token_documents(n: int = 5, seed: int = 0) -> list[dict]:
+    """Rows of random token ids with a masked 3-token prompt, 6, 9, 12, ... tokens long (as SFT rows)."""
+    import torch
+
+    from steps.core.contract import IGNORE
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        length = 6 + 3 * i
+        ids = torch.randint(5, 1000, (length,), generator=g).tolist()
+        labels = [IGNORE] * 3 + ids[3:]  # a masked prompt, as in SFT rows
+        rows.append({"input_ids": ids, "labels": labels})
+    return rows
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_weed_base(low: int) -> int:
+    """A SeaweedFS base port (it uses base..base+4 and the same +10000 for gRPC) in this process's own
+    window of 1000 above ``low``: one window per pytest-xdist worker, so parallel workers never race
+    for one block."""
+    window = low + 1000 * (int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0) % 9)
+    for _ in range(200):
+        base = random.randint(window, window + 990)
+        if all(_free(base + i) and _free(base + 10000 + i) for i in range(5)):
+            return base
+    raise RuntimeError(f"no free port block for SeaweedFS in {window}..{window + 1000}")
+

@@ -55,4 +55,4 @@ def test_pinned_non_root_and_startable_by_a_prefect_worker(dockerfile: Path):
     rules = [line for line in (dockerfile.parent / f"{dockerfile.name}.dockerignore").read_text().splitlines()
              if line and not line.startswith("#")]
     allowed = {line[1:].rstrip("/") for line in rules if line.startswith("!")}
-    assert rules[0] == "*" and allowed == {"pyproject.toml", lock, "README.md", "steps", "flows", "deployments"}
+    assert rules[0] == "*" and allowed == {"pyproject.toml", lock, "README.md", "steps", "flows", "services", "deployments"}

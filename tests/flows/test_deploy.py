@@ -70,7 +70,7 @@ def test_prefect_yaml_has_one_deployment_per_parameter_set_and_the_gpu_settings_
 
 
 def test_mistakes_in_the_spec_are_named(tmp_path, monkeypatch):
-    from steps.errors import ConfigError
+    from steps.core.errors import ConfigError
 
     monkeypatch.delenv("NOPE", raising=False)
     (tmp_path / "params").mkdir()

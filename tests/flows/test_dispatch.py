@@ -13,7 +13,7 @@ from test_deploy import wait_final, worker
 from flows.cli import main
 from helpers import chat, write_jsonl
 from steps.config import PipelineParams
-from steps.errors import ConfigError, StepRunError
+from steps.core.errors import ConfigError, StepRunError
 
 pytestmark = pytest.mark.services
 
@@ -26,7 +26,7 @@ def test_dispatched_steps_run_as_their_own_flow_runs(prefect_api, tiny_model, tm
 
     from flows.cli import DEFAULT_PARAMS
     from flows.pipeline import finetune
-    from steps.store import ArtifactStore
+    from steps.core.store import ArtifactStore
 
     pool = f"tuneline-step-{uuid.uuid4().hex[:6]}"
     assert main(["deploy", "--pool-name", pool, "--only", "gpu"]) == 0, capsys.readouterr().err
@@ -71,7 +71,7 @@ def test_a_dispatched_step_that_fails_there_fails_here_with_its_reason(prefect_a
     """No worker: the unknown deployment is refused at once, naming it."""
     from flows import tasks
     from steps.config import ScrubConfig
-    from steps.store import DatasetRef
+    from steps.core.store import DatasetRef
 
     ref = DatasetRef(step="validate", key="x/validate/abc", digest="0" * 64)
     with pytest.raises(ConfigError, match="no deployment .tuneline-step/nowhere."):

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from flows.cli import DEFAULT_PARAMS
-from steps.config import PipelineParams
 from helpers import chat, write_jsonl
+from steps.config import PipelineParams
 
 pytestmark = pytest.mark.services
 PARAMS = DEFAULT_PARAMS.parent

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from flows.cli import DEFAULT_PARAMS, main
-from steps.config import PipelineParams
 from helpers import chat, write_jsonl
+from steps.config import PipelineParams
 
 pytestmark = pytest.mark.services
 TINY = DEFAULT_PARAMS.with_name("tiny.yaml")
@@ -132,7 +132,7 @@ def test_a_transient_failure_is_retried_and_a_data_error_is_not(prefect_api):
 
     from flows.pipeline import save_result_storage
     from flows.tasks import step_task
-    from steps.errors import DataQualityError, TransientError
+    from steps.core.errors import DataQualityError, TransientError
 
     calls = {"transient": 0, "data": 0}
 

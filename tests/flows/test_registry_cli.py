@@ -9,9 +9,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from test_pipeline import dataset, tiny_params
 
 from flows.cli import REPO, main
-from test_pipeline import dataset, tiny_params
 
 pytestmark = pytest.mark.services
 

@@ -7,10 +7,10 @@ import json
 import uuid
 
 import pytest
+from test_pipeline import dataset, task_states, tiny_params
 
 from flows.cli import main
 from helpers import all_keys
-from test_pipeline import dataset, task_states, tiny_params
 
 pytestmark = pytest.mark.services
 
@@ -20,7 +20,7 @@ def test_a_failed_run_resumes_from_its_last_task_and_checkpoint(prefect_api, sto
     from prefect import get_client
 
     from flows.pipeline import finetune
-    from steps import train
+    from steps.train import step as train
 
     name = f"resume-{uuid.uuid4().hex[:6]}"
     params = tiny_params(dataset(tmp_path), store.prefix, name)

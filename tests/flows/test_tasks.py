@@ -8,8 +8,8 @@ from prefect.states import Failed
 
 from flows.tasks import StepCachePolicy, is_transient
 from steps.config import ScrubConfig
-from steps.errors import ConfigError, DataQualityError, TransientError
-from steps.store import DatasetRef
+from steps.core.errors import ConfigError, DataQualityError, TransientError
+from steps.core.store import DatasetRef
 
 
 @pytest.mark.parametrize("exc, retried", [

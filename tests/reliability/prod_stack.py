@@ -19,20 +19,19 @@ import contextlib
 import contextvars
 import json
 import logging
+import multiprocessing
 import os
-import random
 import shutil
 import socket
 import time
 import uuid
-import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from helpers import chat, write_jsonl
+from helpers import chat, free_weed_base, write_jsonl
 from reliability_report import record_figures
 
 RUNS = 20
@@ -52,32 +51,16 @@ def report_section(name: str, figures: dict) -> None:
         record_figures(name, key, value)
 
 
-def _free_weed_ports() -> tuple[int, set[int]]:
-    """A SeaweedFS base port with base..base+4 and the same +10000 free."""
-    def free(port: int) -> bool:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return True
-            except OSError:
-                return False
-
-    while True:
-        base = random.randint(30000, 39000)
-        ports = {base + i for i in range(5)} | {base + 10000 + i for i in range(5)}
-        if all(free(p) for p in ports):
-            return base, ports
-
-
 @pytest.fixture(scope="session")
 def prod_stack(tmp_path_factory):
-    from flows.services import ServiceConfig, down, postgres_data_dir, up
+    from services.stack import ServiceConfig, down, postgres_data_dir, up
 
     backend = os.environ.get("TUNELINE_LOAD_BACKEND", "postgres")  # sqlite: the same tests on the default backend
     if backend == "postgres" and not any(Path("/usr/lib/postgresql").glob("*/bin/postgres")) \
             and not shutil.which("postgres"):
         pytest.skip("PostgreSQL server binaries not found: apt-get install postgresql")
-    base, weed = _free_weed_ports()
+    base = free_weed_base(30000)
+    weed = {base + i for i in range(5)} | {base + 10000 + i for i in range(5)}
     ports: list[int] = []
     while len(ports) < 3:
         with socket.socket() as s:

@@ -113,7 +113,7 @@ def assert_nothing_registered(model: str) -> None:
 @pytest.mark.parametrize("case", CASES, ids=[c.file.removesuffix(".jsonl") for c in CASES])
 def test_a_bad_file_stops_the_flow_naming_file_line_and_rule(case, prefect_api, store, tmp_path):
     from flows.pipeline import finetune
-    from steps.errors import DataQualityError
+    from steps.core.errors import DataQualityError
 
     source = source_file(case, tmp_path)
     model = f"bad-{uuid.uuid4().hex[:8]}"

@@ -48,7 +48,7 @@ FLOW_STEPS = {"ingest": 1, "validate": 1, "scrub": 1, "base_model": 1, "tokenize
 def artifact_problems(store, expect: dict[str, int]) -> list[str]:
     """Every object under the prefix belongs to a committed artifact that lists it with the same
     digest (nothing partial or orphaned is visible), and each step has the expected manifests."""
-    from steps.lineage import sha256_bytes
+    from steps.core.lineage import sha256_bytes
 
     problems: list[str] = []
     groups: dict[str, set[str]] = defaultdict(set)
@@ -112,7 +112,7 @@ def task_runs(flow_run_id, expected: int) -> list:
 
 class MlflowServer:
     """An MLflow tracking server of its own (SQLite database in ``root``), started like the
-    session's (flows/services.py) so that a test may kill and restart it."""
+    session's (services/stack.py) so that a test may kill and restart it."""
 
     def __init__(self, root: Path, port: int):
         self.root, self.port = root, port
@@ -297,15 +297,15 @@ TRAIN = """
 import json, pathlib, sys, time
 import botocore.session
 from steps.config import TrainConfig
-from steps.store import ArtifactStore, DatasetRef, ModelRef
-from steps.train import train_model
+from steps.core.store import ArtifactStore, DatasetRef, ModelRef
+from steps.train.step import train_model
 
 args = json.loads(sys.argv[1])
 marker = pathlib.Path(args["marker"])
 # the run key holds the code version: use the parent's, so that its rerun is a retry of this run even
 # while someone edits steps/ (as in CI, where nothing changes, both are the same anyway)
-import steps.lineage
-steps.lineage.code_version = lambda: args["code_version"]
+import steps.core.lineage
+steps.core.lineage.code_version = lambda: args["code_version"]
 
 def hang(request, **kwargs):  # the checkpoint at step 4: weights stored, optimizer state on the wire
     if "/step-000004/optimizer.safetensors" in request.url:
@@ -329,8 +329,9 @@ train_model(TrainConfig.model_validate(args["cfg"]), DatasetRef.model_validate(a
 def test_training_killed_during_a_checkpoint_upload_resumes_from_the_last_complete_one(store, tmp_path, tiny_model):
     from helpers import sft_dataset
     from steps.config import LoraSettings, TrainConfig
-    from steps.lineage import code_version, run_key
-    from steps.train import CHECKPOINTS, STEP, train_model
+    from steps.core.lineage import code_version, run_key
+    from steps.train.checkpoints import CHECKPOINTS
+    from steps.train.step import STEP, train_model
 
     cfg = TrainConfig(max_steps=6, checkpoint_every=2, batch_size=4, learning_rate=3e-3, warmup_steps=1,
                       lora=LoraSettings(r=4, alpha=8, dropout=0.0), seed=5)
@@ -385,7 +386,7 @@ def test_training_killed_during_a_checkpoint_upload_resumes_from_the_last_comple
 def test_a_lock_written_but_unanswered_is_still_held_by_its_writer(store):
     """The create-only PUT of a lock lands, its reply is lost; the retry meets a lock that exists
     (412). The writer must recognise its own lock, not wait for it to go stale (15 minutes)."""
-    from steps.store import ArtifactStore
+    from steps.core.store import ArtifactStore
 
     lost_reply = lambda step, op, obj, call, attempt: "timeout" if (op, call, attempt) == ("PutObject", 0, 1) else None
     faults = S3Faults(store.prefix, lost_reply)

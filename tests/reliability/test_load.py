@@ -24,7 +24,7 @@ def test_concurrent_runs_complete_each_with_its_own_version(prod_stack, load_run
     from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
 
-    from steps.report import PipelineSummary
+    from steps.register.report import PipelineSummary
 
     failed = [(r["flow_run_id"], r["state"], r["message"]) for r in load_run.runs if r["state"] != "Completed"]
     assert not failed, failed

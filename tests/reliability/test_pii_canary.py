@@ -182,7 +182,7 @@ def test_planted_pii_canaries_appear_nowhere_outside_the_raw_area(prefect_api, s
     from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
 
     from flows.pipeline import finetune
-    from steps.validate import RECORDS_FILE
+    from steps.core.contract import RECORDS_FILE
 
     canaries = make_canaries(random.Random(uuid.uuid4().int))
     needles = {entity: forms for entity, (_, forms) in canaries.items()}

@@ -2,10 +2,11 @@ import json
 
 import pytest
 
-from steps.config import IngestConfig
-from steps.errors import ConfigError, DataQualityError
-from steps.ingest import RAW_FILE, ingest_records
 from helpers import all_keys, chat, write_jsonl
+from steps.config import IngestConfig
+from steps.core.contract import RAW_FILE
+from steps.core.errors import ConfigError, DataQualityError
+from steps.ingest import ingest_records
 
 
 def test_local_jsonl_is_copied_byte_for_byte_with_digest(store, tmp_path):

@@ -2,11 +2,12 @@ import json
 
 import pytest
 
-from steps.config import IngestConfig, ValidateConfig
-from steps.errors import DataQualityError
-from steps.ingest import ingest_records
-from steps.validate import RECORDS_FILE, validate_records
 from helpers import all_keys, chat, write_jsonl
+from steps.config import IngestConfig, ValidateConfig
+from steps.core.contract import RECORDS_FILE
+from steps.core.errors import DataQualityError
+from steps.ingest import ingest_records
+from steps.validate import validate_records
 
 SECRET = "zebra-canary-4417"
 

@@ -1,0 +1,1 @@
+"""The local services tuneline starts for itself (``stack``): SeaweedFS, MLflow, Prefect, PostgreSQL."""

@@ -1,0 +1,38 @@
+"""The contract between the steps: the files one step writes and the next reads, the label that
+the losses skip, the model every configuration and reference is built on, and the task a tokenized
+dataset is made for (tokenize writes it, train, evaluate and the served model read it)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+RAW_FILE = "raw.jsonl"  # ingest: the source's bytes, as they came
+RECORDS_FILE = "records.jsonl"  # validate and scrub: one record per line
+IGNORE = -100  # a label no loss counts (prompt tokens, padding)
+
+
+class StrictModel(BaseModel):
+    """Unknown fields are errors; instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Task(StrictModel):
+    """What the model is trained to do; read from the tokenized dataset and stored in method.json.
+
+    sft, cpt and preference train the causal LM head; classification and regression put a
+    freshly initialised sequence head on the base (``AutoModelForSequenceClassification``:
+    ``len(labels)`` outputs with cross-entropy, or one output with MSE).
+    """
+
+    kind: Literal["sft", "cpt", "classification", "regression", "preference"] = "sft"
+    labels: list[str] = Field(default_factory=list)
+
+    @property
+    def sequence_head(self) -> bool:
+        return self.kind in ("classification", "regression")
+
+
+CAUSAL = Task()

@@ -1,0 +1,418 @@
+"""Artifact store over boto3, following the artifact contract (DESIGN.md).
+
+Key layout: ``<prefix>/<step>/<run_key>/<file>``. A step writes its payload first and
+``_MANIFEST.json`` LAST with a create-only condition (``IfNoneMatch="*"``): no manifest
+means the artifact does not exist, and a retry that finds a valid manifest reuses it.
+
+    store = ArtifactStore.from_env(prefix="tuneline")
+    key = run_key("scrub", cfg, [source.digest])
+    if (done := store.lookup("scrub", key)) is not None:
+        return DatasetRef(**done.model_dump())
+    writer = store.writer("scrub", key, cfg, inputs=[source])
+    writer.put_bytes("records.jsonl", data)
+    return DatasetRef(**writer.commit(stats={"rows": n}).model_dump())
+
+Credentials come from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY),
+never from parameters, and are never logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, ReadTimeoutError
+from botocore.exceptions import ConnectionError as BotoConnectionError
+from pydantic import BaseModel
+
+from steps.core.contract import StrictModel
+from steps.core.errors import ArtifactError, TransientError
+from steps.core.lineage import canonical_json, code_version, sha256_bytes, sha256_file
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "_MANIFEST.json"
+
+
+class ArtifactRef(StrictModel):
+    """A small JSON reference to a committed artifact: what tasks pass to each other."""
+
+    step: str
+    key: str
+    digest: str
+    stats: dict[str, Any] = {}
+
+
+class DatasetRef(ArtifactRef):
+    """Records or token shards."""
+
+
+class EvalReport(ArtifactRef):
+    """Metrics of one model on one eval set (stats hold the numbers)."""
+
+
+class ModelRef(StrictModel):
+    """A base model, optionally with what training produced on top of it (``adapter``: the
+    train artifact, whatever the method: adapter, head, interventions or full weights)."""
+
+    base: ArtifactRef
+    adapter: ArtifactRef | None = None
+
+    @property
+    def digest(self) -> str:
+        return self.adapter.digest if self.adapter else self.base.digest
+
+    @property
+    def label(self) -> str:
+        return "fine-tuned" if self.adapter else "base"
+
+
+def _transient(exc: Exception) -> bool:
+    if isinstance(exc, (BotoConnectionError, ReadTimeoutError, HTTPClientError)):  # incl. a connection reset
+        return True
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        code = exc.response.get("Error", {}).get("Code", "")
+        return status >= 500 or code in {"SlowDown", "RequestTimeout", "ServiceUnavailable", "InternalError"}
+    return False
+
+
+class ArtifactStore:
+    def __init__(self, client: Any, bucket: str, prefix: str, cache_dir: Path | None = None):
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.cache_dir = cache_dir or Path(
+            os.environ.get("TUNELINE_CACHE", Path.home() / ".cache" / "tuneline")
+        )
+
+    @classmethod
+    def from_env(cls, prefix: str) -> ArtifactStore:
+        """Endpoint and bucket from TUNELINE_S3_ENDPOINT_URL / TUNELINE_BUCKET; keys from the AWS_* variables."""
+        endpoint = os.environ.get("TUNELINE_S3_ENDPOINT_URL") or None
+        bucket = os.environ.get("TUNELINE_BUCKET")
+        if not bucket:
+            raise ArtifactError("TUNELINE_BUCKET is not set: start the services (`tuneline services up`) or export it")
+        return cls(s3_client(endpoint), bucket, prefix)
+
+    # ---- low-level S3 calls, with transient failures typed for the retry policy
+    def _call(self, op: str, **kwargs: Any) -> Any:
+        try:
+            return getattr(self.client, op)(Bucket=self.bucket, **kwargs)
+        except (ClientError, BotoCoreError) as exc:
+            if _transient(exc):
+                raise TransientError(f"object storage {op} failed transiently: {exc}") from exc
+            raise
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._call("head_object", Key=key)
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
+                return False
+            raise
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._call("get_object", Key=key)["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
+                raise ArtifactError(f"s3://{self.bucket}/{key} does not exist") from exc
+            raise
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._call("put_object", Key=key, Body=data)
+
+    @contextlib.contextmanager
+    def lock(self, name: str, timeout: float = 300.0, stale_after: float = 900.0) -> Iterator[None]:
+        """A mutual-exclusion lock: the create-only object ``<prefix>/<name>.lock`` (``IfNoneMatch="*"``).
+
+        Waits up to ``timeout`` seconds; a lock older than ``stale_after`` (its holder died) is broken.
+        """
+        key = f"{self.prefix}/{name}.lock"
+        token = uuid.uuid4().hex
+        body = json.dumps({"host": platform.node(), "pid": os.getpid(), "at": time.time(), "token": token}).encode()
+        deadline = time.time() + timeout
+        while True:
+            try:
+                self._call("put_object", Key=key, Body=body, IfNoneMatch="*")
+                break
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code", "") not in {"PreconditionFailed", "412",
+                                                                          "ConditionalRequestConflict"}:
+                    raise
+            try:
+                held = json.loads(self.get_bytes(key))
+            except (ArtifactError, ValueError):
+                held = {"at": time.time()}
+            if held.get("token") == token:  # our own write landed but its reply was lost: a retry met it
+                break
+            held_since = held.get("at", 0.0)
+            if time.time() - held_since > stale_after:
+                log.warning("lock %s held since %.0f s: breaking it", key, time.time() - held_since)
+                self._call("delete_object", Key=key)
+                continue
+            if time.time() > deadline:
+                raise TransientError(f"lock s3://{self.bucket}/{key} still held after {timeout:.0f} s")
+            time.sleep(0.2)
+        try:
+            yield
+        finally:
+            self._call("delete_object", Key=key)
+
+    def list_keys(self, prefix: str) -> list[str]:
+        keys: list[str] = []
+        token: dict[str, str] = {}
+        while True:
+            page = self._call("list_objects_v2", Prefix=prefix, **token)
+            keys += [obj["Key"] for obj in page.get("Contents", [])]
+            if not page.get("IsTruncated"):
+                return keys
+            token = {"ContinuationToken": page["NextContinuationToken"]}
+
+    def delete_prefix(self, prefix: str) -> None:
+        keys = self.list_keys(prefix)
+        for i in range(0, len(keys), 1000):
+            self._call("delete_objects", Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True})
+
+    # ---- the artifact contract
+    def artifact_key(self, step: str, run_key: str) -> str:
+        return f"{self.prefix}/{step}/{run_key}"
+
+    def lookup(self, step: str, run_key: str) -> ArtifactRef | None:
+        """The committed artifact for this key, or None. A manifest is the only proof of existence."""
+        key = self.artifact_key(step, run_key)
+        if not self.exists(f"{key}/{MANIFEST}"):
+            return None
+        manifest = self.manifest(key)
+        log.info("%s: reusing committed artifact %s", step, key)
+        return ArtifactRef(step=step, key=key, digest=manifest["digest"], stats=manifest["stats"])
+
+    def manifest(self, key: str) -> dict[str, Any]:
+        return json.loads(self.get_bytes(f"{key}/{MANIFEST}"))
+
+    def writer(
+        self, step: str, run_key: str, config: BaseModel | dict, inputs: Iterable[ArtifactRef] = ()
+    ) -> ArtifactWriter:
+        return ArtifactWriter(self, step, self.artifact_key(step, run_key), run_key, config, list(inputs))
+
+    def read_bytes(self, ref: ArtifactRef, name: str) -> bytes:
+        files = self.manifest(ref.key)["files"]
+        if name not in files:
+            raise ArtifactError(f"{ref.key} has no file {name!r} (has: {', '.join(sorted(files))})")
+        data = self.get_bytes(f"{ref.key}/{name}")
+        if sha256_bytes(data) != files[name]["sha256"]:
+            raise ArtifactError(f"{ref.key}/{name} does not match its manifest digest")
+        return data
+
+    def read_json(self, ref: ArtifactRef, name: str) -> Any:
+        return json.loads(self.read_bytes(ref, name))
+
+    def read_jsonl(self, ref: ArtifactRef, name: str) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.read_bytes(ref, name).decode("utf-8").splitlines() if line]
+
+    def iter_lines(self, ref: ArtifactRef, name: str, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+        """The file's lines (without the newline) streamed from S3, a chunk at a time: memory stays
+        flat whatever the file size. The digest is checked when the last line has been read, so a
+        consumer that reaches the end has read exactly the committed bytes (ArtifactError if not)."""
+        files = self.manifest(ref.key)["files"]
+        if name not in files:
+            raise ArtifactError(f"{ref.key} has no file {name!r} (has: {', '.join(sorted(files))})")
+        try:
+            body = self._call("get_object", Key=f"{ref.key}/{name}")["Body"]
+        except ClientError as exc:
+            raise ArtifactError(f"s3://{self.bucket}/{ref.key}/{name} cannot be read: {exc}") from exc
+        digest, rest = hashlib.sha256(), b""
+        for chunk in body.iter_chunks(chunk_bytes):
+            digest.update(chunk)
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop()
+            yield from lines
+        if rest:
+            yield rest
+        if digest.hexdigest() != files[name]["sha256"]:
+            raise ArtifactError(f"{ref.key}/{name} does not match its manifest digest")
+
+    def iter_jsonl(self, ref: ArtifactRef, name: str) -> Iterator[dict[str, Any]]:
+        """``read_jsonl`` as a stream (``iter_lines``)."""
+        return (json.loads(line) for line in self.iter_lines(ref, name) if line)
+
+    def iter_jsonl_chunks(self, ref: ArtifactRef, name: str, size: int) -> Iterator[list[dict[str, Any]]]:
+        """``iter_jsonl`` in lists of at most ``size`` records."""
+        chunk: list[dict[str, Any]] = []
+        for record in self.iter_jsonl(ref, name):
+            chunk.append(record)
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    def iter_line_chunks(self, ref: ArtifactRef, name: str, size: int) -> Iterator[bytes]:
+        """The file's non-blank lines in chunks of at most ``size`` lines, each chunk one
+        newline-joined bytes object (for worker processes: ``steps/core/workers.py``)."""
+        chunk: list[bytes] = []
+        for line in self.iter_lines(ref, name):
+            if line:
+                chunk.append(line)
+                if len(chunk) == size:
+                    yield b"\n".join(chunk)
+                    chunk = []
+        if chunk:
+            yield b"\n".join(chunk)
+
+    def download(self, ref: ArtifactRef) -> Path:
+        """Materialise every file of an artifact locally, verified against the manifest; cached by digest."""
+        target = self.cache_dir / ref.digest
+        if (target / MANIFEST).exists():
+            return target
+        files = self.manifest(ref.key)["files"]
+        staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=self._ensure_cache()))
+        try:
+            for name, meta in files.items():
+                path = staging / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.client.download_file(self.bucket, f"{ref.key}/{name}", str(path))
+                if sha256_file(path) != meta["sha256"]:
+                    raise ArtifactError(f"{ref.key}/{name} does not match its manifest digest")
+            (staging / MANIFEST).write_text(json.dumps({"key": ref.key, "files": files}))
+            try:
+                staging.rename(target)
+            except OSError:  # another process materialised it first
+                pass
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    def _ensure_cache(self) -> Path:
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        return self.cache_dir
+
+
+class ArtifactWriter:
+    """Collects payload files, then commits the manifest last (create-only)."""
+
+    def __init__(self, store: ArtifactStore, step: str, key: str, run_key: str, config: Any, inputs: list[ArtifactRef]):
+        self.store, self.step, self.key, self.run_key = store, step, key, run_key
+        self.config = json.loads(canonical_json(config))
+        self.inputs = inputs
+        self.files: dict[str, dict[str, Any]] = {}
+
+    def put_bytes(self, name: str, data: bytes) -> None:
+        self.store.put_bytes(f"{self.key}/{name}", data)
+        self.files[name] = {"sha256": sha256_bytes(data), "size": len(data)}
+
+    def put_json(self, name: str, value: Any) -> None:
+        self.put_bytes(name, (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+    def put_jsonl(self, name: str, rows: Iterable[dict[str, Any]]) -> None:
+        self.put_bytes(name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
+
+    @contextlib.contextmanager
+    def jsonl_file(self, name: str) -> Iterator[JsonlSink]:
+        """Rows written one at a time go to a local temporary file, uploaded (multipart, streamed)
+        as ``name`` when the block ends without an error; memory stays flat whatever the size."""
+        handle, temporary = tempfile.mkstemp(prefix="tuneline-", suffix=".jsonl")
+        path = Path(temporary)
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as f:
+                sink = JsonlSink(f)
+                yield sink
+            self.put_file(name, path)
+        finally:
+            path.unlink(missing_ok=True)
+
+    def put_file(self, name: str, path: Path) -> None:
+        try:
+            self.store.client.upload_file(str(path), self.store.bucket, f"{self.key}/{name}")
+        except (ClientError, BotoCoreError) as exc:
+            if _transient(exc):
+                raise TransientError(f"upload of {name} failed transiently: {exc}") from exc
+            raise
+        self.files[name] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+
+    def put_dir(self, directory: Path, under: str = "") -> None:
+        for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+            self.put_file(f"{under}{path.relative_to(directory).as_posix()}", path)
+
+    def commit(self, stats: dict[str, Any] | None = None) -> ArtifactRef:
+        stats = stats or {}
+        digest = sha256_bytes(canonical_json({"files": self.files, "inputs": [i.digest for i in self.inputs]}).encode())
+        manifest = {
+            "step": self.step,
+            "run_key": self.run_key,
+            "digest": digest,
+            "code_version": code_version(),
+            "config": self.config,
+            "inputs": [{"key": i.key, "digest": i.digest} for i in self.inputs],
+            "files": self.files,
+            "stats": stats,
+            "producer": {
+                "host": platform.node(),
+                "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            },
+        }
+        body = json.dumps(manifest, indent=2, ensure_ascii=False).encode("utf-8")
+        try:
+            self.store._call("put_object", Key=f"{self.key}/{MANIFEST}", Body=body, IfNoneMatch="*")
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code not in {"PreconditionFailed", "412", "ConditionalRequestConflict"}:
+                raise
+            # A concurrent attempt committed first: its artifact is the one that exists.
+            log.info("%s: %s was committed concurrently; using that manifest", self.step, self.key)
+            existing = self.store.manifest(self.key)
+            return ArtifactRef(step=self.step, key=self.key, digest=existing["digest"], stats=existing["stats"])
+        log.info("%s: committed %s (%d files)", self.step, self.key, len(self.files))
+        return ArtifactRef(step=self.step, key=self.key, digest=digest, stats=stats)
+
+
+class JsonlSink:
+    """Writes rows as JSON lines (``ArtifactWriter.jsonl_file``); ``rows`` counts them."""
+
+    def __init__(self, f: Any):
+        self._f = f
+        self.rows = 0
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.rows += 1
+
+    def write_many(self, rows: Iterable[dict[str, Any]]) -> None:
+        for row in rows:
+            self.write(row)
+
+    def write_lines(self, lines: list[str]) -> None:
+        """Rows already serialized as JSON, one per line."""
+        if lines:
+            self._f.write("\n".join(lines) + "\n")
+            self.rows += len(lines)
+
+
+def s3_client(endpoint_url: str | None) -> Any:
+    # A fresh session per client: boto3's default session caches the first credentials it saw.
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint_url,
+        region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+        config=Config(
+            retries={"max_attempts": 3, "mode": "standard"},
+            connect_timeout=5,
+            read_timeout=120,
+            s3={"addressing_style": "path"},
+        ),
+    )

@@ -1,0 +1,140 @@
+"""Registry operations behind the CLI: list versions, promote one through the gate (or by
+recorded override), roll the champion back, and predict from a registered model.
+
+    tuneline models [NAME]                         # versions, aliases, gate metric, decision
+    tuneline promote NAME VERSION [--force --reason TEXT]
+    tuneline rollback NAME                         # champion -> previous-champion
+    tuneline predict NAME[@alias|/version] TEXT... # loads from the registry, answers or labels
+
+The gate compares the version's candidate metric (tag ``tuneline.metric_value``, measured
+by the pipeline) with the champion's, and only when both were measured on the same eval
+set (same ``tuneline.data_digest``); otherwise it refuses unless ``--force`` with a reason,
+which is recorded on the version (``tuneline.promotion``, ``tuneline.override``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from steps.config import RegisterConfig
+from steps.core.errors import ConfigError
+from steps.register.step import decide
+
+
+def _client() -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def _version(client: Any, name: str, version: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(name, version)
+    except MlflowException as exc:
+        raise ConfigError(f"{name} version {version} does not exist in the registry") from exc
+
+
+def _alias(client: Any, name: str, alias: str) -> Any | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def list_versions(name: str | None = None) -> list[dict[str, Any]]:
+    """One row per version (newest first): aliases, method, task, gate metric and value, decision."""
+    client = _client()
+    names = [name] if name else sorted(m.name for m in client.search_registered_models())
+    rows = []
+    for model in names:
+        aliases: dict[str, list[str]] = {}
+        for alias, version in (client.get_registered_model(model).aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+        for v in sorted(client.search_model_versions(f"name = '{model}'"), key=lambda v: -int(v.version)):
+            rows.append({"name": model, "version": v.version, "aliases": sorted(aliases.get(v.version, [])),
+                         "method": v.tags.get("tuneline.method", ""), "metric": v.tags.get("tuneline.metric", ""),
+                         "value": v.tags.get("tuneline.metric_value", ""),
+                         "decision": v.tags.get("tuneline.promotion", "")})
+    return rows
+
+
+def promote(name: str, version: str, force: bool = False, reason: str | None = None) -> str:
+    """Move ``champion`` to the version when it passes the gate against the champion (or when forced)."""
+    if force and not reason:
+        raise ConfigError("--force needs --reason TEXT: an override is recorded with its reason")
+    from steps.register.step import promotion_lock
+
+    with promotion_lock(name):
+        return _promote(name, version, force, reason)
+
+
+def _promote(name: str, version: str, force: bool, reason: str | None) -> str:
+    client = _client()
+    candidate = _version(client, name, version)
+    champion = _alias(client, name, "champion")
+    if champion is not None and champion.version == candidate.version:
+        return f"{name} v{version} is already champion"
+    metric = candidate.tags.get("tuneline.metric")
+    if force:
+        verdict = f"promoted by override: {reason}"
+        client.set_model_version_tag(name, version, "tuneline.override", reason)
+    elif champion is None:
+        raise ConfigError(f"{name} has no champion to compare with; use --force --reason TEXT to set one")
+    elif not metric or metric != champion.tags.get("tuneline.metric"):
+        raise ConfigError(f"{name} v{version} and champion v{champion.version} were not gated on the same metric")
+    elif candidate.tags.get("tuneline.data_digest") != champion.tags.get("tuneline.data_digest"):
+        raise ConfigError(f"{name} v{version} and champion v{champion.version} were evaluated on different eval "
+                          "sets: their metrics are not comparable (run the pipeline, or --force --reason TEXT)")
+    else:
+        better, detail = decide(RegisterConfig(model_name=name, metric=metric),
+                                float(candidate.tags["tuneline.metric_value"]),
+                                float(champion.tags["tuneline.metric_value"]), f"champion v{champion.version}")
+        if not better:
+            client.set_model_version_tag(name, version, "tuneline.promotion", f"not promoted (manual gate): {detail}")
+            raise ConfigError(f"not promoted: {detail}")
+        verdict = f"promoted (manual gate): {detail}"
+    if champion is not None:
+        client.set_registered_model_alias(name, "previous-champion", champion.version)
+    client.set_registered_model_alias(name, "champion", version)
+    client.set_model_version_tag(name, version, "tuneline.promotion", verdict)
+    return f"{name} v{version} is champion: {verdict}"
+
+
+def rollback(name: str) -> str:
+    """``champion`` back to ``previous-champion``; the rolled-back version is tagged and loses the alias."""
+    from steps.register.step import promotion_lock
+
+    client = _client()
+    with promotion_lock(name):
+        return _rollback(client, name)
+
+
+def _rollback(client: Any, name: str) -> str:
+    champion, previous = _alias(client, name, "champion"), _alias(client, name, "previous-champion")
+    if champion is None or previous is None:
+        raise ConfigError(f"{name} has no champion and previous-champion to roll back between")
+    client.set_registered_model_alias(name, "champion", previous.version)
+    client.delete_registered_model_alias(name, "previous-champion")
+    client.set_model_version_tag(name, champion.version, "tuneline.rolled_back", f"replaced by v{previous.version}")
+    client.set_model_version_tag(name, previous.version, "tuneline.promotion",
+                                 f"champion again: rollback from v{champion.version}")
+    return f"{name}: champion is v{previous.version} again (v{champion.version} rolled back)"
+
+
+def model_uri(spec: str) -> str:
+    """NAME (the champion), NAME@alias or NAME/version as a models:/ URI."""
+    if "@" in spec or "/" in spec:
+        return f"models:/{spec}"
+    return f"models:/{spec}@champion"
+
+
+def predict(spec: str, inputs: list[str], max_new_tokens: int = 64) -> list[Any]:
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(model_uri(spec))
+    params = {"max_new_tokens": max_new_tokens} if model.metadata.get_params_schema() is not None else None
+    return list(model.predict(inputs, params=params))

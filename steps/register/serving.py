@@ -1,0 +1,75 @@
+"""MLflow models-from-code pyfunc: base model + trained weights, pickle-free.
+
+MLflow copies this file into the model version together with the ``steps`` package
+(``code_paths``); ``load_context`` fetches the base model by URI (``runs:/<id>/base_model``
+through the tracking server) and loads the trained weights stored with the version with
+the method that made them (``steps/methods``: adapter, head, interventions, full weights).
+
+    model = mlflow.pyfunc.load_model("models:/tuneline-chat@champion")
+    model.predict(["What is the capital of France?"])   # -> ["Paris ..."]
+
+Classification models answer label names, regression models numbers:
+
+    mlflow.pyfunc.load_model("models:/tuneline-bbc@champion").predict(["Shares fell ..."])  # -> ["business"]
+"""
+
+from __future__ import annotations
+
+import mlflow
+from mlflow.models import set_model
+from mlflow.pyfunc import PythonModel
+
+
+class ChatAdapterModel(PythonModel):
+    def load_context(self, context):
+        from pathlib import Path
+
+        import torch
+        from transformers import AutoTokenizer
+
+        from steps.train import methods
+
+        config = context.model_config
+        base_dir = mlflow.artifacts.download_artifacts(config["base_model_uri"])
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        trained = Path(context.artifacts["trained"])
+        self.task = methods.task_of(trained)
+        self.model = methods.load(Path(base_dir), trained, self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["tokenizer"])
+        # Generation pads on the left; an encoder's [CLS] must stay at position 0 (right padding, as in training).
+        self.tokenizer.padding_side = "right" if self.task.sequence_head else "left"
+        self.max_new_tokens = int(config.get("max_new_tokens", 64))
+
+    def predict(self, context, model_input, params=None):
+        import torch
+
+        if hasattr(model_input, "columns"):  # MLflow hands a list of strings over as a one-column DataFrame
+            column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
+            prompts = list(model_input[column])
+        else:
+            prompts = list(model_input)
+        if self.task.sequence_head:
+            return self.classify([str(p) for p in prompts])
+        texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": str(p)}], tokenize=False,
+                                                    add_generation_prompt=True) for p in prompts]
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        max_new = int((params or {}).get("max_new_tokens", self.max_new_tokens))
+        with torch.no_grad():
+            out = self.model.generate(**enc, max_new_tokens=max_new, do_sample=False,
+                                      pad_token_id=self.tokenizer.pad_token_id)
+        return [s.strip() for s in self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:],
+                                                                skip_special_tokens=True)]
+
+
+    def classify(self, texts):
+        import torch
+
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True).to(self.device)
+        with torch.no_grad():
+            logits = self.model(**enc).logits.float()
+        if self.task.kind == "regression":
+            return logits[:, 0].tolist()
+        return [self.task.labels[i] for i in logits.argmax(-1).tolist()]
+
+
+set_model(ChatAdapterModel())

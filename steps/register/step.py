@@ -1,0 +1,453 @@
+"""Register: an MLflow run and a registered model version with lineage, then the
+promotion gate that moves the ``champion`` alias only to a better model.
+
+The version holds a pickle-free models-from-code pyfunc (``steps/register/serving.py``): the
+trained weights (safetensors: an adapter, a head, interventions or full weights) and
+the tokenizer as artifacts, with the ``steps`` package as code, and the base model by URI
+(``runs:/<id>/base_model``, logged once per base digest), so
+``mlflow.pyfunc.load_model("models:/NAME@champion")`` works wherever the tracking
+server is reachable. Registration is idempotent: a version tagged with the same run
+key is returned instead of registering a second one (and finished, when the attempt that
+created it died before its last write, the ``tuneline.registration=complete`` tag).
+
+Tracking server and S3 endpoint come from MLFLOW_TRACKING_URI / MLFLOW_S3_ENDPOINT_URL.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from steps.config import GATE_METRICS, RegisterConfig
+from steps.core.contract import StrictModel
+from steps.core.errors import ConfigError
+from steps.core.lineage import code_version, run_key
+from steps.core.store import ArtifactRef, ArtifactStore, DatasetRef, EvalReport, ModelRef
+from steps.tokenize.split import split_summary
+
+log = logging.getLogger(__name__)
+
+STEP = "register"
+BASE_EXPERIMENT = "tuneline-base-models"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+                   "vocab.txt")
+STEPS_DIR = Path(__file__).resolve().parents[1]  # the package, shipped with the model as code
+SERVING_CODE = STEPS_DIR / "register" / "serving.py"
+LOWER_IS_BETTER = {metric: lower for metrics in GATE_METRICS.values() for metric, lower in metrics.items()}
+CARD_METRICS = ("perplexity", "bleu", "chrf", "accuracy", "f1_macro", "mse", "mae", "r2", "pref_accuracy",
+                "logp_margin", "reward_accuracy", "reward_margin")
+
+
+class RunRecord(StrictModel):
+    """Everything a training run produced, as references: what a version's lineage is made of."""
+
+    params: dict[str, Any]
+    datasets: dict[str, DatasetRef]
+    model: ModelRef
+    evaluations: dict[str, EvalReport]
+
+
+class RegisteredVersion(StrictModel):
+    name: str
+    version: str
+    run_id: str
+    run_key: str
+
+
+class Champion(StrictModel):
+    version: str
+    model: ModelRef
+
+
+class PromotionDecision(StrictModel):
+    promoted: bool
+    reason: str
+    champion_version: str | None
+    metric: str
+    candidate_value: float
+    incumbent_value: float
+    incumbent: str
+
+
+def _client() -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def find_champion(cfg: RegisterConfig) -> Champion | None:
+    """The version holding the ``champion`` alias and the model it was trained as, if any."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = _client().get_model_version_by_alias(cfg.model_name, "champion")
+    except MlflowException:
+        return None
+    ref = version.tags.get("tuneline.model_ref")
+    if ref is None:
+        log.warning("champion %s v%s has no tuneline.model_ref tag; ignoring it", cfg.model_name, version.version)
+        return None
+    return Champion(version=version.version, model=ModelRef.model_validate_json(ref))
+
+
+def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore) -> RegisteredVersion:
+    """Log the run to MLflow and register the trained model as a new version with alias ``challenger``.
+
+    The version holds the pickle-free pyfunc (``serving.py``), adapter or weights, tokenizer, model
+    card, reports and lineage tags (run key, code version, digests). Registering the same run key
+    again returns the existing version. Raises ``ConfigError`` when ``record`` holds no trained weights.
+    """
+    import mlflow
+
+    inputs = [record.model.base, record.model.adapter, *record.evaluations.values(), *record.datasets.values()]
+    key = run_key(STEP, cfg, [ref.digest for ref in inputs if ref is not None] + [json.dumps(record.params, sort_keys=True)])
+    client = _client()
+    existing = client.search_model_versions(f"name = '{cfg.model_name}' and tags.`tuneline.run_key` = '{key}'")
+    if existing:
+        v = existing[0]
+        log.info("register: %s v%s already holds run key %s", cfg.model_name, v.version, key)
+        if v.tags.get("tuneline.registration") != "complete":  # an attempt died after creating it: finish it
+            finish_version(client, cfg.model_name, v.version, model_card(cfg, record, key))
+        return RegisteredVersion(name=cfg.model_name, version=v.version, run_id=v.run_id, run_key=key)
+
+    if record.model.adapter is None:
+        raise ConfigError("register needs a fine-tuned model (a ModelRef with an adapter)")
+    base_uri = base_model_uri(record.model.base, store)
+    # The experiment by id: set_experiment's "active experiment" is process-wide, and a run
+    # registering its base model in another thread may change it before start_run.
+    experiment = mlflow.set_experiment(cfg.experiment)
+    evals = {name: report.stats for name, report in record.evaluations.items()}
+    tags = lineage_tags(key, record)
+    with mlflow.start_run(experiment_id=experiment.experiment_id, run_name=f"{cfg.model_name}-{key[:8]}",
+                          tags=tags) as run, \
+            tempfile.TemporaryDirectory(prefix="tuneline-register-") as tmp:
+        mlflow.log_params(flatten(record.params))
+        log_datasets(record, store)
+        history = store.read_json(record.model.adapter, "train_log.json")
+        log_series(run.info.run_id, history)
+        mlflow.log_metrics({f"{name}_{metric}": value for name, stats in evals.items()
+                            for metric, value in stats.items() if isinstance(value, (int, float))})
+        mlflow.log_figure(loss_curve(history), "plots/loss_curve.png")
+        if "confusion_matrix" in evals.get("candidate", {}):
+            mlflow.log_figure(confusion_figure(evals["candidate"]), "plots/confusion_matrix.png")
+        mlflow.log_dict(store.read_json(record.model.adapter, "train_report.json"), "reports/train_report.json")
+        mlflow.log_dict({name: ref.stats for name, ref in record.datasets.items()}, "reports/data.json")
+        mlflow.log_dict(evals, "reports/eval.json")
+        samples = store.read_jsonl(record.evaluations["candidate"], "samples.jsonl")
+        if samples:
+            mlflow.log_table({k: [s[k] for s in samples] for k in ("id", "reference", "prediction")},
+                             "reports/eval_samples.json")
+        card = model_card(cfg, record, key)
+        mlflow.log_text(card, "model_card.md")
+        trained_dir, tokenizer_dir = Path(tmp) / "trained", Path(tmp) / "tokenizer"
+        shutil.copytree(store.download(record.model.adapter), trained_dir,
+                        ignore=shutil.ignore_patterns("_MANIFEST.json", "train_log.json", "train_report.json"))
+        tokenizer_dir.mkdir()
+        base_dir = store.download(record.model.base)
+        for name in TOKENIZER_FILES:
+            if (base_dir / name).exists():
+                shutil.copy(base_dir / name, tokenizer_dir / name)
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(SERVING_CODE),
+            artifacts={"trained": str(trained_dir), "tokenizer": str(tokenizer_dir)},
+            code_paths=[str(STEPS_DIR)],
+            model_config={"base_model_uri": base_uri, "base_model_digest": record.model.base.digest},
+            pip_requirements=serving_requirements(),
+            signature=signature_for(record.datasets["tokenize"].stats.get("task", "sft")),
+        )
+    gate = {"tuneline.metric": cfg.metric,
+            "tuneline.metric_value": str(record.evaluations["candidate"].stats.get(cfg.metric, ""))}
+    version = mlflow.register_model(info.model_uri, cfg.model_name, tags={**tags, **gate, "tuneline.run_key": key})
+    finish_version(client, cfg.model_name, version.version, card)
+    log.info("register: %s v%s (@challenger), run %s", cfg.model_name, version.version, run.info.run_id)
+    return RegisteredVersion(name=cfg.model_name, version=version.version, run_id=run.info.run_id, run_key=key)
+
+
+def finish_version(client: Any, name: str, version: str, card: str) -> None:
+    """The model card, alias ``challenger``, then the tag that marks the registration complete (last,
+    like a manifest: a retry that finds a version without it finishes the job)."""
+    client.update_model_version(name, version, description=card)
+    client.set_registered_model_alias(name, "challenger", version)
+    client.set_model_version_tag(name, version, "tuneline.registration", "complete")
+
+
+def decide(cfg: RegisterConfig, candidate: float, incumbent: float, incumbent_label: str) -> tuple[bool, str]:
+    """Pure promotion rule: better than the incumbent by more than ``min_improvement`` (relative)."""
+    lower = LOWER_IS_BETTER[cfg.metric]
+    gain = (incumbent - candidate) if lower else (candidate - incumbent)
+    relative = gain / abs(incumbent) if incumbent else (float("inf") if gain > 0 else 0.0)
+    direction = "lower" if lower else "higher"
+    verdict = (f"{cfg.metric} {candidate:.4g} vs {incumbent_label} {incumbent:.4g} "
+               f"({direction} is better; relative gain {relative:+.2%}, required > {cfg.min_improvement:.2%})")
+    return relative > cfg.min_improvement, verdict
+
+
+def gate_checks(cfg: RegisterConfig, candidate: EvalReport, base: EvalReport | None) -> list[tuple[bool, str]]:
+    """The policy's other conditions: the smoke test, and the forgetting check against the base model."""
+    checks: list[tuple[bool, str]] = []
+    smoke = candidate.stats.get("smoke")
+    if cfg.require_smoke and smoke is not None:
+        if smoke.get("passed"):
+            checks.append((True, "smoke test passed"))
+        else:
+            failing = [p["prompt"] for p in smoke.get("prompts", []) if not p.get("passed")]
+            detail = (f"prompts failing: {failing}" if failing
+                      else f"classes never predicted: {smoke.get('missing_classes', [])}")
+            checks.append((False, f"smoke test failed ({detail})"))
+    before = (base.stats.get("reference_perplexity") if base is not None else None)
+    after = candidate.stats.get("reference_perplexity")
+    if cfg.forgetting_tolerance is not None and before and after:
+        growth = after / before - 1
+        ok = growth <= cfg.forgetting_tolerance
+        checks.append((ok, f"forgetting: reference perplexity {before:.4g} -> {after:.4g} ({growth:+.1%}, "
+                           f"allowed <= {cfg.forgetting_tolerance:+.0%})"))
+    return checks
+
+
+def promote_model(
+    cfg: RegisterConfig, version: RegisteredVersion, candidate: EvalReport, incumbent: EvalReport, incumbent_label: str,
+    base: EvalReport | None = None,
+) -> PromotionDecision:
+    """Move ``champion`` to ``version`` when it beats the incumbent and passes the policy's other
+    checks (smoke test, forgetting); record the decision either way (tag and model card)."""
+    client = _client()
+    with promotion_lock(cfg.model_name):
+        current = find_champion(cfg)
+        value, against = float(candidate.stats[cfg.metric]), float(incumbent.stats[cfg.metric])
+        checks = gate_checks(cfg, candidate, base)
+        now = f"champion v{current.version}" if current is not None else "base model"
+        if current is not None and current.version != version.version and now != incumbent_label:
+            # Another run promoted a version after this run evaluated its incumbent: compare with that one.
+            other = client.get_model_version(cfg.model_name, current.version)
+            mine = client.get_model_version(cfg.model_name, version.version)
+            comparable = (other.tags.get("tuneline.data_digest") == mine.tags.get("tuneline.data_digest")
+                          and other.tags.get("tuneline.metric") == cfg.metric
+                          and other.tags.get("tuneline.metric_value", "") != "")
+            if comparable:
+                against, incumbent_label = float(other.tags["tuneline.metric_value"]), now
+            else:
+                checks.append((False, f"the champion changed to v{current.version} during this run and was measured "
+                                      "on another eval set; run again to compare"))
+        better, verdict = decide(cfg, value, against, incumbent_label)
+        failed = [text for ok, text in checks if not ok]
+        detail = "; ".join([verdict, *(text for _, text in checks)])
+        if current is not None and current.version == version.version:
+            promoted, reason, champion = True, f"already champion: {detail}", version.version
+        elif better and not failed:
+            if current is not None:
+                client.set_registered_model_alias(cfg.model_name, "previous-champion", current.version)
+            client.set_registered_model_alias(cfg.model_name, "champion", version.version)
+            promoted, reason, champion = True, f"promoted: {detail}", version.version
+        else:
+            promoted = False
+            reason = f"not promoted, {'champion unchanged' if current else 'no champion yet'}: {detail}"
+            champion = current.version if current else None
+        verify_champion(cfg, champion)
+    client.set_model_version_tag(cfg.model_name, version.version, "tuneline.promotion", reason)
+    description = client.get_model_version(cfg.model_name, version.version).description or ""
+    client.update_model_version(cfg.model_name, version.version, description=description.rstrip() + "\n\n"
+                                + promotion_section(reason, candidate, incumbent, incumbent_label, checks))
+    log.info("promotion gate: %s", reason)
+    return PromotionDecision(promoted=promoted, reason=reason, champion_version=champion, metric=cfg.metric,
+                             candidate_value=value, incumbent_value=against, incumbent=incumbent_label)
+
+
+def promotion_section(reason: str, candidate: EvalReport, incumbent: EvalReport, label: str,
+                      checks: list[tuple[bool, str]]) -> str:
+    """The model card's account of the gate: the decision, each check, and the metrics compared."""
+    shown = [m for m in CARD_METRICS if m in candidate.stats or m in incumbent.stats]
+    lines = ["## Promotion decision", "", reason, "",
+             *[f"- {'pass' if ok else 'FAIL'}: {text}" for ok, text in checks], "",
+             f"| model | {' | '.join(shown)} |", "|---|" + "---|" * len(shown),
+             f"| candidate | {' | '.join(str(candidate.stats.get(m, '-')) for m in shown)} |",
+             f"| {label} | {' | '.join(str(incumbent.stats.get(m, '-')) for m in shown)} |"]
+    return "\n".join(lines) + "\n"
+
+
+def verify_champion(cfg: RegisterConfig, expected: str | None) -> None:
+    """Re-read the alias after writing it: a concurrent writer that slipped past the lock shows up here."""
+    from mlflow.exceptions import MlflowException
+
+    from steps.core.errors import TransientError
+
+    try:
+        current: str | None = _client().get_model_version_by_alias(cfg.model_name, "champion").version
+    except MlflowException:
+        current = None
+    if current != expected:
+        raise TransientError(f"{cfg.model_name}: champion is v{current} after the gate set v{expected}; "
+                             "another promotion interfered, retrying")
+
+
+def promotion_lock(model_name: str, timeout: float = 300.0) -> Any:
+    """One promotion per registered model at a time: a create-only lock object in the artifact bucket."""
+    from steps.core.store import ArtifactStore
+
+    return ArtifactStore.from_env("locks").lock(f"promote/{model_name}", timeout=timeout)
+
+
+def log_datasets(record: RunRecord, store: ArtifactStore) -> None:
+    """``mlflow.log_input`` for the raw data and the train/eval splits, each with its S3 source and digest."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    tokenized, raw = record.datasets["tokenize"], record.datasets["ingest"]
+    inputs = [(raw, "raw.jsonl", "raw", str(raw.stats.get("source_sha256", raw.digest))),
+              (tokenized, "train.jsonl", "training", tokenized.digest),
+              (tokenized, "eval.jsonl", "evaluation", tokenized.digest)]
+    for ref, name, context, digest in inputs:
+        source = resolve_dataset_source(f"s3://{store.bucket}/{ref.key}/{name}")
+        dataset = MetaDataset(source=source, name=f"{ref.step}/{name}", digest=digest[:32])
+        mlflow.log_input(dataset, context=context)
+
+
+def signature_for(task: str) -> Any:
+    """Prompts in, answers out (with a ``max_new_tokens`` param), or texts in, labels / values out."""
+    from mlflow.models import infer_signature
+
+    if task == "classification":
+        return infer_signature(["text"], ["label"])
+    if task == "regression":
+        return infer_signature(["text"], [0.5])
+    # A params schema makes `predict(..., params={"max_new_tokens": n})` reach the model.
+    return infer_signature(["prompt"], ["answer"], params={"max_new_tokens": 64})
+
+
+def base_model_uri(base: ArtifactRef, store: ArtifactStore) -> str:
+    """``runs:/<id>/base_model`` for this base digest, logging the weights once per digest."""
+    import mlflow
+
+    experiment = mlflow.set_experiment(BASE_EXPERIMENT)
+    found = mlflow.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`tuneline.base_digest` = '{base.digest}' and "
+        "attributes.status = 'FINISHED'", output_format="list", max_results=1,
+    )
+    if found:
+        return f"runs:/{found[0].info.run_id}/base_model"
+    folder = store.download(base)
+    with mlflow.start_run(experiment_id=experiment.experiment_id, run_name=f"base-{base.digest[:12]}",
+                          tags={"tuneline.base_digest": base.digest, "tuneline.base_key": base.key}) as run:
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and path.name != "_MANIFEST.json":
+                mlflow.log_artifact(str(path), "base_model")
+    return f"runs:/{run.info.run_id}/base_model"
+
+
+def lineage_tags(key: str, record: RunRecord) -> dict[str, str]:
+    adapter = record.model.adapter
+    return {
+        "tuneline.code_version": code_version(),
+        "tuneline.config_hash": run_key("params", record.params, []),
+        "tuneline.data_digest": record.datasets["tokenize"].digest,
+        "tuneline.raw_digest": str(record.datasets["ingest"].stats.get("source_sha256", "")),
+        "tuneline.base_digest": record.model.base.digest,
+        "tuneline.adapter_digest": adapter.digest if adapter else "",
+        "tuneline.method": str(adapter.stats.get("method", "")) if adapter else "",
+        "tuneline.model_ref": record.model.model_dump_json(),
+        "tuneline.register_key": key,
+    }
+
+
+def log_series(run_id: str, history: list[dict[str, float]]) -> None:
+    """Per-step training metrics in batches (one request per 500 points, not one per point)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    points = [Metric(name, float(value), now, int(row["step"])) for row in history for name, value in row.items()
+              if name != "step" and isinstance(value, (int, float))]
+    for i in range(0, len(points), 500):
+        _client().log_batch(run_id, metrics=points[i : i + 500])
+
+
+def loss_curve(history: list[dict[str, float]]) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(stats: dict[str, Any]) -> Any:
+    """The candidate's confusion matrix (rows: true label, columns: predicted), counts in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix, labels = stats["confusion_matrix"], stats["labels"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.2 * len(labels) + 1.5))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            ax.text(j, i, str(count), ha="center", va="center")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"accuracy {stats.get('accuracy')}, macro F1 {stats.get('f1_macro')}")
+    fig.tight_layout()
+    return fig
+
+
+def model_card(cfg: RegisterConfig, record: RunRecord, key: str) -> str:
+    d = {name: ref.stats for name, ref in record.datasets.items()}
+    e = {name: report.stats for name, report in record.evaluations.items()}
+    pii = d["scrub"].get("pii", {})
+    shown = [m for m in CARD_METRICS if any(m in s for s in e.values())]
+    lines = [
+        f"# {cfg.model_name}",
+        "",
+        f"Fine-tuned by tuneline with method `{record.model.adapter.stats.get('method')}` for task "
+        f"`{d['tokenize'].get('task', 'sft')}`.",
+        "",
+        "## Data",
+        f"- source: `{d['ingest'].get('source')}` ({d['ingest'].get('lines')} lines, sha256 `{d['ingest'].get('source_sha256', '')[:16]}`)",
+        f"- validation: {d['validate'].get('records')} records passed {d['validate'].get('rules')} rules",
+        f"- scrub: {d['scrub'].get('records_in')} -> {d['scrub'].get('records_out')} records, "
+        f"{d['scrub'].get('duplicates_removed')} duplicates removed, PII replaced: "
+        + (", ".join(f"{k} {v}" for k, v in pii.items()) or "none"),
+        f"- tokenize: {split_summary(d['tokenize'])}",
+        "",
+        "## Evaluation (same eval set)",
+        "| model | " + " | ".join(shown) + " |",
+        "|---|" + "---|" * len(shown),
+        *[f"| {name} | " + " | ".join(str(s.get(m, "-")) for m in shown) + " |" for name, s in e.items()],
+        "",
+        "## Lineage",
+        f"- run key `{key}`, code version `{code_version()}`",
+        f"- base model digest `{record.model.base.digest[:16]}`, data digest `{record.datasets['tokenize'].digest[:16]}`",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in params.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, list) else v
+    return out
+
+
+def serving_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    packages = ("mlflow", "torch", "transformers", "peft", "safetensors", "bitsandbytes", "pydantic", "pyyaml")
+    return [f"{pkg}=={version(pkg)}" for pkg in packages]

@@ -1,0 +1,253 @@
+"""Records to token rows, per kind: chats rendered with the model's template and labelled on
+assistant turns only (``encode_chat_batch``), labelled texts (``encode_labelled``), preference pairs
+(``encode_pairs``) and packed text blocks (``pack_texts``). Byte-level BPE tokenizers encode through
+the pre-token cache (``pretoken_encoder``, steps/text/pretokens.py).
+"""
+
+from __future__ import annotations
+
+import bisect
+import weakref
+from typing import Any
+
+from tqdm import tqdm
+
+from steps.config import TokenizeConfig
+from steps.core.contract import IGNORE
+from steps.core.errors import ConfigError
+from steps.tokenize.template import _ChatLayout, _rendered_spans, _transparent
+
+ENCODE_BATCH = 1024  # conversations per tokenizer call
+
+def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """Token ids of the rendered conversation and labels that keep only assistant turns.
+
+    The template must render each conversation prefix as a prefix of the whole; an
+    assistant turn is the text between the prompt (with generation header) and the end
+    of that turn, including its end-of-turn token.
+    """
+    return encode_chat_batch(tokenizer, [messages])[0]
+
+def encode_chat_batch(tokenizer: Any, conversations: list[list[dict[str, str]]]
+                      ) -> list[tuple[list[int], list[int]]]:
+    """``encode_chat`` for many conversations: the texts are tokenized in one batch call (the
+    fast tokenizer's threads), and the prompt/turn prefixes that locate the assistant spans
+    come from one rendering per role sequence with placeholder contents (``_ChatLayout``)
+    instead of two template renderings per assistant turn."""
+    layouts: dict[tuple[str, ...], _ChatLayout] = {}
+    texts: list[str] = []
+    all_spans: list[list[tuple[int, int]]] = []
+    # A content-transparent template (``_transparent``) renders a conversation as its layout with
+    # the contents filled in: no template run for it. Other conversations are rendered in one call.
+    transparent = _transparent(tokenizer)
+    plans: list[tuple[_ChatLayout | None, bool]] = []  # per conversation: its layout, and whether to fill it
+    for messages in conversations:
+        layout = None
+        if _ChatLayout.applies(messages):
+            roles = tuple(m["role"] for m in messages)
+            layout = layouts.get(roles) or layouts.setdefault(roles, _ChatLayout(tokenizer, roles))
+        plans.append((layout, transparent and layout is not None and layout.verified))
+    rest = [messages for messages, (_, fill) in zip(conversations, plans) if not fill]
+    rendered = iter(tokenizer.apply_chat_template(rest, tokenize=False) if rest else [])
+    for messages, (layout, fill) in zip(conversations, plans):
+        contents = [m["content"] for m in messages] if layout is not None else []
+        text = layout.fill(contents) if fill else next(rendered)
+        spans = layout.spans(text, contents) if layout is not None else None
+        texts.append(text)
+        all_spans.append(spans if spans is not None else _rendered_spans(tokenizer, messages, text))
+    results: list[tuple[list[int], list[int]] | None] = [None] * len(texts)
+    if (encoder := pretoken_encoder(tokenizer)) is not None:  # steps/text/pretokens.py: same ids, cached pre-tokens
+        for k, (text, spans) in enumerate(zip(texts, all_spans)):
+            bounds = sorted({bound for span in spans for bound in span})
+            if (encoded := encoder.encode(text, bounds)) is not None:
+                ids, at = encoded
+                token_at = dict(zip(bounds, at))
+                labels = [IGNORE] * len(ids)
+                for start, end in spans:
+                    first, stop = token_at[start], token_at[end]
+                    labels[first:stop] = ids[first:stop]
+                results[k] = (ids, labels)
+    rest = [k for k, result in enumerate(results) if result is None]
+    if rest:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:  # the Rust tokenizer directly: its ids and offsets, without per-row conversion
+            encodings = backend.encode_batch([texts[k] for k in rest], add_special_tokens=False)
+            pairs = [(e.ids, e.offsets) for e in encodings]
+        else:
+            encoded = tokenizer([texts[k] for k in rest], add_special_tokens=False, return_offsets_mapping=True)
+            pairs = list(zip(encoded["input_ids"], encoded["offset_mapping"]))
+        for k, (ids, offsets) in zip(rest, pairs):
+            results[k] = (list(ids), _labels(ids, offsets, all_spans[k]))
+    return results  # type: ignore[return-value]
+
+_ENCODERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+def pretoken_encoder(tokenizer: Any) -> Any:
+    """The tokenizer's ``PretokenEncoder`` (steps/text/pretokens.py), built once per tokenizer object
+    and process, or None (then the Rust tokenizer encodes every text)."""
+    try:
+        if tokenizer not in _ENCODERS:
+            from steps.text.pretokens import PretokenEncoder
+
+            backend = getattr(tokenizer, "backend_tokenizer", None)
+            _ENCODERS[tokenizer] = PretokenEncoder.of(backend) if backend is not None else None
+        return _ENCODERS[tokenizer]
+    except TypeError:  # not weak-referenceable
+        return None
+
+def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """The token ids whose text starts inside an assistant span; IGNORE elsewhere."""
+    begins = [begin for begin, _ in offsets]
+    if begins != sorted(begins):  # token starts out of order: test each token against each span
+        return [token if any(start <= begin < end for start, end in spans) else IGNORE
+                for token, begin in zip(ids, begins)]
+    labels = [IGNORE] * len(ids)
+    for start, end in spans:  # the tokens starting in [start, end) are one run
+        first, stop = bisect.bisect_left(begins, start), bisect.bisect_left(begins, end)
+        labels[first:stop] = ids[first:stop]
+    return labels
+
+def chat_row(record: dict[str, Any], ids: list[int], labels: list[int], cfg: TokenizeConfig
+             ) -> tuple[dict[str, Any] | None, bool]:
+    """The row of one encoded conversation truncated to max_seq_len (None when truncation left no
+    answer token), and whether it was truncated."""
+    truncated = len(ids) > cfg.max_seq_len
+    if truncated:
+        ids, labels = ids[: cfg.max_seq_len], labels[: cfg.max_seq_len]
+    if labels.count(IGNORE) == len(labels):
+        return None, truncated
+    return {"id": record["id"], "input_ids": ids, "labels": labels}, truncated
+
+def eval_prompt(record: dict[str, Any]) -> dict[str, Any]:
+    """An eval conversation's prompt messages and reference answer (for BLEU)."""
+    return {"id": record["id"], "messages": record["messages"][:-1], "reference": record["messages"][-1]["content"]}
+
+def encode_chats(tokenizer: Any, sides: dict[str, list[dict]], cfg: TokenizeConfig
+                 ) -> tuple[dict[str, list[dict]], list[dict], dict[str, Any]]:
+    """One labelled row per conversation (truncated to max_seq_len), eval prompts and stats."""
+    splits: dict[str, list[dict[str, Any]]] = {"train": [], "eval": []}
+    prompts: list[dict[str, Any]] = []
+    truncated = dropped = 0
+    for side, records in sides.items():
+        progress = tqdm(total=len(records), desc=f"tokenize {side}", unit="rec", mininterval=2)
+        for start in range(0, len(records), ENCODE_BATCH):
+            batch = records[start:start + ENCODE_BATCH]
+            for record, (ids, labels) in zip(batch, encode_chat_batch(tokenizer, [r["messages"] for r in batch])):
+                truncated, dropped = _add_chat_row(splits[side], prompts if side == "eval" else None,
+                                                   record, ids, labels, cfg, truncated, dropped)
+            progress.update(len(batch))
+        progress.close()
+    stats = {
+        "train_records": len(splits["train"]),
+        "eval_records": len(splits["eval"]),
+        "train_tokens": sum(len(r["input_ids"]) for r in splits["train"]),
+        "trainable_tokens": sum(len(r["labels"]) - r["labels"].count(IGNORE) for r in splits["train"]),
+        "truncated": truncated,
+        "dropped_no_answer": dropped,
+    }
+    return splits, prompts, stats
+
+def _add_chat_row(rows: list[dict[str, Any]], prompts: list[dict[str, Any]] | None, record: dict[str, Any],
+                  ids: list[int], labels: list[int], cfg: TokenizeConfig, truncated: int, dropped: int
+                  ) -> tuple[int, int]:
+    """Append one encoded conversation (``chat_row``) and, for eval, its prompt; returns the
+    updated truncated and dropped counts."""
+    row, cut = chat_row(record, ids, labels, cfg)
+    if row is None:
+        return truncated + cut, dropped + 1
+    rows.append(row)
+    if prompts is not None:
+        prompts.append(eval_prompt(record))
+    return truncated + cut, dropped
+
+def encode_labelled(tokenizer: Any, sides: dict[str, list[dict]], cfg: TokenizeConfig, kind: str
+                    ) -> tuple[dict[str, list[dict]], list[dict], dict[str, Any]]:
+    """One row per text with its label index (classification) or value (regression)."""
+    labels = sorted({r["label"] for records in sides.values() for r in records}) if kind == "classification" else []
+    index = {label: i for i, label in enumerate(labels)}
+    splits: dict[str, list[dict[str, Any]]] = {}
+    truncated = 0
+    for side, records in sides.items():
+        rows = []
+        for record in tqdm(records, desc=f"tokenize {side}", unit="rec", mininterval=2):
+            ids = tokenizer(record["text"], verbose=False)["input_ids"]
+            if len(ids) > cfg.max_seq_len:
+                truncated += 1
+                ids = ids[: cfg.max_seq_len - 1] + ids[-1:]  # keep the closing special token ([SEP])
+            label = index[record["label"]] if kind == "classification" else float(record["label"])
+            rows.append({"id": record["id"], "input_ids": ids, "label": label})
+        splits[side] = rows
+    stats: dict[str, Any] = {
+        "train_records": len(splits["train"]), "eval_records": len(splits["eval"]),
+        "train_tokens": sum(len(r["input_ids"]) for r in splits["train"]), "truncated": truncated,
+    }
+    if kind == "classification":
+        stats["labels"] = labels
+        for side, rows in splits.items():
+            counts = {label: 0 for label in labels}
+            for r in rows:
+                counts[labels[r["label"]]] += 1
+            stats[f"{side}_label_counts"] = counts
+    return splits, [], stats
+
+def encode_pairs(tokenizer: Any, sides: dict[str, list[dict]], cfg: TokenizeConfig
+                 ) -> tuple[dict[str, list[dict]], list[dict], dict[str, Any]]:
+    """Chosen and rejected conversations per pair, prompt-masked and truncated."""
+    splits: dict[str, list[dict[str, Any]]] = {"train": [], "eval": []}
+    prompts: list[dict[str, Any]] = []
+    truncated = dropped = 0
+    for side, records in sides.items():
+        for record in tqdm(records, desc=f"tokenize {side}", unit="pair", mininterval=2):
+            prompt = [{"role": "user", "content": record["prompt"]}]
+            encoded = []
+            for answer in (record["chosen"], record["rejected"]):
+                ids, labels = encode_chat(tokenizer, prompt + [{"role": "assistant", "content": answer}])
+                if len(ids) > cfg.max_seq_len:
+                    truncated += 1
+                    ids, labels = ids[: cfg.max_seq_len], labels[: cfg.max_seq_len]
+                encoded.append((ids, labels))
+            if any(all(label == IGNORE for label in labels) for _, labels in encoded):
+                dropped += 1
+                continue
+            (chosen, chosen_labels), (rejected, rejected_labels) = encoded
+            splits[side].append({"id": record["id"], "input_ids": chosen, "labels": chosen_labels,
+                                 "rejected_ids": rejected, "rejected_labels": rejected_labels})
+            if side == "eval":
+                prompts.append({"id": record["id"], "messages": prompt, "reference": record["chosen"]})
+    stats = {
+        "train_records": len(splits["train"]), "eval_records": len(splits["eval"]),
+        "train_tokens": sum(len(r["input_ids"]) + len(r["rejected_ids"]) for r in splits["train"]),
+        "truncated": truncated, "dropped_no_answer": dropped,
+    }
+    return splits, prompts, stats
+
+def pack_texts(tokenizer: Any, sides: dict[str, list[dict]], cfg: TokenizeConfig
+               ) -> tuple[dict[str, list[dict]], list[dict], dict[str, Any]]:
+    """Blocks of exactly max_seq_len tokens per side (labels = input_ids), no eval prompts, and stats."""
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("the base model's tokenizer has no EOS token to separate packed documents")
+    splits: dict[str, list[dict[str, Any]]] = {}
+    stats: dict[str, Any] = {}
+    dropped = 0
+    for side, records in sides.items():
+        stream = token_stream(tokenizer, [r["text"] for r in records], desc=f"tokenize {side}")
+        blocks = len(stream) // cfg.max_seq_len
+        dropped += len(stream) - blocks * cfg.max_seq_len
+        rows = []
+        for n in range(blocks):
+            ids = stream[n * cfg.max_seq_len : (n + 1) * cfg.max_seq_len]
+            rows.append({"id": f"block-{n}", "input_ids": ids, "labels": ids})
+        splits[side] = rows
+        stats |= {f"{side}_documents": len(records), f"{side}_records": blocks,
+                  f"{side}_tokens": blocks * cfg.max_seq_len}
+    return splits, [], stats | {"dropped_tail_tokens": dropped}
+
+def token_stream(tokenizer: Any, texts: list[str], desc: str) -> list[int]:
+    """The texts' token ids, without special tokens, joined by the EOS token."""
+    stream: list[int] = []
+    for i, text in enumerate(tqdm(texts, desc=desc, unit="doc", mininterval=2)):
+        if i:
+            stream.append(tokenizer.eos_token_id)
+        # verbose=False: documents are longer than the model's context on purpose; they are cut into blocks.
+        stream += tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return stream

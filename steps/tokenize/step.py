@@ -1,0 +1,81 @@
+"""Tokenize: scrubbed records -> token rows for the base model, split train/eval.
+
+    tokenize_dataset(TokenizeConfig(...), scrubbed, base_model, store)
+
+What a row is depends on the records' kind (chat: template-rendered conversation labelled on the
+answers; text: packed blocks; classification/regression: text and label; preference: chosen and
+rejected conversations). How each kind is encoded, the leakage check, streaming and the worker
+processes: docs/DESIGN.md, "Tokenize".
+"""
+
+from __future__ import annotations
+
+import logging
+
+from steps.config import TASKS, TokenizeConfig
+from steps.core.contract import RECORDS_FILE
+from steps.core.lineage import run_key
+from steps.core.store import ArtifactStore, DatasetRef, ModelRef
+from steps.tokenize.augment import augment_inputs, augment_train
+from steps.tokenize.chats import stream_chats
+from steps.tokenize.encode import encode_chats, encode_labelled, encode_pairs, pack_texts
+from steps.tokenize.split import check_both_splits, check_truncation, drop_leakage, leakage_checked_by, split_records
+
+log = logging.getLogger(__name__)
+
+STEP = "tokenize"
+
+
+def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, store: ArtifactStore) -> DatasetRef:
+    """Token rows of the scrubbed records ``source`` for ``model``'s tokenizer.
+
+    Writes ``train.jsonl``, ``eval.jsonl`` and ``eval_prompts.jsonl``; the stats carry ``task`` (read
+    by train), the split sizes, truncation and leakage counts. Raises ``DataQualityError`` when a
+    side is empty or too many records are truncated (``max_truncated_share``), ``ConfigError`` when
+    the chat template cannot mask prompts or the tokenizer has no EOS for packing.
+    """
+    key = run_key(STEP, cfg, [source.digest, model.base.digest, *augment_inputs(cfg.augment)])
+    if (done := store.lookup(STEP, key)) is not None:
+        return DatasetRef(**done.model_dump())
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(store.download(model.base))
+    checked_by = leakage_checked_by(cfg, source, store)
+    # What this step checks: without the leakage MinHash when scrub's near dedup already ruled
+    # leakage out. The manifest keeps the configuration as given (``cfg``).
+    work = cfg
+    if checked_by == "scrub":
+        log.info("tokenize: train/eval leakage ruled out by scrub's near dedup (same threshold and signatures)")
+        work = cfg.model_copy(update={"leakage_threshold": None})
+    if source.stats["record_kind"] == "chat" and cfg.augment is None:
+        writer = store.writer(STEP, key, cfg, inputs=[source, model.base])
+        stats = stream_chats(tokenizer, source, store, work, writer) | {"leakage_checked_by": checked_by}
+        log.info("tokenize: %s", stats)
+        return DatasetRef(**writer.commit(stats=stats).model_dump())
+    records = store.read_jsonl(source, RECORDS_FILE)
+    sides = split_records(records, cfg)
+    leaked = drop_leakage(sides, work)
+    kind = source.stats["record_kind"]
+    # Train records only, after the split and the leakage check (steps/tokenize/augment.py).
+    augmented = augment_train(cfg.augment, sides, kind) if cfg.augment is not None else None
+    if kind == "text":
+        splits, prompts, stats = pack_texts(tokenizer, sides, cfg)
+    elif kind in ("classification", "regression"):
+        splits, prompts, stats = encode_labelled(tokenizer, sides, cfg, kind)
+    elif kind == "preference":
+        splits, prompts, stats = encode_pairs(tokenizer, sides, cfg)
+    else:
+        splits, prompts, stats = encode_chats(tokenizer, sides, cfg)
+    stats = {"task": TASKS[kind], **stats, "eval_leakage_removed": len(leaked), "leakage_checked_by": checked_by}
+    if augmented is not None:
+        stats["augmentation"] = augmented
+    check_truncation(cfg, stats, len(records) + (augmented or {}).get("records_added", 0))
+    check_both_splits(cfg, len(splits["train"]), len(splits["eval"]), len(records))
+    writer = store.writer(STEP, key, cfg, inputs=[source, model.base])
+    for side, rows in splits.items():
+        writer.put_jsonl(f"{side}.jsonl", rows)
+    writer.put_jsonl("eval_prompts.jsonl", prompts)
+    log.info("tokenize: %s", stats)
+    return DatasetRef(**writer.commit(stats=stats).model_dump())
+
+

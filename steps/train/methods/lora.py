@@ -1,0 +1,47 @@
+"""LoRA through peft: low-rank adapters on the chosen linear layers, base frozen.
+
+rsLoRA (scale alpha/sqrt(r)) and DoRA (magnitude + direction) are peft switches.
+Saved: ``adapter_model.safetensors`` + ``adapter_config.json``; with ``merge_weights``
+also ``merged/`` full weights (adapter folded into the base). On classification and
+regression models peft's ``SEQ_CLS`` task type trains and saves the new head in full
+(``modules_to_save``) next to the adapter. ``target_modules`` left out: the attention
+projections of the architecture.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from steps.config import TrainConfig
+from steps.core.contract import CAUSAL, Task
+from steps.train.methods.common import attention_targets, load_base, save_adapter
+
+
+def lora_config(cfg: TrainConfig, model: Any, task: Task = CAUSAL) -> Any:
+    from peft import LoraConfig
+
+    s = cfg.lora
+    return LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=attention_targets(cfg, model),
+                      use_rslora=s.use_rslora, use_dora=s.use_dora,
+                      task_type="SEQ_CLS" if task.sequence_head else "CAUSAL_LM")
+
+
+def prepare(cfg: TrainConfig, base_dir: Path, device: str, task: Task = CAUSAL) -> Any:
+    from peft import get_peft_model
+
+    model = load_base(cfg, base_dir, device, task)
+    return get_peft_model(model, lora_config(cfg, model, task))
+
+
+def save(cfg: TrainConfig, model: Any, folder: Path) -> None:
+    save_adapter(model, folder)
+    if cfg.merge_weights:
+        merged = model.merge_and_unload(safe_merge=True)
+        merged.save_pretrained(folder / "merged", safe_serialization=True)
+
+
+def load(cfg: TrainConfig, base_dir: Path, folder: Path, device: str, task: Task = CAUSAL) -> Any:
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_base(None, base_dir, device, task), folder).to(device)

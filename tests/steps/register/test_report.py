@@ -1,0 +1,66 @@
+"""steps/register/report.py: the end-of-run summary, line by line as the README shows it."""
+
+from __future__ import annotations
+
+from steps.core.store import ArtifactRef, DatasetRef, EvalReport, ModelRef
+from steps.register.report import PipelineSummary, render_summary
+from steps.register.step import PromotionDecision, RegisteredVersion, RunRecord
+
+
+def ref(cls, step: str, **stats):
+    return cls(step=step, key=f"p/{step}/k", digest=f"{step}-digest", stats=stats)
+
+
+def summary(task_stats: dict, base: dict, tuned: dict, version: str = "1", champion: str | None = "1") -> PipelineSummary:
+    record = RunRecord(
+        params={},
+        datasets={"ingest": ref(DatasetRef, "ingest", lines=2479, source="chatterbot:english,korean"),
+                  "validate": ref(DatasetRef, "validate", records=2479, rules=11),
+                  "scrub": ref(DatasetRef, "scrub", records_in=2479, records_out=1349, duplicates_removed=1130,
+                               pii={"EMAIL": 2, "PHONE": 0}),
+                  "tokenize": ref(DatasetRef, "tokenize", **task_stats)},
+        model=ModelRef(base=ref(ArtifactRef, "base-model"),
+                       adapter=ref(ArtifactRef, "train", steps=60, first_loss=1.7384, final_loss=3.3641)),
+        evaluations={"base": ref(EvalReport, "evaluate", **base), "candidate": ref(EvalReport, "evaluate", **tuned)},
+    )
+    decision = PromotionDecision(promoted=champion == version, reason="promoted: perplexity 6.88 vs base model 9.469",
+                                 champion_version=champion, metric="perplexity", candidate_value=6.88,
+                                 incumbent_value=9.469, incumbent="base model")
+    return PipelineSummary(record=record, version=RegisteredVersion(name="tuneline-chat", version=version, run_id="r",
+                                                                    run_key="k"), decision=decision)
+
+
+def test_the_summary_of_a_chat_run_reads_as_in_the_readme():
+    text = render_summary(summary({"train_records": 1213, "eval_records": 136, "truncated": 32},
+                                  {"perplexity": 9.4685, "bleu": 3.202}, {"perplexity": 6.8801, "bleu": 2.542}),
+                          {"mlflow": "http://127.0.0.1:5000"})
+    assert text.splitlines() == [
+        "tuneline run summary",
+        "  ingest     2479 lines from chatterbot:english,korean",
+        "  validate   2479 records passed 11 rules",
+        "  scrub      2479 -> 1349 records (1130 duplicates removed)",
+        "             PII replaced: EMAIL=2, PHONE=0",
+        "  tokenize   1213 train / 136 eval records, 32 truncated",
+        "  train      60 steps, loss 1.738 -> 3.364",
+        "  evaluate   perplexity 9.4685 (base) -> 6.8801 (fine-tuned)",
+        "             bleu 3.202 (base) -> 2.542 (fine-tuned)",
+        "  register   tuneline-chat version 1 @champion",
+        "  promotion  promoted: perplexity 6.88 vs base model 9.469",
+        "  mlflow     http://127.0.0.1:5000",
+    ]
+
+
+def test_a_version_not_promoted_is_the_challenger_and_text_runs_name_blocks():
+    text = render_summary(summary({"train_documents": 30, "eval_documents": 4, "train_records": 90, "eval_records": 12},
+                                  {"perplexity": 20.0}, {"perplexity": 30.0}, version="2", champion="1"), {})
+    assert "  register   tuneline-chat version 2 @challenger" in text.splitlines()
+    assert "  tokenize   30 train / 4 eval documents packed into 90 / 12 blocks" in text.splitlines()
+
+
+def test_each_task_shows_its_own_metrics():
+    text = render_summary(summary({"train_records": 40, "eval_records": 10, "truncated": 0},
+                                  {"accuracy": 0.33, "f1_macro": 0.2}, {"accuracy": 0.9, "f1_macro": 0.88}), {})
+    lines = text.splitlines()
+    assert "  evaluate   accuracy 0.33 (base) -> 0.9 (fine-tuned)" in lines
+    assert "             f1_macro 0.2 (base) -> 0.88 (fine-tuned)" in lines
+    assert not any("perplexity" in line for line in lines if "(base) ->" in line)
