@@ -346,6 +346,9 @@ def _mlflow_spec(cfg: ServiceConfig, env: dict[str, str]) -> _Spec:
                      "MLFLOW_AUTH_ADMIN_PASSWORD": _credentials(cfg)["mlflow_password"],
                      # CSRF key of the auth app's Flask forms: stable across restarts.
                      "MLFLOW_FLASK_SERVER_SECRET_KEY": _credentials(cfg)["mlflow_flask_secret"]}
+    # MLflow's job runner (huey consumers for GenAI jobs tuneline never submits): seven more processes
+    # that poll all the time, about half a core of an idle 2-core machine.
+    env = env | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     return _Spec("mlflow", argv, env, [cfg.mlflow_port], {"backend": cfg.backend, "auth": cfg.mlflow_auth})
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import uuid
 from itertools import islice
+from pathlib import Path
 
 import pytest
 
@@ -68,12 +69,19 @@ def tiny_encoder(services):
 
 
 @pytest.fixture(scope="session")
-def tiny_tokenizer(services, tiny_model):
-    from transformers import AutoTokenizer
-
+def tiny_model_dir(services, tiny_model) -> Path:
+    """The tiny Llama's folder (weights, config, tokenizer)."""
     from steps.core.store import ArtifactStore
 
-    return AutoTokenizer.from_pretrained(ArtifactStore.from_env("shared").download(tiny_model.base))
+    return ArtifactStore.from_env("shared").download(tiny_model.base)
+
+
+@pytest.fixture
+def tiny_tokenizer(tiny_model_dir):
+    """A fresh copy per test: calls with padding or truncation, or a padding side, change a tokenizer's state."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 @pytest.fixture(scope="session")
@@ -85,14 +93,52 @@ def prefect_api(services):
         yield
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+# pytest-xdist hands out single tests, but for two kinds of module, which go whole to one worker:
+# modules with module-scoped fixtures (set up once), and the modules that share the production-shaped
+# stack of tests/reliability/prod_stack.py (PostgreSQL, MLflow with auth, 21 flow runs), as one unit.
+# Collection checks both lists against the fixtures the tests use.
+WHOLE_MODULES = {"tests/services/test_stack.py", "tests/steps/text/test_pretokens.py",
+                 "tests/steps/text/test_pii_golden.py", "tests/steps/train/test_parallel.py",
+                 "tests/steps/tokenize/test_augment.py"}
+SHARED_STACK = {"tests/reliability/test_load.py", "tests/reliability/test_security.py"}
+# Folders whose tests are handed out first: end-to-end tests are the long ones, and the short unit
+# tests then fill the gaps at the end.
+FIRST = ("tests/reliability/", "tests/flows/", "tests/services/", "tests/kinds/", "tests/bench/", "tests/steps/train/")
+
+
+def _module(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests on the production-shaped stack (tests/reliability/prod_stack.py: PostgreSQL, MLflow with
-    auth, 21 flow runs) share one session fixture: with pytest-xdist (``--dist loadgroup``) they run
-    in one worker, so that the stack is started once."""
+    """Long tests first, each module's tests together and in their order (a stable sort by folder)."""
     for item in items:
-        if "prod_stack" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("prod-stack"))
+        module = _module(item.nodeid)
+        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        if "prod_stack" in defs and module not in SHARED_STACK:
+            raise pytest.UsageError(f"{item.nodeid} uses prod_stack: add {module} to SHARED_STACK in tests/conftest.py")
+        scoped = [name for name, fixturedefs in defs.items() if fixturedefs[-1].scope in ("module", "class")]
+        if scoped and module not in WHOLE_MODULES | SHARED_STACK:
+            raise pytest.UsageError(f"{item.nodeid} uses module-scoped {scoped}: add {module} to WHOLE_MODULES "
+                                    "in tests/conftest.py")
+    items.sort(key=lambda item: next((i for i, folder in enumerate(FIRST) if item.nodeid.startswith(folder)),
+                                     len(FIRST)))
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """pytest-xdist's scheduling by scope, where a scope is one test, a whole module (WHOLE_MODULES) or
+    the SHARED_STACK modules together, handed out in collection order."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = _module(nodeid)
+            if module in SHARED_STACK:
+                return "shared-stack"
+            return module if module in WHOLE_MODULES else nodeid
+
+    config.option.loadscopereorder = False  # keep the collection order (long tests first)
+    return Scheduling(config, log)
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:

@@ -3,7 +3,7 @@
 MLflow copies this file into the model version together with the ``steps`` package
 (``code_paths``); ``load_context`` fetches the base model by URI (``runs:/<id>/base_model``
 through the tracking server) and loads the trained weights stored with the version with
-the method that made them (``steps/methods``: adapter, head, interventions, full weights).
+the method that made them (``steps/train/methods``: adapter, head, interventions, full weights).
 
     model = mlflow.pyfunc.load_model("models:/tuneline-chat@champion")
     model.predict(["What is the capital of France?"])   # -> ["Paris ..."]

@@ -27,8 +27,10 @@ def random_text(rng: random.Random, size: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def backend(tiny_tokenizer):
-    return tiny_tokenizer.backend_tokenizer
+def backend(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir).backend_tokenizer
 
 
 def test_fuzzed_texts_encode_to_the_tokenizers_ids(backend):

@@ -1,4 +1,4 @@
-"""Fixtures of the train tests: the tiny base model's folder (session-wide)."""
+"""Fixtures of the train tests: ``base_dir``, the tiny base model's folder (session-wide)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,5 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def base_dir(tiny_model) -> Path:
-    from steps.core.store import ArtifactStore
-
-    return ArtifactStore.from_env("shared").download(tiny_model.base)
+def base_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir

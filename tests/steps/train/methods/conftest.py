@@ -12,8 +12,10 @@ TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello, how are you tod
 
 
 @pytest.fixture(scope="session")
-def batch(tiny_tokenizer) -> dict[str, torch.Tensor]:
-    encoded = tiny_tokenizer(TEXTS, padding=True, return_tensors="pt")
+def batch(tiny_model_dir) -> dict[str, torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    encoded = AutoTokenizer.from_pretrained(tiny_model_dir)(TEXTS, padding=True, return_tensors="pt")
     labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "labels": labels}
 
