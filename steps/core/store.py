@@ -27,6 +27,7 @@ import os
 import platform
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -403,16 +404,31 @@ class JsonlSink:
             self.rows += len(lines)
 
 
+_SESSION: dict[str, Any] = {}
+_SESSION_LOCK = threading.Lock()
+
+
 def s3_client(endpoint_url: str | None) -> Any:
-    # A fresh session per client: boto3's default session caches the first credentials it saw.
-    return boto3.session.Session().client(
-        "s3",
-        endpoint_url=endpoint_url,
-        region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-        config=Config(
-            retries={"max_attempts": 3, "mode": "standard"},
-            connect_timeout=5,
-            read_timeout=120,
-            s3={"addressing_style": "path"},
-        ),
-    )
+    """An S3 client for ``endpoint_url`` with the keys in the environment now.
+
+    One boto3 session per process, so that S3's service model is parsed once (a fresh session costs
+    ~0.15 s of CPU per client, a shared one ~0.01 s); the keys are read from the environment for
+    each client and passed explicitly, so a session never serves keys it saw earlier. Without keys
+    in the environment, the session's own provider chain (files, instance roles) applies.
+    """
+    with _SESSION_LOCK:  # a session is not thread-safe; the clients it makes are
+        session = _SESSION.get("s3") or _SESSION.setdefault("s3", boto3.session.Session())
+        return session.client(
+            "s3",
+            endpoint_url=endpoint_url,
+            region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+            aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID") or None,
+            aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY") or None,
+            aws_session_token=os.environ.get("AWS_SESSION_TOKEN") or None,
+            config=Config(
+                retries={"max_attempts": 3, "mode": "standard"},
+                connect_timeout=5,
+                read_timeout=120,
+                s3={"addressing_style": "path"},
+            ),
+        )

@@ -36,7 +36,8 @@ def test_method_parameter_set_runs_end_to_end(prefect_api, store, tmp_path, name
     overrides = [f"ingest.source={source}", f"artifacts_prefix={store.prefix}", f"register.model_name={model_name}",
                  "base_model.source=tiny-random-llama", "train.max_steps=3", "train.checkpoint_every=2",
                  "evaluate.max_records=8", "evaluate.bleu_samples=2", "evaluate.max_new_tokens=4",
-                 "evaluate.smoke_max_new_tokens=4"]  # a random model never stops: 3 prompts x 64 tokens otherwise
+                 "evaluate.smoke_max_new_tokens=4",  # a random model never stops: 3 prompts x 64 tokens otherwise
+                 "evaluate.reference_blocks=1"]
     if method == "reft":  # the tiny model has 2 layers
         overrides.append("train.reft.layers=[0, -1]")
     params = PipelineParams.from_yaml(PARAMS / f"{name}.yaml", overrides)
@@ -66,7 +67,8 @@ def test_text_parameter_set_runs_end_to_end(prefect_api, store, tmp_path, name):
     model_name = f"{name}-{uuid.uuid4().hex[:6]}"
     overrides = [f"ingest.source={source}", f"artifacts_prefix={store.prefix}", f"register.model_name={model_name}",
                  "base_model.source=tiny-random-llama", "tokenize.max_seq_len=64", "train.max_steps=3",
-                 "train.checkpoint_every=2", "evaluate.max_records=8", "evaluate.smoke_max_new_tokens=4"]
+                 "train.checkpoint_every=2", "evaluate.max_records=8", "evaluate.smoke_max_new_tokens=4",
+                 "evaluate.reference_blocks=1"]
     params = PipelineParams.from_yaml(PARAMS / f"{name}.yaml", overrides)
     assert params.validate_.record_kind == "text" and params.evaluate.bleu_samples == 0
     state = finetune(params, return_state=True)
@@ -96,7 +98,8 @@ def test_task_parameter_set_runs_end_to_end(prefect_api, store, tmp_path, name, 
     model_name = f"{name}-{uuid.uuid4().hex[:6]}"
     overrides = [f"ingest.source={source}", f"artifacts_prefix={store.prefix}", f"register.model_name={model_name}",
                  "train.max_steps=3", "train.checkpoint_every=2", "tokenize.max_seq_len=64", "evaluate.max_records=8",
-                 "evaluate.bleu_samples=2", "evaluate.max_new_tokens=4", "evaluate.smoke_max_new_tokens=4"]
+                 "evaluate.bleu_samples=2", "evaluate.max_new_tokens=4", "evaluate.smoke_max_new_tokens=4",
+                 "evaluate.reference_blocks=1"]
     if kind == "classification":
         overrides += ["base_model.source=tiny-random-bert", "validate.labels=[money, sport, tech]"]
     else:

@@ -7,7 +7,8 @@ from steps.config import EarlyStopping, EvaluateConfig, LoraSettings, Preference
 from steps.evaluate import evaluate_model
 from steps.train.step import train_model
 
-EVAL = EvaluateConfig(max_records=32, bleu_samples=2, max_new_tokens=4, batch_size=8)
+EVAL = EvaluateConfig(max_records=32, bleu_samples=2, max_new_tokens=4, batch_size=8, smoke_max_new_tokens=4,
+                      reference_blocks=1)
 
 
 @pytest.fixture
