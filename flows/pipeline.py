@@ -63,7 +63,8 @@ def finetune(params: PipelineParams = PipelineParams()) -> PipelineSummary:
     raw = tasks.ingest(params.ingest, prefix, dispatch=where.get("ingest"))
     validated = tasks.validate(params.validate_, raw, prefix, dispatch=where.get("validate"))
     clean = tasks.scrub(params.scrub, validated, prefix, dispatch=where.get("scrub"))
-    base = tasks.base_model(params.base_model, prefix, dispatch=where.get("base_model"))
+    base = tasks.base_model(params.base_model, prefix, chat_template=params.tokenize.chat_template,
+                            dispatch=where.get("base_model"))
     data = tasks.tokenize(params.tokenize, clean, base, prefix, dispatch=where.get("tokenize"))
     tuned = tasks.train(params.train, data, base, prefix, dispatch=where.get("train"))
     base_eval = tasks.evaluate(params.evaluate, base, data, prefix, dispatch=where.get("evaluate"))

@@ -149,8 +149,12 @@ def scrub(cfg: ScrubConfig, validated: DatasetRef, prefix: str, dispatch: str | 
 
 
 @step_task("base-model")
-def base_model(cfg: BaseModelConfig, prefix: str, dispatch: str | None = None) -> ModelRef:
-    return here_or_remote("base_model", dispatch, prepare_base_model, ModelRef, prefix, cfg=cfg)
+def base_model(cfg: BaseModelConfig, prefix: str, chat_template: str | None = None,
+               dispatch: str | None = None) -> ModelRef:
+    def work(cfg: BaseModelConfig, chat_template: str | None, store: ArtifactStore) -> ModelRef:
+        return prepare_base_model(cfg, store, chat_template)
+
+    return here_or_remote("base_model", dispatch, work, ModelRef, prefix, cfg=cfg, chat_template=chat_template)
 
 
 @step_task("tokenize")

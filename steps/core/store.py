@@ -337,14 +337,15 @@ class ArtifactWriter:
         finally:
             path.unlink(missing_ok=True)
 
-    def put_file(self, name: str, path: Path) -> None:
+    def put_file(self, name: str, path: Path, sha256: str | None = None) -> None:
+        """Upload ``path`` as ``name``; ``sha256``: its digest when the caller already computed it."""
         try:
             self.store.client.upload_file(str(path), self.store.bucket, f"{self.key}/{name}")
         except (ClientError, BotoCoreError) as exc:
             if _transient(exc):
                 raise TransientError(f"upload of {name} failed transiently: {exc}") from exc
             raise
-        self.files[name] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+        self.files[name] = {"sha256": sha256 or sha256_file(path), "size": path.stat().st_size}
 
     def put_dir(self, directory: Path, under: str = "") -> None:
         for path in sorted(p for p in directory.rglob("*") if p.is_file()):
@@ -408,8 +409,8 @@ _SESSION: dict[str, Any] = {}
 _SESSION_LOCK = threading.Lock()
 
 
-def s3_client(endpoint_url: str | None) -> Any:
-    """An S3 client for ``endpoint_url`` with the keys in the environment now.
+def s3_client(endpoint_url: str | None, keys: tuple[str | None, str | None] | None = None) -> Any:
+    """An S3 client for ``endpoint_url`` with ``keys`` (access key, secret) or the keys in the environment now.
 
     One boto3 session per process, so that S3's service model is parsed once (a fresh session costs
     ~0.15 s of CPU per client, a shared one ~0.01 s); the keys are read from the environment for
@@ -422,9 +423,9 @@ def s3_client(endpoint_url: str | None) -> Any:
             "s3",
             endpoint_url=endpoint_url,
             region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-            aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID") or None,
-            aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY") or None,
-            aws_session_token=os.environ.get("AWS_SESSION_TOKEN") or None,
+            aws_access_key_id=keys[0] if keys else os.environ.get("AWS_ACCESS_KEY_ID") or None,
+            aws_secret_access_key=keys[1] if keys else os.environ.get("AWS_SECRET_ACCESS_KEY") or None,
+            aws_session_token=None if keys else os.environ.get("AWS_SESSION_TOKEN") or None,
             config=Config(
                 retries={"max_attempts": 3, "mode": "standard"},
                 connect_timeout=5,

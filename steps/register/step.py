@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from steps.base_model.folder import is_tokenizer_file
 from steps.config import GATE_METRICS, RegisterConfig
 from steps.core.contract import StrictModel
 from steps.core.errors import ConfigError
@@ -33,8 +34,6 @@ log = logging.getLogger(__name__)
 
 STEP = "register"
 BASE_EXPERIMENT = "tuneline-base-models"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
-                   "vocab.txt")
 STEPS_DIR = Path(__file__).resolve().parents[1]  # the package, shipped with the model as code
 SERVING_CODE = STEPS_DIR / "register" / "serving.py"
 LOWER_IS_BETTER = {metric: lower for metrics in GATE_METRICS.values() for metric, lower in metrics.items()}
@@ -148,9 +147,9 @@ def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore)
                         ignore=shutil.ignore_patterns("_MANIFEST.json", "train_log.json", "train_report.json"))
         tokenizer_dir.mkdir()
         base_dir = store.download(record.model.base)
-        for name in TOKENIZER_FILES:
-            if (base_dir / name).exists():
-                shutil.copy(base_dir / name, tokenizer_dir / name)
+        for path in base_dir.iterdir():
+            if path.is_file() and is_tokenizer_file(path.name):
+                shutil.copy(path, tokenizer_dir / path.name)
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(SERVING_CODE),
@@ -347,11 +346,20 @@ def lineage_tags(key: str, record: RunRecord) -> dict[str, str]:
         "tuneline.data_digest": record.datasets["tokenize"].digest,
         "tuneline.raw_digest": str(record.datasets["ingest"].stats.get("source_sha256", "")),
         "tuneline.base_digest": record.model.base.digest,
+        "tuneline.base_source": str(record.model.base.stats.get("source", "")),
+        "tuneline.base_chain": json.dumps(base_chain(record.model.base)),
+        **({"tuneline.parent": f"models:/{parent['model']}/{parent['version']}"}
+           if (parent := record.model.base.stats.get("parent")) else {}),
         "tuneline.adapter_digest": adapter.digest if adapter else "",
         "tuneline.method": str(adapter.stats.get("method", "")) if adapter else "",
         "tuneline.model_ref": record.model.model_dump_json(),
         "tuneline.register_key": key,
     }
+
+
+def base_chain(base: ArtifactRef) -> list[str]:
+    """Where the base model came from, oldest first: e.g. [smollm2-135m-instruct, models:/tuneline-chat/3]."""
+    return list(base.stats.get("chain") or [str(base.stats.get("source", ""))])
 
 
 def log_series(run_id: str, history: list[dict[str, float]]) -> None:
@@ -432,6 +440,11 @@ def model_card(cfg: RegisterConfig, record: RunRecord, key: str) -> str:
         "## Lineage",
         f"- run key `{key}`, code version `{code_version()}`",
         f"- base model digest `{record.model.base.digest[:16]}`, data digest `{record.datasets['tokenize'].digest[:16]}`",
+        f"- base model: `{record.model.base.stats.get('source')}` ({record.model.base.stats.get('architecture')}, "
+        f"{record.model.base.stats.get('parameters', 0):,} parameters"
+        + (f", Hub commit `{record.model.base.stats['revision']}`" if record.model.base.stats.get("revision") else "")
+        + ")",
+        "- chain: " + " -> ".join(f"`{link}`" for link in [*base_chain(record.model.base), "this version"]),
     ]
     return "\n".join(lines) + "\n"
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 
-from steps.config import TASKS, TokenizeConfig
+from steps.config import GENERATIVE_KINDS, TASKS, TokenizeConfig
 from steps.core.contract import RECORDS_FILE
+from steps.core.errors import ConfigError
 from steps.core.lineage import run_key
 from steps.core.store import ArtifactStore, DatasetRef, ModelRef
 from steps.tokenize.augment import augment_inputs, augment_train
@@ -39,7 +40,11 @@ def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, s
         return DatasetRef(**done.model_dump())
     from transformers import AutoTokenizer
 
+    check_model_fits_records(source.stats["record_kind"], model)
     tokenizer = AutoTokenizer.from_pretrained(store.download(model.base))
+    if source.stats["record_kind"] in ("chat", "preference") and not tokenizer.chat_template:
+        raise ConfigError(f"the base model ({model.base.stats.get('source')}) has no chat template in its tokenizer; "
+                          "set tokenize.chat_template (chatml, llama3, gemma or the path of a Jinja file)")
     checked_by = leakage_checked_by(cfg, source, store)
     # What this step checks: without the leakage MinHash when scrub's near dedup already ruled
     # leakage out. The manifest keeps the configuration as given (``cfg``).
@@ -79,3 +84,11 @@ def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, s
     return DatasetRef(**writer.commit(stats=stats).model_dump())
 
 
+
+
+def check_model_fits_records(kind: str, model: ModelRef) -> None:
+    """Generative records (chat, text, preference) need a causal LM: an encoder base is a ConfigError."""
+    if kind in GENERATIVE_KINDS and model.base.stats.get("causal") is False:
+        raise ConfigError(f"base_model.source {model.base.stats.get('source')!r} is an encoder "
+                          f"({model.base.stats.get('architecture')}) without a language-model head; {kind!r} "
+                          "records need a causal LM (e.g. a *ForCausalLM model)")

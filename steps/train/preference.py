@@ -73,7 +73,6 @@ def log1mexp(x: Any) -> Any:
 
 def orpo_loss(chosen_mean: Any, rejected_mean: Any, chosen_nll: Any, beta: float) -> tuple[Any, Any]:
     """(loss, log odds ratio per pair) from length-normalised log-probabilities and the chosen NLL."""
-    import torch
     import torch.nn.functional as F
 
     log_odds = (chosen_mean - rejected_mean) - (log1mexp(chosen_mean) - log1mexp(rejected_mean))

@@ -31,6 +31,7 @@ from steps.train.batching import batch_order, pack_order
 from steps.train.checkpoints import Checkpoints
 from steps.train.losses import eval_loss, loss_module, share_of
 from steps.train.parallel import SINGLE, Group
+from steps.train.planner import PeakMeter, plan_memory
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,14 @@ def train_in_process(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store:
     base_dir = store.download(model.base)
     rows = store.read_jsonl(data, "train.jsonl")
     eval_rows = store.read_jsonl(data, "eval.jsonl") if cfg.early_stopping else []
+    lengths = [len(r["input_ids"]) for r in rows]
+    meter = PeakMeter(device)
+    meter.start()
+    plan = plan_memory(cfg, base_dir, task, device, seq_len=max(lengths))
+    if plan["auto"]:
+        log.info("train: batch_size auto -> %d x %d accumulation (estimate %.3f GiB of %.1f GiB)", plan["micro_batch"],
+                 plan["grad_accum_steps"], plan["estimate"]["total_gib"], plan["device_gib"])
+        cfg = cfg.model_copy(update={"batch_size": plan["micro_batch"], "grad_accum_steps": plan["grad_accum_steps"]})
     torch.manual_seed(cfg.seed)
     net = methods.prepare(cfg, base_dir, device, task)
     reference = (preference.Reference(net, base_dir, device, cfg.batch_size)
@@ -99,7 +108,6 @@ def train_in_process(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store:
         state = checkpoints.restore(latest, named, optimizer, scheduler, group)
         state["resumed_from"] = state["step"]
         log.info("train: resuming from checkpoint at step %d", state["step"])
-    lengths = [len(r["input_ids"]) for r in rows]
     budget = cfg.tokens_per_batch or cfg.batch_size * max(lengths)
     order = pack_order(lengths, budget, cfg.seed) if cfg.packing else batch_order(lengths, cfg.batch_size, cfg.seed)
     for _ in range(state["step"] * cfg.grad_accum_steps):  # data position: skip what was trained on
@@ -165,7 +173,7 @@ def train_in_process(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store:
         methods.save(cfg, net, out, task)
         if (out / "adapter_config.json").exists():
             point_adapter_at_base(out, f"s3://{store.bucket}/{model.base.key}")
-        report = train_report(cfg, net, state, device, total, group.world)
+        report = train_report(cfg, net, state, device, total, group.world) | memory_report(plan, meter)
         writer = store.writer(STEP, key, cfg, inputs=[data, model.base])
         writer.put_dir(out)
         writer.put_json("train_log.json", state["history"])
@@ -255,6 +263,14 @@ def train_report(cfg: TrainConfig, net: Any, state: dict, device: str, planned: 
         "resumed_from": state["resumed_from"],
         "evals": state["evals"],
     }
+
+
+def memory_report(plan: dict[str, Any], meter: PeakMeter) -> dict[str, Any]:
+    """The planner's estimate next to the measured peak, and the estimate's relative error."""
+    measured = meter.peak_gib()
+    estimate = plan["estimate"]["total_gib"]
+    error = round(estimate / measured - 1, 3) if measured else None
+    return {"memory_plan": plan, "measured_peak_gib": measured, "estimate_error": error}
 
 
 def point_adapter_at_base(folder: Path, base_uri: str) -> None:

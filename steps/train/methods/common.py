@@ -11,7 +11,8 @@ from steps.core.device import dtype_for
 
 # Dropout settings by architecture: Llama-style configs and BERT-style configs.
 DROPOUT_KEYS = ("attention_dropout", "attention_probs_dropout_prob", "hidden_dropout_prob")
-# Attention projections per architecture: the default LoRA targets.
+# The shipped models' default LoRA targets (all attention projections); other architectures get
+# peft's defaults for their type, else every linear layer of the backbone.
 ATTENTION_TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
                      "bert": ["query", "key", "value", "attention.output.dense"]}
 
@@ -25,8 +26,8 @@ def load_base(cfg: TrainConfig | None, base_dir: Path, device: str, task: Task =
         config = AutoConfig.from_pretrained(base_dir)
         overrides = {key: cfg.dropout for key in DROPOUT_KEYS if hasattr(config, key)}
     kwargs.setdefault("dtype", dtype_for(device))
-    if cfg is not None:
-        kwargs.setdefault("attn_implementation", attention_for(cfg, device))
+    if cfg is not None and (attention := attention_for(cfg, device)) is not None:
+        kwargs.setdefault("attn_implementation", attention)
     if task.sequence_head:
         labels = task.labels if task.kind == "classification" else ["value"]
         overrides |= dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
@@ -35,29 +36,86 @@ def load_base(cfg: TrainConfig | None, base_dir: Path, device: str, task: Task =
         auto = AutoModelForSequenceClassification
     else:
         auto = AutoModelForCausalLM
+    if kwargs.pop("_config_only", False):  # the architecture only (sequence_head_names), on the meta device
+        return auto.from_config(AutoConfig.from_pretrained(base_dir, **overrides), trust_remote_code=False)
     model = auto.from_pretrained(base_dir, trust_remote_code=False, **overrides, **kwargs)
     if task.sequence_head and model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id  # decoder classifiers find the last token by padding
     return model if "quantization_config" in kwargs else model.to(device)
 
 
-def attention_for(cfg: TrainConfig, device: str) -> str:
-    """``train.attention``; 'auto' = flex_attention (block-sparse per-document mask) when packing on CUDA, else sdpa."""
+def attention_for(cfg: TrainConfig, device: str) -> str | None:
+    """``train.attention``; 'auto' = flex_attention (block-sparse per-document mask) when packing on CUDA,
+    else None: the architecture's default (sdpa where it supports it, e.g. eager for Gemma 2)."""
     if cfg.attention != "auto":
         return cfg.attention
-    return "flex_attention" if cfg.packing and device == "cuda" else "sdpa"
+    return "flex_attention" if cfg.packing and device == "cuda" else None
 
 
 def attention_targets(cfg: TrainConfig, model: Any) -> list[str]:
-    """``train.lora.target_modules``, or the attention projections of the model's architecture."""
-    from steps.core.errors import ConfigError
+    """``train.lora.target_modules``; else the attention projections of the shipped architectures
+    (Llama, BERT), peft's defaults for the model type, or every linear layer of the backbone (the
+    output and task heads excluded), in that order."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
 
     if cfg.lora.target_modules is not None:
         return list(cfg.lora.target_modules)
     kind = model.config.model_type
-    if kind not in ATTENTION_TARGETS:
-        raise ConfigError(f"no default LoRA targets for {kind!r} models; set train.lora.target_modules")
-    return ATTENTION_TARGETS[kind]
+    if kind in ATTENTION_TARGETS:
+        return ATTENTION_TARGETS[kind]
+    if kind in PEFT_DEFAULTS:
+        return list(PEFT_DEFAULTS[kind])
+    return backbone_linear_names(model)
+
+
+def backbone_linear_names(model: Any) -> list[str]:
+    """The distinct names of the linear layers inside the backbone (``model.base_model``): peft's
+    ``all-linear`` without the heads. GPT-2 style ``Conv1D`` layers count as linear."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    from steps.core.errors import ConfigError
+
+    names = sorted({name.rsplit(".", 1)[-1] for name, module in model.base_model.named_modules()
+                    if isinstance(module, (torch.nn.Linear, Conv1D)) and name})
+    if not names:
+        raise ConfigError(f"no linear layers found in {type(model).__name__}; set train.lora.target_modules")
+    return names
+
+
+def blocks(model: Any) -> Any:
+    """The transformer blocks of any architecture, in order: the ``ModuleList`` of identical blocks
+    holding the most parameters inside the backbone (``layers`` of Llama, Qwen, Gemma, ModernBERT;
+    ``h`` of GPT-2; ``encoder.layer`` of BERT, RoBERTa, DeBERTa)."""
+    import torch
+
+    from steps.core.errors import ConfigError
+
+    best, size = None, 0
+    for _, module in model.base_model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) and \
+                len({type(m) for m in module}) == 1:
+            params = sum(p.numel() for p in module.parameters())
+            if params > size:
+                best, size = module, params
+    if best is None:
+        raise ConfigError(f"cannot find the transformer blocks of {type(model).__name__}")
+    return best
+
+
+def head_names(model: Any) -> list[str]:
+    """The modules of a task model outside its backbone (e.g. ``classifier``, ``score``, ``pooler``,
+    ModernBERT's ``head``): what a new sequence head consists of."""
+    return [name for name, module in model.named_children()
+            if name != model.base_model_prefix and any(True for _ in module.parameters())]
+
+
+def sequence_head_names(base_dir: Path, task: Task) -> list[str]:
+    """``head_names`` of the task model of ``base_dir``, found on the meta device (no weights loaded)."""
+    import torch
+
+    with torch.device("meta"):
+        return head_names(load_base(None, base_dir, "meta", task, _config_only=True))
 
 
 def save_adapter(model: Any, folder: Path) -> None:

@@ -8,7 +8,7 @@ with ``head.trainable_layers = N``, the last N transformer blocks).
 - classification / regression: the head is the new sequence head (every parameter outside
   the base model, e.g. BERT's ``classifier``).
 
-Blocks are ``base_model.layers`` (Llama) or ``base_model.encoder.layer`` (BERT).
+Blocks are found by shape, whatever the architecture (``common.blocks``).
 Saved: ``head.safetensors`` with only the trained tensors (state_dict names) and
 ``head.json`` listing them; loading applies them to a freshly loaded (untied) base.
 """
@@ -22,7 +22,7 @@ from typing import Any
 from steps.config import TrainConfig
 from steps.core.contract import CAUSAL, Task
 from steps.core.errors import ArtifactError, ConfigError
-from steps.train.methods.common import load_base
+from steps.train.methods.common import blocks, load_base
 
 WEIGHTS_FILE = "head.safetensors"
 INFO_FILE = "head.json"
@@ -36,17 +36,6 @@ def untie_head(model: Any) -> None:
     head.weight = torch.nn.Parameter(head.weight.detach().clone())
     # Without this, a later tie_weights() would share the two matrices again.
     model.config.tie_word_embeddings = False
-
-
-def blocks(model: Any) -> Any:
-    """The transformer blocks of a Llama-style or BERT-style base, in order."""
-    base = model.base_model
-    found = getattr(base, "layers", None)
-    if found is None and hasattr(base, "encoder"):
-        found = base.encoder.layer
-    if found is None:
-        raise ConfigError(f"train.method 'head' does not know where the blocks of {type(model).__name__} are")
-    return found
 
 
 def head_modules(model: Any, task: Task = CAUSAL) -> list[Any]:

@@ -5,7 +5,8 @@ Saved: ``adapter_model.safetensors`` + ``adapter_config.json``; with ``merge_wei
 also ``merged/`` full weights (adapter folded into the base). On classification and
 regression models peft's ``SEQ_CLS`` task type trains and saves the new head in full
 (``modules_to_save``) next to the adapter. ``target_modules`` left out: the attention
-projections of the architecture.
+projections of the shipped architectures, peft's defaults for others, else every linear layer of
+the backbone (``common.attention_targets``).
 """
 
 from __future__ import annotations
@@ -15,15 +16,18 @@ from typing import Any
 
 from steps.config import TrainConfig
 from steps.core.contract import CAUSAL, Task
-from steps.train.methods.common import attention_targets, load_base, save_adapter
+from steps.train.methods.common import attention_targets, head_names, load_base, save_adapter
 
 
 def lora_config(cfg: TrainConfig, model: Any, task: Task = CAUSAL) -> Any:
     from peft import LoraConfig
 
     s = cfg.lora
+    # A new sequence head trains in full: every module outside the backbone (not only peft's
+    # classifier/score: DeBERTa's pooler and ModernBERT's head are new too).
     return LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=attention_targets(cfg, model),
                       use_rslora=s.use_rslora, use_dora=s.use_dora,
+                      modules_to_save=head_names(model) if task.sequence_head else None,
                       task_type="SEQ_CLS" if task.sequence_head else "CAUSAL_LM")
 
 

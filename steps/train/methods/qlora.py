@@ -27,11 +27,11 @@ from typing import Any
 from steps.config import TrainConfig
 from steps.core.contract import CAUSAL, Task
 from steps.core.errors import ConfigError
-from steps.train.methods.common import load_base, save_adapter
+from steps.train.methods.common import load_base, save_adapter, sequence_head_names
 from steps.train.methods.lora import lora_config
 
 
-def quantization_config(cfg: TrainConfig, device: str, task: Task = CAUSAL) -> Any:
+def quantization_config(cfg: TrainConfig, device: str, task: Task = CAUSAL, base_dir: Path | None = None) -> Any:
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -39,8 +39,10 @@ def quantization_config(cfg: TrainConfig, device: str, task: Task = CAUSAL) -> A
     name = q.compute_dtype if q.compute_dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     if device == "cpu" and name == "float16":
         raise ConfigError("train.quant.compute_dtype float16 is not supported on CPU; use float32 or auto")
-    # A new sequence head is created after loading: it must stay a plain (trainable) linear layer.
-    skip = ["classifier", "score"] if task.sequence_head else None
+    # A new sequence head (every module outside the backbone) is created after loading: it must stay
+    # plain (trainable) linear layers. The output head of a causal LM is kept by transformers itself.
+    skip = (sequence_head_names(base_dir, task) if base_dir is not None else ["classifier", "score"]) \
+        if task.sequence_head else None
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
                               bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=getattr(torch, name),
                               llm_int8_skip_modules=skip)
@@ -49,7 +51,7 @@ def quantization_config(cfg: TrainConfig, device: str, task: Task = CAUSAL) -> A
 def load_quantized_base(cfg: TrainConfig, base_dir: Path, device: str, task: Task = CAUSAL) -> Any:
     # device_map places the weights while they are quantized (a 4-bit model is not moved
     # afterwards); without it bitsandbytes picks CUDA whenever present, even for device "cpu".
-    model = load_base(cfg, base_dir, device, task, quantization_config=quantization_config(cfg, device, task),
+    model = load_base(cfg, base_dir, device, task, quantization_config=quantization_config(cfg, device, task, base_dir),
                       device_map=device)
     same_path_on_every_cpu(model)
     return model

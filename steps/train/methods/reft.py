@@ -24,7 +24,7 @@ Saved: ``reft.safetensors`` (the intervention tensors, exactly as trained) and
 ``reft.json`` (settings and resolved layer indices); ``load`` needs only these and the base.
 
 Limits:
-- decoder-only models whose layers are ``model.model.layers`` (Llama, Mistral, Qwen2, SmolLM);
+- decoder-only models (the decoder layers are found by shape, ``common.blocks``);
 - rows are left- or right-padded (real tokens contiguous); no sequence packing;
 - a training row whose labels start at its first token has no prompt and gets no edit;
 - ``generate()`` continuing from a given ``past_key_values`` is not edited;
@@ -46,7 +46,7 @@ from torch.nn.utils.parametrize import register_parametrization
 from steps.config import ReftSettings, TrainConfig
 from steps.core.contract import CAUSAL, IGNORE, Task
 from steps.core.errors import ConfigError
-from steps.train.methods.common import load_base
+from steps.train.methods.common import blocks, load_base
 
 WEIGHTS_FILE = "reft.safetensors"
 CONFIG_FILE = "reft.json"
@@ -108,7 +108,7 @@ class ReftModel(nn.Module):
 
     def __init__(self, base: Any, settings: ReftSettings):
         super().__init__()
-        layers = base.model.layers
+        layers = blocks(base)
         self.base = base.requires_grad_(False)
         self.settings = settings
         self.layer_indices = resolve_layers(settings.layers, len(layers))

@@ -161,7 +161,7 @@ def tiny_seq2seq(folder, seed):
     import torch
     from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
-    from steps.base_model import encoder_dir
+    from steps.base_model.shipped import encoder_dir
 
     tokenizer = AutoTokenizer.from_pretrained(encoder_dir(), local_files_only=True)
     torch.manual_seed(seed)

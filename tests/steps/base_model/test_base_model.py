@@ -1,6 +1,7 @@
 """steps/base_model.py: base models as plain Hugging Face folders in the store, built once."""
 
-from steps.base_model import TINY_BERT_SHAPE, TINY_SHAPE, prepare_base_model
+from steps.base_model import prepare_base_model
+from steps.base_model.shipped import TINY_BERT_SHAPE, TINY_SHAPE
 from steps.config import BaseModelConfig
 
 
@@ -9,7 +10,8 @@ def test_the_gguf_tokenizer_is_converted_once_and_reused_byte_for_byte(store, ti
     GGUF conversion) and stores the same tokenizer files a fresh conversion writes."""
     from transformers import AutoTokenizer
 
-    from steps.base_model import gguf_path, prepare_base_model
+    from steps.base_model import prepare_base_model
+    from steps.base_model.shipped import gguf_path
     from steps.config import BaseModelConfig
 
     assert any((store.cache_dir / "gguf-tokenizers").iterdir())  # tiny_model's build filled it
