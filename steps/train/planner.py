@@ -5,8 +5,10 @@ config (its architecture built on the meta device), the method, dtype, sequence 
     plan["micro_batch"], plan["grad_accum_steps"], plan["estimate"]["total_gib"]
 
 Parts: weights (4-bit for QLoRA's quantized linears), gradients and optimizer state of the trainable
-parameters, activations per token and layer (8h + 3i values stored for backward; with gradient
-checkpointing only each layer's input plus one layer's worth), and the fp32 logits with their gradient.
+parameters, activations per token and layer (10h + 5i values stored for backward, plus each LoRA
+adapter's dropped-out input; with gradient checkpointing only each layer's input plus one layer's
+worth), the logits with their fp32 copy, log-softmax and gradient, and on the CPU the mapped pages of
+the weights file while it loads.
 ``batch_size: auto`` takes the largest power-of-two micro-batch (up to ``auto_global_batch``) whose
 estimate fits in 85% of the device, and accumulates to keep the global batch. The estimate goes into
 ``train_report.json`` next to the measured peak (``measured_peak``: CUDA max allocated, or on the CPU the
@@ -69,6 +71,7 @@ def model_shape(cfg: TrainConfig, base_dir: Path, task: Task) -> dict[str, Any]:
                  if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")
     head = sum(p.numel() for name, m in model.named_children() if name != model.base_model_prefix
                for p in m.parameters())
+    lora_inputs = 0  # input features of the adapted layers, summed (lora: their dropout outputs are stored)
     if cfg.method == "full":
         trainable = total
     elif cfg.method in ("lora", "qlora"):
@@ -78,6 +81,7 @@ def model_shape(cfg: TrainConfig, base_dir: Path, task: Task) -> dict[str, Any]:
             if (name.rsplit(".", 1)[-1] in targets or any(name.endswith(t) for t in targets)) and hasattr(m, "weight"):
                 rows, cols = m.weight.shape[:2]
                 trainable += cfg.lora.r * (rows + cols)
+                lora_inputs += m.weight.shape[0 if type(m).__name__ == "Conv1D" else 1]
     elif cfg.method == "head":
         n = cfg.head.trainable_layers
         out = model.get_output_embeddings() if not task.sequence_head else None
@@ -89,6 +93,7 @@ def model_shape(cfg: TrainConfig, base_dir: Path, task: Task) -> dict[str, Any]:
         or 4 * config.hidden_size
     return {"parameters": total, "linear_parameters": linear, "trainable": trainable, "layers": len(layers),
             "hidden": config.hidden_size, "intermediate": intermediate, "vocab": config.vocab_size,
+            "lora_inputs": lora_inputs // max(len(layers), 1),
             "sequence_head": task.sequence_head}
 
 
@@ -108,16 +113,20 @@ def estimate_memory(cfg: TrainConfig, shape: dict[str, Any], device: str, seq_le
     states = {"adamw": 2 * grad_width, "adamw_8bit": 2, "sgd": grad_width}.get(cfg.optimizer, 2 * grad_width)
     optimizer = trainable * states
     tokens = cfg.tokens_per_batch if cfg.packing and cfg.tokens_per_batch else micro * seq_len
-    per_layer = (8 * shape["hidden"] + 3 * shape["intermediate"]) * width
+    per_layer = (10 * shape["hidden"] + 5 * shape["intermediate"]) * width
+    if cfg.method in ("lora", "qlora") and cfg.lora.dropout > 0:  # each adapter keeps its dropped-out input
+        per_layer += shape["lora_inputs"] * (width + 1)
     if cfg.gradient_checkpointing:
         activations = tokens * (shape["layers"] * shape["hidden"] * width + per_layer)
     else:
         activations = tokens * shape["layers"] * per_layer
     outputs = 2 if shape["sequence_head"] else shape["vocab"]
-    chunk = cfg.loss_chunk_tokens or tokens
-    logits = min(chunk, tokens) * outputs * 4 * 2 + tokens * outputs * width
+    chunk = min(cfg.loss_chunk_tokens or tokens, tokens)
+    logits = tokens * outputs * width + chunk * outputs * 4 * 3  # logits; fp32 copy, log-softmax and gradient
     parts = {"weights": weights, "gradients": gradients, "optimizer": optimizer, "activations": activations,
              "logits": logits}
+    if device != "cuda":  # loading reads the safetensors file through mapped pages, counted as resident
+        parts["loading"] = weights if cfg.method != "qlora" else params * 4
     return {**parts, "total": sum(parts.values())}
 
 
@@ -142,6 +151,15 @@ def in_gib(estimate: dict[str, float]) -> dict[str, float]:
 def describe(estimate: dict[str, float]) -> str:
     parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in estimate.items() if k != "total")
     return f"{estimate['total'] / GIB:.2f} GiB: {parts}"
+
+
+def import_method_libraries(method: str) -> None:
+    """Import what the method's code imports on first use (peft, bitsandbytes), so that a ``PeakMeter``
+    started afterwards measures training memory, not module code."""
+    import importlib
+
+    for name in {"lora": ["peft"], "qlora": ["peft", "bitsandbytes"]}.get(method, []):
+        importlib.import_module(name)
 
 
 class PeakMeter:

@@ -31,7 +31,7 @@ from steps.train.batching import batch_order, pack_order
 from steps.train.checkpoints import Checkpoints
 from steps.train.losses import eval_loss, loss_module, share_of
 from steps.train.parallel import SINGLE, Group
-from steps.train.planner import PeakMeter, plan_memory
+from steps.train.planner import PeakMeter, import_method_libraries, plan_memory
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,10 @@ def train_in_process(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store:
     rows = store.read_jsonl(data, "train.jsonl")
     eval_rows = store.read_jsonl(data, "eval.jsonl") if cfg.early_stopping else []
     lengths = [len(r["input_ids"]) for r in rows]
-    meter = PeakMeter(device)
+    plan = plan_memory(cfg, base_dir, task, device, seq_len=max(lengths))  # before loading: fits, or fails here
+    import_method_libraries(cfg.method)
+    meter = PeakMeter(device)  # from here on: the memory training takes
     meter.start()
-    plan = plan_memory(cfg, base_dir, task, device, seq_len=max(lengths))
     if plan["auto"]:
         log.info("train: batch_size auto -> %d x %d accumulation (estimate %.3f GiB of %.1f GiB)", plan["micro_batch"],
                  plan["grad_accum_steps"], plan["estimate"]["total_gib"], plan["device_gib"])
