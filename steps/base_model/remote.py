@@ -124,17 +124,9 @@ def fetch_registry(source: Source, out: Path) -> dict[str, Any]:
     """
     import mlflow
     import yaml
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     origin = f"base_model.source 'models:/{source.name}{'/' if source.version else '@'}{source.ref}'"
-    client = MlflowClient()
-    try:
-        version = (client.get_model_version(source.name, source.ref) if source.version
-                   else client.get_model_version_by_alias(source.name, source.ref))
-    except MlflowException as exc:
-        raise ConfigError(f"{origin}: not in the model registry at {mlflow.get_tracking_uri()} "
-                          f"({exc.error_code})") from None
+    version = registry_version(source, origin)
     with tempfile.TemporaryDirectory(prefix="tuneline-parent-") as tmp:
         local = Path(mlflow.artifacts.download_artifacts(f"models:/{source.name}/{version.version}", dst_path=tmp))
         flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"].get("python_function", {})
@@ -148,6 +140,21 @@ def fetch_registry(source: Source, out: Path) -> dict[str, Any]:
     chain = json.loads(version.tags.get("tuneline.base_chain", "[]"))
     return {"model": source.name, "version": version.version, "alias": None if source.version else source.ref,
             "run_id": version.run_id, "method": method, "chain": [*chain, f"models:/{source.name}/{version.version}"]}
+
+
+def registry_version(source: Source, origin: str) -> Any:
+    """The registered version ``source`` names (by number or alias); ``ConfigError`` when there is none."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        return (client.get_model_version(source.name, source.ref) if source.version
+                else client.get_model_version_by_alias(source.name, source.ref))
+    except MlflowException as exc:
+        raise ConfigError(f"{origin}: not in the model registry at {mlflow.get_tracking_uri()} "
+                          f"({exc.error_code})") from None
 
 
 def merge_into(base: Path, trained: Path, tokenizer: Path, out: Path, origin: str) -> str:

@@ -26,7 +26,7 @@ from steps.base_model.folder import (
     parameter_count,
     read_config,
 )
-from steps.base_model.remote import fetch_hf, fetch_registry, fetch_s3
+from steps.base_model.remote import fetch_hf, fetch_registry, fetch_s3, registry_version
 from steps.base_model.shipped import build_from_gguf, build_shipped, shipped_origin
 from steps.base_model.templates import apply_template, resolve_template
 from steps.config import BaseModelConfig
@@ -115,15 +115,7 @@ def prepare_base_model(cfg: BaseModelConfig, store: ArtifactStore, chat_template
 def registry_key(source: Source, settings: dict[str, Any], origin: str) -> tuple[str, str]:
     """The artifact key of a registry version (its name, number and trained-model digest), read from the
     registry without downloading it."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient()
-    try:
-        version = (client.get_model_version(source.name, source.ref) if source.version
-                   else client.get_model_version_by_alias(source.name, source.ref))
-    except MlflowException as exc:
-        raise ConfigError(f"{origin}: not in the model registry ({exc.error_code})") from None
+    version = registry_version(source, origin)
     ref = version.tags.get("tuneline.model_ref")
     if ref is None:
         raise ConfigError(f"{origin}: v{version.version} was not registered by tuneline (no tuneline.model_ref tag)")

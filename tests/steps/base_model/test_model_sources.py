@@ -229,3 +229,13 @@ def test_an_encoder_is_refused_for_chat_records(store, tmp_path, corpus):
     assert encoder.base.stats["causal"] is False
     with pytest.raises(ConfigError, match="is an encoder \\(BertModel\\) without a language-model head"):
         sft_dataset(store, tmp_path, encoder)
+
+
+@pytest.mark.services
+def test_an_unknown_registry_model_is_a_clear_error(store):
+    from steps.base_model import prepare_base_model
+
+    with pytest.raises(ConfigError, match=r"models:/no-such-model@champion'.*not in the model registry"):
+        prepare_base_model(BaseModelConfig(source="models:/no-such-model@champion"), store)
+    with pytest.raises(ConfigError, match=r"base_model.source '/nowhere/model': no such folder"):
+        prepare_base_model(BaseModelConfig(source="/nowhere/model"), store)
