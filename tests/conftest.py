@@ -99,11 +99,11 @@ def prefect_api(services):
 # Collection checks both lists against the fixtures the tests use.
 WHOLE_MODULES = {"tests/services/test_stack.py", "tests/steps/text/test_pretokens.py",
                  "tests/steps/text/test_pii_golden.py", "tests/steps/train/test_parallel.py",
-                 "tests/steps/tokenize/test_augment.py"}
+                 "tests/steps/tokenize/test_augment.py", "tests/steps/test_model_matrix.py"}
 SHARED_STACK = {"tests/reliability/test_load.py", "tests/reliability/test_security.py"}
 # Folders whose tests are handed out first: end-to-end tests are the long ones, and the short unit
 # tests then fill the gaps at the end.
-FIRST = ("tests/reliability/", "tests/flows/", "tests/services/", "tests/kinds/", "tests/bench/", "tests/steps/train/")
+FIRST = ("tests/steps/test_model_matrix.py", "tests/reliability/", "tests/flows/", "tests/services/", "tests/kinds/", "tests/bench/", "tests/steps/train/")
 
 
 def _module(nodeid: str) -> str:

@@ -32,11 +32,6 @@ for uri, inputs in json.loads(sys.argv[1]):
 """
 
 
-@pytest.fixture
-def corpus():
-    return zoo.corpus()
-
-
 def prepared(store, tmp_path, family: str, corpus: list[str]):
     """Base model from the family's local folder, and the steps' datasets up to tokenize."""
     from steps.base_model import prepare_base_model
@@ -60,13 +55,13 @@ def prepared(store, tmp_path, family: str, corpus: list[str]):
     return base, {"ingest": raw, "validate": validated, "scrub": clean, "tokenize": data}
 
 
-@pytest.mark.parametrize("family", zoo.CAUSAL + zoo.ENCODERS)
-def test_every_family_trains_evaluates_registers_and_serves(store, tmp_path, corpus, family):
+def trained_and_registered(store, tmp_path, family: str) -> list[list]:
+    """lora and full on ``family``: trained, evaluated and registered; returns [model URI, inputs] per version."""
     from steps.config import EvaluateConfig, RegisterConfig
     from steps.evaluate import evaluate_model
     from steps.register.step import RunRecord, register_model
 
-    base, datasets = prepared(store, tmp_path, family, corpus)
+    base, datasets = prepared(store, tmp_path, family, zoo.corpus())
     data = datasets["tokenize"]
     assert base.base.stats["causal"] == (family in zoo.CAUSAL)
     evaluate = EvaluateConfig(max_records=6, bleu_samples=2, max_new_tokens=3, smoke_max_new_tokens=3,
@@ -77,7 +72,7 @@ def test_every_family_trains_evaluates_registers_and_serves(store, tmp_path, cor
         tuned = train_model_for(method, data, base, store)
         assert tuned.adapter.stats["steps"] == 3
         report = store.read_json(tuned.adapter, "train_report.json")
-        assert report["memory_plan"]["estimate"]["total_gib"] > 0 and report["steps"] == 3
+        assert report["memory_plan"]["estimate"]["total_gib"] > 0 and report["measured_peak_gib"] is not None
         candidate = evaluate_model(evaluate, tuned, data, store)
         metric = "f1_macro" if family in zoo.ENCODERS else "perplexity"
         assert candidate.stats[metric] >= 0
@@ -86,12 +81,44 @@ def test_every_family_trains_evaluates_registers_and_serves(store, tmp_path, cor
         version = register_model(RegisterConfig(model_name=name, metric=metric), record, store)
         inputs = ["sport match goal team"] if family in zoo.ENCODERS else ["What is 2 plus 2?"]
         calls.append([f"models:/{name}/{version.version}", inputs])
+    return calls
+
+
+@pytest.fixture(scope="module")
+def matrix(services, tmp_path_factory, request):
+    """Every selected family through the steps (errors kept per family), then one fresh process that loads
+    every registered version from the registry and predicts (one process: its start-up is paid once)."""
+    import traceback
+
+    from steps.core.store import ArtifactStore
+
+    store = ArtifactStore.from_env(f"test-matrix-{uuid.uuid4().hex[:8]}")
+    selected = {item.callspec.params["family"] for item in request.session.items
+                if item.module is request.module and hasattr(item, "callspec")}
+    results: dict[str, dict] = {}
+    for family in [f for f in FAMILIES if f in selected]:
+        try:
+            results[family] = {"calls": trained_and_registered(store, tmp_path_factory.mktemp(family), family)}
+        except Exception:  # noqa: BLE001 - reported by that family's test
+            results[family] = {"error": traceback.format_exc()}
+    calls = [call for r in results.values() for call in r.get("calls", [])]
     out = subprocess.run([sys.executable, "-c", PREDICT, json.dumps(calls)], capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
-    assert out.returncode == 0, out.stderr[-3000:]
-    answers = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("[")]
-    assert [uri for uri, _ in answers] == [uri for uri, _ in calls]
-    for _, answer in answers:
+                         timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
+    answers = dict(tuple(json.loads(line)) for line in out.stdout.splitlines() if line.startswith("["))
+    for r in results.values():
+        r["answers"] = [answers.get(uri) for uri, _ in r.get("calls", [])]
+    return {"families": results, "predict_stderr": out.stderr[-3000:] if out.returncode else ""}
+
+
+FAMILIES = zoo.CAUSAL + zoo.ENCODERS
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_trains_evaluates_registers_and_serves(matrix, family):
+    result = matrix["families"][family]
+    assert "error" not in result, result.get("error")
+    assert len(result["calls"]) == 2 and all(result["answers"]), matrix["predict_stderr"]
+    for answer in result["answers"]:
         assert len(answer) == 1
         if family in zoo.ENCODERS:
             assert answer[0] in {"money", "sport", "tech"}
