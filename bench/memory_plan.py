@@ -7,7 +7,7 @@ estimate for the same shape, batch and sequence length.
 
     python bench/memory_plan.py [--scale 32] [--batch 4] [--seq 256] [--out bench/results]
 
-Writes ``memory_plan.json`` (one row per run) and prints a Markdown table for bench/RESULTS.md.
+Writes ``<date>-memory-plan-<device>.json`` (one row per run) and prints a Markdown table for bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "memory_plan.json").write_text(json.dumps(rows, indent=2) + "\n")
+    device = next((r["device"] for r in rows if "device" in r), "unknown")
+    (args.out / f"{time.strftime('%Y-%m-%d')}-memory-plan-{device}.json").write_text(json.dumps(rows, indent=2) + "\n")
     print("| family | method | parameters | estimate GiB | measured GiB | error |")
     print("|---|---|---|---|---|---|")
     for r in rows:

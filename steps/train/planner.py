@@ -6,7 +6,8 @@ config (its architecture built on the meta device), the method, dtype, sequence 
 
 Parts: weights (4-bit for QLoRA's quantized linears), gradients and optimizer state of the trainable
 parameters, activations per token and layer (10h + 5i values stored for backward, plus each LoRA
-adapter's dropped-out input; with gradient checkpointing only each layer's input plus one layer's
+adapter's dropped-out input, and the attention scores and probabilities where the architecture runs
+eager attention, e.g. Gemma 2; with gradient checkpointing only each layer's input plus one layer's
 worth), the logits with their fp32 copy, log-softmax and gradient, and on the CPU the mapped pages of
 the weights file while it loads.
 ``batch_size: auto`` takes the largest power-of-two micro-batch (up to ``auto_global_batch``) whose
@@ -93,7 +94,8 @@ def model_shape(cfg: TrainConfig, base_dir: Path, task: Task) -> dict[str, Any]:
         or 4 * config.hidden_size
     return {"parameters": total, "linear_parameters": linear, "trainable": trainable, "layers": len(layers),
             "hidden": config.hidden_size, "intermediate": intermediate, "vocab": config.vocab_size,
-            "lora_inputs": lora_inputs // max(len(layers), 1),
+            "lora_inputs": lora_inputs // max(len(layers), 1), "heads": config.num_attention_heads,
+            "eager_attention": getattr(config, "_attn_implementation", None) == "eager",
             "sequence_head": task.sequence_head}
 
 
@@ -116,6 +118,8 @@ def estimate_memory(cfg: TrainConfig, shape: dict[str, Any], device: str, seq_le
     per_layer = (10 * shape["hidden"] + 5 * shape["intermediate"]) * width
     if cfg.method in ("lora", "qlora") and cfg.lora.dropout > 0:  # each adapter keeps its dropped-out input
         per_layer += shape["lora_inputs"] * (width + 1)
+    if shape.get("eager_attention") and cfg.attention in ("auto", "eager"):  # scores and probabilities kept
+        per_layer += 2 * shape["heads"] * (seq_len if not cfg.packing else tokens) * width
     if cfg.gradient_checkpointing:
         activations = tokens * (shape["layers"] * shape["hidden"] * width + per_layer)
     else:
