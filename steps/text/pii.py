@@ -452,6 +452,8 @@ _RULES: tuple[_Rule, ...] = (
     *(("CREDIT_CARD", _G_DIGITS, _rx(r"\d{%d}(?P<s>[ \-])" % first
                                      + "(?P=s)".join(r"\d{%d}" % n for n in rest)), _card_ok)
       for first, *rest in _CARD_LAYOUTS),
+    # American Express (IIN 34/37, 15 digits) in any grouping: spaces or dashes between any digits.
+    ("CREDIT_CARD", _G_DIGITS, _rx(r"3[47](?:[ \-]?\d){13}"), _card_ok),
     ("KR_RRN", _G_DIGITS, _rx(r"\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])-?[1-8]\d{6}"), _rrn_ok),
     ("US_SSN", _G_DIGITS, _rx(r"(?P<a>\d{3})(?P<s>[ \-])(?P<g>\d{2})(?P=s)(?P<n>\d{4})"), _ssn_ok),
     # IPv4 may sit next to "-" (ranges such as 10.0.0.1-10.0.0.9), but never continue

@@ -133,6 +133,11 @@ POSITIVES = [
      grouped(DINERS14, (4, 6, 4), " ")),
     (f"{grouped(VISA19, (4, 4, 4, 4, 3), ' ')} 끝", "CREDIT_CARD",
      grouped(VISA19, (4, 4, 4, 4, 3), " ")),
+    # American Express in other groupings than 4-6-5 (spaces or dashes, even mixed)
+    (f"amex {grouped(AMEX15, (4, 4, 4, 3), '-')} exp", "CREDIT_CARD", grouped(AMEX15, (4, 4, 4, 3), "-")),
+    (f"card {grouped(AMEX15, (3, 4, 4, 4), ' ')}.", "CREDIT_CARD", grouped(AMEX15, (3, 4, 4, 4), " ")),
+    (f"AX:{grouped(AMEX15, (5, 5, 5), ' ')}", "CREDIT_CARD", grouped(AMEX15, (5, 5, 5), " ")),
+    (f"아멕스 {AMEX15[:4]}-{AMEX15[4:10]} {AMEX15[10:]}", "CREDIT_CARD", f"{AMEX15[:4]}-{AMEX15[4:10]} {AMEX15[10:]}"),
     # KR_RRN (generated checksums): 1900s, 2000s, foreigners, leap day, no dash
     (f"주민등록번호: {rrn('900101', '1', '23456')}", "KR_RRN", rrn("900101", "1", "23456")),
     (f"주민등록번호는{rrn('851231', '2', '05512')}입니다", "KR_RRN", rrn("851231", "2", "05512")),
