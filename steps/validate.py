@@ -8,7 +8,9 @@ chat (supervised fine-tuning): one row per message of a turn table; the suite ch
 message count, roles and their order, nulls and content length. Accepted shapes:
 - chat: ``{"id"?: str, "messages": [{"role": ..., "content": ...}, ...]}``: an optional
   leading system message, then user/assistant turns alternating, ending with assistant;
-- instruction: ``{"id"?: str, "instruction": str, "input"?: str, "response"|"output": str, "system"?: str}``.
+- instruction: ``{"id"?: str, "instruction": str, "input"?: str, "response"|"output": str, "system"?: str}``;
+- ShareGPT: ``{"id"?: str, "conversations": [{"from": "human"|"gpt"|"system", "value": str}, ...]}``
+  (speakers mapped by ``SHAREGPT_ROLES``; an unknown speaker fails the roles rule).
 
 text (continued pretraining): ``{"id"?: str, "text": str}``; one row of a text table: the
 text is a string, not blank, and within ``min_chars``..``max_text_chars``.
@@ -271,7 +273,7 @@ def _chat_tables(lines: list[str]) -> tuple[dict[str, Any], list[str]]:
             rec_count.append(None)
             rec_order.append(None)
             continue
-        rec_shape.append("chat" if "messages" in obj else "instruction")
+        rec_shape.append("chat" if "messages" in obj else "sharegpt" if "conversations" in obj else "instruction")
         rec_count.append(len(messages))
         roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
         rec_order.append(_order_ok(roles))
@@ -479,11 +481,22 @@ def _columns(columns: dict[str, list]) -> Any:
     return pd.DataFrame(columns)
 
 
+# ShareGPT speakers -> chat roles; another speaker keeps no role and fails the roles rule.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
+                  "system": "system"}
+
+
 def _as_messages(obj: Any) -> list | None:
     if not isinstance(obj, dict):
         return None
     if "messages" in obj:
         return obj["messages"] if isinstance(obj["messages"], list) else None
+    if "conversations" in obj:  # ShareGPT: [{"from": "human" | "gpt" | "system", "value": ...}, ...]
+        turns = obj["conversations"]
+        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+            return None
+        return [{"role": SHAREGPT_ROLES.get(str(t.get("from", "")).lower()), "content": t.get("value")} for t in turns]
     answer = obj.get("response", obj.get("output"))
     if not isinstance(obj.get("instruction"), str) or not isinstance(answer, str):
         return None
@@ -507,8 +520,8 @@ def chat_rules(cfg: ValidateConfig) -> list[Rule]:
     E = gx.expectations
     return [
         Rule("line is valid JSON", "records", E.ExpectColumnValuesToBeInSet(column="json_valid", value_set=[True])),
-        Rule("record is a chat or instruction record", "records",
-             E.ExpectColumnValuesToBeInSet(column="shape", value_set=["chat", "instruction"])),
+        Rule("record is a chat, instruction or ShareGPT record", "records",
+             E.ExpectColumnValuesToBeInSet(column="shape", value_set=["chat", "instruction", "sharegpt"])),
         Rule(f"at least {cfg.min_messages} messages", "records",
              E.ExpectColumnValuesToBeBetween(column="n_messages", min_value=cfg.min_messages)),
         Rule("roles alternate user/assistant and end with assistant", "records",

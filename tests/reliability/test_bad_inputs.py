@@ -50,7 +50,7 @@ CASES = [
          {"line is valid UTF-8": "2 of 5 lines fail (e.g. lines 2, 4)"}, 2, ("caf", "cut")),
     Case("empty.jsonl", "ingest", {"non-empty input": "the file holds no records"}, 0, ()),
     Case("missing_fields.jsonl", "validate",
-         {"record is a chat or instruction record": "1 of 9 records fail (e.g. lines 2)",
+         {"record is a chat, instruction or ShareGPT record": "1 of 9 records fail (e.g. lines 2)",
           "role is present": "1 of 16 turns fail (e.g. lines 6)",
           "content is a string (not null)": "1 of 16 turns fail (e.g. lines 4)"}, 3, ("no-messages", "who am I")),
     Case("wrong_role_order.jsonl", "validate",

@@ -35,6 +35,20 @@ def test_chat_and_instruction_records_pass_in_chat_form(store, tmp_path):
     assert all(r["success"] for r in store.read_json(ref, "report.json")["rules"])
 
 
+def test_sharegpt_records_pass_in_chat_form_and_unknown_speakers_fail(store, tmp_path):
+    rows = [{"id": "s1", "conversations": [{"from": "system", "value": "be brief"}, {"from": "human", "value": "hi"},
+                                           {"from": "gpt", "value": "hello"}]},
+            {"conversations": [{"from": "user", "value": "2+2?"}, {"from": "assistant", "value": "4"}]}]
+    out = store.read_jsonl(run(store, tmp_path, rows), RECORDS_FILE)
+    assert out[0] == {"id": "s1", "messages": [{"role": "system", "content": "be brief"},
+                                               {"role": "user", "content": "hi"},
+                                               {"role": "assistant", "content": "hello"}]}
+    assert out[1]["id"] == "line-2" and [m["role"] for m in out[1]["messages"]] == ["user", "assistant"]
+    bad = [*rows, {"conversations": [{"from": "narrator", "value": "x"}, {"from": "gpt", "value": "y"}]}]
+    with pytest.raises(DataQualityError, match=r"rule 'role is present': 1 of 7 turns fail \(e.g. lines 3\)"):
+        run(store, tmp_path, bad)
+
+
 def test_records_already_in_chat_form_keep_their_line_others_are_rewritten(store, tmp_path):
     """A line that is exactly ``{"id": <str>, "messages": [...]}`` is written as it came (no
     re-serialization); extra fields are dropped and a missing or non-string id is filled in."""
@@ -54,7 +68,7 @@ def test_records_already_in_chat_form_keep_their_line_others_are_rewritten(store
 
 @pytest.mark.parametrize("bad, rule", [
     (f'{{"messages": [{{"role": "user", "content": "{SECRET}"', "line is valid JSON"),
-    ({"text": SECRET}, "record is a chat or instruction record"),
+    ({"text": SECRET}, "record is a chat, instruction or ShareGPT record"),
     ({"messages": [{"role": "user", "content": SECRET}, {"role": "user", "content": SECRET}]},
      "roles alternate user/assistant and end with assistant"),
     ({"messages": [{"role": "user", "content": SECRET}, {"role": "bot", "content": SECRET}]},
