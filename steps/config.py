@@ -75,6 +75,15 @@ class ValidateConfig(StrictModel):
     max_text_chars: int = Field(
         1_000_000, ge=1, description="text records: longest allowed text, in characters (documents are long)."
     )
+    on_invalid: Literal["fail", "drop"] = Field(
+        "drop", description="Records that break a per-record rule: fail = stop the run; drop = quarantine them "
+        "(line numbers, ids and rules in quarantine.jsonl, never contents) and go on, up to max_invalid_share. "
+        "Whole-file rules (e.g. at least two labels) always stop the run."
+    )
+    max_invalid_share: float = Field(
+        0.01, ge=0.0, le=1.0, description="drop: the largest share of the records that may be quarantined; more "
+        "stops the run, naming the rules."
+    )
 
 
 class ScrubConfig(StrictModel):

@@ -37,6 +37,10 @@ one chunk whatever the file size. Counts add up over chunks, example lines are t
 first failing ones; the distinct-labels rule runs once at the end on the distinct values
 seen. The data-docs pages show the first chunk's validation.
 
+Policy (``on_invalid``): ``fail`` stops at any broken rule; ``drop`` (the default) runs the per-record
+rules with every failing line listed, leaves those records out and writes ``quarantine.jsonl`` (line,
+id, rules; never contents), as long as they are at most ``max_invalid_share`` of the records.
+
 Output: ``records.jsonl`` in the kind's form (chat ``{"id", "messages"}``, text ``{"id",
 "text"}``, classification and regression ``{"id", "text", "label"}``, preference ``{"id",
 "prompt", "chosen", "rejected"}``), ``report.json`` plus one GX data-docs page per table (``data_docs/<table>.html``), and ``record_kind`` in the stats, which
@@ -104,6 +108,8 @@ def validate_records(cfg: ValidateConfig, source: DatasetRef, store: ArtifactSto
     summary_state = _LabelSummary(cfg.record_kind)
     writer = store.writer(STEP, key, cfg, inputs=[source])
     records = 0
+    quarantine: list[dict[str, Any]] = []  # line, id (when the record parsed), rules: never contents
+    drop = cfg.on_invalid == "drop"
     # The raw file streams through in chunks of CHUNK_LINES lines: each chunk's tables are
     # validated by the suite and its records written out, so memory holds one chunk.
     with writer.jsonl_file(RECORDS_FILE) as out:
@@ -111,7 +117,9 @@ def validate_records(cfg: ValidateConfig, source: DatasetRef, store: ArtifactSto
             lines = Lines((b.decode("utf-8", errors="replace") for b in raw_lines), start)
             tables, output = build_tables(lines)
             tables["lines"] = _line_table(raw_lines, lines)
-            chunk = run_suite(per_row, tables, pages if not pages else None)
+            chunk = run_suite(per_row, tables, pages if not pages else None, every_line=drop)
+            if drop:
+                output = _quarantined(chunk["rules"], tables["records"], output, lines, cfg.record_kind, quarantine)
             _merge(merged, chunk["rules"])
             for rule in whole:
                 column = rule.expectation.column
@@ -136,23 +144,63 @@ def validate_records(cfg: ValidateConfig, source: DatasetRef, store: ArtifactSto
                 for entry in result["rules"]:
                     entry["element_count"] = rows_seen[table]
                 _merge(merged, result["rules"])
-        report = {"success": all(r["success"] for r in merged.values()),
-                  "rules": [merged[r.name] for r in rules if r.name in merged]}
+        rules_out = [merged[r.name] for r in rules if r.name in merged]
+        broken = [r for r in rules_out if not r["success"]]
+        share = len(quarantine) / max(records + len(quarantine), 1)
+        # Under the drop policy a broken per-record rule only quarantines its records, up to the share.
+        whole_names = {w.name for w in whole}
+        tolerated = drop and share <= cfg.max_invalid_share and all(r["rule"] not in whole_names for r in broken)
+        report = {"success": not broken or tolerated, "rules": rules_out}
         if not report["success"]:
-            broken = [r for r in report["rules"] if not r["success"]]
+            policy = (f"\n  {len(quarantine)} of {records + len(quarantine)} records break a rule ({share:.2%}): more "
+                      f"than validate.max_invalid_share ({cfg.max_invalid_share:.2%}) allows to quarantine"
+                      if drop and quarantine else "")
             raise DataQualityError(
                 f"validation failed for {source.stats.get('source', source.key)} as {cfg.record_kind} records: "
-                f"{len(broken)} of {len(report['rules'])} rules broken\n" + "\n".join(map(_describe, broken))
+                f"{len(broken)} of {len(report['rules'])} rules broken\n" + "\n".join(map(_describe, broken)) + policy
             )
+    if quarantine:
+        counts = Counter(rule for row in quarantine for rule in row["rules"])
+        report["quarantined"] = len(quarantine)
+        report["quarantine_rules"] = dict(sorted(counts.items()))
+        writer.put_jsonl("quarantine.jsonl", quarantine)
+        log.warning("validate: %d of %d records quarantined (%s)", len(quarantine), records + len(quarantine),
+                    ", ".join(f"{rule}: {n}" for rule, n in sorted(counts.items())))
     summary = summary_state.result()
     report.update(summary)
     writer.put_json("report.json", report)
     for table, html in pages.items():
         writer.put_bytes(f"data_docs/{table}.html", html.encode("utf-8"))
     log.info("validate: %d %s records pass %d rules", records, cfg.record_kind, len(report["rules"]))
-    ref = writer.commit(stats={"records": records, "rules": len(report["rules"]),
-                               "record_kind": cfg.record_kind, **summary})
+    stats = {"records": records, "rules": len(report["rules"]), "record_kind": cfg.record_kind, **summary}
+    if quarantine:
+        stats |= {"quarantined": len(quarantine), "quarantine_rules": report["quarantine_rules"]}
+    ref = writer.commit(stats=stats)
     return DatasetRef(**ref.model_dump())
+
+
+# The shapes whose lines become output records, per kind (the table builders append a record for each).
+RECORD_SHAPES = {"chat": {"chat", "instruction", "sharegpt"}}
+
+
+def _quarantined(entries: list[dict[str, Any]], records: Any, output: list, lines: Lines, kind: str,
+                 quarantine: list[dict[str, Any]]) -> list:
+    """``output`` without the records of the lines that broke a rule; those lines (number, id, rules)
+    are added to ``quarantine``. Each entry's ``failing_lines`` is removed (the report keeps examples)."""
+    failing: dict[int, list[str]] = {}
+    for entry in entries:
+        for line in entry.pop("failing_lines", []):
+            failing.setdefault(line, []).append(entry["rule"])
+    if not failing:
+        return output
+    shapes = RECORD_SHAPES.get(kind, {kind})
+    output_lines = [int(line) for line, shape in zip(records["line"], records["shape"]) if shape in shapes]
+    kept = [record for record, line in zip(output, output_lines) if line not in failing]
+    for line in sorted(failing):
+        obj = lines.parsed(line - lines.start)
+        record_id = obj.get("id") if isinstance(obj, dict) and isinstance(obj.get("id"), str) else None
+        quarantine.append({"line": line, "id": record_id, "rules": failing[line]})
+    return kept
 
 
 class Lines(list):
@@ -635,9 +683,12 @@ SUITES: dict[str, tuple[Callable[[list[str]], tuple[dict[str, Any], list[dict] |
 }
 
 
-def run_suite(suite_rules: list[Rule], frames: dict[str, Any], pages: dict[str, str] | None = None
-              ) -> dict[str, Any]:
+def run_suite(suite_rules: list[Rule], frames: dict[str, Any], pages: dict[str, str] | None = None,
+              every_line: bool = False) -> dict[str, Any]:
     """Run each table's rules on its frame; the report holds counts and line numbers only.
+
+    With ``every_line``, each failing rule's entry also lists all its failing line numbers
+    (``failing_lines``: what a drop policy quarantines), not only the first examples.
 
     With ``pages``, each table's result is also rendered as a Great Expectations data-docs
     page (HTML; the frames hold derived columns only, and unexpected values are excluded).
@@ -657,7 +708,8 @@ def run_suite(suite_rules: list[Rule], frames: dict[str, Any], pages: dict[str, 
             batch_parameters={"dataframe": frame.reset_index(drop=True)}
         )
         outcome = batch.validate(suite, result_format={
-            "result_format": "SUMMARY", "exclude_unexpected_values": True, "partial_unexpected_count": 10 * EXAMPLES,
+            "result_format": "COMPLETE" if every_line else "SUMMARY", "exclude_unexpected_values": True,
+            "partial_unexpected_count": 10 * EXAMPLES,
         })
         if pages is not None:
             pages[table] = data_docs_page(outcome)
@@ -673,6 +725,10 @@ def run_suite(suite_rules: list[Rule], frames: dict[str, Any], pages: dict[str, 
                 "unexpected_count": int(stats.get("unexpected_count") or 0),
                 "example_lines": sorted({int(frame["line"].iloc[i]) for i in index})[:EXAMPLES],
             }
+            if every_line and not result.success:
+                failing = stats.get("unexpected_index_list") or []
+                entry["failing_lines"] = sorted({int(frame["line"].iloc[i]) for i in failing
+                                                 if isinstance(i, (int, numbers.Integral))})
             observed = stats.get("observed_value")  # whole-table rules: a count, kept only when it is a number
             if isinstance(observed, numbers.Real) and not isinstance(observed, bool):
                 entry["observed_value"] = observed.item() if hasattr(observed, "item") else observed

@@ -4,7 +4,7 @@ duplicates, the task's metrics base -> tuned, the version, its alias, and links.
 from __future__ import annotations
 
 from steps.core.contract import StrictModel
-from steps.register.step import PromotionDecision, RegisteredVersion, RunRecord
+from steps.register.step import PromotionDecision, RegisteredVersion, RunRecord, quarantine_note
 from steps.tokenize.split import split_summary
 
 
@@ -23,7 +23,8 @@ def render_summary(summary: PipelineSummary, links: dict[str, str]) -> str:
     lines = [
         "tuneline run summary",
         f"  ingest     {d['ingest'].get('lines')} lines from {d['ingest'].get('source')}",
-        f"  validate   {d['validate'].get('records')} records passed {d['validate'].get('rules')} rules",
+        f"  validate   {d['validate'].get('records')} records passed {d['validate'].get('rules')} rules"
+        + quarantine_note(d["validate"]),
         f"  scrub      {d['scrub'].get('records_in')} -> {d['scrub'].get('records_out')} records"
         f" ({d['scrub'].get('duplicates_removed')} duplicates removed)",
         "             PII replaced: " + (", ".join(f"{k}={v}" for k, v in pii.items()) or "none"),
@@ -52,3 +53,4 @@ def _metric_lines(base: dict, tuned: dict) -> list[str]:
 def _stat(ref: object, name: str) -> str:
     value = getattr(ref, "stats", {}).get(name)
     return f"{value:.3f}" if isinstance(value, float) else str(value)
+

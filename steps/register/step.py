@@ -426,7 +426,8 @@ def model_card(cfg: RegisterConfig, record: RunRecord, key: str) -> str:
         "",
         "## Data",
         f"- source: `{d['ingest'].get('source')}` ({d['ingest'].get('lines')} lines, sha256 `{d['ingest'].get('source_sha256', '')[:16]}`)",
-        f"- validation: {d['validate'].get('records')} records passed {d['validate'].get('rules')} rules",
+        f"- validation: {d['validate'].get('records')} records passed {d['validate'].get('rules')} rules"
+        + quarantine_note(d["validate"]),
         f"- scrub: {d['scrub'].get('records_in')} -> {d['scrub'].get('records_out')} records, "
         f"{d['scrub'].get('duplicates_removed')} duplicates removed, PII replaced: "
         + (", ".join(f"{k} {v}" for k, v in pii.items()) or "none"),
@@ -464,3 +465,11 @@ def serving_requirements() -> list[str]:
 
     packages = ("mlflow", "torch", "transformers", "peft", "safetensors", "bitsandbytes", "pydantic", "pyyaml")
     return [f"{pkg}=={version(pkg)}" for pkg in packages]
+
+
+def quarantine_note(stats: dict) -> str:
+    """', 3 quarantined (rule: count, ...)' when validate dropped records, else ''."""
+    if not stats.get("quarantined"):
+        return ""
+    rules = ", ".join(f"{rule}: {n}" for rule, n in stats.get("quarantine_rules", {}).items())
+    return f", {stats['quarantined']} quarantined ({rules})"

@@ -157,3 +157,32 @@ def test_a_file_streamed_in_chunks_gets_the_same_verdicts_and_file_line_numbers(
     with pytest.raises(DataQualityError, match="at least 2 distinct labels': observed 1 across 4"):
         run(store, tmp_path, [{"text": f"t{i}", "label": "a"} for i in range(4)],
             ValidateConfig(record_kind="classification"))
+
+
+def chats_with_bad_turns(n: int, bad: int) -> list[dict]:
+    """``n`` chat records; ``bad`` of them (spread out) have an empty answer."""
+    every = n // bad if bad else n + 1
+    return [chat(f"question {i}?", "" if bad and i % every == every - 1 and i // every < bad else f"answer {i}.",
+                 id=f"c{i:03d}") for i in range(n)]
+
+
+def test_a_few_bad_records_are_quarantined_by_line_id_and_rule_never_contents(store, tmp_path):
+    rows = chats_with_bad_turns(200, 1)  # 0.5%
+    (line, bad), = [(i + 1, r) for i, r in enumerate(rows) if not r["messages"][1]["content"]]
+    ref = run(store, tmp_path, rows)
+    kept = store.read_jsonl(ref, RECORDS_FILE)
+    assert len(kept) == 199 and bad["id"] not in {r["id"] for r in kept}
+    assert ref.stats["quarantined"] == 1 and ref.stats["records"] == 199
+    quarantined = store.read_jsonl(ref, "quarantine.jsonl")
+    assert [(q["line"], q["id"]) for q in quarantined] == [(line, bad["id"])] and quarantined[0]["rules"]
+    assert bad["messages"][0]["content"] not in json.dumps(quarantined)
+    assert store.read_json(ref, "report.json")["quarantine_rules"] == ref.stats["quarantine_rules"]
+
+
+def test_too_many_bad_records_fail_naming_the_rule_and_the_share(store, tmp_path):
+    with pytest.raises(DataQualityError, match=r"(?s)content.*10 of 200 records break a rule \(5\.00%\): more than "
+                                               r"validate.max_invalid_share \(1\.00%\)"):
+        run(store, tmp_path, chats_with_bad_turns(200, 10))
+    with pytest.raises(DataQualityError, match="rules broken"):  # on_invalid: fail keeps the all-or-nothing gate
+        run(store, tmp_path, chats_with_bad_turns(200, 1), ValidateConfig(on_invalid="fail"))
+    assert not [k for k in all_keys(store) if "/validate/" in k and k.endswith("_MANIFEST.json")]  # nothing committed
