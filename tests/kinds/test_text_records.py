@@ -81,8 +81,8 @@ def test_a_file_of_the_other_kind_fails_the_shape_rule(store, tmp_path):
     with pytest.raises(DataQualityError, match="rule 'record is a text record with a \"text\" field': 2 of 2 records"):
         validate_records(TEXT, chats, store)
     texts = ingest(store, tmp_path, [{"text": "a document"}, {"text": "another"}])
-    with pytest.raises(DataQualityError, match=r"as chat records: .*\n.*rule 'record is a chat or instruction "
-                                               r"record': 2 of 2 records fail \(e.g. lines 1, 2\)"):
+    with pytest.raises(DataQualityError, match=r"as chat records: .*\n.*rule 'record is a chat, instruction or "
+                                               r"ShareGPT record': 2 of 2 records fail \(e.g. lines 1, 2\)"):
         validate_records(ValidateConfig(), texts, store)
 
 
