@@ -44,7 +44,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
