@@ -25,7 +25,7 @@ RecordKind = Literal["chat", "text", "classification", "regression", "preference
 TASKS: dict[str, str] = {"chat": "sft", "text": "cpt", "classification": "classification",
                          "regression": "regression", "preference": "preference"}
 GENERATIVE_KINDS = {"chat", "text", "preference"}
-ENCODER_SOURCES = {name for name, (encoder, _) in SHIPPED.items() if encoder}
+ENCODER_SOURCES = {name for name, encoder in SHIPPED.items() if encoder}
 # Metrics the promotion gate can compare, per record kind (the first is the default); True = lower is better.
 GATE_METRICS: dict[str, dict[str, bool]] = {
     "chat": {"perplexity": True, "bleu": False},

@@ -43,13 +43,13 @@ TINY_BERT_SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2
 
 def shipped_origin(name: str) -> Path:
     """The file a shipped model is made from (its digest keys the artifact)."""
-    return encoder_dir() / "model.safetensors" if SHIPPED[name][0] else gguf_path()
+    return encoder_dir() / "model.safetensors" if SHIPPED[name] else gguf_path()
 
 
 def build_shipped(name: str, seed: int, out: Path, tokenizer_cache: Path | None) -> None:
     """Write the shipped model ``name`` to ``out`` as a Hugging Face folder."""
     origin = shipped_origin(name)
-    if SHIPPED[name][0]:
+    if SHIPPED[name]:
         build_encoder(name, seed, origin.parent, out)
     elif name == "smollm2-135m-instruct":
         build_from_gguf(origin, out, tokenizer_cache)

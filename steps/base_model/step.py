@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from steps.base_model.folder import (
-    check_architecture,
     file_digest,
     fingerprint,
     is_causal_lm,
@@ -65,17 +64,16 @@ def prepare_base_model(cfg: BaseModelConfig, store: ArtifactStore, chat_template
             if not built.is_file():
                 raise ConfigError(f"{origin}: no such file")
             seed = cfg.seed if source.name.startswith("tiny-") else None
+            built_digest = file_digest(built, digests_cache)
             key = run_key(STEP, settings | {"shipped": source.name if source.kind == "shipped" else None, "seed": seed},
-                          [file_digest(built, digests_cache)])
+                          [built_digest])
             if (done := store.lookup(STEP, key)) is not None:
                 return ModelRef(base=ArtifactRef(**done.model_dump()))
-            cache = (store.cache_dir / "gguf-tokenizers" / file_digest(built, digests_cache)[:32]
-                     if built.suffix == ".gguf" else None)
+            cache = store.cache_dir / "gguf-tokenizers" / built_digest[:32] if built.suffix == ".gguf" else None
             if source.kind == "shipped":
                 build_shipped(source.name, cfg.seed, staging, cache)
             else:
                 build_from_gguf(built, staging, cache)
-            check_architecture(read_config(staging / "config.json", origin), origin)
             files, digests = model_files(staging, origin), None
         elif source.kind == "registry":
             key, parent_digest = registry_key(source, settings, origin)
@@ -99,9 +97,10 @@ def prepare_base_model(cfg: BaseModelConfig, store: ArtifactStore, chat_template
             if (done := store.lookup(STEP, key)) is not None:
                 return ModelRef(base=ArtifactRef(**done.model_dump()))
             stage(folder, files, staging)
-        if template is not None:
+        if template is not None:  # rewrites tokenizer files and generation_config.json; weights keep their digests
             apply_template(staging, *template)
-            files, digests = model_files(staging, origin), None
+            files = model_files(staging, origin)
+            digests = {n: d for n, d in (digests or {}).items() if n.endswith(".safetensors")}
         stats = describe(staging, origin) | provenance | {"chat_template": template[1] if template else
                                                           ("tokenizer" if has_template(staging) else None)}
         writer = store.writer(STEP, key, cfg)

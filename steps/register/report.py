@@ -53,4 +53,3 @@ def _metric_lines(base: dict, tuned: dict) -> list[str]:
 def _stat(ref: object, name: str) -> str:
     value = getattr(ref, "stats", {}).get(name)
     return f"{value:.3f}" if isinstance(value, float) else str(value)
-

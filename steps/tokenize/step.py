@@ -84,8 +84,6 @@ def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, s
     return DatasetRef(**writer.commit(stats=stats).model_dump())
 
 
-
-
 def check_model_fits_records(kind: str, model: ModelRef) -> None:
     """Generative records (chat, text, preference) need a causal LM: an encoder base is a ConfigError."""
     if kind in GENERATIVE_KINDS and model.base.stats.get("causal") is False:

@@ -61,17 +61,15 @@ def model_shape(cfg: TrainConfig, base_dir: Path, task: Task) -> dict[str, Any]:
     """Parameter counts of the model as the method will train it, from its architecture on the meta device."""
     import torch
 
-    from steps.train.methods.common import attention_targets, blocks, load_base
+    from steps.train.methods.common import attention_targets, blocks, head_names, meta_model
 
-    with torch.device("meta"):
-        model = load_base(None, base_dir, "meta", task, _config_only=True)
+    model = meta_model(base_dir, task)
     config = model.config
     total = sum(p.numel() for p in model.parameters())
     layers = blocks(model)
     linear = sum(m.weight.numel() for m in model.base_model.modules()
                  if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")
-    head = sum(p.numel() for name, m in model.named_children() if name != model.base_model_prefix
-               for p in m.parameters())
+    head = sum(p.numel() for name in head_names(model) for p in getattr(model, name).parameters())
     lora_inputs = 0  # input features of the adapted layers, summed (lora: their dropout outputs are stored)
     if cfg.method == "full":
         trainable = total
@@ -79,7 +77,7 @@ def model_shape(cfg: TrainConfig, base_dir: Path, task: Task) -> dict[str, Any]:
         targets = set(attention_targets(cfg, model))
         trainable = head if task.sequence_head else 0
         for name, m in model.base_model.named_modules():
-            if (name.rsplit(".", 1)[-1] in targets or any(name.endswith(t) for t in targets)) and hasattr(m, "weight"):
+            if any(name == t or name.endswith("." + t) for t in targets) and hasattr(m, "weight"):  # as peft matches
                 rows, cols = m.weight.shape[:2]
                 trainable += cfg.lora.r * (rows + cols)
                 lora_inputs += m.weight.shape[0 if type(m).__name__ == "Conv1D" else 1]

@@ -19,7 +19,7 @@ ATTENTION_TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
 
 def load_base(cfg: TrainConfig | None, base_dir: Path, device: str, task: Task = CAUSAL, **kwargs: Any) -> Any:
     """The base model on ``device`` with the task's head; ``cfg.dropout`` overrides its dropout."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     overrides: dict[str, Any] = {}
     if cfg is not None and cfg.dropout is not None:
@@ -28,20 +28,34 @@ def load_base(cfg: TrainConfig | None, base_dir: Path, device: str, task: Task =
     kwargs.setdefault("dtype", dtype_for(device))
     if cfg is not None and (attention := attention_for(cfg, device)) is not None:
         kwargs.setdefault("attn_implementation", attention)
-    if task.sequence_head:
-        labels = task.labels if task.kind == "classification" else ["value"]
-        overrides |= dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
-                          label2id={label: i for i, label in enumerate(labels)},
-                          problem_type="single_label_classification" if task.kind == "classification" else "regression")
-        auto = AutoModelForSequenceClassification
-    else:
-        auto = AutoModelForCausalLM
-    if kwargs.pop("_config_only", False):  # the architecture only (sequence_head_names), on the meta device
-        return auto.from_config(AutoConfig.from_pretrained(base_dir, **overrides), trust_remote_code=False)
-    model = auto.from_pretrained(base_dir, trust_remote_code=False, **overrides, **kwargs)
+    auto, head = task_head(task)
+    model = auto.from_pretrained(base_dir, trust_remote_code=False, **overrides, **head, **kwargs)
     if task.sequence_head and model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id  # decoder classifiers find the last token by padding
     return model if "quantization_config" in kwargs else model.to(device)
+
+
+def task_head(task: Task) -> tuple[Any, dict[str, Any]]:
+    """The Auto class for ``task`` and the config overrides of its head (labels of a sequence head)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if not task.sequence_head:
+        return AutoModelForCausalLM, {}
+    labels = task.labels if task.kind == "classification" else ["value"]
+    return AutoModelForSequenceClassification, dict(
+        num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
+        problem_type="single_label_classification" if task.kind == "classification" else "regression")
+
+
+def meta_model(base_dir: Path, task: Task) -> Any:
+    """The task model of ``base_dir`` built from its config on the meta device: its architecture and
+    parameter shapes, no weights read or allocated."""
+    import torch
+    from transformers import AutoConfig
+
+    auto, head = task_head(task)
+    with torch.device("meta"):
+        return auto.from_config(AutoConfig.from_pretrained(base_dir, **head), trust_remote_code=False)
 
 
 def attention_for(cfg: TrainConfig, device: str) -> str | None:
@@ -112,10 +126,7 @@ def head_names(model: Any) -> list[str]:
 
 def sequence_head_names(base_dir: Path, task: Task) -> list[str]:
     """``head_names`` of the task model of ``base_dir``, found on the meta device (no weights loaded)."""
-    import torch
-
-    with torch.device("meta"):
-        return head_names(load_base(None, base_dir, "meta", task, _config_only=True))
+    return head_names(meta_model(base_dir, task))
 
 
 def save_adapter(model: Any, folder: Path) -> None:

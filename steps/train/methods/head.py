@@ -22,7 +22,7 @@ from typing import Any
 from steps.config import TrainConfig
 from steps.core.contract import CAUSAL, Task
 from steps.core.errors import ArtifactError, ConfigError
-from steps.train.methods.common import blocks, load_base
+from steps.train.methods.common import blocks, head_names, load_base
 
 WEIGHTS_FILE = "head.safetensors"
 INFO_FILE = "head.json"
@@ -41,8 +41,7 @@ def untie_head(model: Any) -> None:
 def head_modules(model: Any, task: Task = CAUSAL) -> list[Any]:
     if not task.sequence_head:
         return [model.get_output_embeddings()]
-    prefix = model.base_model_prefix
-    return [module for name, module in model.named_children() if name != prefix]
+    return [getattr(model, name) for name in head_names(model)]
 
 
 def prepare(cfg: TrainConfig, base_dir: Path, device: str, task: Task = CAUSAL) -> Any:

@@ -31,7 +31,7 @@ from steps.train.methods.common import load_base, save_adapter, sequence_head_na
 from steps.train.methods.lora import lora_config
 
 
-def quantization_config(cfg: TrainConfig, device: str, task: Task = CAUSAL, base_dir: Path | None = None) -> Any:
+def quantization_config(cfg: TrainConfig, base_dir: Path, device: str, task: Task = CAUSAL) -> Any:
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -41,8 +41,7 @@ def quantization_config(cfg: TrainConfig, device: str, task: Task = CAUSAL, base
         raise ConfigError("train.quant.compute_dtype float16 is not supported on CPU; use float32 or auto")
     # A new sequence head (every module outside the backbone) is created after loading: it must stay
     # plain (trainable) linear layers. The output head of a causal LM is kept by transformers itself.
-    skip = (sequence_head_names(base_dir, task) if base_dir is not None else ["classifier", "score"]) \
-        if task.sequence_head else None
+    skip = sequence_head_names(base_dir, task) if task.sequence_head else None
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
                               bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=getattr(torch, name),
                               llm_int8_skip_modules=skip)
@@ -51,7 +50,7 @@ def quantization_config(cfg: TrainConfig, device: str, task: Task = CAUSAL, base
 def load_quantized_base(cfg: TrainConfig, base_dir: Path, device: str, task: Task = CAUSAL) -> Any:
     # device_map places the weights while they are quantized (a 4-bit model is not moved
     # afterwards); without it bitsandbytes picks CUDA whenever present, even for device "cpu".
-    model = load_base(cfg, base_dir, device, task, quantization_config=quantization_config(cfg, device, task, base_dir),
+    model = load_base(cfg, base_dir, device, task, quantization_config=quantization_config(cfg, base_dir, device, task),
                       device_map=device)
     same_path_on_every_cpu(model)
     return model
