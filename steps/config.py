@@ -219,16 +219,23 @@ class AugmentConfig(StrictModel):
 
 
 class TokenizeConfig(StrictModel):
-    max_seq_len: int = Field(256, ge=16, le=8192, description="Chat records: longer conversations are truncated to this many tokens. "
-                             "Text records: the length of every packed block.")
+    max_seq_len: int = Field(256, ge=16, le=8192, description="Longest row in tokens: longer conversations follow "
+                             "long_conversations, longer texts and pairs are truncated. Text records: the length of "
+                             "every packed block.")
     eval_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Share of records held out for evaluation.")
     leakage_threshold: float | None = Field(
         0.85, gt=0.0, le=1.0, description="Eval records whose estimated Jaccard similarity (MinHash over character "
         "5-grams) with any train record reaches this are dropped from eval: no train/eval leakage (None = off)."
     )
+    long_conversations: Literal["window", "truncate", "drop"] = Field(
+        "window", description="Chat records longer than max_seq_len: 'window' splits them at turn boundaries into "
+        "windows that each end with an assistant turn and fit max_seq_len (the system prompt opens each, the "
+        "previous window's last turn is context; no answer is lost or learned twice; a single turn longer than "
+        "max_seq_len is truncated), 'truncate' keeps the first max_seq_len tokens, 'drop' leaves them out."
+    )
     max_truncated_share: float = Field(
-        1.0, ge=0.0, le=1.0, description="Quality gate: fail when a larger share of the records (chat, "
-        "classification, regression, preference) is longer than max_seq_len and truncated (1.0 = no gate)."
+        0.05, ge=0.0, le=1.0, description="Quality gate: fail when a larger share of the records (chat, "
+        "classification, regression, preference) is truncated at max_seq_len (1.0 = no gate)."
     )
     seed: int = Field(42, description="Seed of the train/eval split.")
     augment: AugmentConfig | None = Field(

@@ -19,7 +19,7 @@ from steps.config import TASKS, TokenizeConfig
 from steps.core.contract import IGNORE, RECORDS_FILE
 from steps.core.store import ArtifactStore, DatasetRef
 from steps.core.workers import ChunkWorkers, balanced_chunk, pack, unpack, worker_count
-from steps.tokenize.encode import ENCODE_BATCH, chat_row, encode_chat_batch, eval_prompt
+from steps.tokenize.encode import ENCODE_BATCH, LONG_OUTCOMES, chat_rows, encode_chat_batch
 from steps.tokenize.split import LEAKAGE_PERMUTATIONS, check_both_splits, check_truncation, split_records
 from steps.tokenize.template import TemplateTokenizer, worker_tokenizer
 
@@ -52,7 +52,7 @@ def stream_chats(tokenizer: Any, source: DatasetRef, store: ArtifactStore, cfg: 
                 leak.add_signatures(chunk.train_ids, chunk.train_sigs)
                 eval_sigs.append(chunk.eval_sigs)
             eval_ids += chunk.eval_ids
-            for entry in zip(chunk.eval_ids, chunk.eval_lines, chunk.eval_prompts, chunk.eval_truncated):
+            for entry in zip(chunk.eval_ids, chunk.eval_outcomes, chunk.eval_prompts, chunk.eval_lines):
                 spool.write(_spooled(*entry))
         pairs: list[tuple[str, str]] = []
         if leak is not None and eval_ids:
@@ -68,37 +68,34 @@ def stream_chats(tokenizer: Any, source: DatasetRef, store: ArtifactStore, cfg: 
         spool.seek(0)
         with writer.jsonl_file("eval.jsonl") as evals, writer.jsonl_file("eval_prompts.jsonl") as prompts:
             for entry in spool:
-                record_id, line, prompt, truncated = _unspooled(entry)
+                record_id, outcome, prompt, lines = _unspooled(entry)
                 if record_id in leaked:
                     continue
-                counts["truncated"] += truncated
-                if line is None:
-                    counts["dropped_no_answer"] += 1
-                    continue
-                evals.write_lines([line])
-                prompts.write_lines([prompt])
+                counts.update(outcome.split(",") if outcome else [])
+                evals.write_lines(lines)
+                if prompt is not None:
+                    prompts.write_lines([prompt])
             stats = {"task": TASKS["chat"], "train_records": train.rows, "eval_records": evals.rows,
                      "train_tokens": counts["train_tokens"], "trainable_tokens": counts["trainable_tokens"],
-                     "truncated": counts["truncated"], "dropped_no_answer": counts["dropped_no_answer"],
-                     "eval_leakage_removed": len(pairs)}
+                     **{outcome: counts[outcome] for outcome in LONG_OUTCOMES}, "eval_leakage_removed": len(pairs)}
             check_truncation(cfg, stats, counts["records"])
             check_both_splits(cfg, stats["train_records"], stats["eval_records"], counts["records"])
     return stats
 
-def _spooled(record_id: str, line: str | None, prompt: str | None, truncated: int) -> str:
-    """One eval record in the spool file: tab-separated, the id JSON-quoted; the row and prompt
-    are JSON lines (no raw tab or newline in them) or empty for None."""
-    return f"{json.dumps(record_id, ensure_ascii=False)}\t{truncated}\t{line or ''}\t{prompt or ''}\n"
+def _spooled(record_id: str, outcome: str, prompt: str | None, lines: str | None) -> str:
+    """One eval record in the spool file: tab-separated, the id JSON-quoted, its outcomes (comma-separated), its prompt
+    (empty for None) and its rows, JSON lines (no raw tab or newline in them)."""
+    return "\t".join([json.dumps(record_id, ensure_ascii=False), outcome, prompt or "", lines or ""]) + "\n"
 
-def _unspooled(entry: str) -> tuple[str, str | None, str | None, int]:
-    record_id, truncated, line, prompt = entry.rstrip("\n").split("\t")
-    return json.loads(record_id), line or None, prompt or None, int(truncated)
+def _unspooled(entry: str) -> tuple[str, str, str | None, list[str]]:
+    record_id, outcome, prompt, *lines = entry.rstrip("\n").split("\t")
+    return json.loads(record_id), outcome, prompt or None, [line for line in lines if line]
 
 @dataclass
 class PreparedChats:
     """One chunk of chat records split and encoded: train rows as JSON lines (dropped rows left
-    out) with their counts, and per eval record its row and prompt lines (None: dropped, no
-    answer token left) and whether it was truncated; MinHash signatures of both sides' records
+    out) with their counts (tokens, and the outcomes of ``chat_rows``), and per eval record its
+    outcomes (comma-separated), prompt line (None: dropped) and row lines; MinHash signatures of both sides' records
     for the leakage check (None when it is off). Ids: every train and eval record of the chunk."""
 
     records: int
@@ -106,9 +103,9 @@ class PreparedChats:
     train_lines: list[str]
     train_counts: dict[str, int]
     eval_ids: list[str]
-    eval_lines: list[str | None]
+    eval_outcomes: list[str]
     eval_prompts: list[str | None]
-    eval_truncated: list[int]
+    eval_lines: list[str | None]  # a record's rows joined by tabs (none in a JSON line); None: no rows
     train_sigs: Any
     eval_sigs: Any
 
@@ -131,32 +128,31 @@ def prepare_chats(tokenizer: Any, records: list[dict[str, Any]], cfg: TokenizeCo
     from steps.text.dedup import record_text
 
     sides = split_records(records, cfg)
-    counts = Counter(train_tokens=0, trainable_tokens=0, truncated=0, dropped_no_answer=0)
+    counts = Counter(train_tokens=0, trainable_tokens=0, **dict.fromkeys(LONG_OUTCOMES, 0))
     train_lines = []
-    eval_lines: list[str | None] = []
+    eval_outcomes: list[str] = []
     eval_prompts: list[str | None] = []
-    eval_truncated: list[int] = []
+    eval_lines: list[str | None] = []
     for side, rows in sides.items():
         for begin in range(0, len(rows), ENCODE_BATCH):  # a batch of encodings in memory at a time
             batch = rows[begin:begin + ENCODE_BATCH]
             for record, (ids, labels) in zip(batch, encode_chat_batch(tokenizer, [r["messages"] for r in batch])):
-                row, truncated = chat_row(record, ids, labels, cfg)
+                result = chat_rows(tokenizer, record, ids, labels, cfg)
+                lines = [json.dumps(row, ensure_ascii=False) for row in result.rows]
                 if side == "eval":
-                    eval_truncated.append(int(truncated))
-                    eval_lines.append(None if row is None else json.dumps(row, ensure_ascii=False))
-                    eval_prompts.append(None if row is None else json.dumps(eval_prompt(record), ensure_ascii=False))
+                    eval_outcomes.append(",".join(result.outcomes))
+                    eval_prompts.append(None if result.prompt is None else json.dumps(result.prompt, ensure_ascii=False))
+                    eval_lines.append("\t".join(lines) or None)
                     continue
-                counts["truncated"] += truncated
-                if row is None:
-                    counts["dropped_no_answer"] += 1
-                    continue
-                counts["train_tokens"] += len(row["input_ids"])
-                counts["trainable_tokens"] += len(row["labels"]) - row["labels"].count(IGNORE)
-                train_lines.append(json.dumps(row, ensure_ascii=False))
+                counts.update(result.outcomes)
+                for row in result.rows:
+                    counts["train_tokens"] += len(row["input_ids"])
+                    counts["trainable_tokens"] += len(row["labels"]) - row["labels"].count(IGNORE)
+                train_lines += lines
     sigs = [signer.signatures([record_text(r) for r in sides[side]]) if signer is not None else None
             for side in ("train", "eval")]
     return PreparedChats(len(records), [r["id"] for r in sides["train"]], train_lines, dict(counts),
-                         [r["id"] for r in sides["eval"]], eval_lines, eval_prompts, eval_truncated, *sigs)
+                         [r["id"] for r in sides["eval"]], eval_outcomes, eval_prompts, eval_lines, *sigs)
 
 def _signer(cfg: TokenizeConfig) -> Any:
     from steps.text.dedup import NearDuplicates

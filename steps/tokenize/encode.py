@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import bisect
 import weakref
+from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 from tqdm import tqdm
@@ -118,23 +120,120 @@ def chat_row(record: dict[str, Any], ids: list[int], labels: list[int], cfg: Tok
         return None, truncated
     return {"id": record["id"], "input_ids": ids, "labels": labels}, truncated
 
+
+@dataclass
+class ChatRows:
+    """What one conversation became under ``tokenize.long_conversations``: its rows (none when it was
+    dropped), the messages of its eval prompt, and its outcomes: ``windowed`` (split into windows at
+    turn boundaries), ``truncated`` (cut at max_seq_len), ``dropped_long`` (longer than max_seq_len
+    under ``drop``), ``dropped_no_answer`` (no answer token left, after a cut or not); none: it fits."""
+
+    rows: list[dict[str, Any]]
+    prompt: dict[str, Any] | None
+    outcomes: tuple[str, ...] = ()
+
+
+def chat_rows(tokenizer: Any, record: dict[str, Any], ids: list[int], labels: list[int], cfg: TokenizeConfig
+              ) -> ChatRows:
+    """The rows of one encoded conversation: as it is when it fits max_seq_len, else by the policy
+    ``cfg.long_conversations``: ``window`` (``window_rows``; a single turn longer than max_seq_len is
+    truncated), ``truncate`` (its first max_seq_len tokens) or ``drop``."""
+    if len(ids) > cfg.max_seq_len:
+        if cfg.long_conversations == "drop":
+            return ChatRows([], None, ("dropped_long",))
+        if cfg.long_conversations == "window" and (windows := window_rows(tokenizer, record, cfg)) is not None:
+            rows, last = windows
+            return ChatRows(rows, eval_prompt({"id": record["id"], "messages": last}), ("windowed",))
+    row, truncated = chat_row(record, ids, labels, cfg)
+    cut = ("truncated",) if truncated else ()
+    if row is None:
+        return ChatRows([], None, (*cut, "dropped_no_answer"))
+    return ChatRows([row], eval_prompt(record), cut)
+
+
+def turn_groups(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]]]:
+    """(leading system messages, groups of messages that each end with an assistant message)."""
+    head = 0
+    while head < len(messages) and messages[head]["role"] == "system":
+        head += 1
+    groups: list[list[dict[str, Any]]] = []
+    current: list[dict[str, Any]] = []
+    for message in messages[head:]:
+        current.append(message)
+        if message["role"] == "assistant":
+            groups.append(current)
+            current = []
+    if current and groups:  # messages after the last answer (a validated chat has none): context of nothing
+        groups[-1] = groups[-1] + current
+    return messages[:head], groups
+
+
+def window_rows(tokenizer: Any, record: dict[str, Any], cfg: TokenizeConfig
+                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
+    """A conversation longer than max_seq_len as windows of whole turns that each fit max_seq_len and end
+    with an assistant turn; the leading system messages open every window. Each window after the first
+    starts with the previous window's last turn as context when it fits (its answer is masked out of
+    the loss: every answer is learned once). Returns (rows, the last window's messages), or None when a
+    single turn does not fit (then the conversation is truncated instead)."""
+    head, groups = turn_groups(record["messages"])
+    if not groups:
+        return None
+    cache: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
+
+    def encoded(begin: int, end: int) -> tuple[list[int], list[int]]:
+        if (begin, end) not in cache:
+            cache[begin, end] = encode_chat(tokenizer, head + [m for g in groups[begin:end] for m in g])
+        return cache[begin, end]
+
+    def fits(begin: int, end: int) -> bool:
+        return len(encoded(begin, end)[0]) <= cfg.max_seq_len
+
+    rows: list[dict[str, Any]] = []
+    start = 0
+    last: tuple[int, int] = (0, 0)
+    while start < len(groups):
+        context = start - 1 if start > 0 and fits(start - 1, start + 1) else start
+        if not fits(context, start + 1):
+            return None
+        low, high = start + 1, len(groups)  # the longest window from `context` that fits: binary search
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if fits(context, middle) else (low, middle - 1)
+        ids, labels = encoded(context, low)
+        if context < start:  # the context turn's tokens (its rendering is a prefix of the window's) are not learned
+            shown = len(encoded(context, start)[0])
+            labels = [IGNORE] * shown + labels[shown:]
+        if labels.count(IGNORE) < len(labels):
+            rows.append({"id": record["id"], "window": len(rows), "input_ids": ids, "labels": labels})
+        last = (context, low)
+        start = low
+    return rows, head + [m for g in groups[last[0]:last[1]] for m in g]
+
+
 def eval_prompt(record: dict[str, Any]) -> dict[str, Any]:
     """An eval conversation's prompt messages and reference answer (for BLEU)."""
     return {"id": record["id"], "messages": record["messages"][:-1], "reference": record["messages"][-1]["content"]}
 
+
+LONG_OUTCOMES = ("windowed", "truncated", "dropped_long", "dropped_no_answer")
+
+
 def encode_chats(tokenizer: Any, sides: dict[str, list[dict]], cfg: TokenizeConfig
                  ) -> tuple[dict[str, list[dict]], list[dict], dict[str, Any]]:
-    """One labelled row per conversation (truncated to max_seq_len), eval prompts and stats."""
+    """The labelled rows of each conversation (``chat_rows``), eval prompts and stats."""
     splits: dict[str, list[dict[str, Any]]] = {"train": [], "eval": []}
     prompts: list[dict[str, Any]] = []
-    truncated = dropped = 0
+    outcomes: Counter[str] = Counter()
     for side, records in sides.items():
         progress = tqdm(total=len(records), desc=f"tokenize {side}", unit="rec", mininterval=2)
         for start in range(0, len(records), ENCODE_BATCH):
             batch = records[start:start + ENCODE_BATCH]
             for record, (ids, labels) in zip(batch, encode_chat_batch(tokenizer, [r["messages"] for r in batch])):
-                truncated, dropped = _add_chat_row(splits[side], prompts if side == "eval" else None,
-                                                   record, ids, labels, cfg, truncated, dropped)
+                result = chat_rows(tokenizer, record, ids, labels, cfg)
+                outcomes.update(result.outcomes)
+                splits[side] += result.rows
+                if side == "eval" and result.prompt is not None:
+                    prompts.append(result.prompt)
             progress.update(len(batch))
         progress.close()
     stats = {
@@ -142,23 +241,9 @@ def encode_chats(tokenizer: Any, sides: dict[str, list[dict]], cfg: TokenizeConf
         "eval_records": len(splits["eval"]),
         "train_tokens": sum(len(r["input_ids"]) for r in splits["train"]),
         "trainable_tokens": sum(len(r["labels"]) - r["labels"].count(IGNORE) for r in splits["train"]),
-        "truncated": truncated,
-        "dropped_no_answer": dropped,
+        **{outcome: outcomes[outcome] for outcome in LONG_OUTCOMES},
     }
     return splits, prompts, stats
-
-def _add_chat_row(rows: list[dict[str, Any]], prompts: list[dict[str, Any]] | None, record: dict[str, Any],
-                  ids: list[int], labels: list[int], cfg: TokenizeConfig, truncated: int, dropped: int
-                  ) -> tuple[int, int]:
-    """Append one encoded conversation (``chat_row``) and, for eval, its prompt; returns the
-    updated truncated and dropped counts."""
-    row, cut = chat_row(record, ids, labels, cfg)
-    if row is None:
-        return truncated + cut, dropped + 1
-    rows.append(row)
-    if prompts is not None:
-        prompts.append(eval_prompt(record))
-    return truncated + cut, dropped
 
 def encode_labelled(tokenizer: Any, sides: dict[str, list[dict]], cfg: TokenizeConfig, kind: str
                     ) -> tuple[dict[str, list[dict]], list[dict], dict[str, Any]]:

@@ -84,5 +84,6 @@ def split_summary(stats: dict) -> str:
     if "train_documents" in stats:
         return (f"{stats.get('train_documents')}{added} train / {stats.get('eval_documents')} eval documents packed "
                 f"into {stats.get('train_records')} / {stats.get('eval_records')} blocks")
+    long = ", ".join(f"{stats[k]} {k.replace('_', ' ')}" for k in ("windowed", "dropped_long") if stats.get(k))
     return (f"{stats.get('train_records')}{added} train / {stats.get('eval_records')} eval records, "
-            f"{stats.get('truncated')} truncated")
+            f"{stats.get('truncated')} truncated" + (f", {long}" if long else ""))

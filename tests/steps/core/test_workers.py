@@ -61,7 +61,7 @@ def run_data_steps(tmp_path, model, rows, workers, monkeypatch, tokenize_cfg):
 @pytest.mark.parametrize("leakage_threshold", [0.85, 0.8])  # ruled out by scrub / checked here on signatures
 def test_two_workers_write_the_same_bytes_as_none(services, tiny_model, tmp_path, monkeypatch, leakage_threshold):
     rows = varied_rows(300)
-    cfg = TokenizeConfig(max_seq_len=64, eval_fraction=0.3, leakage_threshold=leakage_threshold)
+    cfg = TokenizeConfig(max_seq_len=64, eval_fraction=0.3, leakage_threshold=leakage_threshold, max_truncated_share=1.0)
     here = run_data_steps(tmp_path, tiny_model, rows, "0", monkeypatch, cfg)
     workers = run_data_steps(tmp_path, tiny_model, rows, "2", monkeypatch, cfg)
     assert workers == here

@@ -67,7 +67,8 @@ def test_the_truncation_gate_names_the_rule_and_the_share(store, tmp_path, tiny_
     rows = [chat(f"question {i}", "a long answer " * (40 if i % 2 else 1)) for i in range(20)]
     raw = ingest_records(IngestConfig(source=str(write_jsonl(tmp_path / "r.jsonl", rows))), store)
     clean = scrub_records(ScrubConfig(), validate_records(ValidateConfig(), raw, store), store)
-    ok = tokenize_dataset(TokenizeConfig(max_seq_len=64, eval_fraction=0.2), clean, tiny_model, store)
+    ok = tokenize_dataset(TokenizeConfig(max_seq_len=64, eval_fraction=0.2, max_truncated_share=1.0), clean,
+                          tiny_model, store)
     assert ok.stats["truncated_share"] == 0.5
     with pytest.raises(DataQualityError, match=r"truncated share at most 25%': 10 of 20 records \(50.0%\)"):
         tokenize_dataset(TokenizeConfig(max_seq_len=64, eval_fraction=0.2, max_truncated_share=0.25), clean,
