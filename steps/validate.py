@@ -64,8 +64,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 from steps.config import ValidateConfig
-from steps.core.contract import RAW_FILE, RECORDS_FILE
-from steps.core.errors import DataQualityError
+from steps.core.contract import FORMAT_KINDS, RAW_FILE, RECORDS_FILE
+from steps.core.errors import ConfigError, DataQualityError
 from steps.core.lineage import run_key
 from steps.core.store import ArtifactStore, DatasetRef
 
@@ -93,6 +93,7 @@ def validate_records(cfg: ValidateConfig, source: DatasetRef, store: ArtifactSto
     page per table; ``record_kind`` in the stats. Raises ``DataQualityError`` naming the file, the
     rule, the failing count and example lines when any rule fails: then nothing is committed.
     """
+    check_format(cfg.record_kind, source)
     key = run_key(STEP, cfg, [source.digest])
     if (done := store.lookup(STEP, key)) is not None:
         return DatasetRef(**done.model_dump())
@@ -177,6 +178,18 @@ def validate_records(cfg: ValidateConfig, source: DatasetRef, store: ArtifactSto
         stats |= {"quarantined": len(quarantine), "quarantine_rules": report["quarantine_rules"]}
     ref = writer.commit(stats=stats)
     return DatasetRef(**ref.model_dump())
+
+
+def check_format(kind: str, source: DatasetRef) -> None:
+    """The records' format (ingest's ``format`` stat) must be one the record kind reads: a ConfigError
+    naming both, before any rule runs (text records may come from labelled files)."""
+    fmt = source.stats.get("format")
+    if fmt is None or FORMAT_KINDS.get(fmt) == kind or (kind == "text" and fmt in ("classification", "regression")):
+        return
+    readable = sorted(f for f, k in FORMAT_KINDS.items() if k == kind)
+    raise ConfigError(f"validate.record_kind is {kind!r}, but ingest found {fmt!r} records in "
+                      f"{source.stats.get('source', source.key)} ({FORMAT_KINDS.get(fmt)} records): set "
+                      f"validate.record_kind: {FORMAT_KINDS.get(fmt)}, or bring {' / '.join(readable)} records")
 
 
 # The shapes whose lines become output records, per kind (the table builders append a record for each).

@@ -14,7 +14,7 @@ STEPS = ROOT / "steps"
 STEP_OF = {"steps.ingest": "ingest", "steps.validate": "validate", "steps.base_model": "base_model",
            "steps.evaluate": "evaluate", "steps.scrub": "scrub", "steps.tokenize": "tokenize", "steps.train": "train",
            "steps.register": "register"}
-ENTRY_POINTS = {"ingest.py": "ingest_records", "validate.py": "validate_records",
+ENTRY_POINTS = {"ingest/step.py": "ingest_records", "validate.py": "validate_records",
                 "base_model/step.py": "prepare_base_model",
                 "evaluate.py": "evaluate_model", "scrub/step.py": "scrub_records", "tokenize/step.py": "tokenize_dataset",
                 "train/step.py": "train_model", "register/step.py": "register_model"}

@@ -11,6 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field
 RAW_FILE = "raw.jsonl"  # ingest: the source's bytes, as they came
 RECORDS_FILE = "records.jsonl"  # validate and scrub: one record per line
 IGNORE = -100  # a label no loss counts (prompt tokens, padding)
+# ingest's record formats (``ingest.format``) and the record kind (``validate.record_kind``) each is read as;
+# text records may also come from labelled files (the label is left out).
+FORMAT_KINDS = {"messages": "chat", "sharegpt": "chat", "alpaca": "chat", "text": "text",
+                "classification": "classification", "regression": "regression", "preference": "preference"}
 
 
 class StrictModel(BaseModel):

@@ -4,7 +4,7 @@ duplicates, the task's metrics base -> tuned, the version, its alias, and links.
 from __future__ import annotations
 
 from steps.core.contract import StrictModel
-from steps.register.step import PromotionDecision, RegisteredVersion, RunRecord, quarantine_note
+from steps.register.step import PromotionDecision, RegisteredVersion, RunRecord, mixture_note, quarantine_note
 from steps.tokenize.split import split_summary
 
 
@@ -22,7 +22,7 @@ def render_summary(summary: PipelineSummary, links: dict[str, str]) -> str:
     alias = "champion" if summary.decision.champion_version == summary.version.version else "challenger"
     lines = [
         "tuneline run summary",
-        f"  ingest     {d['ingest'].get('lines')} lines from {d['ingest'].get('source')}",
+        f"  ingest     {d['ingest'].get('lines')} lines from {d['ingest'].get('source')}" + mixture_note(d["ingest"]),
         f"  validate   {d['validate'].get('records')} records passed {d['validate'].get('rules')} rules"
         + quarantine_note(d["validate"]),
         f"  scrub      {d['scrub'].get('records_in')} -> {d['scrub'].get('records_out')} records"

@@ -425,7 +425,8 @@ def model_card(cfg: RegisterConfig, record: RunRecord, key: str) -> str:
         f"`{d['tokenize'].get('task', 'sft')}`.",
         "",
         "## Data",
-        f"- source: `{d['ingest'].get('source')}` ({d['ingest'].get('lines')} lines, sha256 `{d['ingest'].get('source_sha256', '')[:16]}`)",
+        f"- source: `{d['ingest'].get('source')}` ({d['ingest'].get('lines')} lines, sha256 `{d['ingest'].get('source_sha256', '')[:16]}`)"
+        + mixture_note(d["ingest"]),
         f"- validation: {d['validate'].get('records')} records passed {d['validate'].get('rules')} rules"
         + quarantine_note(d["validate"]),
         f"- scrub: {d['scrub'].get('records_in')} -> {d['scrub'].get('records_out')} records, "
@@ -465,6 +466,14 @@ def serving_requirements() -> list[str]:
 
     packages = ("mlflow", "torch", "transformers", "peft", "safetensors", "bitsandbytes", "pydantic", "pyyaml")
     return [f"{pkg}=={version(pkg)}" for pkg in packages]
+
+
+def mixture_note(stats: dict) -> str:
+    """' (mixture: a.jsonl 75.0% = 300 of 1000 records, ...)' for ingest's mixture of sources, else ''."""
+    if not stats.get("sources"):
+        return ""
+    return " (mixture: " + ", ".join(f"{s['source']} {s['share']:.1%} = {s['taken']} of {s['records']} records"
+                                     for s in stats["sources"]) + ")"
 
 
 def quarantine_note(stats: dict) -> str:
