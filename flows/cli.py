@@ -11,6 +11,8 @@
     tuneline promote NAME VERSION [--force --reason TEXT]
     tuneline rollback NAME                 # champion back to previous-champion
     tuneline predict NAME[@alias|/version] TEXT [TEXT ...]
+    tuneline data worst RUN [--top 50]     # highest-loss and duplicated-looking records (RUN: MLflow run
+                                           # id, NAME/VERSION or NAME@ALIAS)
     tuneline run --resume [RUN_ID]  # a failed/crashed run again, same parameters: done tasks
                                     # are cached, training continues from its newest checkpoint
     tuneline deploy [--pool process|docker|kubernetes] [--only NAME] [--schedules keep|on|off]
@@ -83,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("inputs", nargs="+", help="prompts or texts")
     predict.add_argument("--max-new-tokens", type=int, default=64)
 
+    data = sub.add_parser("data", help="data curation from a run's per-record losses")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    worst = data_sub.add_parser("worst", help="the highest-loss and duplicated-looking records of a run, by id")
+    worst.add_argument("run", help="MLflow run id, or a model version: NAME/VERSION or NAME@ALIAS")
+    worst.add_argument("--top", type=int, default=50, help="records to list (default 50)")
+
     deploy = sub.add_parser("deploy", help="register the deployments of deployments/prefect.yaml with the Prefect "
                             "server (parameters from deployments/params/, work pool created if missing)")
     deploy.add_argument("--pool", choices=["process", "docker", "kubernetes"], default="process",
@@ -106,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "services":
         return services_command(args.action, prefect=not args.no_prefect, backend=args.backend,
                                 mlflow_auth=args.mlflow_auth)
-    if args.command in ("models", "promote", "rollback", "predict"):
+    if args.command in ("models", "promote", "rollback", "predict", "data"):
         return registry_command(args)
     if args.command == "scrub":
         return scrub_command(args.input, args.output, args.fields, args.entities, args.action)
@@ -152,6 +160,8 @@ def registry_command(args: argparse.Namespace) -> int:
             print(registry.promote(args.name, args.version, args.force, args.reason))
         elif args.command == "rollback":
             print(registry.rollback(args.name))
+        elif args.command == "data":
+            print_worst(*registry.record_losses(args.run), args.top)
         else:
             for text, answer in zip(args.inputs, registry.predict(args.model, args.inputs, args.max_new_tokens)):
                 print(f"{text}\t{answer}")
@@ -159,6 +169,25 @@ def registry_command(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def print_worst(run_id: str, losses: list[dict[str, Any]], top: int) -> None:
+    """``tuneline data worst``: the highest-loss records, then groups of duplicated-looking ones."""
+    from steps.register.registry import worst_records
+
+    found = worst_records(losses, top)
+    splits = ", ".join(f"{n} {split}" for split, n in found["splits"].items())
+    print(f"run {run_id}: {found['records']} records ({splits}); highest loss after training:")
+    print(f"{'rank':>4}  {'id':<40} {'split':<5} {'loss':>9} {'tokens':>6}")
+    for rank, r in enumerate(found["highest"], start=1):
+        print(f"{rank:>4}  {r['id']:<40} {r['split']:<5} {r['loss']:>9.4f} {r['tokens']:>6}")
+    if found["duplicates"]:
+        print("duplicated-looking (same tokens and loss: likely the same text):")
+        for group in found["duplicates"]:
+            ids = ", ".join(f"{r['id']} ({r['split']})" for r in group)
+            print(f"  loss {group[0]['loss']:.4f}, {group[0]['tokens']} tokens: {ids}")
+    else:
+        print("no duplicated-looking records")
 
 
 def deploy_command(args: argparse.Namespace) -> int:

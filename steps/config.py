@@ -378,6 +378,10 @@ class TrainConfig(StrictModel):
         default_factory=PreferenceSettings, description="Loss of preference tuning (validate.record_kind 'preference')."
     )
     merge_weights: bool = Field(False, description="lora only: also store full weights with the adapter merged in.")
+    record_losses: bool = Field(
+        True, description="After training, store each train and eval record's loss (record_losses.jsonl: ids, "
+        "split, loss, tokens; never contents) for data curation: `tuneline data worst`, and a histogram in MLflow."
+    )
 
     # Optimization
     optimizer: Literal["adamw", "sgd", "adamw_8bit"] = Field(

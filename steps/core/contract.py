@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 RAW_FILE = "raw.jsonl"  # ingest: the source's bytes, as they came
 RECORDS_FILE = "records.jsonl"  # validate and scrub: one record per line
 IGNORE = -100  # a label no loss counts (prompt tokens, padding)
+RECORD_LOSSES = "record_losses.jsonl"  # train: each record's loss after training (ids, never contents)
 # ingest's record formats (``ingest.format``) and the record kind (``validate.record_kind``) each is read as;
 # text records may also come from labelled files (the label is left out).
 FORMAT_KINDS = {"messages": "chat", "sharegpt": "chat", "alpaca": "chat", "text": "text",

@@ -5,6 +5,7 @@ recorded override), roll the champion back, and predict from a registered model.
     tuneline promote NAME VERSION [--force --reason TEXT]
     tuneline rollback NAME                         # champion -> previous-champion
     tuneline predict NAME[@alias|/version] TEXT... # loads from the registry, answers or labels
+    tuneline data worst RUN [--top 50]             # highest-loss and duplicated-looking records of a run
 
 The gate compares the version's candidate metric (tag ``tuneline.metric_value``, measured
 by the pipeline) with the champion's, and only when both were measured on the same eval
@@ -138,3 +139,43 @@ def predict(spec: str, inputs: list[str], max_new_tokens: int = 64) -> list[Any]
     model = mlflow.pyfunc.load_model(model_uri(spec))
     params = {"max_new_tokens": max_new_tokens} if model.metadata.get_params_schema() is not None else None
     return list(model.predict(inputs, params=params))
+
+
+def record_losses(run: str) -> tuple[str, list[dict[str, Any]]]:
+    """The per-record losses (train's ``record_losses.jsonl``) of an MLflow run, given by its run id or by a
+    model version (``NAME/VERSION``, ``NAME@ALIAS``); returns (the run id, the records)."""
+    import json
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    from steps.core.contract import RECORD_LOSSES
+
+    client = _client()
+    run_id = run
+    if "@" in run or "/" in run:
+        name, sep, ref = run.partition("@") if "@" in run else run.partition("/")
+        found = _alias(client, name, ref) if sep == "@" else _version(client, name, ref)
+        if found is None:
+            raise ConfigError(f"{name} has no version with alias {ref!r}")
+        run_id = found.run_id
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = client.download_artifacts(run_id, f"data/{RECORD_LOSSES}", tmp)
+            with open(path, encoding="utf-8") as fh:
+                return run_id, [json.loads(line) for line in fh if line.strip()]
+    except MlflowException as exc:
+        raise ConfigError(f"run {run!r} has no per-record losses (data/{RECORD_LOSSES}): is it a tuneline run "
+                          "trained with train.record_losses on?") from exc
+
+
+def worst_records(losses: list[dict[str, Any]], top: int) -> dict[str, Any]:
+    """The ``top`` highest-loss records, and the duplicated-looking ones: records with the same token count
+    and the same loss to 4 decimals (the same tokens give the same loss, up to the float noise of different
+    batch shapes; different texts rarely do)."""
+    groups: dict[tuple[int, float], list[dict[str, Any]]] = {}
+    for r in losses:
+        groups.setdefault((r["tokens"], round(r["loss"], 4)), []).append(r)
+    duplicates = sorted((g for g in groups.values() if len(g) > 1), key=lambda g: (-len(g), -g[0]["loss"]))
+    return {"records": len(losses), "splits": {s: sum(r["split"] == s for r in losses) for s in ("train", "eval")},
+            "highest": sorted(losses, key=lambda r: -r["loss"])[:top], "duplicates": duplicates[:top]}

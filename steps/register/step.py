@@ -24,7 +24,7 @@ from typing import Any
 
 from steps.base_model.folder import is_tokenizer_file
 from steps.config import GATE_METRICS, RegisterConfig
-from steps.core.contract import StrictModel
+from steps.core.contract import RECORD_LOSSES, StrictModel
 from steps.core.errors import ConfigError
 from steps.core.lineage import code_version, run_key
 from steps.core.store import ArtifactRef, ArtifactStore, DatasetRef, EvalReport, ModelRef
@@ -134,6 +134,10 @@ def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore)
         if "confusion_matrix" in evals.get("candidate", {}):
             mlflow.log_figure(confusion_figure(evals["candidate"]), "plots/confusion_matrix.png")
         mlflow.log_dict(store.read_json(record.model.adapter, "train_report.json"), "reports/train_report.json")
+        if RECORD_LOSSES in store.manifest(record.model.adapter.key)["files"]:
+            losses = store.read_jsonl(record.model.adapter, RECORD_LOSSES)
+            mlflow.log_text("".join(json.dumps(r) + "\n" for r in losses), f"data/{RECORD_LOSSES}")
+            mlflow.log_figure(record_loss_histogram(losses), "plots/record_losses.png")
         mlflow.log_dict({name: ref.stats for name, ref in record.datasets.items()}, "reports/data.json")
         mlflow.log_dict(evals, "reports/eval.json")
         samples = store.read_jsonl(record.evaluations["candidate"], "samples.jsonl")
@@ -144,7 +148,8 @@ def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore)
         mlflow.log_text(card, "model_card.md")
         trained_dir, tokenizer_dir = Path(tmp) / "trained", Path(tmp) / "tokenizer"
         shutil.copytree(store.download(record.model.adapter), trained_dir,
-                        ignore=shutil.ignore_patterns("_MANIFEST.json", "train_log.json", "train_report.json"))
+                        ignore=shutil.ignore_patterns("_MANIFEST.json", "train_log.json", "train_report.json",
+                                                     RECORD_LOSSES))
         tokenizer_dir.mkdir()
         base_dir = store.download(record.model.base)
         for path in base_dir.iterdir():
@@ -386,6 +391,28 @@ def loss_curve(history: list[dict[str, float]]) -> Any:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def record_loss_histogram(losses: list[dict[str, Any]]) -> Any:
+    """Histogram of the records' losses after training, train and eval overlaid (tuneline data worst lists them)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    values = [r["loss"] for r in losses]
+    bins = 40 if values and max(values) > min(values) else 1
+    for split in ("train", "eval"):
+        mine = [r["loss"] for r in losses if r["split"] == split]
+        if mine:
+            ax.hist(mine, bins=bins, range=(min(values), max(values)), alpha=0.6, label=f"{split} ({len(mine)})")
+    ax.set_xlabel("loss per record after training")
+    ax.set_ylabel("records")
+    ax.set_title("Per-record loss (high: hard or mislabelled; identical: duplicates)")
     ax.legend()
     fig.tight_layout()
     return fig

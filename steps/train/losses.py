@@ -84,6 +84,49 @@ def token_nll(net: Any, rows: list[dict[str, Any]], batch_size: int, pad_id: int
     return total / max(count, 1), count
 
 
+def record_losses(net: Any, task: Task, sides: dict[str, list[dict]], batch_size: int, pad_id: int, device: str
+                  ) -> list[dict[str, Any]]:
+    """Per record of each side: ``{"id", "split", "loss", "tokens"}``, the mean loss the trained model
+    gives it (token NLL of its label tokens, over all its rows: a windowed conversation is one record;
+    a sequence head's cross-entropy or squared error; a preference pair's chosen answer). Highest first."""
+    import torch
+
+    sums: dict[tuple[str, str], list[float]] = {}
+    net.eval()
+    with torch.no_grad():
+        for side, rows in sides.items():
+            rows = sorted(rows, key=lambda r: len(r["input_ids"]))  # similar lengths per batch: little padding
+            for i in range(0, len(rows), batch_size):
+                chunk = rows[i:i + batch_size]
+                batch = {k: v.to(device) for k, v in collate([_as_single(r) for r in chunk], pad_id).items()}
+                if task.sequence_head:
+                    logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+                    labels = batch["labels"]
+                    if task.kind == "regression":
+                        losses = (logits.squeeze(-1) - labels) ** 2
+                    else:
+                        losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+                    per_row = [(float(v), 1) for v in losses.tolist()]
+                else:
+                    logits = net(**batch).logits
+                    targets = batch["labels"][:, 1:]
+                    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
+                                                            ignore_index=IGNORE, reduction="none")
+                    per_row = list(zip(nll.sum(dim=1).tolist(), (targets != IGNORE).sum(dim=1).tolist()))
+                for row, (total, count) in zip(chunk, per_row):
+                    entry = sums.setdefault((side, str(row["id"])), [0.0, 0])
+                    entry[0] += total
+                    entry[1] += int(count)
+    out = [{"id": record_id, "split": side, "loss": round(total / max(count, 1), 6), "tokens": count}
+           for (side, record_id), (total, count) in sums.items()]
+    return sorted(out, key=lambda r: -r["loss"])
+
+
+def _as_single(row: dict) -> dict:
+    """A row as ``collate`` takes it: a preference pair's chosen conversation only."""
+    return {k: v for k, v in row.items() if k in ("input_ids", "labels", "label")}
+
+
 def sequence_loss(net: Any, rows: list[dict[str, Any]], batch_size: int, pad_id: int, device: str) -> float:
     """Mean loss per row of a sequence-head model (cross-entropy or MSE), summed exactly over all rows."""
     import torch

@@ -21,7 +21,7 @@ from typing import Any
 from tqdm import tqdm
 
 from steps.config import TrainConfig
-from steps.core.contract import Task
+from steps.core.contract import RECORD_LOSSES, Task
 from steps.core.device import dtype_for, peak_memory_gib, pick_device
 from steps.core.errors import ArtifactError
 from steps.core.lineage import run_key
@@ -29,7 +29,7 @@ from steps.core.store import ArtifactRef, ArtifactStore, DatasetRef, ModelRef
 from steps.train import methods, parallel, preference
 from steps.train.batching import batch_order, pack_order
 from steps.train.checkpoints import Checkpoints
-from steps.train.losses import eval_loss, loss_module, share_of
+from steps.train.losses import eval_loss, loss_module, record_losses, share_of
 from steps.train.parallel import SINGLE, Group
 from steps.train.planner import PeakMeter, import_method_libraries, plan_memory
 
@@ -42,8 +42,9 @@ def train_model(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store: Arti
     """Train ``model``'s base on ``data`` (a tokenize artifact) with ``cfg``; returns the base plus the trained weights.
 
     Writes the method's weights (safetensors: adapter, head or full weights, ``method.json``),
-    ``train_log.json`` (loss and learning rate per step) and ``train_report.json`` (parameters,
-    tokens, throughput, memory, time). Resumes from the newest checkpoint of the same run key.
+    ``train_log.json`` (loss and learning rate per step), ``train_report.json`` (parameters,
+    tokens, throughput, memory, time) and, with ``record_losses``, ``record_losses.jsonl`` (each
+    train and eval record's loss after training). Resumes from the newest checkpoint of the same run key.
     Raises ``ConfigError`` for settings the model or machine cannot run (e.g. more processes than
     GPUs), ``ArtifactError`` when the data-parallel ranks committed nothing.
     """
@@ -177,6 +178,9 @@ def train_in_process(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store:
         report = train_report(cfg, net, state, device, total, group.world) | memory_report(plan, meter)
         writer = store.writer(STEP, key, cfg, inputs=[data, model.base])
         writer.put_dir(out)
+        if cfg.record_losses:  # after saving: the eval-mode forwards change no weight
+            sides = {"train": rows, "eval": eval_rows or store.read_jsonl(data, "eval.jsonl")}
+            writer.put_jsonl(RECORD_LOSSES, record_losses(net, task, sides, cfg.batch_size, pad_id, device))
         writer.put_json("train_log.json", state["history"])
         writer.put_json("train_report.json", report)
         ref = writer.commit(stats={
