@@ -208,21 +208,35 @@ def prepare_chunk(records: list[dict[str, Any]], kind: str, engine: PiiEngine,
     bodies, had_pii = scrub_bodies(records, kind, engine, pii)
     texts = [record_text(body) for body in bodies]
     pii_only = [i for i in sorted(had_pii) if not any(c.isalpha() for c in PLACEHOLDER.sub("", texts[i]))]
+    ids = scrubbed_ids(records, engine, pii)
     if kind in LABELED_KINDS:
-        lines = [json.dumps({"id": record["id"], **body}, ensure_ascii=False) for record, body in zip(records, bodies)]
+        lines = [json.dumps({"id": record_id, **body}, ensure_ascii=False) for record_id, body in zip(ids, bodies)]
         prints = [dedup_fingerprint(body, kind) for body in bodies]
     else:  # the fingerprint hashes the body's JSON, which the output line holds after the id: dump it once
         dumped = [json.dumps(body, ensure_ascii=False) for body in bodies]
         prints = [_fingerprint_of(text) for text in dumped]
-        lines = [f'{{"id": {json.dumps(record["id"], ensure_ascii=False)}, {text[1:]}' for record, text in zip(records, dumped)]
+        lines = [f'{{"id": {json.dumps(record_id, ensure_ascii=False)}, {text[1:]}' for record_id, text in zip(ids, dumped)]
     return PreparedChunk(
-        ids=[record["id"] for record in records],
+        ids=ids,
         lines=lines,
         prints=prints,
         labels=[body.get("label") for body in bodies],
         pii=pii, pii_only=pii_only,
         sigs=near.signatures(texts) if near is not None else None,
     )
+
+
+def scrubbed_ids(records: list[dict[str, Any]], engine: PiiEngine, pii: Counter[str]) -> list[str]:
+    """The records' ids with their PII redacted like the texts (and counted in ``pii``). A changed id gets
+    ``#`` and 10 hex digits of the sha256 of the whole original record, so that two records whose ids
+    redact alike keep distinct ids, and the same record always gets the same one."""
+    originals = [str(record["id"]) for record in records]
+    clean, found = engine.redact_many(originals)
+    for counts in found.values():
+        pii.update(counts)
+    return [new if new == old else
+            f"{new}#{hashlib.sha256(json.dumps(record, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:10]}"
+            for old, new, record in zip(originals, clean, records)]
 
 
 def chunk_worker(config: dict[str, Any]) -> Callable[[bytes], bytes]:

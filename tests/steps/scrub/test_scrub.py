@@ -100,3 +100,17 @@ def test_records_that_are_nothing_but_pii_are_counted_and_stop_the_run_past_the_
     for action in ("placeholder", "mask"):  # a mask keeps no letter either
         ref = scrub(store, tmp_path, rows, ScrubConfig(pii_action=action))
         assert ref.stats["pii_only_records"] == 2 and ref.stats["records_out"] == 4
+
+
+def test_ids_are_scrubbed_too_and_stay_distinct(store, tmp_path):
+    rows = [chat("first question", "first answer", id="jane.doe@example.com"),
+            chat("second question", "second answer", id="bob@example.org"),
+            chat("third question", "third answer", id="plain-3")]
+    ref = scrub(store, tmp_path, rows)
+    ids = [r["id"] for r in store.read_jsonl(ref, RECORDS_FILE)]
+    assert ids[2] == "plain-3" and len(set(ids)) == 3
+    assert all(i.startswith("<EMAIL>#") and len(i) == len("<EMAIL>#") + 10 for i in ids[:2])
+    assert "example" not in store.get_bytes(f"{ref.key}/{RECORDS_FILE}").decode()
+    assert ref.stats["pii"]["EMAIL"] == 2
+    again = scrub(store, tmp_path, rows, ScrubConfig(dedup=False))  # the same record: the same id
+    assert [r["id"] for r in store.read_jsonl(again, RECORDS_FILE)] == ids
