@@ -26,7 +26,7 @@ def render_summary(summary: PipelineSummary, links: dict[str, str]) -> str:
         f"  validate   {d['validate'].get('records')} records passed {d['validate'].get('rules')} rules"
         + quarantine_note(d["validate"]),
         f"  scrub      {d['scrub'].get('records_in')} -> {d['scrub'].get('records_out')} records"
-        f" ({d['scrub'].get('duplicates_removed')} duplicates removed)",
+        f" ({d['scrub'].get('duplicates_removed')} duplicates removed{quarantine_note(d['scrub'])})",
         "             PII replaced: " + (", ".join(f"{k}={v}" for k, v in pii.items()) or "none"),
         f"  tokenize   {split_summary(d['tokenize'])}",
         f"  train      {summary.record.model.adapter.stats.get('steps') if summary.record.model.adapter else 0} steps,"

@@ -134,6 +134,12 @@ def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore)
         if "confusion_matrix" in evals.get("candidate", {}):
             mlflow.log_figure(confusion_figure(evals["candidate"]), "plots/confusion_matrix.png")
         mlflow.log_dict(store.read_json(record.model.adapter, "train_report.json"), "reports/train_report.json")
+        for step in ("validate", "scrub"):  # what the data policy left out: ids, line numbers and rules
+            ref = record.datasets.get(step)
+            if ref is not None and ref.stats.get("quarantined"):
+                mlflow.log_metric(f"{step}_quarantined", ref.stats["quarantined"])
+                mlflow.log_text(store.read_bytes(ref, "quarantine.jsonl").decode("utf-8"),
+                                f"data/quarantine_{step}.jsonl")
         if RECORD_LOSSES in store.manifest(record.model.adapter.key)["files"]:
             losses = store.read_jsonl(record.model.adapter, RECORD_LOSSES)
             mlflow.log_text("".join(json.dumps(r) + "\n" for r in losses), f"data/{RECORD_LOSSES}")
@@ -457,7 +463,7 @@ def model_card(cfg: RegisterConfig, record: RunRecord, key: str) -> str:
         f"- validation: {d['validate'].get('records')} records passed {d['validate'].get('rules')} rules"
         + quarantine_note(d["validate"]),
         f"- scrub: {d['scrub'].get('records_in')} -> {d['scrub'].get('records_out')} records, "
-        f"{d['scrub'].get('duplicates_removed')} duplicates removed, PII replaced: "
+        f"{d['scrub'].get('duplicates_removed')} duplicates removed" + quarantine_note(d["scrub"]) + ", PII replaced: "
         + (", ".join(f"{k} {v}" for k, v in pii.items()) or "none"),
         f"- tokenize: {split_summary(d['tokenize'])}",
         "",

@@ -33,7 +33,9 @@ Two gates stop the run before anything is written (``DataQualityError`` naming t
 the rule, the count and example record ids -- ``line-<n>`` when the records have no id):
 more than ``max_duplicate_share`` of the records removed as duplicates (a file of copies),
 or more than ``max_pii_only_share`` of the records nothing but PII (no letter left once
-PII is replaced). ``pii_only_records`` in the stats counts the latter.
+PII is replaced). Within the share, PII-only records are dropped and listed in
+``quarantine.jsonl`` (their scrubbed ids and the rule, never contents), counted as
+``pii_only_records`` and ``quarantined`` in the stats, the summary and the model card.
 """
 
 from __future__ import annotations
@@ -74,8 +76,9 @@ PLACEHOLDER = re.compile(r"<[A-Z_]+(?::[0-9a-f]{12})?>")
 def scrub_records(cfg: ScrubConfig, source: DatasetRef, store: ArtifactStore) -> DatasetRef:
     """Normalize, replace PII and drop exact and near duplicates of the validated records ``source``.
 
-    Writes ``records.jsonl`` and ``dedup_report.json`` (near-duplicate clusters, ids only); the stats
-    count records in and out, duplicates and PII by entity. Raises ``DataQualityError`` before writing
+    Writes ``records.jsonl``, ``dedup_report.json`` (near-duplicate clusters, ids only) and, when
+    records are nothing but PII, ``quarantine.jsonl`` (their ids and the rule); the stats count
+    records in and out, duplicates, quarantined records and PII by entity. Raises ``DataQualityError`` before writing
     anything when duplicates or PII-only records exceed ``max_duplicate_share`` / ``max_pii_only_share``.
     """
     engine = _engine(cfg)
@@ -114,7 +117,7 @@ def scrub_records(cfg: ScrubConfig, source: DatasetRef, store: ArtifactStore) ->
                     f"scrub of {source_name(source, store)}: rule '{rule}': {count} of {records} records "
                     f"({count / records:.1%}) {what} (e.g. records {', '.join(ids)})"
                 )
-    kept = records - tally.removed[0]
+    kept = records - tally.removed[0] - len(tally.quarantine)
     stats = {
         "record_kind": kind,
         "records_in": records,
@@ -124,6 +127,10 @@ def scrub_records(cfg: ScrubConfig, source: DatasetRef, store: ArtifactStore) ->
         "pii": {entity: tally.pii.get(entity, 0) for entity in cfg.pii_entities},
         "pii_only_records": tally.pii_only[0],
     }
+    if tally.quarantine:
+        rule = gates[0][0]
+        stats |= {"quarantined": len(tally.quarantine), "quarantine_rules": {rule: len(tally.quarantine)}}
+        writer.put_jsonl("quarantine.jsonl", [{"id": record_id, "rules": [rule]} for record_id in tally.quarantine])
     if kind in LABELED_KINDS:
         stats["label_conflicts"] = tally.conflicts
     if tally.labels is not None:
@@ -151,6 +158,7 @@ class _Tally:
         self.pii: Counter[str] = Counter()
         self.removed: list = [0, []]     # [count, example ids] of duplicates dropped
         self.pii_only: list = [0, []]    # [count, example ids] of records that are nothing but PII
+        self.quarantine: list[str] = []  # ids of the PII-only records, left out
         self.conflicts = 0
         # label -> kept records (classification)
         self.labels: Counter | None = Counter() if kind == "classification" else None
@@ -266,14 +274,18 @@ def keep_chunk(chunk: PreparedChunk, near: NearDuplicates | None, dedup: bool, t
     ids, prints, labels = chunk.ids, chunk.prints, chunk.labels
     tally.records += len(ids)
     tally.pii.update(chunk.pii)
-    for i in chunk.pii_only:
+    pii_only = set(chunk.pii_only)
+    for i in chunk.pii_only:  # quarantined: neither kept nor indexed for dedup
         tally.note(tally.pii_only, ids[i])
+        tally.quarantine.append(ids[i])
     kept = [False] * len(ids)
     removed: list[int] = []
     first: dict[int, int] = {}   # fingerprint -> its first record in this chunk that was not a repeat
     later: list[int] = []        # repeats of such a record, decided once it is
     check: list[int] = []        # records for the near-duplicate check, in order
     for i, fingerprint in enumerate(prints):
+        if i in pii_only:
+            continue
         if fingerprint in tally.seen:
             tally.conflicts += tally.first_label(fingerprint) != labels[i]
             if dedup:

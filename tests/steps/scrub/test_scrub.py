@@ -85,7 +85,7 @@ def test_a_file_of_copies_stops_with_the_duplicate_rule(store, tmp_path):
     assert scrub(store, tmp_path, rows).stats["duplicates_removed"] == 9  # the default allows 90%
 
 
-def test_records_that_are_nothing_but_pii_are_counted_and_stop_the_run_past_the_share(store, tmp_path):
+def test_records_that_are_nothing_but_pii_are_quarantined_and_stop_the_run_past_the_share(store, tmp_path):
     import pytest
 
     from steps.core.errors import DataQualityError
@@ -99,7 +99,12 @@ def test_records_that_are_nothing_but_pii_are_counted_and_stop_the_run_past_the_
     assert "jane" not in str(failure.value) and "010" not in str(failure.value)
     for action in ("placeholder", "mask"):  # a mask keeps no letter either
         ref = scrub(store, tmp_path, rows, ScrubConfig(pii_action=action))
-        assert ref.stats["pii_only_records"] == 2 and ref.stats["records_out"] == 4
+        assert ref.stats["pii_only_records"] == 2 and ref.stats["records_out"] == 2  # quarantined, not kept
+        rule = "at most 50% of records are nothing but PII"
+        assert ref.stats["quarantined"] == 2 and ref.stats["quarantine_rules"] == {rule: 2}
+        assert store.read_jsonl(ref, "quarantine.jsonl") == [{"id": "line-1", "rules": [rule]},
+                                                             {"id": "line-2", "rules": [rule]}]
+        assert [r["id"] for r in store.read_jsonl(ref, RECORDS_FILE)] == ["line-3", "line-4"]
 
 
 def test_ids_are_scrubbed_too_and_stay_distinct(store, tmp_path):
