@@ -74,7 +74,7 @@ class SourceSpec(StrictModel):
 class IngestConfig(StrictModel):
     source: str = Field("chatterbot:english,korean", description=SOURCE_HELP, min_length=1)
     sources: list[SourceSpec] | None = Field(
-        None, min_length=1, description="Several sources mixed into one raw file instead of `source`: "
+        None, min_length=1, description="Several sources mixed into one raw file (`source` is then not read): "
         "[{source, weight | max_records}]; records are sampled and interleaved with `seed`, and the manifest "
         "and the summary report each source's records and share."
     )
@@ -93,8 +93,6 @@ class IngestConfig(StrictModel):
 
     @model_validator(mode="after")
     def _source_or_sources(self) -> IngestConfig:
-        if self.sources is not None and "source" in self.model_fields_set:
-            raise ValueError("ingest: give source or sources, not both")
         if self.sources is not None:
             weighted = [s.weight is not None for s in self.sources]
             if any(weighted) and not all(weighted):

@@ -166,8 +166,6 @@ def test_max_records_caps_a_source_and_weights_go_with_every_source(store, tmp_p
     assert [s["taken"] for s in raw.stats["sources"]] == [10, 50]
     with pytest.raises(ValueError, match="every source needs a weight"):
         IngestConfig(sources=[{"source": str(a), "weight": 1}, {"source": str(b)}])
-    with pytest.raises(ValueError, match="source or sources, not both"):
-        IngestConfig(source=str(a), sources=[{"source": str(b)}])
 
 
 def test_columns_map_the_users_fields(store, tmp_path):
