@@ -246,7 +246,7 @@ def run_path(store: Any, raw: Path, n: int, workers: str = "auto") -> list[dict[
                          near_duplicates=scrubbed.stats["near_duplicates_removed"],
                          pii=sum(scrubbed.stats["pii"].values()), **setting))
         t = time.perf_counter()
-        tokenized = tokenize_dataset(TokenizeConfig(), scrubbed, model, store)
+        tokenized = tokenize_dataset(TokenizeConfig(max_truncated_share=1.0), scrubbed, model, store)
         rows.append(_row("tokenize (chat template + leakage check)", scrubbed.stats["records_out"],
                          time.perf_counter() - t, nbytes, train_records=tokenized.stats["train_records"],
                          leakage_checked_by=tokenized.stats.get("leakage_checked_by"), **setting))

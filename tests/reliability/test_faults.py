@@ -123,7 +123,8 @@ class MlflowServer:
         self.restarter: threading.Thread | None = None  # a test's restart, joined before the last kill
 
     def start(self) -> None:
-        env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": os.environ["TUNELINE_S3_ENDPOINT_URL"]}
+        env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": os.environ["TUNELINE_S3_ENDPOINT_URL"],
+               "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # as services/stack.py: no job runner
         argv = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
                 "--artifacts-destination", f"s3://{os.environ['TUNELINE_BUCKET']}/mlflow-faults-{self.port}",
                 "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
