@@ -173,21 +173,9 @@ def registry_command(args: argparse.Namespace) -> int:
 
 def print_worst(run_id: str, losses: list[dict[str, Any]], top: int) -> None:
     """``tuneline data worst``: the highest-loss records, then groups of duplicated-looking ones."""
-    from steps.register.registry import worst_records
+    from steps.register.registry import worst_lines, worst_records
 
-    found = worst_records(losses, top)
-    splits = ", ".join(f"{n} {split}" for split, n in found["splits"].items())
-    print(f"run {run_id}: {found['records']} records ({splits}); highest loss after training:")
-    print(f"{'rank':>4}  {'id':<40} {'split':<5} {'loss':>9} {'tokens':>6}")
-    for rank, r in enumerate(found["highest"], start=1):
-        print(f"{rank:>4}  {r['id']:<40} {r['split']:<5} {r['loss']:>9.4f} {r['tokens']:>6}")
-    if found["duplicates"]:
-        print("duplicated-looking (same tokens and loss: likely the same text):")
-        for group in found["duplicates"]:
-            ids = ", ".join(f"{r['id']} ({r['split']})" for r in group)
-            print(f"  loss {group[0]['loss']:.4f}, {group[0]['tokens']} tokens: {ids}")
-    else:
-        print("no duplicated-looking records")
+    print("\n".join(worst_lines(run_id, worst_records(losses, top))))
 
 
 def deploy_command(args: argparse.Namespace) -> int:

@@ -112,8 +112,9 @@ class ValidateConfig(StrictModel):
     labels: list[str] | None = Field(
         None, min_length=2, description="classification records: the allowed label set (None: any labels, at least two)."
     )
-    allowed_roles: list[Literal["system", "user", "assistant"]] = Field(
-        ["system", "user", "assistant"], description="chat records: roles a message may have.", min_length=1
+    allowed_roles: list[Literal["system", "user", "assistant", "tool"]] = Field(
+        ["system", "user", "assistant", "tool"], description="chat records: roles a message may have (tool: the "
+        "result of an assistant's tool call).", min_length=1
     )
     min_messages: int = Field(2, ge=1, description="chat records: fewest messages a record may have.")
     min_chars: int = Field(1, ge=1, description="Shortest allowed message content or text, in characters.")

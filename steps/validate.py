@@ -41,10 +41,13 @@ Policy (``on_invalid``): ``fail`` stops at any broken rule; ``drop`` (the defaul
 rules with every failing line listed, leaves those records out and writes ``quarantine.jsonl`` (line,
 id, rules; never contents), as long as they are at most ``max_invalid_share`` of the records.
 
-Output: ``records.jsonl`` in the kind's form (chat ``{"id", "messages"}``, text ``{"id",
-"text"}``, classification and regression ``{"id", "text", "label"}``, preference ``{"id",
-"prompt", "chosen", "rejected"}``), ``report.json`` plus one GX data-docs page per table (``data_docs/<table>.html``), and ``record_kind`` in the stats, which
-tells scrub and tokenize what the records are. A missing id becomes ``line-<n>``. Label
+Output: ``report.json`` plus one GX data-docs page per table (``data_docs/<table>.html``), the
+quarantine, and in the stats ``record_kind`` (what scrub and tokenize read the records as) and ``raw``
+(ingest's artifact). No copy of the records: scrub reads the valid ones from ingest's raw file in the
+kind's form (``validated_records``, steps/core/records.py: chat ``{"id", "messages"}``, text ``{"id",
+"text"}``, classification and regression ``{"id", "text", "label"}``, preference ``{"id", "prompt",
+"chosen", "rejected"}``), so the raw area is ingest's file only. A missing id becomes ``line-<n>``; ids
+in the quarantine have their PII replaced (``steps/text/pii.py``). Label
 names are schema, not contents: classification adds the class balance ``label_counts``
 (label -> records) and regression ``label_stats`` (``min``, ``max``, ``mean``) to both the
 report and the stats.
@@ -52,6 +55,7 @@ report and the stats.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -64,9 +68,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 from steps.config import ValidateConfig
-from steps.core.contract import FORMAT_KINDS, RAW_FILE, RECORDS_FILE
+from steps.core.contract import FORMAT_KINDS, RAW_FILE
 from steps.core.errors import ConfigError, DataQualityError
 from steps.core.lineage import run_key
+from steps.core.records import QUARANTINE_FILE, as_messages
 from steps.core.store import ArtifactStore, DatasetRef
 
 log = logging.getLogger(__name__)
@@ -88,9 +93,10 @@ class Rule:
 def validate_records(cfg: ValidateConfig, source: DatasetRef, store: ArtifactStore) -> DatasetRef:
     """Check every raw line against the Great Expectations suite of ``cfg.record_kind``.
 
-    Writes ``records.jsonl`` (one record per line, instruction pairs in chat form, ids filled in),
-    ``report.json`` (per rule: failing count and example line numbers, never contents) and a data-docs
-    page per table; ``record_kind`` in the stats. Raises ``DataQualityError`` naming the file, the
+    Writes ``report.json`` (per rule: failing count and example line numbers, never contents), a
+    data-docs page per table and, under the drop policy, ``quarantine.jsonl``; ``record_kind`` and the
+    raw file (``raw``: its artifact's key and digest) in the stats. No copy of the records: later steps
+    read them from the raw file (``validated_records``, steps/core/records.py). Raises ``DataQualityError`` naming the file, the
     rule, the failing count and example lines when any rule fails: then nothing is committed.
     """
     check_format(cfg.record_kind, source)
@@ -111,60 +117,56 @@ def validate_records(cfg: ValidateConfig, source: DatasetRef, store: ArtifactSto
     records = 0
     quarantine: list[dict[str, Any]] = []  # line, id (when the record parsed), rules: never contents
     drop = cfg.on_invalid == "drop"
-    # The raw file streams through in chunks of CHUNK_LINES lines: each chunk's tables are
-    # validated by the suite and its records written out, so memory holds one chunk.
-    with writer.jsonl_file(RECORDS_FILE) as out:
-        for start, raw_lines in _chunks(store.iter_lines(source, RAW_FILE), CHUNK_LINES):
-            lines = Lines((b.decode("utf-8", errors="replace") for b in raw_lines), start)
-            tables, output = build_tables(lines)
-            tables["lines"] = _line_table(raw_lines, lines)
-            chunk = run_suite(per_row, tables, pages if not pages else None, every_line=drop)
-            if drop:
-                output = _quarantined(chunk["rules"], tables["records"], output, lines, cfg.record_kind, quarantine)
-            _merge(merged, chunk["rules"])
-            for rule in whole:
-                column = rule.expectation.column
-                frame = tables[rule.table]
-                rows_seen[rule.table] = rows_seen[rule.table] + len(frame)
-                for value, line in zip(frame[column], frame["line"]):
-                    if value is not None and value == value:  # GX counts non-null values
-                        distinct[rule.table].setdefault(value, int(line))
-            summary_state.update(output)
-            if output and isinstance(output[0], str):  # chat records come as JSON lines
-                out.write_lines(output)
-            else:
-                out.write_many(output)
-            records += len(output)
-        if whole:
-            import pandas as pd
+    # The raw file streams through in chunks of CHUNK_LINES lines: each chunk's tables are validated by
+    # the suite, so memory holds one chunk. No copy of the records is written: the raw area is ingest's
+    # file, and scrub reads the records from it (steps/core/records.py: validated_records).
+    for start, raw_lines in _chunks(store.iter_lines(source, RAW_FILE), CHUNK_LINES):
+        lines = Lines((b.decode("utf-8", errors="replace") for b in raw_lines), start)
+        tables, output = build_tables(lines)
+        tables["lines"] = _line_table(raw_lines, lines)
+        chunk = run_suite(per_row, tables, pages if not pages else None, every_line=drop)
+        if drop:
+            output = _quarantined(chunk["rules"], tables["records"], output, lines, cfg.record_kind, quarantine)
+        _merge(merged, chunk["rules"])
+        for rule in whole:
+            column = rule.expectation.column
+            frame = tables[rule.table]
+            rows_seen[rule.table] = rows_seen[rule.table] + len(frame)
+            for value, line in zip(frame[column], frame["line"]):
+                if value is not None and value == value:  # GX counts non-null values
+                    distinct[rule.table].setdefault(value, int(line))
+        summary_state.update(output)
+        records += len(output)
+    if whole:
+        import pandas as pd
 
-            for table, values in distinct.items():
-                frame = pd.DataFrame({"line": list(values.values()),
-                                      **{r.expectation.column: list(values) for r in whole if r.table == table}})
-                result = run_suite([r for r in whole if r.table == table], {table: frame})
-                for entry in result["rules"]:
-                    entry["element_count"] = rows_seen[table]
-                _merge(merged, result["rules"])
-        rules_out = [merged[r.name] for r in rules if r.name in merged]
-        broken = [r for r in rules_out if not r["success"]]
-        share = len(quarantine) / max(records + len(quarantine), 1)
-        # Under the drop policy a broken per-record rule only quarantines its records, up to the share.
-        whole_names = {w.name for w in whole}
-        tolerated = drop and share <= cfg.max_invalid_share and all(r["rule"] not in whole_names for r in broken)
-        report = {"success": not broken or tolerated, "rules": rules_out}
-        if not report["success"]:
-            policy = (f"\n  {len(quarantine)} of {records + len(quarantine)} records break a rule ({share:.2%}): more "
-                      f"than validate.max_invalid_share ({cfg.max_invalid_share:.2%}) allows to quarantine"
-                      if drop and quarantine else "")
-            raise DataQualityError(
-                f"validation failed for {source.stats.get('source', source.key)} as {cfg.record_kind} records: "
-                f"{len(broken)} of {len(report['rules'])} rules broken\n" + "\n".join(map(_describe, broken)) + policy
-            )
+        for table, values in distinct.items():
+            frame = pd.DataFrame({"line": list(values.values()),
+                                  **{r.expectation.column: list(values) for r in whole if r.table == table}})
+            result = run_suite([r for r in whole if r.table == table], {table: frame})
+            for entry in result["rules"]:
+                entry["element_count"] = rows_seen[table]
+            _merge(merged, result["rules"])
+    rules_out = [merged[r.name] for r in rules if r.name in merged]
+    broken = [r for r in rules_out if not r["success"]]
+    share = len(quarantine) / max(records + len(quarantine), 1)
+    # Under the drop policy a broken per-record rule only quarantines its records, up to the share.
+    whole_names = {w.name for w in whole}
+    tolerated = drop and share <= cfg.max_invalid_share and all(r["rule"] not in whole_names for r in broken)
+    report = {"success": not broken or tolerated, "rules": rules_out}
+    if not report["success"]:
+        policy = (f"\n  {len(quarantine)} of {records + len(quarantine)} records break a rule ({share:.2%}): more "
+                  f"than validate.max_invalid_share ({cfg.max_invalid_share:.2%}) allows to quarantine"
+                  if drop and quarantine else "")
+        raise DataQualityError(
+            f"validation failed for {source.stats.get('source', source.key)} as {cfg.record_kind} records: "
+            f"{len(broken)} of {len(report['rules'])} rules broken\n" + "\n".join(map(_describe, broken)) + policy
+        )
     if quarantine:
         counts = Counter(rule for row in quarantine for rule in row["rules"])
         report["quarantined"] = len(quarantine)
         report["quarantine_rules"] = dict(sorted(counts.items()))
-        writer.put_jsonl("quarantine.jsonl", quarantine)
+        writer.put_jsonl(QUARANTINE_FILE, quarantine)
         log.warning("validate: %d of %d records quarantined (%s)", len(quarantine), records + len(quarantine),
                     ", ".join(f"{rule}: {n}" for rule, n in sorted(counts.items())))
     summary = summary_state.result()
@@ -173,7 +175,8 @@ def validate_records(cfg: ValidateConfig, source: DatasetRef, store: ArtifactSto
     for table, html in pages.items():
         writer.put_bytes(f"data_docs/{table}.html", html.encode("utf-8"))
     log.info("validate: %d %s records pass %d rules", records, cfg.record_kind, len(report["rules"]))
-    stats = {"records": records, "rules": len(report["rules"]), "record_kind": cfg.record_kind, **summary}
+    stats = {"records": records, "rules": len(report["rules"]), "record_kind": cfg.record_kind, **summary,
+             "raw": {"key": source.key, "digest": source.digest}}
     if quarantine:
         stats |= {"quarantined": len(quarantine), "quarantine_rules": report["quarantine_rules"]}
     ref = writer.commit(stats=stats)
@@ -212,8 +215,20 @@ def _quarantined(entries: list[dict[str, Any]], records: Any, output: list, line
     for line in sorted(failing):
         obj = lines.parsed(line - lines.start)
         record_id = obj.get("id") if isinstance(obj, dict) and isinstance(obj.get("id"), str) else None
-        quarantine.append({"line": line, "id": record_id, "rules": failing[line]})
+        quarantine.append({"line": line, "id": _redacted(record_id), "rules": failing[line]})
     return kept
+
+
+def _redacted(record_id: str | None) -> str | None:
+    """An id with its PII replaced by placeholders (the quarantine lies outside the raw area)."""
+    return None if record_id is None else _pii_engine().redact(record_id)[0]
+
+
+@functools.cache
+def _pii_engine() -> Any:
+    from steps.text.pii import PiiEngine
+
+    return PiiEngine()
 
 
 class Lines(list):
@@ -320,6 +335,7 @@ def _chat_tables(lines: list[str]) -> tuple[dict[str, Any], list[str]]:
     turn_role: list[str | None] = []
     turn_chars: list[int | None] = []
     turn_blank: list[bool] = []
+    turn_calls: list[bool | None] = []  # None: no tool calls
     chats: list[str] = []
     for i, line in enumerate(lines):
         if not line.strip():
@@ -327,7 +343,7 @@ def _chat_tables(lines: list[str]) -> tuple[dict[str, Any], list[str]]:
         number = lines.start + i
         obj = lines.parsed(i)
         rec_line.append(number)
-        messages = None if obj is _INVALID else _as_messages(obj)
+        messages = None if obj is _INVALID else as_messages(obj)
         rec_json.append(obj is not _INVALID)
         if messages is None:
             rec_shape.append(None if obj is _INVALID else "unknown")
@@ -337,12 +353,20 @@ def _chat_tables(lines: list[str]) -> tuple[dict[str, Any], list[str]]:
         rec_shape.append("chat" if "messages" in obj else "sharegpt" if "conversations" in obj else "instruction")
         rec_count.append(len(messages))
         roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
-        rec_order.append(_order_ok(roles))
-        for m, role in zip(messages, roles):
+        calls = [m.get("tool_calls") if isinstance(m, dict) else None for m in messages]
+        rec_order.append(_order_ok(roles, [bool(c) for c in calls]))
+        for m, role, call in zip(messages, roles, calls):
             content = m.get("content") if isinstance(m, dict) else None
             is_str = isinstance(content, str)
             turn_line.append(number)
             turn_role.append(role if isinstance(role, str) else None)
+            if call is not None:  # a tool call's payload is its calls: content may be empty or null
+                shape_ok = _tool_calls_ok(call) and role == "assistant" and (content is None or is_str)
+                turn_calls.append(shape_ok)
+                turn_chars.append((len(content) if is_str else 0) + len(json.dumps(call, ensure_ascii=False)))
+                turn_blank.append(False)
+                continue
+            turn_calls.append(None)
             turn_chars.append(len(content) if is_str else None)
             turn_blank.append(not (is_str and content.strip()))
         if len(obj) == 2 and isinstance(obj.get("id"), str) and "messages" in obj:
@@ -353,7 +377,7 @@ def _chat_tables(lines: list[str]) -> tuple[dict[str, Any], list[str]]:
     return {"records": _columns({"line": rec_line, "json_valid": rec_json, "shape": rec_shape,
                                  "n_messages": rec_count, "order_ok": rec_order}),
             "turns": _columns({"line": turn_line, "role": turn_role, "content_chars": turn_chars,
-                               "content_blank": turn_blank})}, chats
+                               "content_blank": turn_blank, "tool_calls_ok": turn_calls})}, chats
 
 
 def _text_tables(lines: list[str]) -> tuple[dict[str, Any], list[dict]]:
@@ -543,36 +567,30 @@ def _columns(columns: dict[str, list]) -> Any:
 
 
 # ShareGPT speakers -> chat roles; another speaker keeps no role and fails the roles rule.
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
-                  "system": "system"}
+def _order_ok(roles: list[Any], tool_calls: list[bool] | None = None) -> bool:
+    """Optional leading system message, then user/assistant alternating, ending with assistant. An
+    assistant message with tool calls is followed by one or more tool results, then by the assistant again."""
+    calls = tool_calls or [False] * len(roles)
+    start = 1 if roles[:1] == ["system"] else 0
+    state = "user"  # what comes next: user, assistant, tool (at least one), tool+ (tool or assistant), or end
+    for role, called in zip(roles[start:], calls[start:]):
+        if state in ("user", "end") and role == "user":
+            state = "assistant"
+        elif state in ("assistant", "tool+") and role == "assistant":
+            state = "tool" if called else "end"
+        elif state in ("tool", "tool+") and role == "tool":
+            state = "tool+"
+        else:
+            return False
+    return state == "end"
 
 
-def _as_messages(obj: Any) -> list | None:
-    if not isinstance(obj, dict):
-        return None
-    if "messages" in obj:
-        return obj["messages"] if isinstance(obj["messages"], list) else None
-    if "conversations" in obj:  # ShareGPT: [{"from": "human" | "gpt" | "system", "value": ...}, ...]
-        turns = obj["conversations"]
-        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
-            return None
-        return [{"role": SHAREGPT_ROLES.get(str(t.get("from", "")).lower()), "content": t.get("value")} for t in turns]
-    answer = obj.get("response", obj.get("output"))
-    if not isinstance(obj.get("instruction"), str) or not isinstance(answer, str):
-        return None
-    prompt = obj["instruction"] + (f"\n\n{obj['input']}" if obj.get("input") else "")
-    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-    if obj.get("system"):
-        messages.insert(0, {"role": "system", "content": obj["system"]})
-    return messages
-
-
-def _order_ok(roles: list[Any]) -> bool:
-    """Optional leading system message, then user/assistant alternating, ending with assistant."""
-    body = roles[1:] if roles[:1] == ["system"] else roles
-    expected = ["user", "assistant"] * (len(body) // 2)
-    return bool(body) and body == expected
+def _tool_calls_ok(calls: Any) -> bool:
+    """OpenAI tool calls: a non-empty list of {"function": {"name": str, "arguments": str | object}}."""
+    return isinstance(calls, list) and bool(calls) and all(
+        isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str)
+        and bool(c["function"]["name"]) and isinstance(c["function"].get("arguments", ""), (str, dict))
+        for c in calls)
 
 
 def chat_rules(cfg: ValidateConfig) -> list[Rule]:
@@ -595,6 +613,8 @@ def chat_rules(cfg: ValidateConfig) -> list[Rule]:
              E.ExpectColumnValuesToBeInSet(column="content_blank", value_set=[False])),
         Rule(f"content length between {cfg.min_chars} and {cfg.max_chars} characters", "turns",
              E.ExpectColumnValuesToBeBetween(column="content_chars", min_value=cfg.min_chars, max_value=cfg.max_chars)),
+        Rule('tool calls are assistant turns of {"function": {"name", "arguments"}}', "turns",
+             E.ExpectColumnValuesToBeInSet(column="tool_calls_ok", value_set=[True])),
     ]
 
 

@@ -20,9 +20,13 @@ from steps.core.errors import ConfigError
 log = logging.getLogger(__name__)
 
 BUILT_IN = {
-    "chatml": ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] "
-               "+ '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
-               "{% endif %}"),
+    # Tool calls as <tool_call> blocks of {"name", "arguments"} JSON after the content (Hermes/Qwen style).
+    "chatml": ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') }}"
+               "{% for call in message.get('tool_calls') or [] %}{{ '<tool_call>\\n{\"name\": \"' + "
+               "call['function']['name'] + '\", \"arguments\": ' + (call['function']['arguments'] if "
+               "call['function']['arguments'] is string else call['function']['arguments'] | tojson) + "
+               "'}\\n</tool_call>' }}{% endfor %}{{ '<|im_end|>' + '\\n' }}{% endfor %}"
+               "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"),
     "llama3": ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
                "'<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}{% endfor %}"
                "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"),

@@ -179,3 +179,19 @@ def worst_records(losses: list[dict[str, Any]], top: int) -> dict[str, Any]:
     duplicates = sorted((g for g in groups.values() if len(g) > 1), key=lambda g: (-len(g), -g[0]["loss"]))
     return {"records": len(losses), "splits": {s: sum(r["split"] == s for r in losses) for s in ("train", "eval")},
             "highest": sorted(losses, key=lambda r: -r["loss"])[:top], "duplicates": duplicates[:top]}
+
+
+def worst_lines(run_id: str, found: dict[str, Any]) -> list[str]:
+    """``tuneline data worst``'s text: the highest-loss records, then the groups of duplicated-looking ones."""
+    splits = ", ".join(f"{n} {split}" for split, n in found["splits"].items())
+    lines = [f"run {run_id}: {found['records']} records ({splits}); highest loss after training:",
+             f"{'rank':>4}  {'id':<40} {'split':<5} {'loss':>9} {'tokens':>6}"]
+    lines += [f"{rank:>4}  {r['id']:<40} {r['split']:<5} {r['loss']:>9.4f} {r['tokens']:>6}"
+              for rank, r in enumerate(found["highest"], start=1)]
+    if not found["duplicates"]:
+        return [*lines, "no duplicated-looking records"]
+    lines.append("duplicated-looking (same tokens and loss: likely the same text):")
+    for group in found["duplicates"]:
+        ids = ", ".join(f"{r['id']} ({r['split']})" for r in group)
+        lines.append(f"  loss {group[0]['loss']:.4f}, {group[0]['tokens']} tokens: {ids}")
+    return lines

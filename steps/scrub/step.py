@@ -54,9 +54,10 @@ from steps.config import ScrubConfig
 from steps.core.contract import RECORDS_FILE
 from steps.core.errors import DataQualityError
 from steps.core.lineage import run_key
+from steps.core.records import QUARANTINE_FILE, validated_records
 from steps.core.store import ArtifactStore, DatasetRef
 from steps.core.workers import ChunkWorkers, balanced_chunk, pack, unpack, worker_count
-from steps.text.dedup import NearDuplicates, record_text
+from steps.text.dedup import NearDuplicates, batches, record_text
 from steps.text.normalize import normalize_text
 from steps.text.pii import PiiEngine
 
@@ -100,11 +101,12 @@ def scrub_records(cfg: ScrubConfig, source: DatasetRef, store: ArtifactStore) ->
         if workers:
             config = {"scrub": cfg.model_dump(mode="json"), "kind": kind}
             with ChunkWorkers("scrub", config, workers) as pool:
-                for answer in pool.map(store.iter_line_chunks(source, RECORDS_FILE, size)):
+                lines = (json.dumps(r, ensure_ascii=False) for r in validated_records(store, source))
+                for answer in pool.map(b"\n".join(line.encode() for line in chunk) for chunk in batches(lines, size)):
                     chunk = PreparedChunk.from_bytes(answer, cfg.minhash_permutations)
                     out.write_lines(keep_chunk(chunk, near, cfg.dedup, tally))
         else:
-            for chunk in store.iter_jsonl_chunks(source, RECORDS_FILE, size):
+            for chunk in batches(validated_records(store, source), size):
                 out.write_lines(scrub_chunk(chunk, kind, engine, near, cfg.dedup, tally))
         records = tally.records
         gates = [(f"at most {cfg.max_pii_only_share:.0%} of records are nothing but PII", tally.pii_only,
@@ -130,7 +132,7 @@ def scrub_records(cfg: ScrubConfig, source: DatasetRef, store: ArtifactStore) ->
     if tally.quarantine:
         rule = gates[0][0]
         stats |= {"quarantined": len(tally.quarantine), "quarantine_rules": {rule: len(tally.quarantine)}}
-        writer.put_jsonl("quarantine.jsonl", [{"id": record_id, "rules": [rule]} for record_id in tally.quarantine])
+        writer.put_jsonl(QUARANTINE_FILE, [{"id": record_id, "rules": [rule]} for record_id in tally.quarantine])
     if kind in LABELED_KINDS:
         stats["label_conflicts"] = tally.conflicts
     if tally.labels is not None:
@@ -332,7 +334,7 @@ def scrub_bodies(records: list[dict[str, Any]], kind: str, engine: PiiEngine, pi
     texts: list[str] = []
     for record in records:
         if fields is None:
-            texts += [m["content"] for m in record["messages"]]
+            texts += [text for m in record["messages"] for text in _message_texts(m)]
         else:
             texts += [record[field] for field in fields]
     clean, found = engine.redact_many([normalize_text(text) for text in texts])
@@ -341,9 +343,12 @@ def scrub_bodies(records: list[dict[str, Any]], kind: str, engine: PiiEngine, pi
     pos = 0
     for n, record in enumerate(records):
         if fields is None:
-            messages = record["messages"]
-            bodies.append({"messages": [{"role": m["role"], "content": clean[pos + k]} for k, m in enumerate(messages)]})
-            width = len(messages)
+            messages, width = [], 0
+            for m in record["messages"]:
+                count = len(_message_texts(m))
+                messages.append(_scrubbed_message(m, clean[pos + width:pos + width + count]))
+                width += count
+            bodies.append({"messages": messages})
         else:
             body = {field: clean[pos + k] for k, field in enumerate(fields)}
             if kind in LABELED_KINDS:
@@ -357,6 +362,28 @@ def scrub_bodies(records: list[dict[str, Any]], kind: str, engine: PiiEngine, pi
         pii.update(counts)
         had_pii.add(owner[i])
     return bodies, had_pii
+
+
+MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name")  # what a scrubbed message keeps
+
+
+def _message_texts(message: dict[str, Any]) -> list[str]:
+    """The texts of a message that scrub normalizes and redacts: its content, and each tool call's arguments."""
+    texts = [message.get("content") or ""]
+    for call in message.get("tool_calls") or []:
+        arguments = call["function"].get("arguments", "")
+        texts.append(arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False))
+    return texts
+
+
+def _scrubbed_message(message: dict[str, Any], texts: list[str]) -> dict[str, Any]:
+    """The message with its ``_message_texts`` replaced by ``texts`` (tool-call arguments as JSON strings)."""
+    out = {k: message[k] for k in MESSAGE_KEYS if k in message}
+    out["content"] = texts[0] if message.get("content") is not None else None
+    if message.get("tool_calls"):
+        out["tool_calls"] = [{**call, "function": {**call["function"], "arguments": text}}
+                             for call, text in zip(message["tool_calls"], texts[1:])]
+    return out
 
 
 def source_name(ref: DatasetRef, store: ArtifactStore) -> str:

@@ -60,6 +60,7 @@ it, and a chain of small edits cannot drift away from the original.
 from __future__ import annotations
 
 import hashlib
+import json
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -460,10 +461,10 @@ def leakage(train: Iterable[tuple[str, str]], eval: Iterable[tuple[str, str]],  
     Eval records are not compared with each other. Pairs come in eval order.
     """
     index = LeakageIndex(threshold, num_perm=num_perm, shingle=shingle, seed=seed)
-    for part in _batches(train, batch):
+    for part in batches(train, batch):
         index.add(part)
     pairs = []
-    for part in _batches(eval, batch):
+    for part in batches(eval, batch):
         pairs += index.matches(part)
     return pairs
 
@@ -502,7 +503,8 @@ class LeakageIndex:
         return [(record_id, index._ids[row]) for record_id, row in zip(ids, matched) if row is not None]
 
 
-def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+def batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """The items in lists of at most ``size``."""
     part: list[Any] = []
     for item in items:
         part.append(item)
@@ -517,7 +519,8 @@ def record_text(record: dict[str, Any]) -> str:
     """The content of a record that duplicates are judged on: every message (chat), the text
     (text, classification, regression) or prompt, chosen and rejected (preference)."""
     if "messages" in record:
-        return "\n".join(str(m.get("content", "")) for m in record["messages"])
+        return "\n".join(str(m.get("content") or "") + (json.dumps(m["tool_calls"], ensure_ascii=False)
+                                                      if m.get("tool_calls") else "") for m in record["messages"])
     if "prompt" in record:
         return "\n".join(str(record.get(k, "")) for k in ("prompt", "chosen", "rejected"))
     return str(record.get("text", ""))

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from steps.config import TokenizeConfig
 from steps.core.contract import IGNORE
 from steps.core.errors import ConfigError
-from steps.tokenize.template import _ChatLayout, _rendered_spans, _transparent
+from steps.tokenize.template import _ChatLayout, _rendered_spans, _transparent, check_renders_tool_calls
 
 ENCODE_BATCH = 1024  # conversations per tokenizer call
 
@@ -50,6 +50,8 @@ def encode_chat_batch(tokenizer: Any, conversations: list[list[dict[str, str]]]
             layout = layouts.get(roles) or layouts.setdefault(roles, _ChatLayout(tokenizer, roles))
         plans.append((layout, transparent and layout is not None and layout.verified))
     rest = [messages for messages, (_, fill) in zip(conversations, plans) if not fill]
+    if any(m.get("tool_calls") for messages in rest for m in messages):
+        check_renders_tool_calls(tokenizer)
     rendered = iter(tokenizer.apply_chat_template(rest, tokenize=False) if rest else [])
     for messages, (layout, fill) in zip(conversations, plans):
         contents = [m["content"] for m in messages] if layout is not None else []
@@ -152,7 +154,8 @@ def chat_rows(tokenizer: Any, record: dict[str, Any], ids: list[int], labels: li
 
 
 def turn_groups(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]]]:
-    """(leading system messages, groups of messages that each end with an assistant message)."""
+    """(leading system messages, groups of messages that each end with an assistant answer: a tool call and
+    its results stay in the group of the answer that follows them)."""
     head = 0
     while head < len(messages) and messages[head]["role"] == "system":
         head += 1
@@ -160,7 +163,7 @@ def turn_groups(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], l
     current: list[dict[str, Any]] = []
     for message in messages[head:]:
         current.append(message)
-        if message["role"] == "assistant":
+        if message["role"] == "assistant" and not message.get("tool_calls"):
             groups.append(current)
             current = []
     if current and groups:  # messages after the last answer (a validated chat has none): context of nothing

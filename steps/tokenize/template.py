@@ -119,15 +119,36 @@ def worker_tokenizer(tokenizer: Any) -> dict[str, Any] | None:
         return None
 
 def _rendered_spans(tokenizer: Any, messages: list[dict[str, str]], text: str) -> list[tuple[int, int]]:
-    """(start, end) of each assistant turn in ``text``, from renderings of the conversation's prefixes."""
+    """(start, end) of each assistant answer in ``text``, from renderings of the conversation's prefixes.
+    Assistant turns that call tools (and the tool results) are context, not answers: not learned."""
+    if any(m.get("tool_calls") for m in messages):
+        check_renders_tool_calls(tokenizer)
     spans: list[tuple[int, int]] = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or message.get("tool_calls"):
             continue
         prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
         turn = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False).rstrip("\n")
         spans.append(_span(prompt, turn, text))
     return spans
+
+_TOOL_PROBE = [{"role": "user", "content": "Weather in Paris?"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"type": "function", "function": {"name": "zq_probe_weather", "arguments": '{"city": "Paris"}'}}]},
+               {"role": "tool", "content": "18 C"}, {"role": "assistant", "content": "It is 18 C."}]
+
+
+def check_renders_tool_calls(tokenizer: Any) -> None:
+    """A ConfigError when the chat template drops tool calls (their records would train on a conversation
+    that never called the tool)."""
+    try:
+        text = tokenizer.apply_chat_template(_TOOL_PROBE, tokenize=False)
+    except Exception as exc:  # noqa: BLE001 - a template that fails on tool messages: the same answer
+        text = f"(error: {exc})"
+    if "zq_probe_weather" not in text or "18 C" not in text:
+        raise ConfigError("the records hold tool calls, but the base model's chat template does not render them; "
+                          "set tokenize.chat_template to one that does (the built-in chatml does)")
+
 
 def _span(prompt: str, turn: str, text: str) -> tuple[int, int]:
     if not (turn.startswith(prompt) and text.startswith(turn)):

@@ -77,7 +77,7 @@ def test_full_flow_registers_promotes_and_reruns_fully_cached(prefect_api, store
     assert {"tuneline.run_key", "tuneline.code_version", "tuneline.config_hash", "tuneline.base_digest"} <= set(version.tags)
     assert summary.decision.promoted and "base model" in summary.decision.reason
     artifacts = {a.path for a in client.list_artifacts(summary.version.run_id, "plots")}
-    assert artifacts == {"plots/loss_curve.png"}
+    assert artifacts == {"plots/loss_curve.png", "plots/record_losses.png"}
     assert len(client.get_metric_history(summary.version.run_id, "loss")) == params.train.max_steps
     inputs = client.get_run(summary.version.run_id).inputs.dataset_inputs
     contexts = {i.tags[0].value: i.dataset for i in inputs}

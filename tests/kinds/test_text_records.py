@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import all_keys, chat, write_jsonl
+from helpers import all_keys, chat, validate_stats, write_jsonl
 from steps.config import IngestConfig, ScrubConfig, ValidateConfig
 from steps.core.contract import RAW_FILE, RECORDS_FILE
 from steps.core.errors import ConfigError, DataQualityError
+from steps.core.records import validated_records
 from steps.ingest import ingest_records
 from steps.scrub.step import scrub_records
 from steps.validate import validate_records
@@ -49,9 +50,9 @@ def test_unknown_konlpy_corpus_is_a_config_error(store):
 def test_text_records_pass_in_text_form(store, tmp_path):
     rows = [{"id": "doc-a", "text": "First document.\n\nSecond paragraph."}, {"text": "No id here.", "source": "x"}]
     ref = validate_records(TEXT, ingest(store, tmp_path, rows), store)
-    assert store.read_jsonl(ref, RECORDS_FILE) == [
+    assert list(validated_records(store, ref)) == [
         {"id": "doc-a", "text": "First document.\n\nSecond paragraph."}, {"id": "line-2", "text": "No id here."}]
-    assert ref.stats == {"records": 2, "rules": 7, "record_kind": "text"}
+    assert validate_stats(ref) == {"records": 2, "rules": 7, "record_kind": "text"}
     report = store.read_json(ref, "report.json")
     assert report["success"] and {r["table"] for r in report["rules"]} == {"lines", "records", "texts"}
 
@@ -76,14 +77,19 @@ def test_each_broken_text_rule_stops_with_rule_count_and_line_but_no_content(sto
     assert not [k for k in all_keys(store) if "/validate/" in k]
 
 
-def test_a_file_of_the_other_kind_fails_the_shape_rule(store, tmp_path):
+def test_a_file_of_the_other_kind_is_refused_and_stray_records_fail_the_shape_rule(store, tmp_path):
+    from steps.core.errors import ConfigError
+
     chats = ingest(store, tmp_path, [chat("q", "a"), chat("q2", "a2")])
-    with pytest.raises(DataQualityError, match="rule 'record is a text record with a \"text\" field': 2 of 2 records"):
+    with pytest.raises(ConfigError, match="record_kind is 'text', but ingest found 'messages' records"):
         validate_records(TEXT, chats, store)
-    texts = ingest(store, tmp_path, [{"text": "a document"}, {"text": "another"}])
+    texts = ingest(store, tmp_path, [{"text": "a document"}, {"text": "another"}, chat("q", "a")])
+    with pytest.raises(DataQualityError, match=r"rule 'record is a text record with a \"text\" field': 1 of 3 records"):
+        validate_records(TEXT.model_copy(update={"on_invalid": "fail"}), texts, store)
+    mixed = ingest(store, tmp_path, [chat("q", "a"), chat("q2", "a2"), {"text": "a document"}])
     with pytest.raises(DataQualityError, match=r"as chat records: .*\n.*rule 'record is a chat, instruction or "
-                                               r"ShareGPT record': 2 of 2 records fail \(e.g. lines 1, 2\)"):
-        validate_records(ValidateConfig(), texts, store)
+                                               r"ShareGPT record': 1 of 3 records fail \(e.g. lines 3\)"):
+        validate_records(ValidateConfig(on_invalid="fail"), mixed, store)
 
 
 def test_text_length_limit_is_separate_from_the_chat_message_limit(store, tmp_path):

@@ -6,10 +6,11 @@ import sys
 
 import pytest
 
-from helpers import all_keys, chat, write_jsonl
+from helpers import all_keys, chat, validate_stats, write_jsonl
 from steps.config import IngestConfig, ScrubConfig, ValidateConfig
 from steps.core.contract import RAW_FILE, RECORDS_FILE
 from steps.core.errors import ConfigError, DataQualityError
+from steps.core.records import validated_records
 from steps.ingest import ingest_records
 from steps.scrub.step import scrub_records
 from steps.validate import validate_records
@@ -48,11 +49,11 @@ def test_classification_records_pass_with_class_balance(store, tmp_path):
     rows = [{"id": "a", "text": f"Shares rose {SECRET}", "label": "business", "extra": 1},
             {"text": "A late goal", "label": "sports"}, {"text": "Profits fell", "label": "business"}]
     ref = validate_records(CLASSIFICATION, ingest(store, tmp_path, rows), store)
-    assert store.read_jsonl(ref, RECORDS_FILE) == [
+    assert list(validated_records(store, ref)) == [
         {"id": "a", "text": f"Shares rose {SECRET}", "label": "business"},
         {"id": "line-2", "text": "A late goal", "label": "sports"},
         {"id": "line-3", "text": "Profits fell", "label": "business"}]
-    assert ref.stats == {"records": 3, "rules": 9, "record_kind": "classification",
+    assert validate_stats(ref) == {"records": 3, "rules": 9, "record_kind": "classification",
                          "label_counts": {"business": 2, "sports": 1}}
     report = store.read_json(ref, "report.json")
     assert report["success"] and report["label_counts"] == {"business": 2, "sports": 1}
@@ -98,10 +99,10 @@ def test_regression_records_pass_with_label_range(store, tmp_path):
     rows = [{"id": "r1", "text": f"great {SECRET}", "label": 4.5}, {"text": "bad", "label": 1},
             {"text": "fine", "label": 2.0}]
     ref = validate_records(REGRESSION, ingest(store, tmp_path, rows), store)
-    assert store.read_jsonl(ref, RECORDS_FILE) == [
+    assert list(validated_records(store, ref)) == [
         {"id": "r1", "text": f"great {SECRET}", "label": 4.5}, {"id": "line-2", "text": "bad", "label": 1},
         {"id": "line-3", "text": "fine", "label": 2.0}]
-    assert ref.stats == {"records": 3, "rules": 9, "record_kind": "regression",
+    assert validate_stats(ref) == {"records": 3, "rules": 9, "record_kind": "regression",
                          "label_stats": {"min": 1, "max": 4.5, "mean": 2.5}}
     report = store.read_json(ref, "report.json")
     assert report["success"] and report["label_stats"]["mean"] == 2.5
@@ -131,10 +132,10 @@ def test_each_broken_regression_rule_names_rule_and_line(store, tmp_path, bad, r
 def test_preference_records_pass_in_pair_form(store, tmp_path):
     rows = [pair(f"Q {SECRET}", "Good answer", "Bad answer", id="p1"), pair("Hi", "Hello!", "Go away.", meta=1)]
     ref = validate_records(PREFERENCE, ingest(store, tmp_path, rows), store)
-    assert store.read_jsonl(ref, RECORDS_FILE) == [
+    assert list(validated_records(store, ref)) == [
         {"id": "p1", "prompt": f"Q {SECRET}", "chosen": "Good answer", "rejected": "Bad answer"},
         {"id": "line-2", "prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}]
-    assert ref.stats == {"records": 2, "rules": 14, "record_kind": "preference"}
+    assert validate_stats(ref) == {"records": 2, "rules": 14, "record_kind": "preference"}
     report = store.read_json(ref, "report.json")
     assert report["success"] and {r["table"] for r in report["rules"]} == {"lines", "records", "pairs"}
     assert SECRET not in json.dumps(report)
@@ -161,13 +162,16 @@ def test_each_broken_preference_rule_names_rule_and_line(store, tmp_path, bad, r
     assert_fails(store, tmp_path, PREFERENCE.model_copy(update={"max_chars": 100}), rows, rule, table)
 
 
-def test_a_file_of_another_kind_fails_the_shape_rule(store, tmp_path):
+def test_a_file_of_another_kind_is_refused_and_stray_records_fail_the_shape_rule(store, tmp_path):
     texts = ingest(store, tmp_path, [{"text": "a document"}, {"text": "another"}])
-    with pytest.raises(DataQualityError, match=r"rule 'record is a classification record with \"text\" and "
-                                               r"\"label\" fields': 2 of 2 records fail \(e.g. lines 1, 2\)"):
+    with pytest.raises(ConfigError, match="record_kind is 'classification', but ingest found 'text' records"):
         validate_records(CLASSIFICATION, texts, store)
-    with pytest.raises(DataQualityError, match="rule 'record is a preference record"):
+    with pytest.raises(ConfigError, match="record_kind is 'preference', but ingest found 'text' records"):
         validate_records(PREFERENCE, texts, store)
+    rows = [{"text": f"doc {i}", "label": "a" if i % 2 else "b"} for i in range(4)] + [{"text": "no label"}]
+    with pytest.raises(DataQualityError, match=r"rule 'record is a classification record with \"text\" and "
+                                               r"\"label\" fields': 1 of 5 records fail \(e.g. lines 5\)"):
+        validate_records(CLASSIFICATION.model_copy(update={"on_invalid": "fail"}), ingest(store, tmp_path, rows), store)
 
 
 # --- scrub ---------------------------------------------------------------------------
@@ -268,6 +272,6 @@ def test_chatterbot_pairs_are_valid_preference_records_with_mismatched_rejection
     # Deterministic and independent of the order of the names.
     assert ingest_records(IngestConfig(source="chatterbot-pairs:english,korean"), store).digest == ref.digest
     validated = validate_records(PREFERENCE, ref, store)
-    assert validated.stats == {"records": len(rows), "rules": 14, "record_kind": "preference"}
+    assert validate_stats(validated) == {"records": len(rows), "rules": 14, "record_kind": "preference"}
     with pytest.raises(ConfigError, match="no language 'klingon'"):
         ingest_records(IngestConfig(source="chatterbot-pairs:klingon"), store)

@@ -2,10 +2,10 @@ import json
 
 import pytest
 
-from helpers import all_keys, chat, write_jsonl
+from helpers import all_keys, chat, validate_stats, write_jsonl
 from steps.config import IngestConfig, ValidateConfig
-from steps.core.contract import RECORDS_FILE
 from steps.core.errors import DataQualityError
+from steps.core.records import validated_records
 from steps.ingest import ingest_records
 from steps.validate import validate_records
 
@@ -26,12 +26,12 @@ def test_chat_and_instruction_records_pass_in_chat_form(store, tmp_path):
                       {"role": "assistant", "content": "a2"}]},
     ]
     ref = run(store, tmp_path, rows)
-    out = store.read_jsonl(ref, RECORDS_FILE)
+    out = list(validated_records(store, ref))
     assert [r["id"] for r in out] == ["a", "line-2", "line-3"]
     assert out[1]["messages"] == [{"role": "system", "content": "be brief"},
                                   {"role": "user", "content": "Translate\n\nbonjour"},
                                   {"role": "assistant", "content": "hello"}]
-    assert ref.stats == {"records": 3, "rules": 11, "record_kind": "chat"}
+    assert validate_stats(ref) == {"records": 3, "rules": 12, "record_kind": "chat"}
     assert all(r["success"] for r in store.read_json(ref, "report.json")["rules"])
 
 
@@ -39,7 +39,7 @@ def test_sharegpt_records_pass_in_chat_form_and_unknown_speakers_fail(store, tmp
     rows = [{"id": "s1", "conversations": [{"from": "system", "value": "be brief"}, {"from": "human", "value": "hi"},
                                            {"from": "gpt", "value": "hello"}]},
             {"conversations": [{"from": "user", "value": "2+2?"}, {"from": "assistant", "value": "4"}]}]
-    out = store.read_jsonl(run(store, tmp_path, rows), RECORDS_FILE)
+    out = list(validated_records(store, run(store, tmp_path, rows)))
     assert out[0] == {"id": "s1", "messages": [{"role": "system", "content": "be brief"},
                                                {"role": "user", "content": "hi"},
                                                {"role": "assistant", "content": "hello"}]}
@@ -49,9 +49,9 @@ def test_sharegpt_records_pass_in_chat_form_and_unknown_speakers_fail(store, tmp
         run(store, tmp_path, bad)
 
 
-def test_records_already_in_chat_form_keep_their_line_others_are_rewritten(store, tmp_path):
-    """A line that is exactly ``{"id": <str>, "messages": [...]}`` is written as it came (no
-    re-serialization); extra fields are dropped and a missing or non-string id is filled in."""
+def test_validated_records_come_from_the_raw_file_in_chat_form_and_no_copy_is_written(store, tmp_path):
+    """Extra fields are dropped and a missing or non-string id is filled in; validate's artifact holds no
+    records (the raw area is ingest's file only): scrub reads them with ``validated_records``."""
     lines = ['{"messages": [{"role": "user", "content": "caf\\u00e9"}, {"role": "assistant", "content": "ok"}],'
              ' "id": "kept"}',
              json.dumps(chat("q", "a", id="extra") | {"source": "web"}),
@@ -60,10 +60,9 @@ def test_records_already_in_chat_form_keep_their_line_others_are_rewritten(store
     raw = tmp_path / "raw.jsonl"
     raw.write_text("\n".join(lines) + "\n")
     ref = validate_records(ValidateConfig(), ingest_records(IngestConfig(source=str(raw)), store), store)
-    written = store.read_bytes(ref, RECORDS_FILE).decode().splitlines()
-    assert written[0] == lines[0]
-    assert [json.loads(line) for line in written[1:]] == [chat("q", "a", id="extra"), chat("q2", "a2", id="7"),
-                                                          chat("q3", "a3", id="line-4")]
+    assert list(validated_records(store, ref)) == [chat("café", "ok", id="kept"), chat("q", "a", id="extra"),
+                                                   chat("q2", "a2", id="7"), chat("q3", "a3", id="line-4")]
+    assert not any(name.endswith(".jsonl") and name != "quarantine.jsonl" for name in store.manifest(ref.key)["files"])
 
 
 @pytest.mark.parametrize("bad, rule", [
@@ -72,7 +71,7 @@ def test_records_already_in_chat_form_keep_their_line_others_are_rewritten(store
     ({"messages": [{"role": "user", "content": SECRET}, {"role": "user", "content": SECRET}]},
      "roles alternate user/assistant and end with assistant"),
     ({"messages": [{"role": "user", "content": SECRET}, {"role": "bot", "content": SECRET}]},
-     "role is one of system, user, assistant"),
+     "role is one of system, user, assistant, tool"),
     ({"messages": [{"role": "user", "content": SECRET}, {"role": "assistant", "content": "   "}]},
      "content is not empty or blank"),
     ({"messages": [{"role": "user", "content": SECRET}, {"role": "assistant", "content": None}]},
@@ -145,7 +144,7 @@ def test_a_file_streamed_in_chunks_gets_the_same_verdicts_and_file_line_numbers(
     monkeypatch.setattr(validate, "CHUNK_LINES", 2)
     rows = [chat(f"q{i}", f"a{i}") for i in range(5)]
     ref = run(store, tmp_path, rows)
-    assert [r["id"] for r in store.read_jsonl(ref, RECORDS_FILE)] == [f"line-{n}" for n in range(1, 6)]
+    assert [r["id"] for r in validated_records(store, ref)] == [f"line-{n}" for n in range(1, 6)]
     report = store.read_json(ref, "report.json")
     assert {r["rule"]: r["element_count"] for r in report["rules"]}["role is present"] == 10
     with pytest.raises(DataQualityError) as failed:
@@ -170,7 +169,7 @@ def test_a_few_bad_records_are_quarantined_by_line_id_and_rule_never_contents(st
     rows = chats_with_bad_turns(200, 1)  # 0.5%
     (line, bad), = [(i + 1, r) for i, r in enumerate(rows) if not r["messages"][1]["content"]]
     ref = run(store, tmp_path, rows)
-    kept = store.read_jsonl(ref, RECORDS_FILE)
+    kept = list(validated_records(store, ref))
     assert len(kept) == 199 and bad["id"] not in {r["id"] for r in kept}
     assert ref.stats["quarantined"] == 1 and ref.stats["records"] == 199
     quarantined = store.read_jsonl(ref, "quarantine.jsonl")

@@ -90,13 +90,13 @@ def file_of(kind: str, folder: Path) -> Path:
 @pytest.mark.parametrize("kind", ["jsonl.gz", "parquet", "csv", "datasets"])
 def test_other_file_types_become_the_same_jsonl_records(store, tmp_path, kind):
     from steps.config import ValidateConfig
-    from steps.core.contract import RECORDS_FILE
+    from steps.core.records import validated_records
     from steps.validate import validate_records
 
     raw = ingest_records(IngestConfig(source=str(file_of(kind, tmp_path))), store)
     assert [json.loads(line) for line in store.read_bytes(raw, "raw.jsonl").splitlines()] == ROWS
-    records = store.read_jsonl(validate_records(ValidateConfig(record_kind="classification"), raw, store),
-                               RECORDS_FILE)
+    records = list(validated_records(store, validate_records(ValidateConfig(record_kind="classification"), raw,
+                                                             store)))
     assert [r["label"] for r in records] == [r["label"] for r in ROWS]
 
 

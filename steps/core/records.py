@@ -1,0 +1,96 @@
+"""Records in their kind's form, read from ingest's raw file: what validate checks and scrub reads.
+
+    for record in validated_records(store, validated):   # a validate artifact
+        ...  # {"id", "messages"} / {"id", "text"} / {"id", "text", "label"} / {"id", "prompt", "chosen", "rejected"}
+
+Validate writes no copy of the records (the raw area is ingest's file only): its artifact names the raw
+file (``raw`` in its stats) and the lines it quarantined; ``validated_records`` streams the raw file,
+leaves out blank and quarantined lines, and converts each record with ``record_form``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterator
+
+from steps.core.contract import RAW_FILE
+from steps.core.errors import ArtifactError
+
+QUARANTINE_FILE = "quarantine.jsonl"  # validate and scrub: records left out (line, id, rules; never contents)
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "model": "assistant",
+                  "system": "system", "tool": "tool", "observation": "tool", "function_call": "assistant"}
+
+
+def as_messages(obj: Any) -> list | None:
+    """A chat, ShareGPT or instruction (Alpaca) record's messages, or None when it is none of them."""
+    if not isinstance(obj, dict):
+        return None
+    if "messages" in obj:
+        return obj["messages"] if isinstance(obj["messages"], list) else None
+    if "conversations" in obj:  # ShareGPT: [{"from": "human" | "gpt" | "system", "value": ...}, ...]
+        turns = obj["conversations"]
+        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+            return None
+        return [_sharegpt_message(str(t.get("from", "")).lower(), t.get("value")) for t in turns]
+    answer = obj.get("response", obj.get("output"))
+    if not isinstance(obj.get("instruction"), str) or not isinstance(answer, str):
+        return None
+    prompt = obj["instruction"] + (f"\n\n{obj['input']}" if obj.get("input") else "")
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    if obj.get("system"):
+        messages.insert(0, {"role": "system", "content": obj["system"]})
+    return messages
+
+
+def _sharegpt_message(speaker: str, value: Any) -> dict[str, Any]:
+    """A ShareGPT turn as a message; a ``function_call`` turn (a JSON {"name", "arguments"}) becomes an
+    assistant message with that tool call (an unreadable one keeps its value as content)."""
+    if speaker == "function_call" and isinstance(value, str):
+        try:
+            call = json.loads(value)
+        except json.JSONDecodeError:
+            call = None
+        if isinstance(call, dict) and "name" in call:
+            function = {"name": call["name"], "arguments": call.get("arguments", {})}
+            return {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": function}]}
+    return {"role": SHAREGPT_ROLES.get(speaker), "content": value}
+
+
+def record_id(obj: dict[str, Any], line: int) -> str:
+    """The record's id, or ``line-<n>`` when it has none."""
+    return str(obj.get("id", f"line-{line}"))
+
+
+def record_form(obj: dict[str, Any], kind: str, line: int) -> dict[str, Any]:
+    """A valid raw record of ``kind`` in the form the later steps read (instruction and ShareGPT records
+    as chat messages; text records keep only their text)."""
+    if kind == "chat":
+        return {"id": record_id(obj, line), "messages": as_messages(obj)}
+    if kind == "text":
+        return {"id": record_id(obj, line), "text": obj["text"]}
+    if kind == "preference":
+        return {"id": record_id(obj, line), "prompt": obj["prompt"], "chosen": obj["chosen"],
+                "rejected": obj["rejected"]}
+    return {"id": record_id(obj, line), "text": obj["text"], "label": obj["label"]}
+
+
+def validated_records(store: Any, validated: Any) -> Iterator[dict[str, Any]]:
+    """The records a validate artifact passed, in order, in their kind's form (``record_form``), streamed
+    from ingest's raw file (checked against the digest validate recorded)."""
+    from steps.core.store import ArtifactRef
+
+    raw_stats = validated.stats.get("raw")
+    if not raw_stats:
+        raise ArtifactError(f"{validated.key} names no raw file (an artifact of an older validate: run it again)")
+    raw = ArtifactRef(step="ingest", key=raw_stats["key"], digest=raw_stats["digest"])
+    if store.manifest(raw.key)["digest"] != raw.digest:
+        raise ArtifactError(f"{raw.key} does not match the digest validate recorded")
+    left_out = set()
+    if QUARANTINE_FILE in store.manifest(validated.key)["files"]:
+        left_out = {row["line"] for row in store.iter_jsonl(validated, QUARANTINE_FILE) if "line" in row}
+    kind = validated.stats["record_kind"]
+    for number, line in enumerate(store.iter_lines(raw, RAW_FILE), start=1):
+        if number in left_out or not line.decode("utf-8", errors="replace").strip():  # as validate numbers them
+            continue
+        yield record_form(json.loads(line), kind, number)
