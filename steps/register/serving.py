@@ -1,7 +1,8 @@
 """MLflow models-from-code pyfunc: base model + trained weights, pickle-free.
 
-MLflow copies this file into the model version together with the ``steps`` package
-(``code_paths``); ``load_context`` fetches the base model by URI (``runs:/<id>/base_model``
+MLflow copies this file into the model version together with the ``steps`` package (the ``code``
+artifact: one zip, put on ``sys.path``; versions registered before it carry it as ``code_paths``);
+``load_context`` fetches the base model by URI (``runs:/<id>/base_model``
 through the tracking server) and loads the trained weights stored with the version with
 the method that made them (``steps/train/methods``: adapter, head, interventions, full weights).
 
@@ -22,11 +23,15 @@ from mlflow.pyfunc import PythonModel
 
 class ChatAdapterModel(PythonModel):
     def load_context(self, context):
+        import sys
         from pathlib import Path
 
         import torch
         from transformers import AutoTokenizer
 
+        code = context.artifacts.get("code")
+        if code and code not in sys.path:
+            sys.path.insert(0, code)
         from steps.train import methods
 
         config = context.model_config

@@ -164,8 +164,8 @@ def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore)
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(SERVING_CODE),
-            artifacts={"trained": str(trained_dir), "tokenizer": str(tokenizer_dir)},
-            code_paths=[str(STEPS_DIR)],
+            artifacts={"trained": str(trained_dir), "tokenizer": str(tokenizer_dir),
+                       "code": str(package_zip(STEPS_DIR, Path(tmp) / "steps.zip"))},
             model_config={"base_model_uri": base_uri, "base_model_digest": record.model.base.digest},
             pip_requirements=serving_requirements(),
             signature=signature_for(record.datasets["tokenize"].stats.get("task", "sft")),
@@ -176,6 +176,21 @@ def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore)
     finish_version(client, cfg.model_name, version.version, card)
     log.info("register: %s v%s (@challenger), run %s", cfg.model_name, version.version, run.info.run_id)
     return RegisteredVersion(name=cfg.model_name, version=version.version, run_id=run.info.run_id, run_key=key)
+
+
+def package_zip(package: Path, target: Path) -> Path:
+    """The package's files (no bytecode) as one zip, importable from ``sys.path`` (zipimport): the served
+    model's code, uploaded as one artifact instead of one request per module. The same files give the same
+    bytes (sorted entries, fixed timestamps)."""
+    import zipfile
+
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as out:
+        for path in sorted(p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+                           and p.suffix != ".pyc"):
+            info = zipfile.ZipInfo(str(Path(package.name) / path.relative_to(package)), date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            out.writestr(info, path.read_bytes())
+    return target
 
 
 def finish_version(client: Any, name: str, version: str, card: str) -> None:

@@ -58,3 +58,23 @@ def test_sequence_models_answer_labels_or_numbers(store, tmp_path, tiny_encoder,
         assert set(answers) <= {"money", "sport", "tech"} and len(answers) == 2
     else:
         assert len(answers) == 2 and all(isinstance(a, float) for a in answers)
+
+
+def test_the_code_artifact_is_one_reproducible_zip_the_model_imports_from(tmp_path):
+    """The served model's ``steps`` comes from the ``code`` zip (one upload): a python with only the
+    zip and the site-packages on its path (no repository, no editable install) imports the methods from it."""
+    import hashlib
+    import subprocess
+    import sys
+    import sysconfig
+
+    from steps.register.step import STEPS_DIR, package_zip
+
+    first, second = package_zip(STEPS_DIR, tmp_path / "a.zip"), package_zip(STEPS_DIR, tmp_path / "b.zip")
+    assert hashlib.sha256(first.read_bytes()).digest() == hashlib.sha256(second.read_bytes()).digest()
+    probe = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; from steps.train import methods; "
+             "import steps.train.methods.lora; print(methods.__file__)")
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", probe, str(first), sysconfig.get_paths()["purelib"]],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str(first / "steps" / "train" / "methods" / "__init__.py")
