@@ -72,8 +72,7 @@ def token_nll(net: Any, rows: list[dict[str, Any]], batch_size: int, pad_id: int
     with torch.no_grad():
         for i in tqdm(starts, desc="perplexity", unit="batch", mininterval=2, disable=not progress):
             batch = {k: v.to(device) for k, v in collate(rows[i : i + batch_size], pad_id).items()}
-            # labels go in too: methods such as reft place their interventions by the prompt/answer split.
-            logits = net(**batch).logits
+            logits = net(**forward_inputs(net, batch)).logits
             targets = batch["labels"][:, 1:]
             nll = torch.nn.functional.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1),
@@ -82,6 +81,13 @@ def token_nll(net: Any, rows: list[dict[str, Any]], batch_size: int, pad_id: int
             total += nll.item()
             count += int((targets != IGNORE).sum())
     return total / max(count, 1), count
+
+
+def forward_inputs(net: Any, batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch for a forward whose logits the caller scores itself: without labels (the model would compute
+    a loss over the whole vocabulary again, about as costly as the forward), except for a model that reads
+    them (reft places its interventions by the prompt/answer split)."""
+    return batch if getattr(net, "reads_labels", False) else {k: v for k, v in batch.items() if k != "labels"}
 
 
 def record_losses(net: Any, task: Task, sides: dict[str, list[dict]], batch_size: int, pad_id: int, device: str
@@ -108,10 +114,11 @@ def record_losses(net: Any, task: Task, sides: dict[str, list[dict]], batch_size
                         losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
                     per_row = [(float(v), 1) for v in losses.tolist()]
                 else:
-                    logits = net(**batch).logits
+                    logits = net(**forward_inputs(net, batch)).logits[:, :-1]
                     targets = batch["labels"][:, 1:]
-                    nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
-                                                            ignore_index=IGNORE, reduction="none")
+                    nll = torch.nn.functional.cross_entropy(  # flat (N, vocab): the fast kernel, as in token_nll
+                        logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE,
+                        reduction="none").view(targets.shape)
                     per_row = list(zip(nll.sum(dim=1).tolist(), (targets != IGNORE).sum(dim=1).tolist()))
                 for row, (total, count) in zip(chunk, per_row):
                     entry = sums.setdefault((side, str(row["id"])), [0.0, 0])

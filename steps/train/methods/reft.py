@@ -106,6 +106,8 @@ class ReftModel(nn.Module):
     which calls the base directly, is covered too); the layer hooks read them.
     """
 
+    reads_labels = True  # the interventions are placed by the labels (forward_inputs keeps them)
+
     def __init__(self, base: Any, settings: ReftSettings):
         super().__init__()
         layers = blocks(base)
