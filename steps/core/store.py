@@ -42,6 +42,7 @@ from pydantic import BaseModel
 from steps.core.contract import StrictModel
 from steps.core.errors import ArtifactError, TransientError
 from steps.core.lineage import canonical_json, code_version, sha256_bytes, sha256_file
+from steps.core.workers import batches
 
 log = logging.getLogger(__name__)
 
@@ -254,14 +255,7 @@ class ArtifactStore:
 
     def iter_jsonl_chunks(self, ref: ArtifactRef, name: str, size: int) -> Iterator[list[dict[str, Any]]]:
         """``iter_jsonl`` in lists of at most ``size`` records."""
-        chunk: list[dict[str, Any]] = []
-        for record in self.iter_jsonl(ref, name):
-            chunk.append(record)
-            if len(chunk) == size:
-                yield chunk
-                chunk = []
-        if chunk:
-            yield chunk
+        return batches(self.iter_jsonl(ref, name), size)
 
     def iter_line_chunks(self, ref: ArtifactRef, name: str, size: int) -> Iterator[bytes]:
         """The file's non-blank lines in chunks of at most ``size`` lines, each chunk one

@@ -57,6 +57,18 @@ def worker_count(records: int) -> int:
 SHARES = 12  # chunks come in multiples of 12: an even share each for 1, 2, 3, 4 or 6 workers
 
 
+def batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """The items in lists of at most ``size``."""
+    part: list[Any] = []
+    for item in items:
+        part.append(item)
+        if len(part) == size:
+            yield part
+            part = []
+    if part:
+        yield part
+
+
 def balanced_chunk(records: int, most: int) -> int:
     """Records per chunk of a step over ``records`` records: at most ``most``, and a multiple of
     ``SHARES`` chunks, so that no worker is left with a whole chunk more to do at the end

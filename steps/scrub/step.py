@@ -56,8 +56,8 @@ from steps.core.errors import DataQualityError
 from steps.core.lineage import run_key
 from steps.core.records import QUARANTINE_FILE, validated_records
 from steps.core.store import ArtifactStore, DatasetRef
-from steps.core.workers import ChunkWorkers, balanced_chunk, pack, unpack, worker_count
-from steps.text.dedup import NearDuplicates, batches, record_text
+from steps.core.workers import ChunkWorkers, balanced_chunk, batches, pack, unpack, worker_count
+from steps.text.dedup import NearDuplicates, record_text
 from steps.text.normalize import normalize_text
 from steps.text.pii import PiiEngine
 

@@ -63,10 +63,12 @@ import hashlib
 import json
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+
+from steps.core.workers import batches
 
 SCHEME = "affine32"
 _BLOCK = 4096            # rows of stored signatures per block (no big copies as the index grows)
@@ -501,18 +503,6 @@ class LeakageIndex:
         index = self._index
         matched = index._match_batch(ids, sigs, add=False)
         return [(record_id, index._ids[row]) for record_id, row in zip(ids, matched) if row is not None]
-
-
-def batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    """The items in lists of at most ``size``."""
-    part: list[Any] = []
-    for item in items:
-        part.append(item)
-        if len(part) == size:
-            yield part
-            part = []
-    if part:
-        yield part
 
 
 def record_text(record: dict[str, Any]) -> str:
