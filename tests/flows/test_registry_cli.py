@@ -40,10 +40,14 @@ def test_two_runs_then_manual_gate_override_rollback_and_predict(prefect_api, st
 
     folder = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/1", dst_path=str(tmp_path / "dl")))
     files = [f for f in folder.rglob("*") if f.is_file()]
-    allowed = {".safetensors", ".json", ".yaml", ".yml", ".txt", ".tsv", ".md", ".jinja", ".py", ""}
+    allowed = {".safetensors", ".json", ".yaml", ".yml", ".txt", ".tsv", ".md", ".jinja", ".py", ".zip", ""}
     assert files and {f.suffix for f in files} <= allowed, sorted({f.suffix for f in files})
     assert any(f.suffix == ".safetensors" for f in files)
     assert not [f for f in files if f.read_bytes()[:1] == b"\x80"]  # pickle protocol 2+ magic
+    import zipfile
+
+    for code in (f for f in files if f.suffix == ".zip"):  # the served model's code: source files only
+        assert {Path(n).suffix for n in zipfile.ZipFile(code).namelist()} <= {".py", ".md", ".txt", ".tsv"}
 
     capsys.readouterr()
     assert main(["models", name]) == 0

@@ -154,7 +154,7 @@ def test_the_tuneline_command_exits_2_with_the_message_and_registers_nothing(pre
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     seconds = time.perf_counter() - started
     assert done.returncode == 2, done.stderr[-3000:]
-    assert (f"error: validation failed for {source} as chat records: 1 of 11 rules broken\n"
+    assert (f"error: validation failed for {source} as chat records: 1 of 12 rules broken\n"
             "  - rule 'roles alternate user/assistant and end with assistant': 3 of 9 records fail "
             "(e.g. lines 3, 5, 7)") in done.stderr
     assert "I speak first" not in done.stdout + done.stderr

@@ -175,6 +175,19 @@ def test_task_results_are_json_documents(prod_stack, first_run):
     report_section("security", {"task_results": {"objects": len(keys), "serializers": sorted(serializers)}})
 
 
+def _code_zip(s3, bucket: str, key: str) -> bool:
+    """The served model's ``code`` artifact: a zip of source and text files only (no pickle inside, unlike a
+    torch.save zip, whose members include data.pkl)."""
+    import io
+    import zipfile
+
+    if not key.endswith("/steps.zip"):
+        return False
+    with zipfile.ZipFile(io.BytesIO(s3.get_object(Bucket=bucket, Key=key)["Body"].read())) as archive:
+        return all(name.endswith((".py", ".md", ".txt", ".tsv")) and not archive.read(name).startswith(PICKLE_OR_ZIP)
+                   for name in archive.namelist())
+
+
 def test_weights_are_stored_only_as_safetensors(prod_stack, first_run):
     """Every object the run stored (artifacts, checkpoints, the registered model) is read: no
     pickle or torch zip by content, no weight file by name other than .safetensors."""
@@ -183,7 +196,7 @@ def test_weights_are_stored_only_as_safetensors(prod_stack, first_run):
     bad, safetensors = [], 0
     for key, size in keys.items():
         head = s3.get_object(Bucket=bucket, Key=key, Range="bytes=0-7")["Body"].read() if size else b""
-        if key.lower().endswith(WEIGHT_SUFFIXES) or head.startswith(PICKLE_OR_ZIP):
+        if key.lower().endswith(WEIGHT_SUFFIXES) or (head.startswith(PICKLE_OR_ZIP) and not _code_zip(s3, bucket, key)):
             bad.append(key)
         safetensors += key.endswith(".safetensors")
     registered = [k for k in keys if k.startswith("mlflow/") and k.endswith(".safetensors")]

@@ -26,6 +26,6 @@ def test_promotion_rule(metric, candidate, incumbent, min_improvement, promoted)
 
 def test_params_flatten_for_mlflow():
     flat = flatten(PipelineParams().model_dump(mode="json", by_alias=True))
-    assert flat["train.lora.r"] == 8 and flat["validate.allowed_roles"] == '["system", "user", "assistant"]'
+    assert flat["train.lora.r"] == 8 and flat["validate.allowed_roles"] == '["system", "user", "assistant", "tool"]'
 
 

@@ -452,9 +452,12 @@ class MemoryStore:
     def lookup(self, step, key):
         return None
 
-    def iter_jsonl_chunks(self, ref, name, size):
-        for start in range(0, len(self.records), size):
-            yield self.records[start:start + size]
+    def manifest(self, key):  # the raw file validate names (key "raw"), and validate's artifact: no quarantine
+        return {"digest": "d-raw", "files": {}}
+
+    def iter_lines(self, ref, name):
+        assert ref.key == "raw"
+        yield from (json.dumps(record).encode() for record in self.records)
 
     def writer(self, step, key, config, inputs=()):
         self.config = config
@@ -481,7 +484,8 @@ def test_scrub_step_applies_configured_actions(monkeypatch, caplog):
     monkeypatch.setenv(SALT_ENV, secret)
     caplog.set_level(logging.DEBUG)
     store = MemoryStore([{"id": "a", "text": "mail Kim@Naver.com or 010-1234-5678, password=hunter2"}])
-    source = DatasetRef(step="validate", key="v", digest="d0", stats={"record_kind": "text"})
+    source = DatasetRef(step="validate", key="v", digest="d0",
+                        stats={"record_kind": "text", "raw": {"key": "raw", "digest": "d-raw"}})
     cfg = ScrubConfig(pii_action="mask", pii_actions={"EMAIL": "hash"}, near_dedup=False)
     scrub_records(cfg, source, store)
     assert store.rows == [{"id": "a", "text": f"mail {token('EMAIL', 'kim@naver.com', secret.encode())} "
