@@ -81,6 +81,7 @@ EXAMPLES = 5
 CHUNK_LINES = 50_000  # raw lines per chunk of the stream (one suite run per chunk)
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 TEXT_COLUMNS = ["line", "text_chars", "text_blank"]
+Kept = list[tuple[int, Any]]  # per record that passes: its line number and its label (None for unlabelled kinds)
 
 
 @dataclass(frozen=True)
@@ -122,11 +123,11 @@ def validate_records(cfg: ValidateConfig, source: DatasetRef, store: ArtifactSto
     # file, and scrub reads the records from it (steps/core/records.py: validated_records).
     for start, raw_lines in _chunks(store.iter_lines(source, RAW_FILE), CHUNK_LINES):
         lines = Lines((b.decode("utf-8", errors="replace") for b in raw_lines), start)
-        tables, output = build_tables(lines)
+        tables, kept = build_tables(lines)
         tables["lines"] = _line_table(raw_lines, lines)
         chunk = run_suite(per_row, tables, pages if not pages else None, every_line=drop)
         if drop:
-            output = _quarantined(chunk["rules"], tables["records"], output, lines, cfg.record_kind, quarantine)
+            kept = _quarantined(chunk["rules"], kept, lines, quarantine)
         _merge(merged, chunk["rules"])
         for rule in whole:
             column = rule.expectation.column
@@ -135,8 +136,8 @@ def validate_records(cfg: ValidateConfig, source: DatasetRef, store: ArtifactSto
             for value, line in zip(frame[column], frame["line"]):
                 if value is not None and value == value:  # GX counts non-null values
                     distinct[rule.table].setdefault(value, int(line))
-        summary_state.update(output)
-        records += len(output)
+        summary_state.update(label for _, label in kept)
+        records += len(kept)
     if whole:
         import pandas as pd
 
@@ -195,23 +196,16 @@ def check_format(kind: str, source: DatasetRef) -> None:
                       f"validate.record_kind: {FORMAT_KINDS.get(fmt)}, or bring {' / '.join(readable)} records")
 
 
-# The shapes whose lines become output records, per kind (the table builders append a record for each).
-RECORD_SHAPES = {"chat": {"chat", "instruction", "sharegpt"}}
-
-
-def _quarantined(entries: list[dict[str, Any]], records: Any, output: list, lines: Lines, kind: str,
-                 quarantine: list[dict[str, Any]]) -> list:
-    """``output`` without the records of the lines that broke a rule; those lines (number, id, rules)
+def _quarantined(entries: list[dict[str, Any]], kept: Kept, lines: Lines, quarantine: list[dict[str, Any]]) -> Kept:
+    """``kept`` without the records of the lines that broke a rule; those lines (number, id, rules)
     are added to ``quarantine``. Each entry's ``failing_lines`` is removed (the report keeps examples)."""
     failing: dict[int, list[str]] = {}
     for entry in entries:
         for line in entry.pop("failing_lines", []):
             failing.setdefault(line, []).append(entry["rule"])
     if not failing:
-        return output
-    shapes = RECORD_SHAPES.get(kind, {kind})
-    output_lines = [int(line) for line, shape in zip(records["line"], records["shape"]) if shape in shapes]
-    kept = [record for record, line in zip(output, output_lines) if line not in failing]
+        return kept
+    kept = [(line, label) for line, label in kept if line not in failing]
     for line in sorted(failing):
         obj = lines.parsed(line - lines.start)
         record_id = obj.get("id") if isinstance(obj, dict) and isinstance(obj.get("id"), str) else None
@@ -290,11 +284,11 @@ class _LabelSummary:
         self.counts: Counter = Counter()
         self.values: list[int | float] = []  # regression labels
 
-    def update(self, records: list[dict]) -> None:
+    def update(self, labels: Iterable[Any]) -> None:
         if self.kind == "classification":  # a label that is not a string (a list, say) fails its rule: skip it here
-            self.counts.update(r["label"] for r in records if isinstance(r["label"], str))
+            self.counts.update(label for label in labels if isinstance(label, str))
         elif self.kind == "regression":
-            self.values.extend(r["label"] for r in records)
+            self.values.extend(labels)
 
     def result(self) -> dict[str, Any]:
         if self.kind == "classification":
@@ -321,10 +315,9 @@ def label_summary(kind: str, records: list[dict]) -> dict[str, Any]:
     return {}
 
 
-def _chat_tables(lines: list[str]) -> tuple[dict[str, Any], list[str]]:
-    """Flatten raw lines into a record table, a turn table and the chat-form records as JSON
-    lines. Columns are built as lists (no per-row dicts); a record that already is its chat form
-    (``{"id": <str>, "messages": [...]}``) keeps its line as it came, else it is serialized."""
+def _chat_tables(lines: list[str]) -> tuple[dict[str, Any], Kept]:
+    """Flatten raw lines into a record table, a turn table and the lines of the chat records (``Kept``).
+    Columns are built as lists (no per-row dicts)."""
     lines = lines if isinstance(lines, Lines) else Lines(lines)
     rec_line: list[int] = []
     rec_json: list[bool] = []
@@ -336,7 +329,7 @@ def _chat_tables(lines: list[str]) -> tuple[dict[str, Any], list[str]]:
     turn_chars: list[int | None] = []
     turn_blank: list[bool] = []
     turn_calls: list[bool | None] = []  # None: no tool calls
-    chats: list[str] = []
+    kept: Kept = []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
@@ -369,22 +362,18 @@ def _chat_tables(lines: list[str]) -> tuple[dict[str, Any], list[str]]:
             turn_calls.append(None)
             turn_chars.append(len(content) if is_str else None)
             turn_blank.append(not (is_str and content.strip()))
-        if len(obj) == 2 and isinstance(obj.get("id"), str) and "messages" in obj:
-            chats.append(line.strip(" \t\r\n"))  # JSON whitespace only around a valid line
-        else:
-            chats.append(json.dumps({"id": str(obj.get("id", f"line-{number}")), "messages": messages},
-                                    ensure_ascii=False))
+        kept.append((number, None))
     return {"records": _columns({"line": rec_line, "json_valid": rec_json, "shape": rec_shape,
                                  "n_messages": rec_count, "order_ok": rec_order}),
             "turns": _columns({"line": turn_line, "role": turn_role, "content_chars": turn_chars,
-                               "content_blank": turn_blank, "tool_calls_ok": turn_calls})}, chats
+                               "content_blank": turn_blank, "tool_calls_ok": turn_calls})}, kept
 
 
-def _text_tables(lines: list[str]) -> tuple[dict[str, Any], list[dict]]:
-    """Flatten raw lines into a record table, a text table and the text-form records."""
+def _text_tables(lines: list[str]) -> tuple[dict[str, Any], Kept]:
+    """Flatten raw lines into a record table, a text table and the lines of the text records."""
     records: list[dict] = []
     texts: list[dict] = []
-    documents: list[dict] = []
+    kept: Kept = []
     for number, row, obj in _parsed(lines, {}):
         records.append(row)
         if row["json_valid"] is False:
@@ -393,9 +382,9 @@ def _text_tables(lines: list[str]) -> tuple[dict[str, Any], list[dict]]:
             continue
         row["shape"] = "text"
         texts.append(_text_row(number, obj["text"]))
-        documents.append({"id": str(obj.get("id", f"line-{number}")), "text": obj["text"]})
+        kept.append((number, None))
     return {"records": _frame(records, ["line", "json_valid", "shape"]),
-            "texts": _frame(texts, TEXT_COLUMNS)}, documents
+            "texts": _frame(texts, TEXT_COLUMNS)}, kept
 
 
 def _text_row(number: int, text: Any) -> dict[str, Any]:
@@ -405,7 +394,7 @@ def _text_row(number: int, text: Any) -> dict[str, Any]:
             "text_blank": not text.strip() if is_str else None}
 
 
-def _classification_tables(lines: list[str]) -> tuple[dict[str, Any], list[dict]]:
+def _classification_tables(lines: list[str]) -> tuple[dict[str, Any], Kept]:
     """Record, text and label tables (the label, or None when it is not a non-empty string)."""
     def label_row(label: Any) -> dict[str, Any]:
         return {"label": label if isinstance(label, str) and label.strip() else None}
@@ -413,7 +402,7 @@ def _classification_tables(lines: list[str]) -> tuple[dict[str, Any], list[dict]
     return _labeled_tables(lines, "classification", label_row, ["label"])
 
 
-def _regression_tables(lines: list[str]) -> tuple[dict[str, Any], list[dict]]:
+def _regression_tables(lines: list[str]) -> tuple[dict[str, Any], Kept]:
     """Record, text and label tables (whether the label is a number, and whether it is finite)."""
     def label_row(label: Any) -> dict[str, Any]:
         is_number = isinstance(label, (int, float)) and not isinstance(label, bool)
@@ -431,12 +420,13 @@ def _finite(value: int | float) -> bool:
 
 def _labeled_tables(
     lines: list[str], kind: str, label_row: Callable[[Any], dict[str, Any]], label_columns: list[str]
-) -> tuple[dict[str, Any], list[dict]]:
-    """Flatten ``{"text", "label"}`` lines into a record table, a text table, a label table and the records."""
+) -> tuple[dict[str, Any], Kept]:
+    """Flatten ``{"text", "label"}`` lines into a record table, a text table, a label table and the records'
+    lines and labels."""
     records: list[dict] = []
     texts: list[dict] = []
     labels: list[dict] = []
-    examples: list[dict] = []
+    kept: Kept = []
     for number, row, obj in _parsed(lines, {}):
         records.append(row)
         if row["json_valid"] is False:
@@ -446,17 +436,17 @@ def _labeled_tables(
         row["shape"] = kind
         texts.append(_text_row(number, obj["text"]))
         labels.append({"line": number, **label_row(obj["label"])})
-        examples.append({"id": str(obj.get("id", f"line-{number}")), "text": obj["text"], "label": obj["label"]})
+        kept.append((number, obj["label"]))
     return {"records": _frame(records, ["line", "json_valid", "shape"]),
             "texts": _frame(texts, TEXT_COLUMNS),
-            "labels": _frame(labels, ["line", *label_columns])}, examples
+            "labels": _frame(labels, ["line", *label_columns])}, kept
 
 
-def _preference_tables(lines: list[str]) -> tuple[dict[str, Any], list[dict]]:
-    """Flatten raw lines into a record table, a pair table (per-field length and blankness) and the pairs."""
+def _preference_tables(lines: list[str]) -> tuple[dict[str, Any], Kept]:
+    """Flatten raw lines into a record table, a pair table (per-field length and blankness) and the pairs' lines."""
     records: list[dict] = []
     pair_rows: list[dict] = []
-    pairs: list[dict] = []
+    kept: Kept = []
     for number, row, obj in _parsed(lines, {}):
         records.append(row)
         if row["json_valid"] is False:
@@ -474,9 +464,9 @@ def _preference_tables(lines: list[str]) -> tuple[dict[str, Any], list[dict]]:
         both = isinstance(chosen, str) and isinstance(rejected, str)
         pair_row["distinct"] = chosen.strip() != rejected.strip() if both else None
         pair_rows.append(pair_row)
-        pairs.append({"id": str(obj.get("id", f"line-{number}")), **{field: obj[field] for field in PAIR_FIELDS}})
+        kept.append((number, None))
     columns = ["line", *(f"{field}_{c}" for field in PAIR_FIELDS for c in ("chars", "blank")), "distinct"]
-    return {"records": _frame(records, ["line", "json_valid", "shape"]), "pairs": _frame(pair_rows, columns)}, pairs
+    return {"records": _frame(records, ["line", "json_valid", "shape"]), "pairs": _frame(pair_rows, columns)}, kept
 
 
 # C0 controls other than whitespace (tab, newline, VT, form feed, CR), DEL and the C1 controls.
@@ -703,11 +693,9 @@ def preference_rules(cfg: ValidateConfig) -> list[Rule]:
     return rules
 
 
-# record kind -> (raw lines -> (tables, output records), config -> rules)
-# Per record kind: the table builder (raw lines -> GX tables and the records to write, as dicts
-# or, for chat, already as JSON lines) and the suite's rules.
-SUITES: dict[str, tuple[Callable[[list[str]], tuple[dict[str, Any], list[dict] | list[str]]],
-                        Callable[[ValidateConfig], list[Rule]]]] = {
+# Per record kind: the table builder (raw lines -> GX tables and the kept records' lines and labels)
+# and the suite's rules.
+SUITES: dict[str, tuple[Callable[[list[str]], tuple[dict[str, Any], Kept]], Callable[[ValidateConfig], list[Rule]]]] = {
     "chat": (_chat_tables, chat_rules),
     "text": (_text_tables, text_rules),
     "classification": (_classification_tables, classification_rules),
