@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from steps.config import EvaluateConfig
 from steps.core.contract import CAUSAL, Task
-from steps.core.device import peak_memory_gib, pick_device
+from steps.core.device import peak_memory_gib, pick_device, tune_allocator
 from steps.core.lineage import run_key
 from steps.core.store import ArtifactStore, DatasetRef, EvalReport, ModelRef
 from steps.train import methods
@@ -269,6 +269,7 @@ def load_model(model: ModelRef, store: ArtifactStore, task: Task = CAUSAL) -> tu
     from transformers import AutoTokenizer
 
     device = pick_device("auto")
+    tune_allocator()
     base_dir = store.download(model.base)
     if model.adapter is None:
         torch.manual_seed(0)  # a sequence head starts random: the same floor every time

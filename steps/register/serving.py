@@ -32,8 +32,10 @@ class ChatAdapterModel(PythonModel):
         code = context.artifacts.get("code")
         if code and code not in sys.path:
             sys.path.insert(0, code)
+        from steps.core.device import tune_allocator
         from steps.train import methods
 
+        tune_allocator()
         config = context.model_config
         base_dir = mlflow.artifacts.download_artifacts(config["base_model_uri"])
         self.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from steps.config import TrainConfig
 from steps.core.contract import RECORD_LOSSES, Task
-from steps.core.device import dtype_for, peak_memory_gib, pick_device
+from steps.core.device import dtype_for, peak_memory_gib, pick_device, tune_allocator
 from steps.core.errors import ArtifactError
 from steps.core.lineage import run_key
 from steps.core.store import ArtifactRef, ArtifactStore, DatasetRef, ModelRef
@@ -72,6 +72,7 @@ def train_in_process(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store:
     from transformers import get_scheduler
 
     device = pick_device(cfg.device)
+    tune_allocator()
     task = Task(kind=data.stats.get("task", "sft"), labels=data.stats.get("labels", []))
     base_dir = store.download(model.base)
     rows = store.read_jsonl(data, "train.jsonl")

@@ -1,7 +1,14 @@
-"""steps/core/device.py: the device ``auto`` stands for, weight dtypes and peak memory."""
+"""steps/core/device.py: the device ``auto`` stands for, weight dtypes, the allocator and peak memory."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 
 from steps.core.device import dtype_for, peak_memory_gib, pick_device
@@ -20,3 +27,31 @@ def test_peak_memory_on_the_cpu_is_the_process_rss():
     held = torch.ones(64 * 2**20 // 4)  # 64 MiB
     assert peak_memory_gib("cpu") >= 64 / 1024
     del held
+
+
+FAULTS = """
+import json, resource, sys, torch
+from steps.core.device import tune_allocator
+tuned = tune_allocator() if sys.argv[1] == "tuned" else None
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.ones(10 * 2**20).sum()  # 40 MiB, as the logits of a small batch over a 50k vocabulary
+before = faults()
+for _ in range(20):
+    torch.ones(10 * 2**20).sum()
+print(json.dumps({"tuned": tuned, "faults": faults() - before}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_tuned_allocator_reuses_freed_tensor_memory_instead_of_faulting_it_in_again():
+    def run(mode: str) -> dict:
+        out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parents[3], env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    plain, tuned = run("plain"), run("tuned")
+    assert tuned["tuned"] is True
+    # Untuned, each 40 MiB block is a fresh mmap: ~10k page faults per allocation.
+    assert plain["faults"] > 20 * 5000, plain
+    assert tuned["faults"] < plain["faults"] / 4, (plain, tuned)  # measured here: 205k vs 31k
