@@ -44,6 +44,20 @@ def tune_allocator() -> bool:
         return False
 
 
+def release_free_memory() -> bool:
+    """Hand the free heap memory the tuned allocator keeps back to the kernel (``malloc_trim``), so that
+    resident memory counts only what is in use: the CPU peak meter's baseline. False where not glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return hasattr(libc, "gnu_get_libc_version") and libc.malloc_trim(0) in (0, 1)
+    except (OSError, AttributeError):
+        return False
+
+
 def dtype_for(device: str) -> Any:
     """Weights in bf16 on CUDA, fp32 on the CPU."""
     import torch

@@ -25,6 +25,7 @@ from typing import Any
 
 from steps.config import TrainConfig
 from steps.core.contract import Task
+from steps.core.device import release_free_memory
 from steps.core.errors import ConfigError
 
 GIB = 2**30
@@ -177,6 +178,7 @@ class PeakMeter:
 
             torch.cuda.reset_peak_memory_stats()
             return
+        release_free_memory()  # free heap kept by tune_allocator is resident: it must not hide new growth
         try:
             with open("/proc/self/clear_refs", "w") as fh:
                 fh.write("5")  # resets VmHWM to the current resident size
