@@ -23,6 +23,20 @@ def pick_device(choice: str) -> str:
 
 
 @functools.cache
+def _glibc() -> Any:
+    """The process's C library when it is glibc (mallopt, malloc_trim), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "gnu_get_libc_version") else None
+
+
+@functools.cache
 def tune_allocator() -> bool:
     """Keep freed tensor memory for reuse instead of returning it to the kernel after every step.
 
@@ -31,31 +45,15 @@ def tune_allocator() -> bool:
     again: on a small CPU run half the CPU time is the kernel's. Blocks up to 64 MiB come from the heap
     instead, and the heap keeps up to 512 MiB of free space (grown 128 MiB ahead). Once per process;
     False where the C library is not glibc (nothing changes there)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        if not hasattr(libc, "gnu_get_libc_version"):
-            return False
-        return all(libc.mallopt(param, value) == 1 for param, value in ALLOCATOR.items())
-    except (OSError, AttributeError):
-        return False
+    libc = _glibc()
+    return libc is not None and all(libc.mallopt(param, value) == 1 for param, value in ALLOCATOR.items())
 
 
 def release_free_memory() -> bool:
     """Hand the free heap memory the tuned allocator keeps back to the kernel (``malloc_trim``), so that
     resident memory counts only what is in use: the CPU peak meter's baseline. False where not glibc."""
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return hasattr(libc, "gnu_get_libc_version") and libc.malloc_trim(0) in (0, 1)
-    except (OSError, AttributeError):
-        return False
+    libc = _glibc()
+    return libc is not None and libc.malloc_trim(0) in (0, 1)
 
 
 def dtype_for(device: str) -> Any:
