@@ -110,7 +110,8 @@ def remote(step: str, deployment: str, returns: Any, **inputs: Any) -> Any:
 
     inputs = {k: _jsonable(v) for k, v in inputs.items()}
     try:
-        run = run_deployment(deployment, parameters={"step": step, "inputs": inputs}, timeout=None)
+        # Polled every second (Prefect's default is 5 s): a short step's result is not left waiting.
+        run = run_deployment(deployment, parameters={"step": step, "inputs": inputs}, timeout=None, poll_interval=1)
     except ObjectNotFound:
         raise ConfigError(f"dispatch.{step}: the Prefect server has no deployment {deployment!r} "
                           "(register it with `tuneline deploy --only gpu`, or name another)") from None

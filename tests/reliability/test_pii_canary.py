@@ -176,7 +176,19 @@ def prefect_records(flow_run_id) -> Iterator[tuple[str, bytes]]:
     assert runs and logs  # the search saw something
 
 
-def test_planted_pii_canaries_appear_nowhere_outside_the_raw_area(prefect_api, services, store, tmp_path,
+@pytest.fixture(scope="module")
+def prefect_file_api(services):
+    """This module's own Prefect API with its database in a file, which the sweep searches (the session's
+    ``prefect_api`` keeps its database in memory). Its client waits past SQLite's 60 s busy timeout: a
+    state change that the server's task-run recorder held up is then slow, not lost (tests/conftest.py)."""
+    from prefect.settings import PREFECT_API_REQUEST_TIMEOUT, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180), temporary_settings({PREFECT_API_REQUEST_TIMEOUT: 180}):
+        yield
+
+
+def test_planted_pii_canaries_appear_nowhere_outside_the_raw_area(prefect_file_api, services, store, tmp_path,
                                                                    tiny_tokenizer):
     from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
 
