@@ -63,6 +63,10 @@ class SourceSpec(StrictModel):
         "weight, or none."
     )
     max_records: int | None = Field(None, ge=1, description="Take at most this many records (a seeded sample).")
+    split: Literal["train", "eval"] | None = Field(
+        None, description="Put every record of this source on one side of the train/eval split (e.g. a held-out "
+        "test set as eval); none: tokenize's seeded hash of each record id decides, as for unpinned sources."
+    )
 
     @model_validator(mode="after")
     def _one_rule(self) -> SourceSpec:
@@ -75,8 +79,8 @@ class IngestConfig(StrictModel):
     source: str = Field("chatterbot:english,korean", description=SOURCE_HELP, min_length=1)
     sources: list[SourceSpec] | None = Field(
         None, min_length=1, description="Several sources mixed into one raw file (`source` is then not read): "
-        "[{source, weight | max_records}]; records are sampled and interleaved with `seed`, and the manifest "
-        "and the summary report each source's records and share."
+        "[{source, weight | max_records, split?}]; records are sampled and interleaved with `seed`, and the "
+        "manifest and the summary report each source's records and share; `split` pins a source to train or eval."
     )
     format: RecordFormat = Field(
         "auto", description="Record format of the raw records: messages (OpenAI chat), sharegpt "
@@ -269,7 +273,8 @@ class TokenizeConfig(StrictModel):
     max_seq_len: int = Field(256, ge=16, le=8192, description="Longest row in tokens: longer conversations follow "
                              "long_conversations, longer texts and pairs are truncated. Text records: the length of "
                              "every packed block.")
-    eval_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Share of records held out for evaluation.")
+    eval_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Share of records held out for evaluation (of "
+                                 "those whose source ingest.sources does not pin to a side).")
     leakage_threshold: float | None = Field(
         0.85, gt=0.0, le=1.0, description="Eval records whose estimated Jaccard similarity (MinHash over character "
         "5-grams) with any train record reaches this are dropped from eval: no train/eval leakage (None = off)."

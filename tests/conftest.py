@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import free_port, free_weed_base
+from helpers import drain_prefect_workers, free_port, free_weed_base
 
 os.environ.update({
     "HF_HUB_OFFLINE": "1",
@@ -97,8 +97,6 @@ def prefect_api(services):
     """A temporary Prefect API server (its own in-memory database) for the flow tests: Prefect's
     ``prefect_test_harness`` with ``PREFECT_TEST_DB`` instead of a database file."""
     from prefect.context import _temporary_global_settings_context, get_settings_context
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogHandler
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.server.database.dependencies import temporary_database_interface
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_DATABASE_CONNECTION_URL, temporary_settings
@@ -112,8 +110,7 @@ def prefect_api(services):
             with temporary_settings({PREFECT_API_URL: server.api_url}), \
                     _temporary_global_settings_context(get_settings_context()):  # for contexts copied earlier
                 yield server.api_url
-                APILogHandler().flush()  # logs and events still queued reach the server before it stops
-                EventsWorker.drain_all()
+                drain_prefect_workers()  # logs and events still queued reach the server before it stops
         finally:
             server.stop()
             SubprocessASGIServer._instances.pop(None, None)

@@ -129,3 +129,14 @@ def free_weed_base(low: int) -> int:
             return base
     raise RuntimeError(f"no free port block for SeaweedFS in {window}..{window + 1000}")
 
+
+
+def drain_prefect_workers() -> None:
+    """Send what this process's Prefect log and event workers still hold, and stop them: the next log
+    line or event starts new ones, bound to the API the settings name then (a worker keeps the API it
+    started with: a test switching servers would send its task runs' events to the old one)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all()
+    EventsWorker.drain_all()

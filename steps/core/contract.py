@@ -12,6 +12,10 @@ RAW_FILE = "raw.jsonl"  # ingest: the source's bytes, as they came
 RECORDS_FILE = "records.jsonl"  # validate and scrub: one record per line
 IGNORE = -100  # a label no loss counts (prompt tokens, padding)
 RECORD_LOSSES = "record_losses.jsonl"  # train: each record's loss after training (ids, never contents)
+# A mixture's source pinned to one side of the train/eval split (``ingest.sources[].split``): ingest writes
+# the side into each of its raw records under PINNED_SPLIT (a name no user field has); the records' forms
+# after validate carry it as "split", which tokenize's split honours instead of the hash of the id.
+PINNED_SPLIT = "_tuneline_split"
 # ingest's record formats (``ingest.format``) and the record kind (``validate.record_kind``) each is read as;
 # text records may also come from labelled files (the label is left out).
 FORMAT_KINDS = {"messages": "chat", "sharegpt": "chat", "alpaca": "chat", "text": "text",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any, Iterator
 
-from steps.core.contract import RAW_FILE
+from steps.core.contract import PINNED_SPLIT, RAW_FILE
 from steps.core.errors import ArtifactError
 
 QUARANTINE_FILE = "quarantine.jsonl"  # validate and scrub: records left out (line, id, rules; never contents)
@@ -64,15 +64,20 @@ def record_id(obj: dict[str, Any], line: int) -> str:
 
 def record_form(obj: dict[str, Any], kind: str, line: int) -> dict[str, Any]:
     """A valid raw record of ``kind`` in the form the later steps read (instruction and ShareGPT records
-    as chat messages; text records keep only their text)."""
+    as chat messages; text records keep only their text), with ``split`` when ingest pinned its source
+    to a side (``PINNED_SPLIT``)."""
+    form: dict[str, Any] = {"id": record_id(obj, line)}
+    if obj.get(PINNED_SPLIT) in ("train", "eval"):
+        form["split"] = obj[PINNED_SPLIT]
     if kind == "chat":
-        return {"id": record_id(obj, line), "messages": as_messages(obj)}
-    if kind == "text":
-        return {"id": record_id(obj, line), "text": obj["text"]}
-    if kind == "preference":
-        return {"id": record_id(obj, line), "prompt": obj["prompt"], "chosen": obj["chosen"],
-                "rejected": obj["rejected"]}
-    return {"id": record_id(obj, line), "text": obj["text"], "label": obj["label"]}
+        form["messages"] = as_messages(obj)
+    elif kind == "text":
+        form["text"] = obj["text"]
+    elif kind == "preference":
+        form |= {"prompt": obj["prompt"], "chosen": obj["chosen"], "rejected": obj["rejected"]}
+    else:
+        form |= {"text": obj["text"], "label": obj["label"]}
+    return form
 
 
 def validated_records(store: Any, validated: Any) -> Iterator[dict[str, Any]]:

@@ -2,7 +2,7 @@
 and the column mapping (``ingest.columns``) that renames a user's fields to the format's.
 
     detect_format(lines, "auto", origin)   # -> "sharegpt", or a ConfigError naming the candidates
-    map_columns(line, {"text": "review"})  # -> the line with "review" renamed "text"
+    rewrite_record(line, {"text": "review"})  # -> the line with "review" renamed "text"
 
 Formats and the fields that tell them apart (FORMAT_KINDS in steps/core/contract.py gives each one's
 record kind): messages ``messages``; sharegpt ``conversations``; alpaca ``instruction`` with
@@ -16,7 +16,7 @@ import json
 from collections import Counter
 from typing import Any, Iterable
 
-from steps.core.contract import FORMAT_KINDS
+from steps.core.contract import FORMAT_KINDS, PINNED_SPLIT
 from steps.core.errors import ConfigError
 
 SAMPLE = 1000  # records read to detect the format
@@ -82,9 +82,10 @@ def detect_format(lines: Iterable[bytes], declared: str, origin: str) -> str:
     return top[0]
 
 
-def map_columns(line: bytes, columns: dict[str, str]) -> bytes:
-    """The JSON line with each ``columns`` value (the user's field) renamed to its key (the format's field);
-    a line that is not a JSON object is kept as it is (validate reports it)."""
+def rewrite_record(line: bytes, columns: dict[str, str], split: str | None = None) -> bytes:
+    """The JSON line with each ``columns`` value (the user's field) renamed to its key (the format's field)
+    and, for a pinned source, its ``split`` side under ``PINNED_SPLIT``; a line that is not a JSON object
+    is kept as it is (validate reports it)."""
     try:
         record = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -94,4 +95,6 @@ def map_columns(line: bytes, columns: dict[str, str]) -> bytes:
     for target, field in columns.items():
         if field in record:
             record[target] = record.pop(field)
+    if split is not None:
+        record[PINNED_SPLIT] = split
     return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")

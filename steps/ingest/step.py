@@ -26,7 +26,7 @@ from steps.core.contract import RAW_FILE
 from steps.core.errors import DataQualityError
 from steps.core.lineage import run_key, sha256_file
 from steps.core.store import ArtifactStore, DatasetRef
-from steps.ingest.formats import detect_format, map_columns
+from steps.ingest.formats import detect_format, rewrite_record
 from steps.ingest.sources import write_source
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,8 @@ def ingest_records(cfg: IngestConfig, store: ArtifactStore) -> DatasetRef:
             stats["sources"] = [{"source": p.origin, "records": p.records, "taken": n,
                                  "share": round(n / max(total, 1), 4),
                                  **({"weight": p.spec.weight} if p.spec.weight is not None else {}),
-                                 **({"max_records": p.spec.max_records} if p.spec.max_records is not None else {})}
+                                 **({"max_records": p.spec.max_records} if p.spec.max_records is not None else {}),
+                                 **({"split": p.spec.split} if p.spec.split is not None else {})}
                                 for p, n in zip(parts, taken)]
         ref = writer.commit(stats=stats)
     log.info("ingest: %d lines of %s records from %s", lines, fmt, origin)
@@ -114,7 +115,8 @@ def plan_mixture(cfg: IngestConfig, parts: list[Part]) -> list[int]:
 
 def write_mixture(parts: list[Part], taken: list[int], cfg: IngestConfig, out: BinaryIO) -> None:
     """The sampled records of each source, interleaved at random (one source: in file order), with the
-    column mapping applied. Seeded by ``cfg.seed``: the same config gives the same bytes."""
+    column mapping applied and pinned sources' records marked with their side. Seeded by ``cfg.seed``:
+    the same config gives the same bytes."""
     rng = random.Random(cfg.seed)
     chosen = [set(rng.sample(range(p.records), n)) if n < p.records else None for p, n in zip(parts, taken)]
     order = [i for i, n in enumerate(taken) for _ in range(n)]
@@ -122,8 +124,8 @@ def write_mixture(parts: list[Part], taken: list[int], cfg: IngestConfig, out: B
         rng.shuffle(order)
     streams = [_selected(p.path, keep) for p, keep in zip(parts, chosen)]
     for i in order:
-        line = next(streams[i])
-        out.write(map_columns(line, cfg.columns) if cfg.columns else line)
+        line, split = next(streams[i]), parts[i].spec.split
+        out.write(rewrite_record(line, cfg.columns, split) if cfg.columns or split else line)
 
 
 def _records(path: Path) -> Iterator[bytes]:

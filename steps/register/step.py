@@ -517,10 +517,12 @@ def serving_requirements() -> list[str]:
 
 
 def mixture_note(stats: dict) -> str:
-    """' (mixture: a.jsonl 75.0% = 300 of 1000 records, ...)' for ingest's mixture of sources, else ''."""
+    """' (mixture: a.jsonl 75.0% = 300 of 1000 records, b.jsonl ... records, all eval)' for ingest's mixture of
+    sources (a source pinned to a side says so), else ''."""
     if not stats.get("sources"):
         return ""
     return " (mixture: " + ", ".join(f"{s['source']} {s['share']:.1%} = {s['taken']} of {s['records']} records"
+                                     + (f", all {s['split']}" if s.get("split") else "")
                                      for s in stats["sources"]) + ")"
 
 

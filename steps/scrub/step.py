@@ -219,13 +219,15 @@ def prepare_chunk(records: list[dict[str, Any]], kind: str, engine: PiiEngine,
     texts = [record_text(body) for body in bodies]
     pii_only = [i for i in sorted(had_pii) if not any(c.isalpha() for c in PLACEHOLDER.sub("", texts[i]))]
     ids = scrubbed_ids(records, engine, pii)
+    # The id (and a pinned split side) come first in each line; the fingerprint is the body's alone.
+    heads = [{"id": record_id, **({"split": r["split"]} if "split" in r else {})} for record_id, r in zip(ids, records)]
     if kind in LABELED_KINDS:
-        lines = [json.dumps({"id": record_id, **body}, ensure_ascii=False) for record_id, body in zip(ids, bodies)]
+        lines = [json.dumps(head | body, ensure_ascii=False) for head, body in zip(heads, bodies)]
         prints = [dedup_fingerprint(body, kind) for body in bodies]
-    else:  # the fingerprint hashes the body's JSON, which the output line holds after the id: dump it once
+    else:  # the fingerprint hashes the body's JSON, which the output line holds after the head: dump it once
         dumped = [json.dumps(body, ensure_ascii=False) for body in bodies]
         prints = [_fingerprint_of(text) for text in dumped]
-        lines = [f'{{"id": {json.dumps(record_id, ensure_ascii=False)}, {text[1:]}' for record_id, text in zip(ids, dumped)]
+        lines = [f'{json.dumps(head, ensure_ascii=False)[:-1]}, {text[1:]}' for head, text in zip(heads, dumped)]
     return PreparedChunk(
         ids=ids,
         lines=lines,

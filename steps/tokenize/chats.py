@@ -20,7 +20,14 @@ from steps.core.contract import IGNORE, RECORDS_FILE
 from steps.core.store import ArtifactStore, DatasetRef
 from steps.core.workers import ChunkWorkers, balanced_chunk, pack, unpack, worker_count
 from steps.tokenize.encode import ENCODE_BATCH, LONG_OUTCOMES, chat_rows, encode_chat_batch
-from steps.tokenize.split import LEAKAGE_PERMUTATIONS, check_both_splits, check_truncation, split_records
+from steps.tokenize.split import (
+    LEAKAGE_PERMUTATIONS,
+    check_both_splits,
+    check_truncation,
+    pinned_counts,
+    pinned_stats,
+    split_records,
+)
 from steps.tokenize.template import TemplateTokenizer, worker_tokenizer
 
 log = logging.getLogger(__name__)
@@ -77,7 +84,8 @@ def stream_chats(tokenizer: Any, source: DatasetRef, store: ArtifactStore, cfg: 
                     prompts.write_lines([prompt])
             stats = {"task": TASKS["chat"], "train_records": train.rows, "eval_records": evals.rows,
                      "train_tokens": counts["train_tokens"], "trainable_tokens": counts["trainable_tokens"],
-                     **{outcome: counts[outcome] for outcome in LONG_OUTCOMES}, "eval_leakage_removed": len(pairs)}
+                     **{outcome: counts[outcome] for outcome in LONG_OUTCOMES}, **pinned_stats(counts),
+                     "eval_leakage_removed": len(pairs)}
             check_truncation(cfg, stats, counts["records"])
             check_both_splits(cfg, stats["train_records"], stats["eval_records"], counts["records"])
     return stats
@@ -128,7 +136,7 @@ def prepare_chats(tokenizer: Any, records: list[dict[str, Any]], cfg: TokenizeCo
     from steps.text.dedup import record_text
 
     sides = split_records(records, cfg)
-    counts = Counter(train_tokens=0, trainable_tokens=0, **dict.fromkeys(LONG_OUTCOMES, 0))
+    counts = Counter(train_tokens=0, trainable_tokens=0, **dict.fromkeys(LONG_OUTCOMES, 0), **pinned_counts(sides))
     train_lines = []
     eval_outcomes: list[str] = []
     eval_prompts: list[str | None] = []

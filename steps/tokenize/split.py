@@ -17,10 +17,23 @@ log = logging.getLogger(__name__)
 
 
 def split_records(records: list[dict[str, Any]], cfg: TokenizeConfig) -> dict[str, list[dict[str, Any]]]:
+    """Each record on the side its source is pinned to (``split``, ingest.sources[].split), else on the
+    side the seeded hash of its id gives."""
     sides: dict[str, list[dict[str, Any]]] = {"train": [], "eval": []}
     for record in records:
-        sides["eval" if in_eval(record["id"], cfg) else "train"].append(record)
+        sides[record.get("split") or ("eval" if in_eval(record["id"], cfg) else "train")].append(record)
     return sides
+
+
+def pinned_counts(sides: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
+    """How many records of each side were pinned there by their source: {"pinned_train": n, "pinned_eval": m}."""
+    return {f"pinned_{side}": sum(1 for r in rows if "split" in r) for side, rows in sides.items()}
+
+
+def pinned_stats(counts: dict[str, int]) -> dict[str, Any]:
+    """``{"pinned": {"train": n, "eval": m}}`` for the stats when a source was pinned, else nothing."""
+    pinned = {side: counts.get(f"pinned_{side}", 0) for side in ("train", "eval")}
+    return {"pinned": pinned} if any(pinned.values()) else {}
 
 def in_eval(record_id: str, cfg: TokenizeConfig) -> bool:
     h = hashlib.sha256(f"{cfg.seed}:{record_id}".encode()).digest()
@@ -85,5 +98,7 @@ def split_summary(stats: dict) -> str:
         return (f"{stats.get('train_documents')}{added} train / {stats.get('eval_documents')} eval documents packed "
                 f"into {stats.get('train_records')} / {stats.get('eval_records')} blocks")
     long = ", ".join(f"{stats[k]} {k.replace('_', ' ')}" for k in ("windowed", "dropped_long") if stats.get(k))
+    pinned = stats.get("pinned") or {}
+    pins = ", ".join(f"{n} pinned to {side}" for side, n in pinned.items() if n)
     return (f"{stats.get('train_records')}{added} train / {stats.get('eval_records')} eval records, "
-            f"{stats.get('truncated')} truncated" + (f", {long}" if long else ""))
+            f"{stats.get('truncated')} truncated" + (f", {long}" if long else "") + (f" ({pins})" if pins else ""))

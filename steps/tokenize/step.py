@@ -20,7 +20,15 @@ from steps.core.store import ArtifactStore, DatasetRef, ModelRef
 from steps.tokenize.augment import augment_inputs, augment_train
 from steps.tokenize.chats import stream_chats
 from steps.tokenize.encode import encode_chats, encode_labelled, encode_pairs, pack_texts
-from steps.tokenize.split import check_both_splits, check_truncation, drop_leakage, leakage_checked_by, split_records
+from steps.tokenize.split import (
+    check_both_splits,
+    check_truncation,
+    drop_leakage,
+    leakage_checked_by,
+    pinned_counts,
+    pinned_stats,
+    split_records,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,7 @@ def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, s
         return DatasetRef(**writer.commit(stats=stats).model_dump())
     records = store.read_jsonl(source, RECORDS_FILE)
     sides = split_records(records, cfg)
+    pinned = pinned_stats(pinned_counts(sides))
     leaked = drop_leakage(sides, work)
     kind = source.stats["record_kind"]
     # Train records only, after the split and the leakage check (steps/tokenize/augment.py).
@@ -71,7 +80,8 @@ def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, s
         splits, prompts, stats = encode_pairs(tokenizer, sides, cfg)
     else:
         splits, prompts, stats = encode_chats(tokenizer, sides, cfg)
-    stats = {"task": TASKS[kind], **stats, "eval_leakage_removed": len(leaked), "leakage_checked_by": checked_by}
+    stats = {"task": TASKS[kind], **stats, **pinned, "eval_leakage_removed": len(leaked),
+             "leakage_checked_by": checked_by}
     if augmented is not None:
         stats["augmentation"] = augmented
     check_truncation(cfg, stats, len(records) + (augmented or {}).get("records_added", 0))

@@ -27,7 +27,7 @@ from typing import Iterable, Iterator
 import pytest
 
 from flows.cli import DEFAULT_PARAMS
-from helpers import chat, write_jsonl
+from helpers import chat, drain_prefect_workers, write_jsonl
 from reliability_report import record_figures
 from steps.config import PipelineParams
 
@@ -184,8 +184,10 @@ def prefect_file_api(services):
     from prefect.settings import PREFECT_API_REQUEST_TIMEOUT, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
+    drain_prefect_workers()  # the session API's log and event workers: this module's runs report here
     with prefect_test_harness(server_startup_timeout=180), temporary_settings({PREFECT_API_REQUEST_TIMEOUT: 180}):
         yield
+    drain_prefect_workers()
 
 
 def test_planted_pii_canaries_appear_nowhere_outside_the_raw_area(prefect_file_api, services, store, tmp_path,

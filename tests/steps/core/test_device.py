@@ -35,7 +35,11 @@ from steps.core.device import tune_allocator
 tuned = tune_allocator() if sys.argv[1] == "tuned" else None
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-torch.ones(10 * 2**20).sum()  # 40 MiB, as the logits of a small batch over a 50k vocabulary
+# 40 MiB, as the logits of a small batch over a 50k vocabulary. Warm-up: torch's 64-byte aligned
+# request is a little larger than the chunk the last one freed, so the heap grows for the first few
+# (1 to 8 seen) until freed neighbours merge; from then on the same blocks serve every step.
+for _ in range(10):
+    torch.ones(10 * 2**20).sum()
 before = faults()
 for _ in range(20):
     torch.ones(10 * 2**20).sum()
@@ -54,4 +58,4 @@ def test_tuned_allocator_reuses_freed_tensor_memory_instead_of_faulting_it_in_ag
     assert tuned["tuned"] is True
     # Untuned, each 40 MiB block is a fresh mmap: ~10k page faults per allocation.
     assert plain["faults"] > 20 * 5000, plain
-    assert tuned["faults"] < plain["faults"] / 4, (plain, tuned)  # measured here: 205k vs 31k
+    assert tuned["faults"] < plain["faults"] / 4, (plain, tuned)  # measured here: 205k vs 0-10k

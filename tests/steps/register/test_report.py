@@ -64,3 +64,13 @@ def test_each_task_shows_its_own_metrics():
     assert "  evaluate   accuracy 0.33 (base) -> 0.9 (fine-tuned)" in lines
     assert "             f1_macro 0.2 (base) -> 0.88 (fine-tuned)" in lines
     assert not any("perplexity" in line for line in lines if "(base) ->" in line)
+
+
+def test_the_mixture_note_names_each_source_and_a_pinned_side():
+    from steps.register.step import mixture_note
+
+    stats = {"sources": [{"source": "a.jsonl", "records": 1000, "taken": 300, "share": 0.75},
+                         {"source": "held.jsonl", "records": 100, "taken": 100, "share": 0.25, "split": "eval"}]}
+    assert mixture_note(stats) == (" (mixture: a.jsonl 75.0% = 300 of 1000 records, "
+                                   "held.jsonl 25.0% = 100 of 100 records, all eval)")
+    assert mixture_note({"source": "a.jsonl"}) == ""

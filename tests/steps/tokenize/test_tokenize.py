@@ -97,3 +97,38 @@ def test_eval_records_that_nearly_copy_a_train_record_are_dropped(store, tmp_pat
     assert copy["id"] in {r["id"] for r in store.read_jsonl(off, "eval.jsonl")}
 
 
+
+
+@pytest.mark.parametrize("kind", ["chat", "classification"])
+def test_a_source_pinned_to_a_side_lands_there_whole(store, tmp_path, tiny_model, tiny_encoder, kind):
+    """ingest.sources[].split: every record of the pinned source reaches that side through validate,
+    scrub and tokenize (chat: the streamed path; classification: the in-memory one); the others split
+    by the hash, and the stats count the pinned records."""
+    from helpers import labelled_rows
+    from steps.core.contract import PINNED_SPLIT, RAW_FILE, RECORDS_FILE
+
+    if kind == "chat":
+        rows, model = [chat(f"question {i}", f"answer number {i}", id=f"r{i:03d}") for i in range(60)], tiny_model
+    else:
+        rows, model = labelled_rows("classification", n=60), tiny_encoder
+    held_out = [{**r, "id": f"held-{r['id']}"} for r in rows[:12]]
+    extra = [{**r, "id": f"extra-{r['id']}"} for r in rows[12:20]]
+    sources = [{"source": str(write_jsonl(tmp_path / "main.jsonl", rows[20:]))},
+               {"source": str(write_jsonl(tmp_path / "held.jsonl", held_out)), "split": "eval"},
+               {"source": str(write_jsonl(tmp_path / "extra.jsonl", extra)), "split": "train"}]
+    raw = ingest_records(IngestConfig(sources=sources), store)
+    assert [s.get("split") for s in raw.stats["sources"]] == [None, "eval", "train"]
+    raw_rows = store.read_jsonl(raw, RAW_FILE)
+    assert {r["id"] for r in raw_rows if r.get(PINNED_SPLIT) == "eval"} == {r["id"] for r in held_out}
+    clean = scrub_records(ScrubConfig(), validate_records(ValidateConfig(record_kind=kind), raw, store), store)
+    scrubbed = store.read_jsonl(clean, RECORDS_FILE)
+    assert {r["id"]: r.get("split") for r in scrubbed if "split" in r} == \
+        {**{r["id"]: "eval" for r in held_out}, **{r["id"]: "train" for r in extra}}
+
+    data = tokenize_dataset(TokenizeConfig(eval_fraction=0.1, max_seq_len=64, leakage_threshold=None), clean, model,
+                            store)
+    eval_ids = {r["id"] for r in store.read_jsonl(data, "eval.jsonl")}
+    train_ids = {r["id"] for r in store.read_jsonl(data, "train.jsonl")}
+    assert {r["id"] for r in held_out} <= eval_ids and {r["id"] for r in extra} <= train_ids
+    assert eval_ids - {r["id"] for r in held_out}  # the unpinned source still gives eval records by the hash
+    assert data.stats["pinned"] == {"train": len(extra), "eval": len(held_out)}
