@@ -165,7 +165,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """``-n auto``: a worker per core, at least 2 (many tests wait on servers and subprocesses) and
-    at most 4 (each worker runs its own SeaweedFS, MLflow and Prefect)."""
-    return min(4, max(2, os.cpu_count() or 2))
+    """``-n auto``: a worker per core and one more, since many tests wait on servers and subprocesses
+    (on 2 cores, 3 workers: 14m29 against 15m09 with 2, same commit), at most 4 (each worker runs its
+    own SeaweedFS, MLflow and Prefect)."""
+    return min(4, (os.cpu_count() or 2) + 1)
 

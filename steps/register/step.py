@@ -401,13 +401,18 @@ def log_series(run_id: str, history: list[dict[str, float]]) -> None:
         _client().log_batch(run_id, metrics=points[i : i + 500])
 
 
+def new_figure(width: float, height: float) -> tuple[Any, Any]:
+    """A figure and its axes, made without pyplot: pyplot keeps every figure it made until it is closed
+    (mlflow.log_figure does not close them: a long-lived worker would hold them all) and its state is
+    shared by the threads of a process (concurrent runs register at once). Saved through Agg."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    return fig, fig.subplots()
+
+
 def loss_curve(history: list[dict[str, float]]) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = new_figure(6, 3.5)
     ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
@@ -419,12 +424,7 @@ def loss_curve(history: list[dict[str, float]]) -> Any:
 
 def record_loss_histogram(losses: list[dict[str, Any]]) -> Any:
     """Histogram of the records' losses after training, train and eval overlaid (tuneline data worst lists them)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = new_figure(6, 3.5)
     values = [r["loss"] for r in losses]
     bins = 40 if values and max(values) > min(values) else 1
     for split in ("train", "eval"):
@@ -441,13 +441,8 @@ def record_loss_histogram(losses: list[dict[str, Any]]) -> Any:
 
 def confusion_figure(stats: dict[str, Any]) -> Any:
     """The candidate's confusion matrix (rows: true label, columns: predicted), counts in the cells."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     matrix, labels = stats["confusion_matrix"], stats["labels"]
-    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.2 * len(labels) + 1.5))
+    fig, ax = new_figure(1.2 * len(labels) + 2, 1.2 * len(labels) + 1.5)
     ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
     ax.set_yticks(range(len(labels)), labels)

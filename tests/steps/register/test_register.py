@@ -29,3 +29,32 @@ def test_params_flatten_for_mlflow():
     assert flat["train.lora.r"] == 8 and flat["validate.allowed_roles"] == '["system", "user", "assistant", "tool"]'
 
 
+
+
+def test_figures_render_as_png_and_pyplot_keeps_none_of_them():
+    """A long-lived worker registers many runs: pyplot would keep every figure (mlflow.log_figure
+    does not close them), and its state is shared by the threads that register at once."""
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    import matplotlib.pyplot as plt
+
+    from steps.register.step import confusion_figure, loss_curve, record_loss_histogram
+
+    def pngs(_: int) -> list[bytes]:
+        figures = [loss_curve([{"step": i, "loss": 3.0 - i / 10} for i in range(1, 30)]),
+                   record_loss_histogram([{"loss": 0.1 * i, "split": ("train", "eval")[i % 2]} for i in range(40)]),
+                   confusion_figure({"confusion_matrix": [[5, 1], [2, 4]], "labels": ["a", "b"], "accuracy": 0.75,
+                                     "f1_macro": 0.74})]
+        out = []
+        for fig in figures:
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png")
+            out.append(buffer.getvalue())
+        return out
+
+    plt.close("all")
+    with ThreadPoolExecutor(4) as threads:
+        rendered = [png for pngs_of_one in threads.map(pngs, range(8)) for png in pngs_of_one]
+    assert len(rendered) == 24 and all(png.startswith(b"\x89PNG\r\n\x1a\n") for png in rendered)
+    assert plt.get_fignums() == []
