@@ -384,7 +384,8 @@ class TrainConfig(StrictModel):
     merge_weights: bool = Field(False, description="lora only: also store full weights with the adapter merged in.")
     record_losses: bool = Field(
         True, description="After training, store each train and eval record's loss (record_losses.jsonl: ids, "
-        "split, loss, tokens; never contents) for data curation: `tuneline data worst`, and a histogram in MLflow."
+        "split, loss, tokens; never contents) for data curation: `tuneline data worst`, and a histogram in MLflow. "
+        "Costs one forward pass over every record (the default run on 2 CPU cores: ~4.5 min); false skips it."
     )
 
     # Optimization

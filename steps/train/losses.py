@@ -96,14 +96,19 @@ def record_losses(net: Any, task: Task, sides: dict[str, list[dict]], batch_size
     gives it (token NLL of its label tokens, over all its rows: a windowed conversation is one record;
     a sequence head's cross-entropy or squared error; a preference pair's chosen answer). Highest first."""
     import torch
+    from tqdm import tqdm
 
     sums: dict[tuple[str, str], list[float]] = {}
     net.eval()
-    with torch.no_grad():
+    # A forward over every record: on the shipped 135M model and 2 CPU cores about as long as 60 steps of
+    # training (the default run's 1,380 records: ~4.5 min), hence the progress bar.
+    progress = tqdm(total=sum(len(rows) for rows in sides.values()), desc="record losses", unit="rec", mininterval=2)
+    with torch.no_grad(), progress:
         for side, rows in sides.items():
             rows = sorted(rows, key=lambda r: len(r["input_ids"]))  # similar lengths per batch: little padding
             for i in range(0, len(rows), batch_size):
                 chunk = rows[i:i + batch_size]
+                progress.update(len(chunk))
                 batch = {k: v.to(device) for k, v in collate([_as_single(r) for r in chunk], pad_id).items()}
                 if task.sequence_head:
                     logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
