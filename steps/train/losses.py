@@ -44,15 +44,37 @@ def chunked_loss(net: Any, batch: dict[str, Any], chunk_tokens: int) -> Any:
     keep = targets != IGNORE
     hidden, targets = hidden[:, :-1][keep], targets[keep]
     weight = lm.get_output_embeddings().weight
+    head = head_transform(lm.config)
 
     def piece(h: Any, t: Any, w: Any) -> Any:
-        return F.cross_entropy((h @ w.t()).float(), t, reduction="sum")
+        return F.cross_entropy(head((h @ w.t()).float()), t, reduction="sum")
 
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), chunk_tokens):
         end = start + chunk_tokens
         total = total + checkpoint(piece, hidden[start:end], targets[start:end], weight, use_reentrant=False)
     return total / max(targets.numel(), 1)
+
+
+def head_transform(config: Any) -> Any:
+    """What the model's own head does to the projected logits (``chunked_loss`` projects by itself):
+    Gemma 2/3's final soft-capping, Cohere's ``logit_scale``, Granite's ``logits_scaling``."""
+    import torch
+
+    cap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None) if config.model_type.startswith("cohere") else None
+    divide = getattr(config, "logits_scaling", None) if config.model_type.startswith("granite") else None
+
+    def transform(logits: Any) -> Any:
+        if scale is not None:
+            logits = logits * scale
+        if divide is not None:
+            logits = logits / divide
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return transform
 
 
 def language_model(net: Any) -> Any:

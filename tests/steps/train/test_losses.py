@@ -72,7 +72,7 @@ def test_label_nll_scores_only_label_positions_with_the_models_own_head(base_dir
             torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(1))
     gemma = Gemma2ForCausalLM(Gemma2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                            num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                           final_logit_softcapping=2.0))
+                                           final_logit_softcapping=0.05))
     for net, vocab in ((peft_net, 1000), (gemma, 300)):
         net.eval()
         assert losses.keeps_logits(net)
@@ -81,3 +81,16 @@ def test_label_nll_scores_only_label_positions_with_the_models_own_head(base_dir
             got, want = losses.label_nll(net, batch), _reference_nll(net, batch)
         torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
         assert got[1].tolist() == want[1].tolist() == [3, 5, 0, 10]
+
+
+def test_chunked_loss_applies_the_heads_soft_capping():
+    """Gemma 2 soft-caps its logits in its head; the chunked projection must do the same."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    net = Gemma2ForCausalLM(Gemma2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                         final_logit_softcapping=0.05)).eval()
+    batch = collate(_labelled_rows(300), 0)
+    with torch.no_grad():
+        torch.testing.assert_close(losses.chunked_loss(net, batch, 3), net(**batch).loss, rtol=1e-5, atol=1e-5)
