@@ -106,7 +106,7 @@ def label_nll(net: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
     The output projection runs only at the positions where some row has a label (``logits_to_keep``:
     the model's own head, so soft-capping or logit scaling still apply), not over the whole sequence:
     with a 49k vocabulary it was most of the cost on a small model (a tiny Llama's record losses of 50
-    rows: 2.4 -> 0.36 CPU-s, same values). A model without ``logits_to_keep``, or one that reads the
+    rows: 2.4 -> 0.5 CPU-s, same values). A model without ``logits_to_keep``, or one that reads the
     labels (reft), gets every position's logits."""
     import torch
 
