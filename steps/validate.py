@@ -760,9 +760,17 @@ def run_suite(suite_rules: list[Rule], frames: dict[str, Any], pages: dict[str, 
 def data_docs_page(outcome: Any) -> str:
     """One validation result as a GX data-docs HTML page."""
     from great_expectations.render.renderer import ValidationResultsPageRenderer
+
+    return _page_view().render(ValidationResultsPageRenderer().render(outcome))
+
+
+@functools.cache
+def _page_view() -> Any:
+    """GX's page view, made once per process: each one has its own Jinja environment, which
+    compiles GX's ~70 templates again on first use (~0.5 CPU-s per validation otherwise)."""
     from great_expectations.render.view import DefaultJinjaPageView
 
-    return DefaultJinjaPageView().render(ValidationResultsPageRenderer().render(outcome))
+    return DefaultJinjaPageView()
 
 
 def _match(table_rules: list[Rule], results: list[Any]) -> list[Any]:

@@ -57,7 +57,7 @@ from steps.core.lineage import run_key
 from steps.core.records import QUARANTINE_FILE, validated_records
 from steps.core.store import ArtifactStore, DatasetRef
 from steps.core.workers import ChunkWorkers, balanced_chunk, batches, pack, unpack, worker_count
-from steps.text.dedup import NearDuplicates, record_text
+from steps.text.dedup import NearDuplicates, SortedRuns, record_text
 from steps.text.normalize import normalize_text
 from steps.text.pii import PiiEngine
 
@@ -155,7 +155,7 @@ class _Tally:
     """What scrub counts over the whole stream; ids are kept for the first EXAMPLES only."""
 
     def __init__(self, kind: str):
-        labeled = kind in LABELED_KINDS
+        self.labeled = kind in LABELED_KINDS
         self.records = 0
         self.pii: Counter[str] = Counter()
         self.removed: list = [0, []]     # [count, example ids] of duplicates dropped
@@ -164,8 +164,12 @@ class _Tally:
         self.conflicts = 0
         # label -> kept records (classification)
         self.labels: Counter | None = Counter() if kind == "classification" else None
-        # 8-byte fingerprint of each kept record's content (-> its label for labeled kinds)
-        self.seen: dict[int, Any] | set[int] = {} if labeled else set()
+        # The 8-byte fingerprint of each kept record's content -> its label's number (labeled kinds):
+        # 12 bytes per kept record in sorted runs; a chunk's new ones are added at its end (``commit``).
+        self.seen = SortedRuns(np.uint64)
+        self._fresh: tuple[list[int], list[int]] = ([], [])
+        self._label_number: dict[Any, int] = {}
+        self._label_of: list[Any] = []   # number -> label
 
     @staticmethod
     def note(slot: list, record_id: str) -> None:
@@ -173,14 +177,29 @@ class _Tally:
         if len(slot[1]) < EXAMPLES:
             slot[1].append(record_id)
 
-    def first_label(self, fingerprint: int) -> Any:
-        return self.seen[fingerprint] if isinstance(self.seen, dict) else None
+    def kept_before(self, prints: list[int]) -> dict[int, Any]:
+        """Position -> label of the kept record (None for kinds without labels), for the fingerprints
+        of this chunk that a record of an earlier chunk was kept with."""
+        positions, numbers = self.seen.find(np.array(prints, dtype=np.uint64))
+        found: dict[int, Any] = {}
+        for p, n in zip(positions.tolist(), numbers.tolist()):  # the first kept record's label
+            found.setdefault(p, self._label_of[n] if self.labeled else None)
+        return found
 
     def keep(self, fingerprint: int, label: Any) -> None:
-        if isinstance(self.seen, dict):
-            self.seen.setdefault(fingerprint, label)
-        else:
-            self.seen.add(fingerprint)
+        number = 0
+        if self.labeled:
+            number = self._label_number.setdefault(json.dumps(label, sort_keys=True), len(self._label_of))
+            if number == len(self._label_of):
+                self._label_of.append(label)
+        self._fresh[0].append(fingerprint)
+        self._fresh[1].append(number)
+
+    def commit(self) -> None:
+        """The fingerprints kept since the last commit join ``seen``."""
+        keys, numbers = self._fresh
+        self.seen.add(np.array(keys, dtype=np.uint64), np.array(numbers, dtype=np.uint32))
+        self._fresh = ([], [])
 
 
 @dataclass
@@ -287,11 +306,12 @@ def keep_chunk(chunk: PreparedChunk, near: NearDuplicates | None, dedup: bool, t
     first: dict[int, int] = {}   # fingerprint -> its first record in this chunk that was not a repeat
     later: list[int] = []        # repeats of such a record, decided once it is
     check: list[int] = []        # records for the near-duplicate check, in order
+    before = tally.kept_before(prints)
     for i, fingerprint in enumerate(prints):
         if i in pii_only:
             continue
-        if fingerprint in tally.seen:
-            tally.conflicts += tally.first_label(fingerprint) != labels[i]
+        if i in before:
+            tally.conflicts += before[i] != labels[i]
             if dedup:
                 removed.append(i)
             else:
@@ -321,6 +341,7 @@ def keep_chunk(chunk: PreparedChunk, near: NearDuplicates | None, dedup: bool, t
                     kept[i] = True
             else:
                 recheck.append(i)
+    tally.commit()
     for i in sorted(removed):
         tally.note(tally.removed, ids[i])
     if tally.labels is not None:

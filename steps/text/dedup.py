@@ -45,9 +45,10 @@ Batches: ``NearDuplicates.check_and_add_many`` and ``leakage`` hash a whole batc
 texts at once (one numpy pass over all their shingles, ``np.minimum.reduceat`` per
 text), with the same results as one text at a time.
 
-Index: LSH bands over the signatures, kept compact: each band's rows hash to one 64-bit
-key, stored with the kept record's row in sorted numpy runs (12 bytes per band and
-record, vs ~5 KB per record in a datasketch ``MinHashLSH``). Its bands are chosen so that
+Index: LSH bands over the signatures, kept compact: each band's rows hash to one 32-bit
+key, stored with the kept record's row in sorted numpy runs (8 bytes per band and
+record, vs ~5 KB per record in a datasketch ``MinHashLSH``); the signatures themselves
+wait in a temporary file until a candidate needs one. Its bands are chosen so that
 a pair exactly at the threshold becomes a candidate with probability >= 0.95 (at 0.85 and
 128 permutations: 14 bands of 9 rows; the datasketch optimizer's 8 bands of 16 rows make
 such a pair a candidate only 46% of the time);
@@ -61,7 +62,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 import unicodedata
+from array import array
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -195,9 +199,10 @@ class NearDuplicates:
     order (not on PYTHONHASHSEED). Record ids are assumed unique; only ids are
     retained, never text.
 
-    Memory per kept record: its ``num_perm`` uint32 signature (512 bytes at 128), one
-    8-byte key and a 4-byte row per band (14 bands at 0.85: 168 bytes), and its id;
-    duplicates cost their id in the cluster lists only.
+    Memory per kept record: a 4-byte key and a 4-byte row per band (14 bands at 0.85:
+    112 bytes) and its id's bytes + 8; its ``num_perm`` uint32 signature (512 bytes at
+    128) goes to a temporary file once its block of 4,096 is full. Duplicates cost their
+    id in the cluster lists only.
     """
 
     def __init__(self, threshold: float = 0.85, num_perm: int = 128, shingle: int = 5, seed: int = 1):
@@ -212,8 +217,8 @@ class NearDuplicates:
         self._a, self._b = a[:, None], b[:, None]
         self.bands, self.rows = _lsh_params(threshold, num_perm)
         self._bands = _BandIndex()
-        self._ids: list[str] = []               # row -> id of the kept record
-        self._blocks: list[np.ndarray] = []     # signatures, _BLOCK rows each
+        self._ids = _Ids()                      # row -> id of the kept record
+        self._sigs = _Signatures(num_perm)      # row -> its signature (on disk but the newest block)
         self._members: dict[int, list[str]] = {}  # row -> ids of its duplicates, in order
         self.seen = 0
 
@@ -256,9 +261,6 @@ class NearDuplicates:
 
         return LeanMinHash(seed=self.seed, hashvalues=self.signature(text), scheme=SCHEME)
 
-    def _row(self, row: int) -> np.ndarray:
-        return self._blocks[row // _BLOCK][row % _BLOCK]
-
     def _band_keys(self, sigs: np.ndarray) -> np.ndarray:
         """(n, bands) uint64: a 64-bit hash of each band's rows, the band number mixed in."""
         n = len(sigs)
@@ -273,18 +275,20 @@ class NearDuplicates:
         """Row of the most similar candidate at or above the threshold (earliest on ties)."""
         best, best_sim = None, -1.0
         for row in sorted(set(candidates)):
-            sim = np.count_nonzero(self._row(row) == sig) / self.num_perm
+            sim = np.count_nonzero(self._sigs[row] == sig) / self.num_perm
             if sim >= self.threshold and sim > best_sim:
                 best, best_sim = row, sim
         return best
 
     def _store(self, record_id: str, sig: np.ndarray) -> int:
         row = len(self._ids)
-        if row % _BLOCK == 0:
-            self._blocks.append(np.empty((_BLOCK, self.num_perm), dtype=np.uint32))
-        self._blocks[-1][row % _BLOCK] = sig
+        self._sigs.append(sig)
         self._ids.append(record_id)
         return row
+
+    def close(self) -> None:
+        """Deletes the signature file now (it goes anyway when the object is collected)."""
+        self._sigs.close()
 
     def _match_batch(self, ids: list[str], sigs: np.ndarray, add: bool) -> list[int | None]:
         """Per record, the matched row or None; with ``add``, unmatched records are indexed in
@@ -413,43 +417,163 @@ def _shared_keys(keys: np.ndarray) -> dict[int, list[int]]:
     return pairs
 
 
-class _BandIndex:
-    """Band key -> rows, as sorted numpy runs (8-byte key + 4-byte row per entry), merged
-    LSM-style so that adding is cheap and a lookup searches a few runs."""
+class SortedRuns:
+    """Key -> values (uint32) as sorted numpy runs, merged LSM-style so that adding is cheap and a
+    lookup searches a few runs. A run merges into the one before it while that one is at most twice
+    its size, and never beyond ``max_run`` entries: no merge copies more than ``2 * max_run``
+    entries, however large the index grows (``_merge``: no argsort). Equal keys keep the order
+    they were added in. ``key_dtype`` bytes + 4 per entry."""
 
-    def __init__(self) -> None:
+    def __init__(self, key_dtype: Any = np.uint64, max_run: int = 1 << 21) -> None:
+        self.key_dtype, self.max_run = np.dtype(key_dtype), max_run
         self._runs: list[tuple[np.ndarray, np.ndarray]] = []
 
+    def __len__(self) -> int:
+        return sum(len(keys) for keys, _ in self._runs)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(keys.nbytes + values.nbytes for keys, values in self._runs)
+
+    def add(self, keys: np.ndarray, values: np.ndarray) -> None:
+        keys = np.asarray(keys, dtype=self.key_dtype).ravel()
+        values = np.asarray(values, dtype=np.uint32).ravel()
+        if not len(keys):
+            return
+        order = np.argsort(keys, kind="stable")
+        self._runs.append((keys[order], values[order]))
+        while len(self._runs) > 1 and len(self._runs[-2][0]) <= 2 * len(self._runs[-1][0]) \
+                and len(self._runs[-2][0]) + len(self._runs[-1][0]) <= self.max_run:
+            later, earlier = self._runs.pop(), self._runs.pop()
+            self._runs.append(_merge(earlier, later))
+
+    def find(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(query positions, values) of every entry whose key equals a query, earliest added first
+        for each query."""
+        queries = np.asarray(queries, dtype=self.key_dtype).ravel()
+        # The queries in key order: the binary searches then walk each run once, in order,
+        # instead of jumping across it (several times faster on an index of millions of keys).
+        order = np.argsort(queries, kind="stable")
+        ordered = queries[order]
+        found_q: list[np.ndarray] = []
+        found_v: list[np.ndarray] = []
+        for run_keys, run_values in self._runs:
+            left = np.searchsorted(run_keys, ordered, side="left")
+            right = np.searchsorted(run_keys, ordered, side="right")
+            counts = right - left
+            hits = np.flatnonzero(counts)
+            if not len(hits):
+                continue
+            n = counts[hits]
+            # every entry of each hit's range: its start repeated, plus 0..n-1
+            idx = np.repeat(left[hits] - np.cumsum(np.r_[0, n[:-1]]), n) + np.arange(int(n.sum()))
+            found_q.append(np.repeat(order[hits], n))
+            found_v.append(run_values[idx])
+        if not found_q:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.uint32)
+        positions, values = np.concatenate(found_q), np.concatenate(found_v)
+        by_query = np.argsort(positions, kind="stable")  # runs are oldest first: stays earliest first
+        return positions[by_query], values[by_query]
+
+
+def _merge(earlier: tuple[np.ndarray, np.ndarray], later: tuple[np.ndarray, np.ndarray]
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Two sorted runs as one, the earlier run's entries first among equal keys."""
+    (k1, v1), (k2, v2) = earlier, later
+    at = np.searchsorted(k1, k2, side="right") + np.arange(len(k2))  # where the later entries go
+    keys, values = np.empty(len(k1) + len(k2), k1.dtype), np.empty(len(k1) + len(k2), v1.dtype)
+    rest = np.ones(len(keys), dtype=bool)
+    rest[at] = False
+    keys[at], values[at] = k2, v2
+    keys[rest], values[rest] = k1, v1
+    return keys, values
+
+
+class _BandIndex:
+    """LSH band key -> rows of the kept records: 32-bit keys (the top half of each band's 64-bit
+    hash) in ``SortedRuns``, 8 bytes per band and record. A key shared by chance makes an extra
+    candidate, which the signature comparison then rejects: it costs a lookup, never a wrong
+    answer (about 4% of records get one at a million kept records)."""
+
+    def __init__(self) -> None:
+        self._runs = SortedRuns(np.uint32)
+
+    @property
+    def nbytes(self) -> int:
+        return self._runs.nbytes
+
+    @staticmethod
+    def _short(keys: np.ndarray) -> np.ndarray:
+        return (keys >> np.uint64(32)).astype(np.uint32)
+
     def add(self, keys: np.ndarray, rows: np.ndarray) -> None:
-        flat = keys.ravel()
-        row_of = np.repeat(rows, keys.shape[1])
-        order = np.argsort(flat, kind="stable")
-        self._runs.append((flat[order], row_of[order]))
-        while len(self._runs) > 1 and len(self._runs[-2][0]) <= 2 * len(self._runs[-1][0]):
-            (k1, r1), (k2, r2) = self._runs.pop(), self._runs.pop()
-            merged = np.concatenate([k2, k1])
-            order = np.argsort(merged, kind="stable")
-            self._runs.append((merged[order], np.concatenate([r2, r1])[order]))
+        self._runs.add(self._short(keys), np.repeat(rows, keys.shape[1]))
 
     def lookup(self, keys: np.ndarray) -> dict[int, list[int]]:
         """Record (row of ``keys``) -> indexed rows sharing one of its band keys."""
+        positions, rows = self._runs.find(self._short(keys))
         found: dict[int, list[int]] = {}
-        bands = keys.shape[1]
-        flat = keys.ravel()
-        # The queries in key order: the binary searches then walk each run once, in order,
-        # instead of jumping across it (several times faster on an index of millions of keys).
-        order = np.argsort(flat, kind="stable")
-        queries = flat[order]
-        for run_keys, run_rows in self._runs:
-            left = np.searchsorted(run_keys, queries, side="left")
-            inside = np.flatnonzero(left < len(run_keys))
-            hits = inside[run_keys[left[inside]] == queries[inside]]
-            if not len(hits):
-                continue
-            right = np.searchsorted(run_keys, queries[hits], side="right")
-            for h, stop in zip(hits.tolist(), right.tolist()):
-                found.setdefault(int(order[h]) // bands, []).extend(run_rows[left[h]:stop].tolist())
+        for record, row in zip((positions // keys.shape[1]).tolist(), rows.tolist()):
+            found.setdefault(record, []).append(row)
         return found
+
+
+class _Signatures:
+    """The kept records' signatures by row: the newest block in memory, full blocks appended to an
+    unlinked temporary file and read back a row at a time (``os.pread``, not mapped, so they count
+    as disk and page cache, not as this process's memory). Only candidates are read back."""
+
+    def __init__(self, num_perm: int) -> None:
+        self._tail = np.empty((_BLOCK, num_perm), dtype=np.uint32)
+        self._width = num_perm * 4
+        self._count = 0
+        self._on_disk = 0
+        self._file: Any = None
+
+    def __len__(self) -> int:
+        return self._count
+
+    def append(self, sig: np.ndarray) -> None:
+        self._tail[self._count - self._on_disk] = sig
+        self._count += 1
+        if self._count - self._on_disk == _BLOCK:
+            if self._file is None:
+                self._file = tempfile.TemporaryFile(prefix="tuneline-minhash-")  # gone when closed
+            data, offset = memoryview(self._tail).cast("B"), self._on_disk * self._width
+            while data:  # a short write continues where it stopped
+                written = os.pwrite(self._file.fileno(), data, offset)
+                data, offset = data[written:], offset + written
+            self._on_disk += _BLOCK
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        if row >= self._on_disk:
+            return self._tail[row - self._on_disk]
+        data = os.pread(self._file.fileno(), self._width, row * self._width)
+        return np.frombuffer(data, dtype=np.uint32)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class _Ids:
+    """Record ids by row: their UTF-8 bytes end to end and the end offsets (len(id) + 8 bytes each,
+    against ~60 + len for a list of str)."""
+
+    def __init__(self) -> None:
+        self._bytes = bytearray()
+        self._ends = array("Q")
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def append(self, record_id: str) -> None:
+        self._bytes += record_id.encode()
+        self._ends.append(len(self._bytes))
+
+    def __getitem__(self, row: int) -> str:
+        return self._bytes[self._ends[row - 1] if row else 0:self._ends[row]].decode()
 
 
 def leakage(train: Iterable[tuple[str, str]], eval: Iterable[tuple[str, str]],  # noqa: A002

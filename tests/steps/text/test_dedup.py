@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 from datasketch import MinHash
 
-from steps.text.dedup import NearDuplicates, affine32_permutations, exact_form, fingerprint, leakage, near_form
+from steps.text.dedup import (
+    NearDuplicates,
+    SortedRuns,
+    affine32_permutations,
+    exact_form,
+    fingerprint,
+    leakage,
+    near_form,
+)
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -304,3 +312,45 @@ def test_leakage_finds_eval_rows_copying_train_rows():
     # duplicates inside train are all indexed: a match with a later train copy still counts
     longer = BASE + " Extra sentence here."
     assert leakage([("a", BASE), ("b", longer)], [("e", longer.upper())], threshold=0.99) == [("e", "b")]
+
+
+# --- compact state ------------------------------------------------------------------
+
+def test_sorted_runs_find_every_match_earliest_first_with_bounded_merges():
+    rng = np.random.default_rng(3)
+    runs = SortedRuns(np.uint64, max_run=64)
+    added: list[tuple[int, int]] = []
+    for batch in range(40):
+        keys = rng.integers(0, 50, size=int(rng.integers(1, 12)), dtype=np.uint64)
+        values = np.arange(len(added), len(added) + len(keys), dtype=np.uint32)
+        runs.add(keys, values)
+        added += list(zip(keys.tolist(), values.tolist()))
+    assert len(runs) == len(added) and max(len(k) for k, _ in runs._runs) <= 64
+    queries = np.array([7, 99, 7, 0, 49], dtype=np.uint64)
+    positions, values = runs.find(queries)
+    expected = [(p, v) for p, q in enumerate(queries.tolist()) for k, v in added if k == q]
+    assert list(zip(positions.tolist(), values.tolist())) == expected  # every match, in the order added
+
+
+def test_signatures_beyond_a_block_come_back_from_the_file_not_memory():
+    near = NearDuplicates(num_perm=16)
+    rng = np.random.default_rng(5)
+    sigs = rng.integers(0, 2**32, size=(3 * 4096 + 17, 16), dtype=np.uint32)
+    for i, sig in enumerate(sigs):
+        near._store(f"r{i}", sig)
+    assert near._sigs._on_disk == 3 * 4096 and near._sigs._tail.shape[0] == 4096  # 3 blocks went to the file
+    for row in (0, 4095, 4096, 3 * 4096 - 1, 3 * 4096, len(sigs) - 1):
+        assert np.array_equal(near._sigs[row], sigs[row]) and near._ids[row] == f"r{row}"
+    near.close()
+
+
+def test_many_kept_records_stay_small_in_memory_and_duplicates_are_still_found():
+    near = NearDuplicates()
+    docs = corpus(9000, seed=8)
+    assert near.check_and_add_many([f"d{i}" for i in range(len(docs))], docs) == [None] * len(docs)
+    copy = docs[123].split()
+    copy[4] = "changed"
+    assert near.check_and_add("copy", " ".join(copy)) == "d123"  # its signature is read back from the file
+    per_record = (near._bands.nbytes + len(near._ids._bytes) + near._ids._ends.itemsize * len(near._ids)) / 9000
+    assert per_record < 130, per_record  # 14 bands x 8 bytes + the id (the signatures are on disk)
+    near.close()
