@@ -31,6 +31,13 @@ def services(tmp_path_factory: pytest.TempPathFactory):
 
     root = tmp_path_factory.mktemp("tuneline")
     os.environ["TUNELINE_CACHE"] = str(root / "cache")
+    # The converted GGUF tokenizers (content-addressed, converted under a lock) are shared by the
+    # pytest-xdist workers: one conversion per session instead of one per worker.
+    basetemp = tmp_path_factory.getbasetemp()
+    shared = (basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp) / "gguf-tokenizers"
+    shared.mkdir(exist_ok=True)
+    (root / "cache").mkdir()
+    (root / "cache" / "gguf-tokenizers").symlink_to(shared, target_is_directory=True)
     base = free_weed_base(20000)
     weed_ports = {base + i for i in range(5)} | {base + 10000 + i for i in range(5)}
     mlflow_port, prefect_port = islice((p for p in iter(free_port, None) if p not in weed_ports), 2)

@@ -15,6 +15,7 @@ Any other .gguf file goes through ``build_from_gguf`` too. Nothing is downloaded
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import logging
 import os
@@ -91,21 +92,26 @@ def build_encoder(name: str, seed: int, source: Path, out: Path) -> None:
 def gguf_tokenizer(gguf: Path, cache: Path | None = None) -> Any:
     """The tokenizer of the GGUF file. Converting it takes seconds (~7 s on a small CPU; the tiny
     model itself takes less than one), so the converted files are kept in ``cache`` (a folder
-    named by the file's digest: save_pretrained of a reloaded tokenizer writes the same bytes)."""
+    named by the file's digest: save_pretrained of a reloaded tokenizer writes the same bytes).
+    Processes that share the cache convert once: the others wait for it (a lock file beside it)."""
     from transformers import AutoTokenizer
 
-    if cache is not None and cache.is_dir():
-        return AutoTokenizer.from_pretrained(cache)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    if cache is not None:
+    if cache is None:
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if not cache.is_dir():
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}-", dir=cache.parent))
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, cache)  # atomic: a reader sees all of it or none
-        except OSError:  # another process got there first
-            shutil.rmtree(tmp, ignore_errors=True)
-    return tokenizer
+        with open(cache.parent / f".{cache.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed (or when its process dies)
+            if not cache.is_dir():
+                tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+                tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}-", dir=cache.parent))
+                tokenizer.save_pretrained(tmp)
+                try:
+                    os.rename(tmp, cache)  # atomic: a reader sees all of it or none
+                except OSError:  # another process got there first (one not taking the lock)
+                    shutil.rmtree(tmp, ignore_errors=True)
+                return tokenizer
+    return AutoTokenizer.from_pretrained(cache)
 
 
 def build_from_gguf(gguf: Path, out: Path, tokenizer_cache: Path | None = None) -> None:

@@ -43,3 +43,26 @@ def test_tiny_models_have_their_shapes_and_a_tokenizer_and_are_built_once(store)
         keys = store.list_keys(store.prefix + "/")
         assert prepare_base_model(BaseModelConfig(source=source), store) == ref
         assert store.list_keys(store.prefix + "/") == keys
+
+
+def test_concurrent_builders_sharing_a_cache_convert_the_gguf_tokenizer_once(tmp_path, monkeypatch):
+    """Two builders at once (pytest-xdist workers, two flow runs on one machine): one converts under
+    the lock, the other waits and loads the converted files."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers import AutoTokenizer
+
+    from steps.base_model.shipped import gguf_path, gguf_tokenizer
+
+    conversions, real = [], AutoTokenizer.from_pretrained
+
+    def spy(*args, **kwargs):
+        conversions.append(kwargs.get("gguf_file"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", spy)
+    cache = tmp_path / "gguf-tokenizers" / "digest"
+    with ThreadPoolExecutor(2) as pool:
+        vocab = [len(t) for t in pool.map(lambda _: gguf_tokenizer(gguf_path(), cache), range(2))]
+    assert sorted(conversions, key=str) == [None, gguf_path().name] and vocab[0] == vocab[1]
+    assert [p.name for p in cache.parent.iterdir() if not p.name.endswith(".lock")] == ["digest"]
