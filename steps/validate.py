@@ -716,8 +716,10 @@ def run_suite(suite_rules: list[Rule], frames: dict[str, Any], pages: dict[str, 
     """
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)  # no "Calculating Metrics" bars on stderr
     source = context.data_sources.add_pandas("tuneline")
     results: list[dict[str, Any]] = []
     for table, frame in frames.items():
