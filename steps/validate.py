@@ -78,7 +78,7 @@ log = logging.getLogger(__name__)
 
 STEP = "validate"
 EXAMPLES = 5
-CHUNK_LINES = 50_000  # raw lines per chunk of the stream (one suite run per chunk)
+CHUNK_LINES = 20_000  # raw lines per chunk of the stream (one suite run per chunk; 50k kept ~80 MiB more)
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 TEXT_COLUMNS = ["line", "text_chars", "text_blank"]
 Kept = list[tuple[int, Any]]  # per record that passes: its line number and its label (None for unlabelled kinds)
@@ -756,6 +756,9 @@ def run_suite(suite_rules: list[Rule], frames: dict[str, Any], pages: dict[str, 
             if isinstance(observed, numbers.Real) and not isinstance(observed, bool):
                 entry["observed_value"] = observed.item() if hasattr(observed, "item") else observed
             results.append(entry)
+    # GX keeps the newest context as the project context, and with it the last batch's frames: an
+    # empty one in its place lets them go.
+    gx.get_context(mode="ephemeral")
     return {"success": all(r["success"] for r in results), "rules": results}
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import boto3
+from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, ReadTimeoutError
 from botocore.exceptions import ConnectionError as BotoConnectionError
@@ -90,6 +91,12 @@ def _transient(exc: Exception) -> bool:
         code = exc.response.get("Error", {}).get("Code", "")
         return status >= 500 or code in {"SlowDown", "RequestTimeout", "ServiceUnavailable", "InternalError"}
     return False
+
+
+# Multipart transfers with two threads instead of boto3's ten: as fast against a store on the same
+# machine or network (a 160 MB file: 4.3 s vs 5.0 s), and each thread's buffers stay in its own
+# malloc arena after the transfer (+47 MiB of RSS kept with ten threads, +7 with two).
+TRANSFER = TransferConfig(max_concurrency=2)
 
 
 class ArtifactStore:
@@ -281,7 +288,7 @@ class ArtifactStore:
             for name, meta in files.items():
                 path = staging / name
                 path.parent.mkdir(parents=True, exist_ok=True)
-                self.client.download_file(self.bucket, f"{ref.key}/{name}", str(path))
+                self.client.download_file(self.bucket, f"{ref.key}/{name}", str(path), Config=TRANSFER)
                 if sha256_file(path) != meta["sha256"]:
                     raise ArtifactError(f"{ref.key}/{name} does not match its manifest digest")
             (staging / MANIFEST).write_text(json.dumps({"key": ref.key, "files": files}))
@@ -334,7 +341,7 @@ class ArtifactWriter:
     def put_file(self, name: str, path: Path, sha256: str | None = None) -> None:
         """Upload ``path`` as ``name``; ``sha256``: its digest when the caller already computed it."""
         try:
-            self.store.client.upload_file(str(path), self.store.bucket, f"{self.key}/{name}")
+            self.store.client.upload_file(str(path), self.store.bucket, f"{self.key}/{name}", Config=TRANSFER)
         except (ClientError, BotoCoreError) as exc:
             if _transient(exc):
                 raise TransientError(f"upload of {name} failed transiently: {exc}") from exc
