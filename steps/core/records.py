@@ -83,6 +83,14 @@ def record_form(obj: dict[str, Any], kind: str, line: int) -> dict[str, Any]:
 def validated_records(store: Any, validated: Any) -> Iterator[dict[str, Any]]:
     """The records a validate artifact passed, in order, in their kind's form (``record_form``), streamed
     from ingest's raw file (checked against the digest validate recorded)."""
+    kind = validated.stats["record_kind"]
+    for number, line in validated_lines(store, validated):
+        yield record_form(json.loads(line), kind, number)
+
+
+def validated_lines(store: Any, validated: Any) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw JSON line) of each record a validate artifact passed, in order: what
+    ``validated_records`` parses (worker processes parse them themselves: steps/scrub/step.py)."""
     from steps.core.store import ArtifactRef
 
     raw_stats = validated.stats.get("raw")
@@ -94,8 +102,12 @@ def validated_records(store: Any, validated: Any) -> Iterator[dict[str, Any]]:
     left_out = set()
     if QUARANTINE_FILE in store.manifest(validated.key)["files"]:
         left_out = {row["line"] for row in store.iter_jsonl(validated, QUARANTINE_FILE) if "line" in row}
-    kind = validated.stats["record_kind"]
     for number, line in enumerate(store.iter_lines(raw, RAW_FILE), start=1):
-        if number in left_out or not line.decode("utf-8", errors="replace").strip():  # as validate numbers them
+        if number in left_out or not _filled(line):
             continue
-        yield record_form(json.loads(line), kind, number)
+        yield number, line
+
+
+def _filled(line: bytes) -> bool:
+    """Whether a raw line is not blank, as validate numbers them (Unicode whitespace is blank too)."""
+    return line.lstrip()[:1] == b"{" or bool(line.decode("utf-8", errors="replace").strip())

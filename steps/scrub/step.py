@@ -54,7 +54,7 @@ from steps.config import ScrubConfig
 from steps.core.contract import RECORDS_FILE
 from steps.core.errors import DataQualityError
 from steps.core.lineage import run_key
-from steps.core.records import QUARANTINE_FILE, validated_records
+from steps.core.records import QUARANTINE_FILE, record_form, validated_lines, validated_records
 from steps.core.store import ArtifactStore, DatasetRef
 from steps.core.workers import ChunkWorkers, balanced_chunk, batches, pack, unpack, worker_count
 from steps.text.dedup import NearDuplicates, SortedRuns, record_text
@@ -101,8 +101,9 @@ def scrub_records(cfg: ScrubConfig, source: DatasetRef, store: ArtifactStore) ->
         if workers:
             config = {"scrub": cfg.model_dump(mode="json"), "kind": kind}
             with ChunkWorkers("scrub", config, workers) as pool:
-                lines = (json.dumps(r, ensure_ascii=False) for r in validated_records(store, source))
-                for answer in pool.map(b"\n".join(line.encode() for line in chunk) for chunk in batches(lines, size)):
+                # The raw lines go to the workers as they are, each after its number (record_form needs it).
+                lines = (b"%d\t%s" % numbered for numbered in validated_lines(store, source))
+                for answer in pool.map(b"\n".join(chunk) for chunk in batches(lines, size)):
                     chunk = PreparedChunk.from_bytes(answer, cfg.minhash_permutations)
                     out.write_lines(keep_chunk(chunk, near, cfg.dedup, tally))
         else:
@@ -271,15 +272,17 @@ def scrubbed_ids(records: list[dict[str, Any]], engine: PiiEngine, pii: Counter[
 
 
 def chunk_worker(config: dict[str, Any]) -> Callable[[bytes], bytes]:
-    """The worker side (``steps/core/workers.py``): JSON lines of validated records in, a
-    ``PreparedChunk`` out. The salt of the hash action comes from the worker's environment."""
+    """The worker side (``steps/core/workers.py``): validated raw lines in (``<line number>\\t<JSON>``
+    each), a ``PreparedChunk`` out. The salt of the hash action comes from the worker's environment."""
     cfg = ScrubConfig.model_validate(config["scrub"])
     engine = _engine(cfg)
     near = _near(cfg)
 
     def handle(chunk: bytes) -> bytes:
-        records = [json.loads(line) for line in chunk.split(b"\n") if line]
-        return prepare_chunk(records, config["kind"], engine, near).to_bytes()
+        kind = config["kind"]
+        records = [record_form(json.loads(line), kind, int(number))
+                   for number, line in (numbered.split(b"\t", 1) for numbered in chunk.split(b"\n"))]
+        return prepare_chunk(records, kind, engine, near).to_bytes()
 
     return handle
 

@@ -60,12 +60,16 @@ def run_data_steps(tmp_path, model, rows, workers, monkeypatch, tokenize_cfg):
 
 @pytest.mark.parametrize("leakage_threshold", [0.85, 0.8])  # ruled out by scrub / checked here on signatures
 def test_two_workers_write_the_same_bytes_as_none(services, tiny_model, tmp_path, monkeypatch, leakage_threshold):
-    rows = varied_rows(300)
+    # Records without ids (named by their line numbers, which the workers get with the raw lines) and
+    # one invalid record that validate quarantines (scrub's workers skip its line).
+    unnamed = [{"messages": chat(f"question {n} about the {WORDS[n]}", "an answer")["messages"]} for n in range(3)]
+    rows = varied_rows(300) + unnamed + [chat("", "an empty question", id="bad")]
     cfg = TokenizeConfig(max_seq_len=64, eval_fraction=0.3, leakage_threshold=leakage_threshold, max_truncated_share=1.0)
     here = run_data_steps(tmp_path, tiny_model, rows, "0", monkeypatch, cfg)
     workers = run_data_steps(tmp_path, tiny_model, rows, "2", monkeypatch, cfg)
     assert workers == here
     scrub_stats, token_stats = here[1], here[3]
+    assert scrub_stats["records_in"] == len(rows) - 1
     assert scrub_stats["pii"]["EMAIL"] > 0 and scrub_stats["near_duplicates_removed"] > 0
     assert scrub_stats["duplicates_removed"] > scrub_stats["near_duplicates_removed"]
     assert token_stats["leakage_checked_by"] == ("scrub" if leakage_threshold == 0.85 else "tokenize")
@@ -123,7 +127,7 @@ def test_worker_count_from_the_environment(monkeypatch):
 def test_a_worker_error_keeps_its_type_and_message(monkeypatch):
     monkeypatch.delenv("TUNELINE_PII_SALT", raising=False)
     config = {"scrub": ScrubConfig(pii_action="hash").model_dump(mode="json"), "kind": "chat"}
-    line = json.dumps({"id": "a", "messages": chat("hi", "there")["messages"]}).encode()
+    line = b"1\t" + json.dumps({"id": "a", "messages": chat("hi", "there")["messages"]}).encode()
     with pytest.raises(ConfigError, match="TUNELINE_PII_SALT"):
         with ChunkWorkers("scrub", config, 1) as pool:
             list(pool.map([line]))
@@ -134,7 +138,7 @@ def test_a_dead_worker_is_an_error_naming_its_exit_code():
     with pytest.raises(RuntimeError, match="exited with code -9"):
         with ChunkWorkers("scrub", config, 1) as pool:
             pool.workers[0].proc.kill()
-            list(pool.map([b'{"id": "a", "messages": []}']))
+            list(pool.map([b'1\t{"id": "a", "messages": []}']))
 
 
 def test_chunks_are_shared_evenly_between_workers():
