@@ -103,9 +103,10 @@ class _Worker:
     def __init__(self, job: str, config: dict[str, Any]):
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # where `steps` imports from
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-        # One thread per worker: the workers are the parallelism.
-        env = {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1",
-               "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        # One thread per worker: the workers are the parallelism. PYTHONSAFEPATH: ``-m`` would put the
+        # working directory first on sys.path, where a user's own ``steps`` folder would shadow ours.
+        env = {**os.environ, "PYTHONPATH": path, "PYTHONSAFEPATH": "1", "TOKENIZERS_PARALLELISM": "false",
+               "RAYON_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         self.proc = subprocess.Popen([sys.executable, "-m", "steps.core.workers"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=env)
         self.inbox: queue.Queue[bytes | None] = queue.Queue()

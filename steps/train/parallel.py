@@ -41,6 +41,7 @@ def launch(cfg: Any, data: Any, model: Any, store: Any, key: str) -> None:
                "-m", "steps.train.rank", json.dumps(args)]
     env = os.environ.copy()
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONSAFEPATH"] = "1"  # not the working directory first on sys.path (a user's ``steps`` folder)
     # torchrun would set 1 thread per rank; share this machine's cores between the ranks instead.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.processes)))
     log.info("train: launching %d data-parallel processes (torchrun)", cfg.processes)

@@ -96,6 +96,8 @@ def planted_rows(canaries: dict[str, tuple[str, list[str]]]) -> list[dict]:
     for entity, (value, _) in canaries.items():
         user, assistant = SENTENCES[entity]
         rows.append(chat(user.format(v=value), assistant.format(v=value)))
+    email = canaries["EMAIL"][0]  # a record id is user data too: one carries a canary (scrub redacts ids)
+    rows[-1]["id"] = f"ticket-{email}"
     return rows
 
 

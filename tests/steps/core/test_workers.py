@@ -133,6 +133,18 @@ def test_a_worker_error_keeps_its_type_and_message(monkeypatch):
             list(pool.map([line]))
 
 
+def test_workers_import_the_project_whatever_the_working_directory(tmp_path, monkeypatch):
+    """A folder named ``steps`` in the working directory (a user's own project) does not shadow ours."""
+    decoy = tmp_path / "steps"
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text("raise SystemExit(3)\n")
+    monkeypatch.chdir(tmp_path)
+    config = {"scrub": ScrubConfig(near_dedup=False).model_dump(mode="json"), "kind": "chat"}
+    line = b"1\t" + json.dumps({"id": "a", "messages": chat("hi", "there")["messages"]}).encode()
+    with ChunkWorkers("scrub", config, 1) as pool:
+        assert len(list(pool.map([line]))) == 1
+
+
 def test_a_dead_worker_is_an_error_naming_its_exit_code():
     config = {"scrub": ScrubConfig().model_dump(mode="json"), "kind": "chat"}
     with pytest.raises(RuntimeError, match="exited with code -9"):
