@@ -274,12 +274,11 @@ def scrubbed_ids(records: list[dict[str, Any]], engine: PiiEngine, pii: Counter[
 def chunk_worker(config: dict[str, Any]) -> Callable[[bytes], bytes]:
     """The worker side (``steps/core/workers.py``): validated raw lines in (``<line number>\\t<JSON>``
     each), a ``PreparedChunk`` out. The salt of the hash action comes from the worker's environment."""
-    cfg = ScrubConfig.model_validate(config["scrub"])
+    cfg, kind = ScrubConfig.model_validate(config["scrub"]), config["kind"]
     engine = _engine(cfg)
     near = _near(cfg)
 
     def handle(chunk: bytes) -> bytes:
-        kind = config["kind"]
         records = [record_form(json.loads(line), kind, int(number))
                    for number, line in (numbered.split(b"\t", 1) for numbered in chunk.split(b"\n"))]
         return prepare_chunk(records, kind, engine, near).to_bytes()
