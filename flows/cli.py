@@ -8,6 +8,7 @@
     tuneline scrub --input in.jsonl --output out.jsonl --field text   # PII scrubber alone, streaming
                    [--action placeholder|hash|mask]   # hash: salt from TUNELINE_PII_SALT
     tuneline models [NAME]                 # registered versions, aliases, gate metric and decision
+    tuneline models NAME --history         # every alias move: time, actor, action, reason
     tuneline promote NAME VERSION [--force --reason TEXT]
     tuneline rollback NAME                 # champion back to previous-champion
     tuneline predict NAME[@alias|/version] TEXT [TEXT ...]
@@ -21,13 +22,13 @@
 
 `run` uses the local services' endpoints and credentials unless the environment already
 names others (TUNELINE_S3_ENDPOINT_URL, MLFLOW_TRACKING_URI, PREFECT_API_URL, AWS_*).
-Exit codes: 0 done, 2 bad data or configuration, 1 anything else.
+Quiet by default (the steps' own lines, a progress bar on a terminal, the summary); ``tuneline -v ...``
+shows every library's lines. Exit codes: 0 done, 2 bad data or configuration, 1 anything else.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -39,6 +40,8 @@ DEFAULT_PARAMS = REPO / "deployments" / "params" / "default.yaml"
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tuneline", description="Fine-tuning as a production pipeline.")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="every library's log lines and warnings (default: the steps' own lines and the summary)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     services = sub.add_parser("services", help="start, stop or inspect the local S3, MLflow and Prefect servers")
@@ -73,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
 
     models = sub.add_parser("models", help="registered versions with aliases, gate metric and decision")
     models.add_argument("name", nargs="?", help="one registered model (default: all)")
+    models.add_argument("--history", action="store_true",
+                        help="every alias move of NAME (register, gate, promote, force, rollback) with time, actor "
+                        "and reason")
     promote = sub.add_parser("promote", help="make a version champion if it passes the gate against the champion")
     promote.add_argument("name")
     promote.add_argument("version")
@@ -108,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="flow runs at once (default 1: one training at a time; 0 = no limit)")
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for chatty in ("httpx", "httpcore", "botocore", "urllib3", "alembic"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
+    from flows import console
+
+    console.setup(args.verbose)
     if args.command == "services":
         return services_command(args.action, prefect=not args.no_prefect, backend=args.backend,
                                 mlflow_auth=args.mlflow_auth)
@@ -148,7 +154,11 @@ def registry_command(args: argparse.Namespace) -> int:
 
     use_local_services()
     try:
-        if args.command == "models":
+        if args.command == "models" and args.history:
+            if not args.name:
+                raise ConfigError("--history needs a registered model NAME")
+            print("\n".join(registry.history_lines(registry.history(args.name))))
+        elif args.command == "models":
             rows = registry.list_versions(args.name)
             print(f"{'model':<24} {'ver':>4}  {'aliases':<28} {'method':<7} {'metric':<14} {'value':<10} decision")
             for r in rows:

@@ -11,7 +11,7 @@ import os
 from prefect import flow
 from prefect_aws import AwsClientParameters, AwsCredentials, S3Bucket
 
-from flows import tasks
+from flows import pages, tasks
 from steps.config import PipelineParams
 from steps.register.report import PipelineSummary
 from steps.register.step import RunRecord
@@ -58,17 +58,22 @@ def finetune(params: PipelineParams = PipelineParams()) -> PipelineSummary:
     before anything is registered, naming the rule; the summary lists what each step did.
     """
     save_result_storage()
-    prefix = params.artifacts_prefix
+    pages.label_run(params)
+    prefix, name = params.artifacts_prefix, params.register_.model_name
     where = params.dispatch  # step -> a tuneline-step deployment; others run in this flow run
-    raw = tasks.ingest(params.ingest, prefix, dispatch=where.get("ingest"))
-    validated = tasks.validate(params.validate_, raw, prefix, dispatch=where.get("validate"))
-    clean = tasks.scrub(params.scrub, validated, prefix, dispatch=where.get("scrub"))
+    raw = pages.step(name, "ingest", tasks.ingest(params.ingest, prefix, dispatch=where.get("ingest")))
+    validated = pages.step(name, "validate",
+                           tasks.validate(params.validate_, raw, prefix, dispatch=where.get("validate")))
+    clean = pages.step(name, "scrub", tasks.scrub(params.scrub, validated, prefix, dispatch=where.get("scrub")))
     base = tasks.base_model(params.base_model, prefix, chat_template=params.tokenize.chat_template,
                             dispatch=where.get("base_model"))
-    data = tasks.tokenize(params.tokenize, clean, base, prefix, dispatch=where.get("tokenize"))
+    pages.step(name, "base_model", base.base)
+    data = pages.step(name, "tokenize",
+                      tasks.tokenize(params.tokenize, clean, base, prefix, dispatch=where.get("tokenize")))
     tuned = tasks.train(params.train, data, base, prefix, dispatch=where.get("train"))
-    base_eval = tasks.evaluate(params.evaluate, base, data, prefix, dispatch=where.get("evaluate"))
-    tuned_eval = tasks.evaluate(params.evaluate, tuned, data, prefix, dispatch=where.get("evaluate"))
+    pages.step(name, "train", tuned.adapter)
+    base_eval = tasks.evaluate(params.evaluate, base, data, prefix, role="base", dispatch=where.get("evaluate"))
+    tuned_eval = tasks.evaluate(params.evaluate, tuned, data, prefix, role="candidate", dispatch=where.get("evaluate"))
     record = RunRecord(
         params=params.model_dump(mode="json", by_alias=True),
         datasets={"ingest": raw, "validate": validated, "scrub": clean, "tokenize": data},
@@ -78,10 +83,16 @@ def finetune(params: PipelineParams = PipelineParams()) -> PipelineSummary:
     # The incumbent is evaluated before registering, so a failure there leaves no orphan version.
     current = tasks.champion(params.register_)
     if current is not None and current.model.digest != tuned.digest:
-        incumbent = tasks.evaluate(params.evaluate, current.model, data, prefix, dispatch=where.get("evaluate"))
+        incumbent = tasks.evaluate(params.evaluate, current.model, data, prefix, role="champion",
+                                   dispatch=where.get("evaluate"))
         label = f"champion v{current.version}"
     else:
         incumbent, label = base_eval, "base model"
-    version = tasks.register(params.register_, record, prefix, dispatch=where.get("register"))
+    pages.evaluation(name, {"base": base_eval, "candidate": tuned_eval,
+                            **({label: incumbent} if incumbent is not base_eval else {})})
+    version = tasks.register(params.register_, record, prefix, run=pages.pipeline_run(),
+                             dispatch=where.get("register"))
     decision = tasks.promote(params.register_, version, tuned_eval, incumbent, label, base_eval)
-    return PipelineSummary(record=record, version=version, decision=decision)
+    summary = PipelineSummary(record=record, version=version, decision=decision)
+    pages.decision(summary)
+    return summary

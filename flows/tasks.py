@@ -18,6 +18,7 @@ from prefect.tasks import exponential_backoff
 from requests.exceptions import ConnectionError as HttpConnectionError
 from requests.exceptions import Timeout as HttpTimeout
 
+from flows import logs
 from steps.base_model import prepare_base_model
 from steps.config import (
     BaseModelConfig,
@@ -36,6 +37,7 @@ from steps.evaluate import evaluate_model
 from steps.ingest import ingest_records
 from steps.register.step import (
     Champion,
+    PipelineRun,
     PromotionDecision,
     RegisteredVersion,
     RunRecord,
@@ -48,7 +50,9 @@ from steps.tokenize.step import tokenize_dataset
 from steps.train.step import train_model
 from steps.validate import validate_records
 
+logs.attach()  # step logs reach the run's Logs tab; expected errors read as one line
 RESULT_STORAGE = "s3-bucket/tuneline-results"
+NOT_KEYED = ("dispatch", "role", "run")
 TRANSIENT = (TransientError, BotoConnectionError, ReadTimeoutError, HttpConnectionError, HttpTimeout)
 
 
@@ -57,8 +61,9 @@ class StepCachePolicy(CachePolicy):
     references, which carry the digests). Prefect's TASK_SOURCE would only see the wrapper."""
 
     def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str:
-        # Where a step runs (``dispatch``) does not change what it computes.
-        payload = canonical_json({k: _jsonable(v) for k, v in inputs.items() if k != "dispatch"})
+        # Where a step runs (``dispatch``), what its run is called (``role``) and which flow run asks (``run``)
+        # do not change what it computes.
+        payload = canonical_json({k: _jsonable(v) for k, v in inputs.items() if k not in NOT_KEYED})
         return hashlib.sha256(f"{task_ctx.task.name}:{code_version()}:{payload}".encode()).hexdigest()
 
 
@@ -78,9 +83,11 @@ def is_transient(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-def step_task(name: str, timeout_seconds: int = 3600, tags: tuple[str, ...] = ("tuneline",)) -> Any:
+def step_task(name: str, timeout_seconds: int = 3600, tags: tuple[str, ...] = ("tuneline",),
+              task_run_name: str | None = None) -> Any:
     return task(
         name=name,
+        task_run_name=task_run_name,
         retries=3,
         retry_delay_seconds=exponential_backoff(backoff_factor=2),
         retry_jitter_factor=0.5,
@@ -169,10 +176,14 @@ def train(cfg: TrainConfig, data: DatasetRef, model: ModelRef, prefix: str, disp
     return here_or_remote("train", dispatch, train_model, ModelRef, prefix, cfg=cfg, data=data, model=model)
 
 
-@step_task("evaluate", tags=("tuneline", "tuneline-gpu"))
-def evaluate(cfg: EvaluateConfig, model: ModelRef, data: DatasetRef, prefix: str,
+@step_task("evaluate", tags=("tuneline", "tuneline-gpu"), task_run_name="evaluate-{role}")
+def evaluate(cfg: EvaluateConfig, model: ModelRef, data: DatasetRef, prefix: str, role: str = "model",
              dispatch: str | None = None) -> EvalReport:
-    return here_or_remote("evaluate", dispatch, evaluate_model, EvalReport, prefix, cfg=cfg, model=model, data=data)
+    """``role`` (base, candidate, champion) names the task run and its log lines, not the result."""
+    def work(cfg: EvaluateConfig, model: ModelRef, data: DatasetRef, role: str, store: ArtifactStore) -> EvalReport:
+        return evaluate_model(cfg, model, data, store, role=role)
+
+    return here_or_remote("evaluate", dispatch, work, EvalReport, prefix, cfg=cfg, model=model, data=data, role=role)
 
 
 @live_task("find-champion")
@@ -181,8 +192,14 @@ def champion(cfg: RegisterConfig) -> Champion | None:
 
 
 @step_task("register")
-def register(cfg: RegisterConfig, record: RunRecord, prefix: str, dispatch: str | None = None) -> RegisteredVersion:
-    return here_or_remote("register", dispatch, register_model, RegisteredVersion, prefix, cfg=cfg, record=record)
+def register(cfg: RegisterConfig, record: RunRecord, prefix: str, run: PipelineRun | None = None,
+             dispatch: str | None = None) -> RegisteredVersion:
+    """``run`` (this flow run: start, name, link) goes onto the MLflow run; it does not change the cache key."""
+    def work(cfg: RegisterConfig, record: RunRecord, run: PipelineRun | None,
+             store: ArtifactStore) -> RegisteredVersion:
+        return register_model(cfg, record, store, run)
+
+    return here_or_remote("register", dispatch, work, RegisteredVersion, prefix, cfg=cfg, record=record, run=run)
 
 
 @live_task("promote")

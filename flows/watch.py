@@ -27,6 +27,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.pages import DATA_TRIGGERED
 from steps.config import PipelineParams
 from steps.core.errors import ConfigError
 
@@ -112,7 +113,7 @@ def watch(
             as_subflow=False,
             idempotency_key=f"{FLOW_NAME}:{mid}",
             flow_run_name=f"data-{PurePosixPath(obj['Key']).name}"[:100],
-            tags=[FLOW_NAME],
+            tags=[FLOW_NAME, DATA_TRIGGERED],
         )
         marker = {"source": source, "etag": obj["ETag"].strip('"'), "size": obj["Size"],
                   "deployment": deployment, "flow_run_id": str(run.id),

@@ -35,12 +35,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from steps.config import EvaluateConfig
 from steps.core.contract import CAUSAL, Task
 from steps.core.device import peak_memory_gib, pick_device, tune_allocator
 from steps.core.lineage import run_key
+from steps.core.progress import progress
 from steps.core.store import ArtifactStore, DatasetRef, EvalReport, ModelRef
 from steps.train import methods
 from steps.train.batching import collate
@@ -52,13 +51,15 @@ log = logging.getLogger(__name__)
 STEP = "evaluate"
 
 
-def evaluate_model(cfg: EvaluateConfig, model: ModelRef, data: DatasetRef, store: ArtifactStore) -> EvalReport:
+def evaluate_model(cfg: EvaluateConfig, model: ModelRef, data: DatasetRef, store: ArtifactStore,
+                   role: str | None = None) -> EvalReport:
     """The task's metrics of ``model`` (a base alone, or base plus trained weights) on ``data``'s eval split.
 
     Writes ``metrics.json`` (perplexity, BLEU/chrF; or accuracy, F1, confusion matrix; or MSE/MAE/R²;
     preference accuracy and rewards; the smoke test and forgetting perplexity) and ``samples.jsonl``
     (generated answers with their references). Run for the base, the candidate and the champion on
-    the same data, so the register step compares like with like.
+    the same data, so the register step compares like with like. ``role`` (base, candidate,
+    champion) only names the model in the log lines.
     """
     inputs = [model.base] + ([model.adapter] if model.adapter else []) + [data]
     key = run_key(STEP, cfg, [ref.digest for ref in inputs])
@@ -83,7 +84,7 @@ def evaluate_model(cfg: EvaluateConfig, model: ModelRef, data: DatasetRef, store
         if cfg.reference_blocks:
             stats["reference_perplexity"] = reference_perplexity(net, tokenizer, cfg, pad_id, device)
     stats["smoke_passed"] = stats["smoke"]["passed"]
-    prompts = store.read_jsonl(data, "eval_prompts.jsonl")[: cfg.bleu_samples] if not task.sequence_head else []
+    prompts = [] if task.sequence_head else stratified(store.read_jsonl(data, "eval_prompts.jsonl"), cfg.bleu_samples)
     answers = generate(net, tokenizer, [p["messages"] for p in prompts], cfg, device) if prompts else []
     if prompts:
         import sacrebleu
@@ -95,14 +96,58 @@ def evaluate_model(cfg: EvaluateConfig, model: ModelRef, data: DatasetRef, store
     writer = store.writer(STEP, key, cfg, inputs=inputs)
     writer.put_json("metrics.json", stats)
     writer.put_jsonl("samples.jsonl", [
-        {"id": p["id"], "reference": p["reference"], "prediction": a} for p, a in zip(prompts, answers)
+        {"id": p["id"], "group": prompt_group(p), "reference": p["reference"], "prediction": a}
+        for p, a in zip(prompts, answers)
     ])
-    log.info("evaluate %s: %s", model.label, stats)
+    shown = [f"{k} {v}" for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+             and k in LOGGED]
+    log.info("evaluate %s: %s, smoke test %s", role or model.label, ", ".join(shown),
+             "passed" if stats["smoke_passed"] else "failed")
     return EvalReport(**writer.commit(stats=stats).model_dump())
 
 
 REFERENCE_TEXT = Path(__file__).resolve().parent / "reference" / "general.txt"
 REFERENCE_BLOCK = 256
+
+
+LOGGED = ("perplexity", "bleu", "chrf", "accuracy", "f1_macro", "mse", "mae", "r2", "pref_accuracy", "reward_margin",
+          "reference_perplexity")
+
+
+def prompt_group(prompt: dict) -> str:
+    """What a held-out prompt is about, for sampling: its ``category`` if the record had one, else the
+    writing system of its last user turn (latin, hangul, cjk, kana, cyrillic, arabic, ...)."""
+    if isinstance(prompt.get("category"), str):
+        return prompt["category"]
+    turns = [m.get("content") for m in prompt.get("messages") or [] if m.get("role") == "user"]
+    return script_of(turns[-1] if turns and isinstance(turns[-1], str) else "")
+
+
+def script_of(text: str) -> str:
+    """The writing system most of ``text``'s letters belong to (from their Unicode names)."""
+    import unicodedata
+
+    counts: dict[str, int] = {}
+    for ch in text:
+        if ch.isalpha():
+            name = unicodedata.name(ch, "OTHER").split(" ")[0]
+            script = {"HIRAGANA": "kana", "KATAKANA": "kana", "CJK": "cjk"}.get(name, name.lower())
+            counts[script] = counts.get(script, 0) + 1
+    return max(counts, key=counts.__getitem__) if counts else "none"
+
+
+def stratified(prompts: list[dict], n: int) -> list[dict]:
+    """``n`` prompts taken in turn from each group (``prompt_group``), in file order within a group, so a
+    mixed-language eval set is sampled in every language; deterministic."""
+    groups: dict[str, list[dict]] = {}
+    for prompt in prompts:
+        groups.setdefault(prompt_group(prompt), []).append(prompt)
+    chosen: list[dict] = []
+    for i in range(max((len(g) for g in groups.values()), default=0)):
+        chosen += [g[i] for g in groups.values() if i < len(g)]
+        if len(chosen) >= n:
+            break
+    return chosen[:n]
 
 
 def degenerate(tokens: list[int], n: int = 4, limit: float = 0.3) -> bool:
@@ -285,7 +330,7 @@ def generate(net: Any, tokenizer: Any, conversations: list[list[dict]], cfg: Eva
 
     tokenizer.padding_side = "left"
     answers: list[str] = []
-    for i in tqdm(range(0, len(conversations), cfg.batch_size), desc="generate", unit="batch"):
+    for i in progress(range(0, len(conversations), cfg.batch_size), desc="generate", unit="batch"):
         texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
                  for c in conversations[i : i + cfg.batch_size]]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)

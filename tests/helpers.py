@@ -140,3 +140,33 @@ def drain_prefect_workers() -> None:
 
     APILogWorker.drain_all()
     EventsWorker.drain_all()
+
+
+def flow_run_page(flow_run_id) -> dict:
+    """What the Prefect UI shows of a flow run: its name, tags, log lines (messages, in order) and
+    markdown artifacts by key (logs sent first)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    drain_prefect_workers()
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run_id)
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), sort=LogSort.TIMESTAMP_ASC)
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[flow_run_id])))
+    return {"name": run.name, "tags": list(run.tags), "logs": [log.message for log in logs],
+            "artifacts": {a.key: a.data for a in artifacts}}
+
+
+def newest_flow_run(tag: str):
+    """The newest flow run carrying ``tag``."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])),
+                                     sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=1)
+    assert runs, f"no flow run tagged {tag}"
+    return runs[0]

@@ -4,7 +4,8 @@ dataset is made for (tokenize writes it, train, evaluate and the served model re
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,10 +23,25 @@ FORMAT_KINDS = {"messages": "chat", "sharegpt": "chat", "alpaca": "chat", "text"
                 "classification": "classification", "regression": "regression", "preference": "preference"}
 
 
+def form_schema(schema: dict[str, Any]) -> None:
+    """A model's JSON schema as forms render it (the Prefect UI renders descriptions as markdown): ``<EMAIL>``
+    and ``*`` shown as written (code spans), and each field's bounds said in its description."""
+    for prop in (schema.get("properties") or {}).values():
+        if "description" in prop:
+            text = re.sub(r"<[^<>\s][^<>]*>|(?<![\w`])\*(?![\w`])", lambda m: f"`{m.group(0)}`", prop["description"])
+            bounds = [f"{word} {limit}" for key, word in BOUND_WORDS.items() for branch in (prop, *prop.get("anyOf", ()))
+                      if (limit := branch.get(key)) is not None]
+            prop["description"] = text + (f" Allowed: {', '.join(bounds)}." if bounds else "")
+
+
+BOUND_WORDS = {"minimum": "≥", "exclusiveMinimum": ">", "maximum": "≤", "exclusiveMaximum": "<",
+               "minLength": "length ≥", "maxLength": "length ≤", "minItems": "items ≥", "maxItems": "items ≤"}
+
+
 class StrictModel(BaseModel):
     """Unknown fields are errors; instances are immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=form_schema)
 
 
 class Task(StrictModel):

@@ -2,6 +2,7 @@
 recorded override), roll the champion back, and predict from a registered model.
 
     tuneline models [NAME]                         # versions, aliases, gate metric, decision
+    tuneline models NAME --history                 # every alias move: time, actor, action, reason
     tuneline promote NAME VERSION [--force --reason TEXT]
     tuneline rollback NAME                         # champion -> previous-champion
     tuneline predict NAME[@alias|/version] TEXT... # loads from the registry, answers or labels
@@ -19,7 +20,7 @@ from typing import Any
 
 from steps.config import RegisterConfig
 from steps.core.errors import ConfigError
-from steps.register.step import decide
+from steps.register.step import alias_history, challenger_leaves, decide, make_champion, move_alias
 
 
 def _client() -> Any:
@@ -78,6 +79,7 @@ def _promote(name: str, version: str, force: bool, reason: str | None) -> str:
     candidate = _version(client, name, version)
     champion = _alias(client, name, "champion")
     if champion is not None and champion.version == candidate.version:
+        challenger_leaves(client, name, version, "promote")
         return f"{name} v{version} is already champion"
     metric = candidate.tags.get("tuneline.metric")
     if force:
@@ -98,9 +100,8 @@ def _promote(name: str, version: str, force: bool, reason: str | None) -> str:
             client.set_model_version_tag(name, version, "tuneline.promotion", f"not promoted (manual gate): {detail}")
             raise ConfigError(f"not promoted: {detail}")
         verdict = f"promoted (manual gate): {detail}"
-    if champion is not None:
-        client.set_registered_model_alias(name, "previous-champion", champion.version)
-    client.set_registered_model_alias(name, "champion", version)
+    make_champion(client, name, version, champion.version if champion is not None else None,
+                  "force" if force else "promote", verdict)
     client.set_model_version_tag(name, version, "tuneline.promotion", verdict)
     return f"{name} v{version} is champion: {verdict}"
 
@@ -118,12 +119,30 @@ def _rollback(client: Any, name: str) -> str:
     champion, previous = _alias(client, name, "champion"), _alias(client, name, "previous-champion")
     if champion is None or previous is None:
         raise ConfigError(f"{name} has no champion and previous-champion to roll back between")
-    client.set_registered_model_alias(name, "champion", previous.version)
-    client.delete_registered_model_alias(name, "previous-champion")
+    move_alias(client, name, "champion", previous.version, "rollback", f"v{champion.version} rolled back")
+    move_alias(client, name, "previous-champion", None, "rollback", f"v{previous.version} is champion again")
     client.set_model_version_tag(name, champion.version, "tuneline.rolled_back", f"replaced by v{previous.version}")
     client.set_model_version_tag(name, previous.version, "tuneline.promotion",
                                  f"champion again: rollback from v{champion.version}")
     return f"{name}: champion is v{previous.version} again (v{champion.version} rolled back)"
+
+
+def history(name: str) -> list[dict[str, Any]]:
+    """Every alias move of ``name`` (register, gate, promote, force, rollback), oldest first."""
+    client = _client()
+    if not client.search_model_versions(f"name = '{name}'", max_results=1):
+        raise ConfigError(f"no registered model {name!r}")
+    return alias_history(client, name)
+
+
+def history_lines(events: list[dict[str, Any]]) -> list[str]:
+    """``tuneline models NAME --history``: one line per alias move."""
+    lines = [f"{'time (UTC)':<23} {'alias':<17} {'move':<11} {'action':<8} {'actor':<24} reason"]
+    for e in events:
+        move = f"v{e['from'] or '-'} -> v{e['to'] or '-'}".replace("v-", "-")
+        lines.append(f"{e['time'][:23].replace('T', ' '):<23} {e['alias']:<17} {move:<11} {e['action']:<8} "
+                     f"{e['actor'][:24]:<24} {e['reason']}")
+    return lines if events else ["no alias moves recorded"]
 
 
 def model_uri(spec: str) -> str:

@@ -50,6 +50,15 @@ class RunRecord(StrictModel):
     evaluations: dict[str, EvalReport]
 
 
+class PipelineRun(StrictModel):
+    """The orchestrator's run a registration belongs to, recorded on the MLflow run (start, name, link)."""
+
+    flow_run_id: str
+    flow_run_name: str
+    started: str  # ISO 8601 with a UTC offset: the MLflow run's start, so its duration covers the pipeline
+    url: str | None = None
+
+
 class RegisteredVersion(StrictModel):
     name: str
     version: str
@@ -93,12 +102,14 @@ def find_champion(cfg: RegisterConfig) -> Champion | None:
     return Champion(version=version.version, model=ModelRef.model_validate_json(ref))
 
 
-def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore) -> RegisteredVersion:
+def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore,
+                   run: PipelineRun | None = None) -> RegisteredVersion:
     """Log the run to MLflow and register the trained model as a new version with alias ``challenger``.
 
     The version holds the pickle-free pyfunc (``serving.py``), adapter or weights, tokenizer, model
-    card, reports and lineage tags (run key, code version, digests). Registering the same run key
-    again returns the existing version. Raises ``ConfigError`` when ``record`` holds no trained weights.
+    card, reports and lineage tags (run key, code version, digests). ``run`` (the flow run) gives the
+    MLflow run its start time, description and link back. Registering the same run key again returns
+    the existing version. Raises ``ConfigError`` when ``record`` holds no trained weights.
     """
     import mlflow
 
@@ -118,26 +129,25 @@ def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore)
     base_uri = base_model_uri(record.model.base, store)
     # The experiment by id: set_experiment's "active experiment" is process-wide, and a run
     # registering its base model in another thread may change it before start_run.
-    experiment = mlflow.set_experiment(cfg.experiment)
+    experiment = training_experiment(cfg.experiment)
     evals = {name: report.stats for name, report in record.evaluations.items()}
     tags = lineage_tags(key, record)
-    with mlflow.start_run(experiment_id=experiment.experiment_id, run_name=f"{cfg.model_name}-{key[:8]}",
-                          tags=tags) as run, \
+    created = client.create_run(experiment.experiment_id, start_time=start_ms(run),
+                                run_name=f"{cfg.model_name}-{key[:8]}",
+                                tags={**tags, **run_page_tags(cfg, record, run)})
+    with mlflow.start_run(run_id=created.info.run_id) as active, \
             tempfile.TemporaryDirectory(prefix="tuneline-register-") as tmp:
         mlflow.log_params(flatten(record.params))
-        log_datasets(record, store)
+        datasets = log_datasets(record, store)
         history = store.read_json(record.model.adapter, "train_log.json")
-        log_series(run.info.run_id, history)
-        mlflow.log_metrics({f"{name}_{metric}": value for name, stats in evals.items()
-                            for metric, value in stats.items() if isinstance(value, (int, float))})
-        mlflow.log_figure(loss_curve(history), "plots/loss_curve.png")
+        train_report = store.read_json(record.model.adapter, "train_report.json")
+        mlflow.log_figure(loss_curve(history, train_report.get("evals", []), evals), "plots/loss_curve.png")
         if "confusion_matrix" in evals.get("candidate", {}):
             mlflow.log_figure(confusion_figure(evals["candidate"]), "plots/confusion_matrix.png")
-        mlflow.log_dict(store.read_json(record.model.adapter, "train_report.json"), "reports/train_report.json")
+        mlflow.log_dict(train_report, "reports/train_report.json")
         for step in ("validate", "scrub"):  # what the data policy left out: ids, line numbers and rules
             ref = record.datasets.get(step)
             if ref is not None and ref.stats.get("quarantined"):
-                mlflow.log_metric(f"{step}_quarantined", ref.stats["quarantined"])
                 mlflow.log_text(store.read_bytes(ref, "quarantine.jsonl").decode("utf-8"),
                                 f"data/quarantine_{step}.jsonl")
         if RECORD_LOSSES in store.manifest(record.model.adapter.key)["files"]:
@@ -148,7 +158,7 @@ def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore)
         mlflow.log_dict(evals, "reports/eval.json")
         samples = store.read_jsonl(record.evaluations["candidate"], "samples.jsonl")
         if samples:
-            mlflow.log_table({k: [s[k] for s in samples] for k in ("id", "reference", "prediction")},
+            mlflow.log_table({k: [s.get(k) for s in samples] for k in ("id", "group", "reference", "prediction")},
                              "reports/eval_samples.json")
         card = model_card(cfg, record, key)
         mlflow.log_text(card, "model_card.md")
@@ -161,21 +171,35 @@ def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore)
         for path in base_dir.iterdir():
             if path.is_file() and is_tokenizer_file(path.name):
                 shutil.copy(path, tokenizer_dir / path.name)
+        task = record.datasets["tokenize"].stats.get("task", "sft")
+        # Logged before any metric: log_model copies the run's metrics onto the model one request per metric.
         info = mlflow.pyfunc.log_model(
-            name="model",
+            name=logged_model_name(cfg.model_name),
             python_model=str(SERVING_CODE),
             artifacts={"trained": str(trained_dir), "tokenizer": str(tokenizer_dir),
                        "code": str(package_zip(STEPS_DIR, Path(tmp) / "steps.zip"))},
             model_config={"base_model_uri": base_uri, "base_model_digest": record.model.base.digest},
             pip_requirements=serving_requirements(),
-            signature=signature_for(record.datasets["tokenize"].stats.get("task", "sft")),
+            signature=signature_for(task),
+            input_example=input_example(task, store, record.datasets["tokenize"]),
         )
+        record_sources(client, info, Path(tmp) / "mlmodel", {
+            "trained": f"s3://{store.bucket}/{record.model.adapter.key}",
+            "tokenizer": f"s3://{store.bucket}/{record.model.base.key}",
+            "code": f"steps.zip of tuneline code version {code_version()}"})
+        log_series(active.info.run_id, history)
+        mlflow.log_metrics({f"{step}_quarantined": ref.stats["quarantined"] for step, ref in record.datasets.items()
+                            if ref.stats.get("quarantined")})
+        # The evaluation metrics belong to the model and the eval set: the model page lists them with the dataset.
+        mlflow.log_metrics({f"{name}_{metric}": value for name, stats in evals.items()
+                            for metric, value in stats.items() if isinstance(value, (int, float))},
+                           model_id=info.model_id, dataset=datasets["evaluation"])
     gate = {"tuneline.metric": cfg.metric,
             "tuneline.metric_value": str(record.evaluations["candidate"].stats.get(cfg.metric, ""))}
     version = mlflow.register_model(info.model_uri, cfg.model_name, tags={**tags, **gate, "tuneline.run_key": key})
     finish_version(client, cfg.model_name, version.version, card)
-    log.info("register: %s v%s (@challenger), run %s", cfg.model_name, version.version, run.info.run_id)
-    return RegisteredVersion(name=cfg.model_name, version=version.version, run_id=run.info.run_id, run_key=key)
+    log.info("register: %s v%s (@challenger), run %s", cfg.model_name, version.version, active.info.run_id)
+    return RegisteredVersion(name=cfg.model_name, version=version.version, run_id=active.info.run_id, run_key=key)
 
 
 def package_zip(package: Path, target: Path) -> Path:
@@ -197,8 +221,51 @@ def finish_version(client: Any, name: str, version: str, card: str) -> None:
     """The model card, alias ``challenger``, then the tag that marks the registration complete (last,
     like a manifest: a retry that finds a version without it finishes the job)."""
     client.update_model_version(name, version, description=card)
-    client.set_registered_model_alias(name, "challenger", version)
+    move_alias(client, name, "challenger", version, "register", "new version from the pipeline")
     client.set_model_version_tag(name, version, "tuneline.registration", "complete")
+
+
+HISTORY_TAG = "tuneline.alias_history."  # + time + alias: one version tag per alias move
+
+
+def actor() -> str:
+    """Who moves an alias: ``TUNELINE_ACTOR`` (e.g. set by a CI job), else user@host."""
+    import getpass
+    import os
+    import socket
+
+    return os.environ.get("TUNELINE_ACTOR") or f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+def move_alias(client: Any, name: str, alias: str, version: str | None, action: str, reason: str) -> None:
+    """Point ``alias`` at ``version`` (None: remove it) and record the move (time, actor, action, reason, from and
+    to versions) as a tag on the version it went to, or on the one it left when removed."""
+    from datetime import datetime, timezone
+
+    from mlflow.exceptions import MlflowException
+
+    try:
+        before: str | None = client.get_model_version_by_alias(name, alias).version
+    except MlflowException:
+        before = None
+    if before == version:
+        return
+    if version is None:
+        client.delete_registered_model_alias(name, alias)
+    else:
+        client.set_registered_model_alias(name, alias, version)
+    now = datetime.now(timezone.utc)
+    event = {"time": now.isoformat(timespec="microseconds"), "alias": alias, "from": before, "to": version,
+             "action": action, "actor": actor(), "reason": reason[:2000]}
+    client.set_model_version_tag(name, version or before, f"{HISTORY_TAG}{now:%Y%m%dT%H%M%S.%f}.{alias}",
+                                 json.dumps(event, ensure_ascii=False))
+
+
+def alias_history(client: Any, name: str) -> list[dict[str, Any]]:
+    """Every recorded alias move of a registered model, oldest first."""
+    events = [json.loads(value) for v in client.search_model_versions(f"name = '{name}'")
+              for key, value in v.tags.items() if key.startswith(HISTORY_TAG)]
+    return sorted(events, key=lambda e: e["time"])
 
 
 def decide(cfg: RegisterConfig, candidate: float, incumbent: float, incumbent_label: str) -> tuple[bool, str]:
@@ -263,11 +330,11 @@ def promote_model(
         detail = "; ".join([verdict, *(text for _, text in checks)])
         if current is not None and current.version == version.version:
             promoted, reason, champion = True, f"already champion: {detail}", version.version
+            challenger_leaves(client, cfg.model_name, version.version, "gate")
         elif better and not failed:
-            if current is not None:
-                client.set_registered_model_alias(cfg.model_name, "previous-champion", current.version)
-            client.set_registered_model_alias(cfg.model_name, "champion", version.version)
             promoted, reason, champion = True, f"promoted: {detail}", version.version
+            make_champion(client, cfg.model_name, version.version, current.version if current else None, "gate",
+                          reason)
         else:
             promoted = False
             reason = f"not promoted, {'champion unchanged' if current else 'no champion yet'}: {detail}"
@@ -280,6 +347,21 @@ def promote_model(
     log.info("promotion gate: %s", reason)
     return PromotionDecision(promoted=promoted, reason=reason, champion_version=champion, metric=cfg.metric,
                              candidate_value=value, incumbent_value=against, incumbent=incumbent_label)
+
+
+def make_champion(client: Any, name: str, version: str, current: str | None, action: str, reason: str) -> None:
+    """``champion`` to ``version``; the old champion becomes ``previous-champion``; ``challenger`` leaves the
+    version (it is no longer challenging). Each move recorded (``move_alias``)."""
+    if current is not None:
+        move_alias(client, name, "previous-champion", current, action, f"replaced by v{version}")
+    move_alias(client, name, "champion", version, action, reason)
+    challenger_leaves(client, name, version, action)
+
+
+def challenger_leaves(client: Any, name: str, version: str, action: str) -> None:
+    """A champion is no longer a challenger: the alias is removed from it (and recorded)."""
+    if str((client.get_registered_model(name).aliases or {}).get("challenger")) == str(version):
+        move_alias(client, name, "challenger", None, action, f"v{version} is champion")
 
 
 def promotion_section(reason: str, candidate: EvalReport, incumbent: EvalReport, label: str,
@@ -316,8 +398,9 @@ def promotion_lock(model_name: str, timeout: float = 300.0) -> Any:
     return ArtifactStore.from_env("locks").lock(f"promote/{model_name}", timeout=timeout)
 
 
-def log_datasets(record: RunRecord, store: ArtifactStore) -> None:
-    """``mlflow.log_input`` for the raw data and the train/eval splits, each with its S3 source and digest."""
+def log_datasets(record: RunRecord, store: ArtifactStore) -> dict[str, Any]:
+    """``mlflow.log_input`` for the raw data and the train/eval splits, each with its S3 source and digest;
+    returns the datasets by context (raw, training, evaluation)."""
     import mlflow
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
@@ -326,10 +409,121 @@ def log_datasets(record: RunRecord, store: ArtifactStore) -> None:
     inputs = [(raw, "raw.jsonl", "raw", str(raw.stats.get("source_sha256", raw.digest))),
               (tokenized, "train.jsonl", "training", tokenized.digest),
               (tokenized, "eval.jsonl", "evaluation", tokenized.digest)]
+    logged = {}
     for ref, name, context, digest in inputs:
         source = resolve_dataset_source(f"s3://{store.bucket}/{ref.key}/{name}")
-        dataset = MetaDataset(source=source, name=f"{ref.step}/{name}", digest=digest[:32])
-        mlflow.log_input(dataset, context=context)
+        logged[context] = MetaDataset(source=source, name=f"{ref.step}/{name}", digest=digest[:32])
+        mlflow.log_input(logged[context], context=context)
+    return logged
+
+
+TRAINING_KIND = "custom_model_development"  # the MLflow UI's model-training view (not the GenAI one)
+
+
+def training_experiment(name: str) -> Any:
+    """The experiment, created if missing, tagged so the MLflow UI opens it as model training."""
+    import mlflow
+
+    experiment = mlflow.set_experiment(name)
+    if experiment.tags.get("mlflow.experimentKind") != TRAINING_KIND:
+        _client().set_experiment_tag(experiment.experiment_id, "mlflow.experimentKind", TRAINING_KIND)
+    return experiment
+
+
+def start_ms(run: PipelineRun | None) -> int | None:
+    """The pipeline's start in epoch milliseconds (None: now)."""
+    from datetime import datetime
+
+    return int(datetime.fromisoformat(run.started).timestamp() * 1000) if run is not None else None
+
+
+def run_page_tags(cfg: RegisterConfig, record: RunRecord, run: PipelineRun | None) -> dict[str, str]:
+    """The MLflow run's description (``mlflow.note.content``) and its link to the flow run."""
+    links = {} if run is None else {"tuneline.prefect_flow_run_id": run.flow_run_id,
+                                    "tuneline.prefect_flow_run_name": run.flow_run_name,
+                                    **({"tuneline.prefect_flow_run": run.url} if run.url else {})}
+    return {"mlflow.note.content": run_description(cfg, record, run), **links}
+
+
+def run_description(cfg: RegisterConfig, record: RunRecord, run: PipelineRun | None) -> str:
+    d, adapter = record.datasets, record.model.adapter
+    where = "" if run is None else (f" by flow run [{run.flow_run_name}]({run.url})" if run.url
+                                    else f" by flow run {run.flow_run_name}")
+    trained = adapter.stats if adapter is not None else {}
+    return "\n".join([
+        f"**{cfg.model_name}**: `{record.model.base.stats.get('source')}` fine-tuned with `{trained.get('method')}` "
+        f"for task `{d['tokenize'].stats.get('task', 'sft')}`{where}.",
+        "",
+        f"- data: `{d['ingest'].stats.get('source')}`, {d['scrub'].stats.get('records_out')} records after scrub; "
+        f"{split_summary(d['tokenize'].stats)}",
+        f"- train: {trained.get('steps')} steps on {trained.get('device')}, loss {trained.get('first_loss')} -> "
+        f"{trained.get('final_loss')}",
+        f"- gate metric: `{cfg.metric}`; the model card (model version page) has the evaluation and decision",
+    ])
+
+
+def logged_model_name(model_name: str) -> str:
+    """The logged model is named after the registered model (MLflow allows letters, digits, ``-_.``)."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", model_name).strip("-") or "model"
+
+
+EXAMPLE_TEXT = {"classification": "An example text to classify.", "regression": "An example text to score."}
+
+
+def input_example(task: str, store: ArtifactStore, data: DatasetRef) -> list[str]:
+    """One input a served model answers: the first held-out prompt's last user turn, or a fixed text."""
+    if task in EXAMPLE_TEXT:
+        return [EXAMPLE_TEXT[task]]
+    if "eval_prompts.jsonl" in store.manifest(data.key)["files"]:
+        for prompt in store.read_jsonl(data, "eval_prompts.jsonl")[:20]:
+            turns = [m.get("content") for m in prompt.get("messages") or [] if m.get("role") == "user"]
+            if turns and isinstance(turns[-1], str) and turns[-1].strip():
+                return [turns[-1][:500]]
+    return ["Hello! What can you do?"]
+
+
+def record_sources(client: Any, info: Any, folder: Path, sources: dict[str, str]) -> None:
+    """MLmodel as MLflow writes it names the local staging folders the artifacts were copied from, and the
+    local path of ``serving.py``: record where they come from instead (store keys, code version)."""
+    import yaml
+
+    folder.mkdir()
+    location = client.get_logged_model(info.model_id).artifact_location
+    text = Path(mlflow_download(f"{location.rstrip('/')}/MLmodel", folder)).read_text()
+    model = yaml.safe_load(text)
+    flavor = model["flavors"]["python_function"]
+    for name, entry in (flavor.get("artifacts") or {}).items():
+        if name in sources:
+            entry["uri"] = sources[name]
+    if "model_code_path" in flavor:
+        flavor["model_code_path"] = Path(flavor["model_code_path"]).name
+    (folder / "MLmodel").write_text(yaml.safe_dump(model, sort_keys=False))
+    client.log_model_artifact(info.model_id, str(folder / "MLmodel"))
+
+
+def mlflow_download(uri: str, folder: Path) -> str:
+    import mlflow
+
+    return mlflow.artifacts.download_artifacts(uri, dst_path=str(folder))
+
+
+def version_links(version: RegisteredVersion) -> dict[str, str]:
+    """The MLflow UI pages of the version's run and of the version (none when the tracking URI is not a server)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return {}
+    parts = urlsplit(uri)
+    ui = urlunsplit((parts.scheme, parts.hostname + (f":{parts.port}" if parts.port else ""), parts.path.rstrip("/"),
+                     "", ""))  # no user:password@ in a link
+    experiment = _client().get_run(version.run_id).info.experiment_id
+    return {"MLflow run": f"{ui}/#/experiments/{experiment}/runs/{version.run_id}",
+            "model version": f"{ui}/#/models/{version.name}/versions/{version.version}"}
 
 
 def signature_for(task: str) -> Any:
@@ -411,9 +605,28 @@ def new_figure(width: float, height: float) -> tuple[Any, Any]:
     return fig, fig.subplots()
 
 
-def loss_curve(history: list[dict[str, float]]) -> Any:
+def smoothed(values: list[float]) -> list[float]:
+    """Exponential moving average, bias-corrected (as TensorBoard draws it); the weight grows with the length."""
+    weight = min(0.95, 1 - 1 / max(2.0, len(values) / 10))
+    out, avg = [], 0.0
+    for i, value in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * value
+        out.append(avg / (1 - weight**i))
+    return out
+
+
+def loss_curve(history: list[dict[str, float]], evals_during: list[dict[str, float]], evals: dict[str, dict]) -> Any:
+    """Train loss per step (faint) and smoothed, and the eval loss: the base model's at step 0, the
+    evaluations during training (early stopping), the candidate's after the last step."""
     fig, ax = new_figure(6, 3.5)
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss")
+    steps, losses = [h["step"] for h in history], [h["loss"] for h in history]
+    ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=1, label="train loss (per step)")
+    ax.plot(steps, smoothed(losses), color="tab:blue", linewidth=2, label="train loss (smoothed)")
+    before, after = evals.get("base", {}).get("eval_loss"), evals.get("candidate", {}).get("eval_loss")
+    points = ([(0, before)] if before is not None else []) + [(e["step"], e["loss"]) for e in evals_during] + \
+        ([(steps[-1] if steps else 0, after)] if after is not None else [])
+    if points:
+        ax.plot(*zip(*points), color="tab:orange", marker="o", linewidth=2, label="eval loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)

@@ -86,13 +86,14 @@ def token_nll(net: Any, rows: list[dict[str, Any]], batch_size: int, pad_id: int
               progress: bool = True) -> tuple[float, int]:
     """Mean negative log-likelihood per label token, summed exactly over all rows."""
     import torch
-    from tqdm import tqdm
+
+    from steps.core.progress import progress as bar
 
     total, count = 0.0, 0
     rows = sorted(rows, key=lambda r: len(r["input_ids"]))  # similar lengths per batch: little padding, same sum
     starts = range(0, len(rows), batch_size)
     with torch.no_grad():
-        for i in tqdm(starts, desc="perplexity", unit="batch", mininterval=2, disable=not progress):
+        for i in bar(starts, desc="perplexity", unit="batch", disable=not progress):
             batch = {k: v.to(device) for k, v in collate(rows[i : i + batch_size], pad_id).items()}
             sums, counts = label_nll(net, batch)
             total += float(sums.sum())
@@ -150,13 +151,14 @@ def record_losses(net: Any, task: Task, sides: dict[str, list[dict]], batch_size
     gives it (token NLL of its label tokens, over all its rows: a windowed conversation is one record;
     a sequence head's cross-entropy or squared error; a preference pair's chosen answer). Highest first."""
     import torch
-    from tqdm import tqdm
+
+    from steps.core.progress import progress as bar
 
     sums: dict[tuple[str, str], list[float]] = {}
     net.eval()
     # A forward over every record: on the shipped 135M model and 2 CPU cores about as long as 60 steps of
     # training (the default run's 1,380 records: ~4.5 min), hence the progress bar.
-    progress = tqdm(total=sum(len(rows) for rows in sides.values()), desc="record losses", unit="rec", mininterval=2)
+    progress = bar(total=sum(len(rows) for rows in sides.values()), desc="record losses", unit="rec")
     with torch.no_grad(), progress:
         for side, rows in sides.items():
             rows = sorted(rows, key=lambda r: len(r["input_ids"]))  # similar lengths per batch: little padding

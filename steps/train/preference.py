@@ -132,11 +132,11 @@ def reference_logps(net: Any, rows: list[dict[str, Any]], batch_size: int, pad_i
                     progress: bool = True) -> None:
     """Add ``ref_chosen`` / ``ref_rejected`` (summed log-probs of the frozen base) to each row, in place."""
     import torch
-    from tqdm import tqdm
+
+    from steps.core.progress import progress as bar
 
     with torch.no_grad():
-        for i in tqdm(range(0, len(rows), batch_size), desc="reference log-probs", unit="batch", mininterval=2,
-                      disable=not progress):
+        for i in bar(range(0, len(rows), batch_size), desc="reference log-probs", unit="batch", disable=not progress):
             chunk = rows[i : i + batch_size]
             logps, _, _ = forward_logps(net, chunk, pad_id, device)
             for row, good, bad in zip(chunk, logps[: len(chunk)].tolist(), logps[len(chunk):].tolist()):

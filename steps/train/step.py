@@ -18,13 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from steps.config import TrainConfig
 from steps.core.contract import RECORD_LOSSES, Task
 from steps.core.device import dtype_for, peak_memory_gib, pick_device, tune_allocator
 from steps.core.errors import ArtifactError
 from steps.core.lineage import run_key
+from steps.core.progress import progress as bar
 from steps.core.store import ArtifactRef, ArtifactStore, DatasetRef, ModelRef
 from steps.train import methods, parallel, preference
 from steps.train.batching import batch_order, pack_order
@@ -120,8 +119,9 @@ def train_in_process(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store:
         torch.cuda.reset_peak_memory_stats()
     started = time.time() - state["seconds"]
     trainer.train()
-    progress = tqdm(range(state["step"] + 1, total + 1), desc="train", unit="step", initial=state["step"], total=total,
-                    disable=not group.main)
+    progress = bar(range(state["step"] + 1, total + 1), desc="train", unit="step", initial=state["step"], total=total,
+                   disable=not group.main, leave=True)
+    quarter = max(1, -(-total // 4))  # without a bar (not a terminal): a log line at each quarter instead
     for step in progress:
         tokens, logged = 0, {}
         for micro in range(cfg.grad_accum_steps):
@@ -148,6 +148,8 @@ def train_in_process(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store:
         step_loss = logged.pop("loss")
         state["history"].append({"step": step, "loss": step_loss, "lr": lr, **logged})
         progress.set_postfix(loss=f"{step_loss:.3f}")
+        if group.main and progress.disable and step % quarter == 0 and step < total:
+            log.info("train: step %d of %d, loss %.3f", step, total, step_loss)
         es = cfg.early_stopping
         if es and step % es.eval_every == 0:
             stop = False

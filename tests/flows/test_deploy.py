@@ -43,6 +43,8 @@ def test_prefect_yaml_has_one_deployment_per_parameter_set_and_the_gpu_settings_
         assert [s["cron"] for s in planned["default"].schedules] == ["0 2 * * *"]
         assert all(not s["active"] for p in planned.values() for s in p.schedules)  # registered inactive
     assert load_spec(pool="process")[0].job_variables == {"working_dir": str(REPO)}
+    readme = (REPO / "README.md").read_text()
+    assert f"registers all {len(load_spec(pool='process'))} on the process pool" in readme  # the README's count
 
     # Kubernetes: training runs get the GPU image, one GPU and a GPU node; the sensor does not.
     k8s = {p.name: p for p in load_spec(pool="kubernetes", image_gpu="reg.example/tuneline-gpu:1")}

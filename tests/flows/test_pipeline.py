@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import DEFAULT_PARAMS, main
-from helpers import chat, write_jsonl
+from helpers import chat, flow_run_page, newest_flow_run, write_jsonl
 from steps.config import PipelineParams
 
 pytestmark = pytest.mark.services
@@ -48,6 +48,15 @@ def task_states(flow_run_id, expected: int) -> dict[str, list[str]]:
     return states
 
 
+def task_names(flow_run_id) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        return [r.name for r in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
+            any_=[flow_run_id])))]
+
+
 def test_full_flow_registers_promotes_and_reruns_fully_cached(prefect_api, store, tmp_path):
     import mlflow
     from mlflow import MlflowClient
@@ -72,7 +81,7 @@ def test_full_flow_registers_promotes_and_reruns_fully_cached(prefect_api, store
     assert len(versions) == 1
     version = client.get_model_version_by_alias(name, "champion")
     assert version.version == versions[0].version == summary.version.version
-    assert client.get_model_version_by_alias(name, "challenger").version == version.version
+    assert "challenger" not in client.get_registered_model(name).aliases  # it left the version at promotion
     assert version.tags["tuneline.data_digest"] == summary.record.datasets["tokenize"].digest
     assert {"tuneline.run_key", "tuneline.code_version", "tuneline.config_hash", "tuneline.base_digest"} <= set(version.tags)
     assert summary.decision.promoted and "base model" in summary.decision.reason
@@ -84,6 +93,39 @@ def test_full_flow_registers_promotes_and_reruns_fully_cached(prefect_api, store
     assert set(contexts) == {"raw", "training", "evaluation"}
     assert contexts["training"].digest == summary.record.datasets["tokenize"].digest[:32]
     assert "train.jsonl" in contexts["training"].source
+
+    # Prefect: a name and tags from the parameters, the steps' own log lines, a page per step, evaluation
+    # task runs named by role, and links to MLflow; MLflow: a run that starts with the flow run and links to it.
+    flow_run_id = state.state_details.flow_run_id
+    page = flow_run_page(flow_run_id)
+    assert page["name"].startswith(f"{name}-lora-"), page["name"]
+    assert {f"model:{name}", "method:lora", "task:sft", "data:jsonl", "manual"} <= set(page["tags"])
+    logs = "\n".join(page["logs"])
+    assert "validate: 50 chat records pass" in logs and "evaluate base:" in logs and "evaluate candidate:" in logs
+    assert {f"{name}-{p}" for p in ("ingest", "validate", "scrub", "base-model", "tokenize", "train", "evaluation",
+                                    "promotion")} <= set(page["artifacts"])
+    assert "| EMAIL | 2 |" in page["artifacts"][f"{name}-scrub"]
+    assert "| base |" in page["artifacts"][f"{name}-evaluation"]
+    promotion = page["artifacts"][f"{name}-promotion"]
+    assert f"/#/models/{name}/versions/{version.version}" in promotion and summary.version.run_id in promotion
+    evaluations = sorted(n for n in task_names(flow_run_id) if n.startswith("evaluate"))
+    assert evaluations == ["evaluate-base", "evaluate-candidate"]
+    run = client.get_run(summary.version.run_id)
+    flow_run = newest_flow_run(f"model:{name}")
+    assert run.data.tags["tuneline.prefect_flow_run_id"] == str(flow_run_id) == str(flow_run.id)
+    assert run.info.start_time <= flow_run.start_time.timestamp() * 1000 + 1000  # the run covers the pipeline
+    assert f"/runs/flow-run/{flow_run_id}" in run.data.tags["mlflow.note.content"]
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    logged = client.get_logged_model(version.source.split("/")[-1]) if version.source.startswith("models:/m-") \
+        else None
+    assert logged is None or logged.name == name
+    mlmodel = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@champion/MLmodel",
+                                                       dst_path=str(tmp_path / "mlmodel"))).read_text()
+    assert "tuneline-register-" not in mlmodel and "/tmp/" not in mlmodel and "saved_input_example_info" in mlmodel
+    assert f"s3://{store.bucket}/{summary.record.model.adapter.key}" in mlmodel
+    metrics = {m.key: m for m in client.get_logged_model(logged.model_id).metrics} if logged else {}
+    assert not logged or metrics["candidate_perplexity"].dataset_name == "tokenize/eval.jsonl"
 
     # The registered pyfunc loads from the registry alone and answers.
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
@@ -118,6 +160,11 @@ def test_validation_failure_stops_the_run_and_registers_nothing(prefect_api, sto
     manifests = [k for k in store.list_keys(store.prefix + "/") if k.endswith("_MANIFEST.json")]
     assert len(manifests) == 1 and "/ingest/" in manifests[0]
     assert MlflowClient().search_model_versions(f"name = '{name}'") == []
+    # The run's Logs tab: the rule once, as a line a person reads, no traceback for an expected data error.
+    logs = flow_run_page(newest_flow_run(f"model:{name}").id)["logs"]
+    said = [line for line in logs if "roles alternate user/assistant" in line]
+    assert len(said) == 1 and said[0].startswith("DataQualityError: ") and "\\n" not in said[0], logs
+    assert not [line for line in logs if "Traceback" in line], logs
 
 
 def test_invalid_parameters_exit_2_before_anything_runs(tmp_path, capsys):

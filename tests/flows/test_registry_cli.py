@@ -66,6 +66,27 @@ def test_two_runs_then_manual_gate_override_rollback_and_predict(prefect_api, st
     assert champion() == "1" and "tuneline.rolled_back" in client.get_model_version(name, "2").tags
     assert main(["rollback", name]) == 2  # nothing left to roll back to
 
+    # every alias move is on record, oldest first: who, when, why, from and to
+    capsys.readouterr()
+    assert main(["models", name, "--history"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    moves = [line.split()[2:6] for line in lines[1:]]  # alias, from, ->, to
+    assert moves == [
+        ["challenger", "-", "->", "v1"],            # run 1 registered
+        ["champion", "-", "->", "v1"],              # run 1 passed the gate
+        ["challenger", "v1", "->", "-"],            # a champion is no challenger
+        ["challenger", "-", "->", "v2"],            # run 2 registered, gate said no
+        ["previous-champion", "-", "->", "v1"],     # forced promotion of v2
+        ["champion", "v1", "->", "v2"],
+        ["challenger", "v2", "->", "-"],
+        ["champion", "v2", "->", "v1"],             # rollback
+        ["previous-champion", "v1", "->", "-"],
+    ], lines
+    actions = [line.split()[6] for line in lines[1:]]
+    assert actions == ["register", "gate", "gate", "register", "force", "force", "force", "rollback", "rollback"]
+    assert "canary for the new tokenizer" in lines[6]  # the forced move of champion carries the reason
+    assert any(k.startswith("tuneline.alias_history.") for k in client.get_model_version(name, "2").tags)
+
     # predict loads from the registry in a fresh process that knows only the service endpoints
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNELINE_HOME")}
     done = subprocess.run([sys.executable, "-m", "flows.cli", "predict", f"{name}@champion", "What is 3 times two?",

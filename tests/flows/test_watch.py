@@ -62,7 +62,7 @@ def test_each_new_object_starts_one_run_with_its_source(prefect_api, store, tmp_
         # Every other parameter is the deployment's; the run is tagged and named after its object.
         assert first.parameters["params"]["register"]["model_name"] == name
         assert first.parameters["params"]["train"] == params.model_dump(mode="json", by_alias=True)["train"]
-        assert "tuneline-watch" in first.tags and first.name == "data-day1.jsonl"
+        assert {"tuneline-watch", "data-triggered"} <= set(first.tags) and first.name == "data-day1.jsonl"
         assert all(r.state.is_scheduled() for r in runs)
         for run in runs:  # nothing left for a worker of a later test
             client.delete_flow_run(run.id)

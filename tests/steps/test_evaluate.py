@@ -46,3 +46,20 @@ def test_an_evaluation_is_an_artifact_computed_once(store, tmp_path, tiny_model)
     assert evaluate_model(cfg, tiny_model, dataset, store) == first
     assert store.list_keys(store.prefix + "/evaluate/") == keys
     assert store.read_json(first, "metrics.json") == first.stats and "bleu" not in first.stats
+
+
+def test_generation_samples_are_taken_from_every_language_in_turn():
+    from steps.evaluate import prompt_group, script_of, stratified
+
+    def prompt(i, text, **extra):
+        return {"id": str(i), "messages": [{"role": "user", "content": text}], **extra}
+
+    english = [prompt(i, f"What is {i} plus {i}?") for i in range(6)]
+    korean = [prompt(10 + i, f"{i} 더하기 {i}는 무엇입니까?") for i in range(3)]
+    assert [script_of(t) for t in ("Hello 123", "안녕하세요", "Привет", "こんにちは", "中文字", "...")] == \
+        ["latin", "hangul", "cyrillic", "kana", "cjk", "none"]
+    picked = stratified(english + korean, 4)
+    assert [p["id"] for p in picked] == ["0", "10", "1", "11"]  # in turn, file order within a language
+    assert [prompt_group(p) for p in stratified(english + korean, 9)].count("hangul") == 3
+    assert stratified(english, 3) == english[:3]  # one language: as before
+    assert prompt_group(prompt(0, "x", category="billing")) == "billing"  # a record's own category wins

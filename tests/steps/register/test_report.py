@@ -74,3 +74,34 @@ def test_the_mixture_note_names_each_source_and_a_pinned_side():
     assert mixture_note(stats) == (" (mixture: a.jsonl 75.0% = 300 of 1000 records, "
                                    "held.jsonl 25.0% = 100 of 100 records, all eval)")
     assert mixture_note({"source": "a.jsonl"}) == ""
+
+
+def test_each_step_page_says_what_the_step_did_and_lists_its_numbers():
+    from steps.register.report import step_markdown
+
+    page = step_markdown("scrub", {"records_in": 10, "records_out": 8, "duplicates_removed": 2,
+                                   "pii": {"EMAIL": 3, "PHONE": 0}, "note": "a <b> | c"})
+    lines = page.splitlines()
+    assert lines[0] == "# Scrub"
+    assert lines[2] == "10 -> 8 records, 2 exact and 0 near duplicates removed; PII replaced: EMAIL 3."
+    assert "| records in | 10 |" in lines and "| EMAIL | 3 |" in lines and "| PHONE | 0 |" in lines
+    assert "| note | a &lt;b&gt; \\| c |" in lines  # no raw markup from the data reaches the page
+    train = step_markdown("train", {"method": "lora", "device": "cpu", "steps": 5, "first_loss": 3.21,
+                                    "final_loss": 2.5, "trainable_params": 1234})
+    assert "lora on cpu: 5 steps, loss 3.21 -> 2.5, 1,234 trainable parameters." in train
+
+
+def test_the_evaluation_page_has_a_row_per_model_and_the_decision_page_each_check():
+    from steps.register.report import decision_markdown, evaluation_markdown
+
+    table = evaluation_markdown({"base": {"perplexity": 9.5, "bleu": 1.0}, "candidate": {"perplexity": 7.0},
+                                 "champion v3": {"perplexity": 7.5, "bleu": 2.0}}).splitlines()
+    assert table[2:] == ["| model | perplexity | bleu |", "|---|---|---|", "| base | 9.5 | 1.0 |",
+                         "| candidate | 7.0 | - |", "| champion v3 | 7.5 | 2.0 |"]
+    s = summary({"train_records": 1, "eval_records": 1, "truncated": 0}, {"perplexity": 9.4}, {"perplexity": 6.8})
+    s = s.model_copy(update={"decision": s.decision.model_copy(update={
+        "reason": "promoted: perplexity 6.88 vs base model 9.469 (lower is better); smoke test passed"})})
+    page = decision_markdown(s, {"MLflow run": "http://m/#/experiments/1/runs/r"}).splitlines()
+    assert page[0] == "# Promotion: promoted"
+    assert "- perplexity 6.88 vs base model 9.469 (lower is better)" in page and "- smoke test passed" in page
+    assert "- [MLflow run](http://m/#/experiments/1/runs/r)" in page
