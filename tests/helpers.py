@@ -170,3 +170,55 @@ def newest_flow_run(tag: str):
                                      sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=1)
     assert runs, f"no flow run tagged {tag}"
     return runs[0]
+
+
+def serve(model_uri: str, cwd: Path):
+    """``mlflow models serve -m MODEL_URI --env-manager local`` on a free port, as a user starts it; a context
+    manager yielding its base URL once ``/ping`` answers (the server is stopped on exit)."""
+    import contextlib
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    @contextlib.contextmanager
+    def running():
+        port = free_port()
+        mlflow_cli = Path(sys.executable).with_name("mlflow")
+        proc = subprocess.Popen([str(mlflow_cli), "models", "serve", "-m", model_uri, "--env-manager", "local",
+                                 "-h", "127.0.0.1", "-p", str(port), "-w", "1"], cwd=cwd,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.time() + 240
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{url}/ping", timeout=2) as reply:
+                        if reply.status == 200:
+                            break
+                except OSError:
+                    pass
+                if proc.poll() is not None or time.time() > deadline:
+                    proc.kill()
+                    raise AssertionError(f"mlflow models serve did not come up:\n{proc.stdout.read()[-3000:]}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    return running()
+
+
+def invoke(url: str, payload: dict) -> list:
+    """POST /invocations with a JSON payload; the predictions."""
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(f"{url}/invocations", data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        return json.loads(reply.read())["predictions"]

@@ -127,8 +127,7 @@ def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore,
     if record.model.adapter is None:
         raise ConfigError("register needs a fine-tuned model (a ModelRef with an adapter)")
     base_uri = base_model_uri(record.model.base, store)
-    # The experiment by id: set_experiment's "active experiment" is process-wide, and a run
-    # registering its base model in another thread may change it before start_run.
+    # By id, never mlflow.set_experiment (process-wide; see experiment_named).
     experiment = training_experiment(cfg.experiment)
     evals = {name: report.stats for name, report in record.evaluations.items()}
     tags = lineage_tags(key, record)
@@ -248,9 +247,13 @@ def move_alias(client: Any, name: str, alias: str, version: str | None, action: 
         before: str | None = client.get_model_version_by_alias(name, alias).version
     except MlflowException:
         before = None
-    if before == version:
-        return
-    if version is None:
+    if before == version:  # a retry of a move whose record may be missing (killed in between): record it once
+        if version is None or any(json.loads(v).get("alias") == alias and json.loads(v).get("to") == version
+                                  for k, v in client.get_model_version(name, version).tags.items()
+                                  if k.startswith(HISTORY_TAG)):
+            return
+        before, reason = None, f"{reason} (recorded on retry; the earlier holder is unknown)"
+    elif version is None:
         client.delete_registered_model_alias(name, alias)
     else:
         client.set_registered_model_alias(name, alias, version)
@@ -420,14 +423,29 @@ def log_datasets(record: RunRecord, store: ArtifactStore) -> dict[str, Any]:
 TRAINING_KIND = "custom_model_development"  # the MLflow UI's model-training view (not the GenAI one)
 
 
+def experiment_named(name: str, tags: dict[str, str] | None = None) -> Any:
+    """The experiment called ``name``, created if missing (concurrent creators: one wins, all find it), with
+    ``tags`` set. Never ``mlflow.set_experiment``: its "active experiment" is process-wide, and a registration
+    in another thread would find it changed (``start_run(run_id=...)`` refuses a run of another experiment)."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            client.create_experiment(name, tags=tags)
+        except MlflowException:  # created by a concurrent registration in the meantime
+            pass
+        experiment = client.get_experiment_by_name(name)
+    for key, value in (tags or {}).items():
+        if experiment.tags.get(key) != value:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment
+
+
 def training_experiment(name: str) -> Any:
     """The experiment, created if missing, tagged so the MLflow UI opens it as model training."""
-    import mlflow
-
-    experiment = mlflow.set_experiment(name)
-    if experiment.tags.get("mlflow.experimentKind") != TRAINING_KIND:
-        _client().set_experiment_tag(experiment.experiment_id, "mlflow.experimentKind", TRAINING_KIND)
-    return experiment
+    return experiment_named(name, {"mlflow.experimentKind": TRAINING_KIND})
 
 
 def start_ms(run: PipelineRun | None) -> int | None:
@@ -542,7 +560,7 @@ def base_model_uri(base: ArtifactRef, store: ArtifactStore) -> str:
     """``runs:/<id>/base_model`` for this base digest, logging the weights once per digest."""
     import mlflow
 
-    experiment = mlflow.set_experiment(BASE_EXPERIMENT)
+    experiment = experiment_named(BASE_EXPERIMENT)
     found = mlflow.search_runs(
         [experiment.experiment_id], filter_string=f"tags.`tuneline.base_digest` = '{base.digest}' and "
         "attributes.status = 'FINISHED'", output_format="list", max_results=1,

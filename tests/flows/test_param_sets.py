@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import DEFAULT_PARAMS
-from helpers import chat, write_jsonl
+from helpers import chat, invoke, serve, write_jsonl
 from steps.config import PipelineParams
 
 pytestmark = pytest.mark.services
@@ -114,7 +114,10 @@ def test_task_parameter_set_runs_end_to_end(prefect_api, store, tmp_path, name, 
     assert f"task `{summary.record.datasets['tokenize'].stats['task']}`" in card
     model = mlflow.pyfunc.load_model(f"models:/{model_name}/{summary.version.version}")
     if kind == "classification":
-        assert set(model.predict(["the team scored a goal", "the bank made a profit"])) <= {"money", "sport", "tech"}
+        texts = ["the team scored a goal", "the bank made a profit"]
+        assert set(model.predict(texts)) <= {"money", "sport", "tech"}
+        with serve(f"models:/{model_name}/{summary.version.version}", tmp_path) as url:  # `mlflow models serve`
+            assert invoke(url, {"inputs": texts}) == list(model.predict(texts))
         run = MlflowClient().get_model_version(model_name, summary.version.version).run_id
         assert "plots/confusion_matrix.png" in {a.path for a in MlflowClient().list_artifacts(run, "plots")}
     else:

@@ -12,6 +12,7 @@ import pytest
 from test_pipeline import dataset, tiny_params
 
 from flows.cli import REPO, main
+from helpers import invoke, serve
 
 pytestmark = pytest.mark.services
 
@@ -94,4 +95,10 @@ def test_two_runs_then_manual_gate_override_rollback_and_predict(prefect_api, st
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("What is 3 times two?\t")
+
+    # `mlflow models serve -m models:/NAME@champion` answers POST /invocations (prompts in, answers out)
+    with serve(f"models:/{name}@champion", tmp_path) as url:
+        answers = invoke(url, {"inputs": ["What is 3 times two?", "Hello"], "params": {"max_new_tokens": 3}})
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    assert answers[0] == done.stdout.split("\t", 1)[1].strip()  # what `tuneline predict` answered (greedy)
     assert REPO.exists()

@@ -273,8 +273,13 @@ def test_s3_faults_at_every_step_and_mlflow_killed_during_registration(prefect_a
     versions = client.search_model_versions(f"name = '{name}'")
     assert len(versions) == 1, [(v.version, v.run_id) for v in versions]
     assert versions[0].version == summary.version.version
-    assert client.get_model_version_by_alias(name, "challenger").version == versions[0].version
     assert client.get_model_version_by_alias(name, "champion").version == versions[0].version
+    # registration finished (challenger set) before the gate moved it on: both moves on record, once each
+    from steps.register.step import alias_history
+
+    moves = [(e["alias"], e["from"], e["to"]) for e in alias_history(client, name)]
+    assert moves == [("challenger", None, versions[0].version), ("champion", None, versions[0].version),
+                     ("challenger", versions[0].version, None)], moves
     assert versions[0].description.startswith(f"# {name}")
     assert versions[0].tags["tuneline.registration"] == "complete"
     assert summary.decision.promoted

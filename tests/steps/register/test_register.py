@@ -42,7 +42,8 @@ def test_figures_render_as_png_and_pyplot_keeps_none_of_them():
     from steps.register.step import confusion_figure, loss_curve, record_loss_histogram
 
     def pngs(_: int) -> list[bytes]:
-        figures = [loss_curve([{"step": i, "loss": 3.0 - i / 10} for i in range(1, 30)]),
+        figures = [loss_curve([{"step": i, "loss": 3.0 - i / 10} for i in range(1, 30)], [{"step": 10, "loss": 2.5}],
+                              {"base": {"eval_loss": 3.1}, "candidate": {"eval_loss": 2.2}}),
                    record_loss_histogram([{"loss": 0.1 * i, "split": ("train", "eval")[i % 2]} for i in range(40)]),
                    confusion_figure({"confusion_matrix": [[5, 1], [2, 4]], "labels": ["a", "b"], "accuracy": 0.75,
                                      "f1_macro": 0.74})]
