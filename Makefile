@@ -17,15 +17,16 @@ setup: $(VENV)/.installed
 # Every package from the lock file, by version and sha256 (torch: the CPU build, torch==X+cpu),
 # then the project itself with the locked setuptools. A changed lock rebuilds the environment.
 $(VENV)/.installed: locks/dev.txt pyproject.toml
-	rm -rf $(VENV)
-	python3 -m venv $(VENV)
-	$(BIN)/pip install --quiet --require-hashes --no-deps -r locks/dev.txt
-	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
-	touch $@
+	@echo "installing the locked dependencies into $(VENV) (first use only, about 4 minutes)"
+	@rm -rf $(VENV)
+	@python3 -m venv $(VENV)
+	@$(BIN)/pip install --quiet --quiet --require-hashes --no-deps -r locks/dev.txt
+	@$(BIN)/pip install --quiet --quiet --no-deps --no-build-isolation -e .
+	@touch $@
 
 run: setup
-	$(BIN)/tuneline services up
-	$(BIN)/tuneline run --params deployments/params/default.yaml
+	@$(BIN)/tuneline services up
+	@$(BIN)/tuneline run --params deployments/params/default.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q
