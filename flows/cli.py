@@ -12,6 +12,7 @@
     tuneline promote NAME VERSION [--force --reason TEXT]
     tuneline rollback NAME                 # champion back to previous-champion
     tuneline predict NAME[@alias|/version] TEXT [TEXT ...]
+    tuneline export NAME[@alias|/version] --format safetensors|gguf --output PATH [--dtype f32|f16]
     tuneline data worst RUN [--top 50]     # highest-loss and duplicated-looking records (RUN: MLflow run
                                            # id, NAME/VERSION or NAME@ALIAS)
     tuneline run --resume [RUN_ID]  # a failed/crashed run again, same parameters: done tasks
@@ -91,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("inputs", nargs="+", help="prompts or texts")
     predict.add_argument("--max-new-tokens", type=int, default=64)
 
+    export = sub.add_parser("export", help="a registered version as merged safetensors (vLLM, TGI) or GGUF "
+                            "(llama.cpp), checked by loading it back")
+    export.add_argument("model", help="NAME (its champion), NAME@alias or NAME/version")
+    export.add_argument("--format", dest="fmt", choices=["safetensors", "gguf"], required=True)
+    export.add_argument("--output", type=Path, required=True, help="folder (safetensors) or .gguf file to write")
+    export.add_argument("--dtype", choices=["f32", "f16"], default="f32", help="weight precision (default f32)")
+
     data = sub.add_parser("data", help="data curation from a run's per-record losses")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     worst = data_sub.add_parser("worst", help="the highest-loss and duplicated-looking records of a run, by id")
@@ -120,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "services":
         return services_command(args.action, prefect=not args.no_prefect, backend=args.backend,
                                 mlflow_auth=args.mlflow_auth)
-    if args.command in ("models", "promote", "rollback", "predict", "data"):
+    if args.command in ("models", "promote", "rollback", "predict", "data", "export"):
         return registry_command(args)
     if args.command == "scrub":
         return scrub_command(args.input, args.output, args.fields, args.entities, args.action)
@@ -172,6 +180,14 @@ def registry_command(args: argparse.Namespace) -> int:
             print(registry.rollback(args.name))
         elif args.command == "data":
             print_worst(*registry.record_losses(args.run), args.top)
+        elif args.command == "export":
+            from steps.register.export import export_version
+
+            report = export_version(args.model, args.fmt, args.output, args.dtype)
+            print(f"exported {args.model} to {args.output} ({args.fmt}, {args.dtype}); loaded back: largest logit "
+                  f"difference {report['max_logit_diff']:.3g}, greedy answers "
+                  f"{'agree' if report['answers_agree'] else 'DIFFER'} on {len(report['prompts'])} prompts "
+                  f"(report: {args.output}.export.json)")
         else:
             for text, answer in zip(args.inputs, registry.predict(args.model, args.inputs, args.max_new_tokens)):
                 print(f"{text}\t{answer}")

@@ -31,6 +31,8 @@ def setup(verbose: bool = False) -> None:
     else:
         # Prefect's own console handler (task runs beginning and finishing, "View at ...") at warnings only.
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+        # transformers' and huggingface_hub's own bars (loading weights, converting GGUF): ours say enough.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         handler.setFormatter(StepFormatter("%(asctime)s %(message)s", "%H:%M:%S"))
         handler.addFilter(quiet)
     root.addHandler(handler)

@@ -380,7 +380,7 @@ class ArtifactWriter:
             log.info("%s: %s was committed concurrently; using that manifest", self.step, self.key)
             existing = self.store.manifest(self.key)
             return ArtifactRef(step=self.step, key=self.key, digest=existing["digest"], stats=existing["stats"])
-        log.info("%s: committed %s (%d files)", self.step, self.key, len(self.files))
+        log.debug("%s: committed %s (%d files)", self.step, self.key, len(self.files))
         return ArtifactRef(step=self.step, key=self.key, digest=digest, stats=stats)
 
 

@@ -57,10 +57,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
-from tqdm import tqdm
-
 from steps.config import AugmentConfig, BackTranslationSettings
 from steps.core.errors import ConfigError
+from steps.core.progress import progress as tqdm
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from tqdm import tqdm
-
 from steps.config import TASKS, TokenizeConfig
 from steps.core.contract import IGNORE, RECORDS_FILE
+from steps.core.progress import progress as tqdm
 from steps.core.store import ArtifactStore, DatasetRef
 from steps.core.workers import ChunkWorkers, balanced_chunk, pack, unpack, worker_count
 from steps.tokenize.encode import ENCODE_BATCH, LONG_OUTCOMES, chat_rows, encode_chat_batch

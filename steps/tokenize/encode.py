@@ -12,11 +12,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from tqdm import tqdm
-
 from steps.config import TokenizeConfig
 from steps.core.contract import IGNORE
 from steps.core.errors import ConfigError
+from steps.core.progress import progress as tqdm
 from steps.tokenize.template import _ChatLayout, _rendered_spans, _transparent, check_renders_tool_calls
 
 ENCODE_BATCH = 1024  # conversations per tokenizer call

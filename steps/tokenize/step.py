@@ -28,6 +28,7 @@ from steps.tokenize.split import (
     pinned_counts,
     pinned_stats,
     split_records,
+    split_summary,
 )
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, s
     if source.stats["record_kind"] == "chat" and cfg.augment is None:
         writer = store.writer(STEP, key, cfg, inputs=[source, model.base])
         stats = stream_chats(tokenizer, source, store, work, writer) | {"leakage_checked_by": checked_by}
-        log.info("tokenize: %s", stats)
+        log.info("tokenize: %s", split_summary(stats))
         return DatasetRef(**writer.commit(stats=stats).model_dump())
     records = store.read_jsonl(source, RECORDS_FILE)
     sides = split_records(records, cfg)
@@ -90,7 +91,7 @@ def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, s
     for side, rows in splits.items():
         writer.put_jsonl(f"{side}.jsonl", rows)
     writer.put_jsonl("eval_prompts.jsonl", prompts)
-    log.info("tokenize: %s", stats)
+    log.info("tokenize: %s", split_summary(stats))
     return DatasetRef(**writer.commit(stats=stats).model_dump())
 
 

@@ -96,6 +96,18 @@ def test_two_runs_then_manual_gate_override_rollback_and_predict(prefect_api, st
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("What is 3 times two?\t")
 
+    # exports of the champion that other servers load: merged safetensors and GGUF, each checked by loading it back
+    import json
+
+    for fmt, target in (("safetensors", tmp_path / "export-hf"), ("gguf", tmp_path / "export.gguf")):
+        capsys.readouterr()
+        assert main(["export", f"{name}@champion", "--format", fmt, "--output", str(target)]) == 0
+        report = json.loads(Path(f"{target}.export.json").read_text())
+        assert report["answers_agree"] and report["max_logit_diff"] < 1e-3, report
+        assert "greedy answers agree" in capsys.readouterr().out
+    assert (tmp_path / "export-hf" / "model.safetensors").exists() and (tmp_path / "export.gguf").stat().st_size
+    assert main(["export", f"{name}/99", "--format", "gguf", "--output", str(tmp_path / "x.gguf")]) == 2
+
     # `mlflow models serve -m models:/NAME@champion` answers POST /invocations (prompts in, answers out)
     with serve(f"models:/{name}@champion", tmp_path) as url:
         answers = invoke(url, {"inputs": ["What is 3 times two?", "Hello"], "params": {"max_new_tokens": 3}})
