@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export GX_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test services-down lock
+.PHONY: setup run test browser services-down lock
 
 setup: $(VENV)/.installed
 
@@ -28,8 +28,13 @@ run: setup
 	@$(BIN)/tuneline services up
 	@$(BIN)/tuneline run --params deployments/params/default.yaml
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q
+
+# Debian's chromium for the browser test (tests/reliability/test_browser.py), installed when missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { echo "installing Debian's chromium for the browser test"; \
+	  apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }; }
 
 services-down: setup
 	$(BIN)/tuneline services down

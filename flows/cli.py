@@ -294,6 +294,11 @@ def run_command(params_path: Path, overrides: list[str], resume: str | None = No
     except Exception as exc:  # noqa: BLE001 - the exit code and one readable line are the contract
         print(f"\nerror: the run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    if links.pop("mlflow", None) is not None:  # the run and the version, in the UI's model-training view
+        from steps.register.step import version_links
+
+        links |= {"mlflow run": (pages := version_links(summary.version)).get("MLflow run", ""),
+                  "version": pages.get("model version", "")}
     if "prefect_ui" in links:
         links["flow run"] = f"{links.pop('prefect_ui')}/runs/flow-run/{state.state_details.flow_run_id}"
     print("\n" + render_summary(summary, links))

@@ -307,6 +307,9 @@ def _specs(cfg: ServiceConfig, prefect: bool) -> dict[str, _Spec]:
     if prefect:
         # No S3 keys here; PREFECT_API_URL from the caller's shell must not point the server elsewhere.
         env = {k: v for k, v in base.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(state / "prefect")}
+        # The UI asks the API at PREFECT_UI_API_URL, which defaults to port 4200 whatever --port says.
+        env |= {"PREFECT_SERVER_API_HOST": cfg.host, "PREFECT_SERVER_API_PORT": str(cfg.prefect_port),
+                "PREFECT_UI_API_URL": f"{u['prefect_ui']}/api"}
         if cfg.backend == "postgres":
             env |= pg | {"PREFECT_API_DATABASE_CONNECTION_URL": _db_url(cfg, "prefect", "postgresql+asyncpg")}
         specs["prefect"] = _Spec(

@@ -130,7 +130,7 @@ def prefect_api(services):
 WHOLE_MODULES = {"tests/services/test_stack.py", "tests/reliability/test_pii_canary.py", "tests/steps/text/test_pretokens.py",
                  "tests/steps/text/test_pii_golden.py", "tests/steps/train/test_parallel.py",
                  "tests/steps/tokenize/test_augment.py", "tests/steps/test_model_matrix.py"}
-SHARED_STACK = {"tests/reliability/test_load.py", "tests/reliability/test_security.py"}
+SHARED_STACK = {"tests/reliability/test_load.py", "tests/reliability/test_security.py", "tests/reliability/test_browser.py"}
 # Folders whose tests are handed out first: end-to-end tests are the long ones, and the short unit
 # tests then fill the gaps at the end.
 FIRST = ("tests/steps/test_model_matrix.py", "tests/reliability/", "tests/flows/", "tests/services/", "tests/kinds/", "tests/bench/", "tests/steps/train/")

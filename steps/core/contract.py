@@ -29,7 +29,8 @@ def form_schema(schema: dict[str, Any]) -> None:
     for prop in (schema.get("properties") or {}).values():
         if "description" in prop:
             text = re.sub(r"<[^<>\s][^<>]*>|(?<![\w`])\*(?![\w`])", lambda m: f"`{m.group(0)}`", prop["description"])
-            bounds = [f"{word} {limit}" for key, word in BOUND_WORDS.items() for branch in (prop, *prop.get("anyOf", ()))
+            branches = (prop, *prop.get("anyOf", ()))
+            bounds = [f"{word} {limit}" for key, word in BOUND_WORDS.items() for branch in branches
                       if (limit := branch.get(key)) is not None]
             prop["description"] = text + (f" Allowed: {', '.join(bounds)}." if bounds else "")
 

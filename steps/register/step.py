@@ -540,8 +540,9 @@ def version_links(version: RegisteredVersion) -> dict[str, str]:
     ui = urlunsplit((parts.scheme, parts.hostname + (f":{parts.port}" if parts.port else ""), parts.path.rstrip("/"),
                      "", ""))  # no user:password@ in a link
     experiment = _client().get_run(version.run_id).info.experiment_id
-    return {"MLflow run": f"{ui}/#/experiments/{experiment}/runs/{version.run_id}",
-            "model version": f"{ui}/#/models/{version.name}/versions/{version.version}"}
+    view = "?workflowType=machine_learning"  # the UI's model-training view (its default is the GenAI one)
+    return {"MLflow run": f"{ui}/#/experiments/{experiment}/runs/{version.run_id}{view}",
+            "model version": f"{ui}/#/models/{version.name}/versions/{version.version}{view}"}
 
 
 def signature_for(task: str) -> Any:
