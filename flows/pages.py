@@ -95,10 +95,11 @@ def publish(model_name: str, page: str, markdown: str, description: str) -> None
 
 def step(model_name: str, name: str, ref: Any) -> Any:
     """Publish step ``name``'s page from its reference's stats; returns the reference."""
-    from steps.register.report import step_markdown
+    from steps.register.report import step_markdown, step_sentence
 
     if ref is not None:
-        publish(model_name, name.replace("_", "-"), step_markdown(name, ref.stats), f"{name}: what the step did")
+        publish(model_name, name.replace("_", "-"), step_markdown(name, ref.stats),
+                f"{name}: {step_sentence(name, ref.stats)}"[:250])
     return ref
 
 

@@ -113,9 +113,22 @@ def decision_markdown(summary: PipelineSummary, links: dict[str, str]) -> str:
     lines = [f"# Promotion: {verdict}", "", f"{version.name} version {version.version} is `@{alias}`.", "",
              f"| metric | candidate | {decision.incumbent} |", "|---|---|---|",
              f"| {decision.metric} | {decision.candidate_value:.6g} | {decision.incumbent_value:.6g} |", "",
-             "Checks:", "", *[f"- {check}" for check in checks.split("; ") if check], ""]
+             "Checks:", "", *[f"- {check}" for check in top_level_parts(checks) if check], ""]
     lines += [f"- [{name}]({url})" for name, url in links.items()]
     return "\n".join(lines) + "\n"
+
+
+def top_level_parts(text: str, sep: str = "; ") -> list[str]:
+    """``text`` split at ``sep`` outside parentheses: "a (b; c); d" -> ["a (b; c)", "d"]."""
+    parts, depth, start, i = [], 0, 0, 0
+    while i < len(text):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        if depth == 0 and text.startswith(sep, i):
+            parts.append(text[start:i])
+            start = i = i + len(sep)
+            continue
+        i += 1
+    return [*parts, text[start:]]
 
 
 def _table(values: dict, header: str) -> list[str]:

@@ -100,8 +100,8 @@ def test_the_evaluation_page_has_a_row_per_model_and_the_decision_page_each_chec
                          "| candidate | 7.0 | - |", "| champion v3 | 7.5 | 2.0 |"]
     s = summary({"train_records": 1, "eval_records": 1, "truncated": 0}, {"perplexity": 9.4}, {"perplexity": 6.8})
     s = s.model_copy(update={"decision": s.decision.model_copy(update={
-        "reason": "promoted: perplexity 6.88 vs base model 9.469 (lower is better); smoke test passed"})})
+        "reason": "promoted: perplexity 6.88 vs base model 9.469 (lower is better; gain +27%); smoke test passed"})})
     page = decision_markdown(s, {"MLflow run": "http://m/#/experiments/1/runs/r"}).splitlines()
     assert page[0] == "# Promotion: promoted"
-    assert "- perplexity 6.88 vs base model 9.469 (lower is better)" in page and "- smoke test passed" in page
+    assert "- perplexity 6.88 vs base model 9.469 (lower is better; gain +27%)" in page and "- smoke test passed" in page
     assert "- [MLflow run](http://m/#/experiments/1/runs/r)" in page
