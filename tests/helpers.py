@@ -178,30 +178,19 @@ def serve(model_uri: str, cwd: Path):
     import contextlib
     import subprocess
     import sys
-    import time
-    import urllib.request
 
     @contextlib.contextmanager
     def running():
         port = free_port()
         mlflow_cli = Path(sys.executable).with_name("mlflow")
+        # As from an activated virtual environment: the scoring server runs `uvicorn` from PATH.
+        env = {**os.environ, "PATH": f"{mlflow_cli.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         proc = subprocess.Popen([str(mlflow_cli), "models", "serve", "-m", model_uri, "--env-manager", "local",
-                                 "-h", "127.0.0.1", "-p", str(port), "-w", "1"], cwd=cwd,
+                                 "-h", "127.0.0.1", "-p", str(port), "-w", "1"], cwd=cwd, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.time() + 240
-            while True:
-                try:
-                    with urllib.request.urlopen(f"{url}/ping", timeout=2) as reply:
-                        if reply.status == 200:
-                            break
-                except OSError:
-                    pass
-                if proc.poll() is not None or time.time() > deadline:
-                    proc.kill()
-                    raise AssertionError(f"mlflow models serve did not come up:\n{proc.stdout.read()[-3000:]}")
-                time.sleep(0.5)
+            wait_until_up(proc, f"{url}/ping", 240, lambda: proc.stdout.read())
             yield url
         finally:
             proc.terminate()
@@ -222,3 +211,23 @@ def invoke(url: str, payload: dict) -> list:
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as reply:
         return json.loads(reply.read())["predictions"]
+
+
+def wait_until_up(proc, url: str, seconds: float, output) -> None:
+    """Poll ``url`` until it answers 200; fail with the process's last output (``output()``) if the process
+    exits first or ``seconds`` pass."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"{url} did not come up:\n{output()[-3000:]}")
+        time.sleep(0.5)

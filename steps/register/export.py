@@ -72,7 +72,7 @@ def fetch_version(spec: str, tmp: Path) -> tuple[Path, Path]:
         version_dir = Path(mlflow.artifacts.download_artifacts(model_uri(spec), dst_path=str(tmp / "version")))
     except MlflowException as exc:
         raise ConfigError(f"{spec}: no such registered model version ({exc.error_code})") from exc
-    config = yaml.safe_load((version_dir / "MLmodel").read_text())["flavors"]["python_function"]["model_config"]
+    config = yaml.safe_load((version_dir / "MLmodel").read_text())["flavors"]["python_function"]["config"]
     base_dir = Path(mlflow.artifacts.download_artifacts(config["base_model_uri"], dst_path=str(tmp / "base")))
     return version_dir, base_dir
 

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from datetime import timezone
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
+from helpers import wait_until_up
 
 pytestmark = pytest.mark.services
 
@@ -47,18 +47,7 @@ def prefect_server(tmp_path: Path):
                                  "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"prefect server did not start:\n{log.read_text(errors='replace')[-3000:]}")
-        time.sleep(0.5)
+    wait_until_up(proc, f"{url}/health", 120, lambda: log.read_text(errors="replace"))
     try:
         yield url, log
     finally:
