@@ -33,6 +33,7 @@ def setup(verbose: bool = False) -> None:
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
         # transformers' and huggingface_hub's own bars (loading weights, converting GGUF): ours say enough.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")  # any other library's tqdm (ours pass disable= themselves)
         # MLflow's: artifact transfer bars, "View run ... at" prints, its own info lines.
         for key, value in (("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"),
                            ("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true"), ("MLFLOW_LOGGING_LEVEL", "WARNING")):

@@ -17,6 +17,8 @@ warnings.warn("a library UserWarning")
 logging.getLogger("steps.validate").info("validate: 12 chat records pass 11 rules")
 logging.getLogger("steps.scrub").warning("scrub: 2 records quarantined")
 logging.getLogger("mlflow.store").error("an error anyone should see")
+from tqdm.auto import tqdm
+list(tqdm(range(3), desc="a library's bar", mininterval=0))
 """
 
 
@@ -35,6 +37,6 @@ def test_quiet_by_default_everything_with_verbose():
         "ERROR: an error anyone should see",
     ], quiet
     loud = "\n".join(run(verbose=True))
-    for text in ("Skipping registering function x", "a library warning", "a library UserWarning",
+    for text in ("Skipping registering function x", "a library warning", "a library UserWarning", "a library's bar",
                  "validate: 12 chat records pass", "scrub: 2 records quarantined"):
         assert text in loud
