@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import email.utils
 import hashlib
 import json
 import logging
@@ -81,6 +82,13 @@ class ModelRef(StrictModel):
     @property
     def label(self) -> str:
         return "fine-tuned" if self.adapter else "base"
+
+
+_PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
+
+
+def _code(exc: ClientError) -> str:
+    return exc.response.get("Error", {}).get("Code", "")
 
 
 def _transient(exc: Exception) -> bool:
@@ -150,38 +158,79 @@ class ArtifactStore:
     def lock(self, name: str, timeout: float = 300.0, stale_after: float = 900.0) -> Iterator[None]:
         """A mutual-exclusion lock: the create-only object ``<prefix>/<name>.lock`` (``IfNoneMatch="*"``).
 
-        Waits up to ``timeout`` seconds; a lock older than ``stale_after`` (its holder died) is broken.
+        Waits up to ``timeout`` seconds. Staleness is judged by the server's clocks only: the lock
+        object's ``LastModified`` against the ``Date`` of the same reply, never the time in its body
+        (a holder's clock, or a forged time, cannot keep a lock alive). A lock older than
+        ``stale_after`` (its holder died) is broken, and the lock is released, by a conditional delete
+        (``IfMatch`` on the ETag judged stale, or on the ETag of our own write): a lock another holder
+        took meanwhile is never deleted.
         """
         key = f"{self.prefix}/{name}.lock"
-        token = uuid.uuid4().hex
+        token = uuid.uuid4().hex  # makes the body, hence the ETag, unique to this holder
         body = json.dumps({"host": platform.node(), "pid": os.getpid(), "at": time.time(), "token": token}).encode()
-        deadline = time.time() + timeout
+        deadline = time.monotonic() + timeout
         while True:
             try:
-                self._call("put_object", Key=key, Body=body, IfNoneMatch="*")
+                etag = self._call("put_object", Key=key, Body=body, IfNoneMatch="*")["ETag"]
                 break
             except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code", "") not in {"PreconditionFailed", "412",
-                                                                          "ConditionalRequestConflict"}:
+                if _code(exc) not in _PRECONDITION:
                     raise
-            try:
-                held = json.loads(self.get_bytes(key))
-            except (ArtifactError, ValueError):
-                held = {"at": time.time()}
-            if held.get("token") == token:  # our own write landed but its reply was lost: a retry met it
-                break
-            held_since = held.get("at", 0.0)
-            if time.time() - held_since > stale_after:
-                log.warning("lock %s held since %.0f s: breaking it", key, time.time() - held_since)
-                self._call("delete_object", Key=key)
+            held = self._lock_held(key)
+            if held is None:  # released between our write and our read: try again
                 continue
-            if time.time() > deadline:
+            if held["token"] == token:  # our own write landed but its reply was lost: a retry met it
+                etag = held["etag"]
+                break
+            if held["age"] > stale_after:
+                log.warning("lock %s last written %.0f s ago (server time): breaking it", key, held["age"])
+                self._delete_if_match(key, held["etag"])  # 412: someone else broke or re-took it first
+                continue
+            if time.monotonic() > deadline:
                 raise TransientError(f"lock s3://{self.bucket}/{key} still held after {timeout:.0f} s")
             time.sleep(0.2)
         try:
             yield
         finally:
-            self._call("delete_object", Key=key)
+            self._release(key, etag, token)
+
+    def _release(self, key: str, etag: str, token: str) -> None:
+        for _ in range(3):
+            if self._delete_if_match(key, etag):
+                return
+            held = self._lock_held(key)
+            if held is None:  # gone: broken by another holder, or our delete landed and a retry met 412
+                return
+            if held["token"] != token:
+                log.warning("lock %s was no longer ours at release: judged stale and taken by another holder", key)
+                return
+            etag = held["etag"]  # still ours (a concurrent-request conflict): delete again
+
+    def _lock_held(self, key: str) -> dict[str, Any] | None:
+        """The lock object's holder token, ETag and age by the server's clock; None if there is none."""
+        try:
+            reply = self._call("get_object", Key=key)
+        except ClientError as exc:
+            if _code(exc) in {"404", "NoSuchKey", "NotFound"}:
+                return None
+            raise
+        try:
+            token = json.loads(reply["Body"].read()).get("token")
+        except (ValueError, AttributeError):
+            token = None  # unreadable: judged by its age like any other
+        date = reply.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        now = email.utils.parsedate_to_datetime(date) if date else dt.datetime.now(dt.timezone.utc)
+        return {"token": token, "etag": reply["ETag"], "age": (now - reply["LastModified"]).total_seconds()}
+
+    def _delete_if_match(self, key: str, etag: str) -> bool:
+        """Delete ``key`` only if its ETag is still ``etag``; False if it was gone or replaced."""
+        try:
+            self._call("delete_object", Key=key, IfMatch=etag)
+            return True
+        except ClientError as exc:
+            if _code(exc) in _PRECONDITION | {"404", "NoSuchKey", "NotFound"}:
+                return False
+            raise
 
     def list_keys(self, prefix: str) -> list[str]:
         keys: list[str] = []

@@ -86,3 +86,77 @@ def test_missing_bucket_setting_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("TUNELINE_BUCKET", raising=False)
     with pytest.raises(ArtifactError, match="TUNELINE_BUCKET is not set"):
         ArtifactStore.from_env("x")
+
+
+# ---- the lock (steps/register/step.py promotion_lock): server times, conditional deletes
+
+
+def _lock_body(store, key) -> dict:
+    return json.loads(store.get_bytes(key))
+
+
+def test_a_lock_claiming_a_future_time_is_broken_by_server_time(store):
+    """The holder-written "at" is never trusted: a lock object whose body claims a time a day ahead
+    goes stale by its LastModified on the server, and is broken once older than stale_after."""
+    import time
+
+    key = f"{store.prefix}/promote/m.lock"
+    forged = {"host": "elsewhere", "pid": 1, "at": time.time() + 86400, "token": "someone-else"}
+    store.put_bytes(key, json.dumps(forged).encode())
+    started = time.monotonic()
+    with store.lock("promote/m", timeout=30, stale_after=2):
+        waited = time.monotonic() - started
+        assert _lock_body(store, key)["token"] != "someone-else"
+    assert 1.5 < waited < 10, waited  # held for about stale_after (LastModified has 1 s resolution), then broken
+    assert not store.exists(key)
+
+
+def test_a_fresh_lock_blocks_until_the_timeout(store):
+    key = f"{store.prefix}/promote/m.lock"
+    with store.lock("promote/m", timeout=5):
+        with pytest.raises(TransientError, match="still held after 1 s"):
+            with store.lock("promote/m", timeout=1, stale_after=60):
+                pass
+        assert store.exists(key)
+    assert not store.exists(key)
+
+
+def test_release_never_deletes_a_lock_another_holder_took_after_ours_went_stale(store):
+    import time
+
+    key = f"{store.prefix}/promote/m.lock"
+    ours = store.lock("promote/m", stale_after=1)
+    ours.__enter__()
+    mine = _lock_body(store, key)["token"]
+    time.sleep(2.5)  # we hang past the stale window; the next holder breaks our lock and takes it
+    with store.lock("promote/m", timeout=10, stale_after=1):
+        theirs = _lock_body(store, key)["token"]
+        assert theirs != mine
+        ours.__exit__(None, None, None)  # our late release: a conditional delete on OUR ETag, refused (412)
+        assert store.exists(key) and _lock_body(store, key)["token"] == theirs
+    assert not store.exists(key)
+
+
+def test_breaking_a_stale_lock_never_deletes_the_one_that_replaced_it(store, monkeypatch):
+    """Between judging a lock stale and deleting it, another holder breaks it and takes the lock
+    (fault injection: a write slipped in after our read). The break is conditional on the ETag
+    judged stale, so the new holder's lock stays and we wait for it."""
+    import time
+
+    key = f"{store.prefix}/promote/m.lock"
+    store.put_bytes(key, json.dumps({"token": "dead-holder"}).encode())
+    time.sleep(3.2)
+    original, slipped = store._lock_held, []
+
+    def read_then_someone_retakes(k):
+        held = original(k)
+        if held is not None and held["token"] == "dead-holder" and not slipped:
+            store.put_bytes(key, json.dumps({"token": "new-holder"}).encode())
+            slipped.append(1)
+        return held
+
+    monkeypatch.setattr(store, "_lock_held", read_then_someone_retakes)
+    with pytest.raises(TransientError, match="still held"):
+        with store.lock("promote/m", timeout=1, stale_after=2):
+            pass
+    assert slipped and _lock_body(store, key)["token"] == "new-holder"
