@@ -260,8 +260,23 @@ class ArtifactStore:
         log.info("%s: reusing committed artifact %s", step, key)
         return ArtifactRef(step=step, key=key, digest=manifest["digest"], stats=manifest["stats"])
 
-    def manifest(self, key: str) -> dict[str, Any]:
-        return json.loads(self.get_bytes(f"{key}/{MANIFEST}"))
+    def manifest(self, key: str, digest: str | None = None) -> dict[str, Any]:
+        """The artifact's manifest, verified: its ``digest`` recomputed over its file list and input
+        digests (as ``commit`` computed it), and equal to ``digest`` when the caller holds a reference.
+        A manifest rewritten together with a file (a changed sha256 entry) fails the first check; a
+        reference handed over for another artifact, the second. ArtifactError names the key."""
+        try:
+            manifest = json.loads(self.get_bytes(f"{key}/{MANIFEST}"))
+            recomputed = manifest_digest(manifest)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ArtifactError(f"{key}: the manifest cannot be read ({type(exc).__name__}: {exc})") from exc
+        if recomputed != manifest["digest"]:
+            raise ArtifactError(f"{key}: the manifest's digest does not match its files and inputs (recorded "
+                                f"{str(manifest['digest'])[:16]}, computed {recomputed[:16]}): it was altered")
+        if digest is not None and digest != manifest["digest"]:
+            raise ArtifactError(f"{key}: the reference's digest {digest[:16]} is not the committed artifact's "
+                                f"{manifest['digest'][:16]}")
+        return manifest
 
     def writer(
         self, step: str, run_key: str, config: BaseModel | dict, inputs: Iterable[ArtifactRef] = ()
@@ -269,7 +284,7 @@ class ArtifactStore:
         return ArtifactWriter(self, step, self.artifact_key(step, run_key), run_key, config, list(inputs))
 
     def read_bytes(self, ref: ArtifactRef, name: str) -> bytes:
-        files = self.manifest(ref.key)["files"]
+        files = self.manifest(ref.key, ref.digest)["files"]
         if name not in files:
             raise ArtifactError(f"{ref.key} has no file {name!r} (has: {', '.join(sorted(files))})")
         data = self.get_bytes(f"{ref.key}/{name}")
@@ -287,7 +302,7 @@ class ArtifactStore:
         """The file's lines (without the newline) streamed from S3, a chunk at a time: memory stays
         flat whatever the file size. The digest is checked when the last line has been read, so a
         consumer that reaches the end has read exactly the committed bytes (ArtifactError if not)."""
-        files = self.manifest(ref.key)["files"]
+        files = self.manifest(ref.key, ref.digest)["files"]
         if name not in files:
             raise ArtifactError(f"{ref.key} has no file {name!r} (has: {', '.join(sorted(files))})")
         try:
@@ -327,11 +342,24 @@ class ArtifactStore:
             yield b"\n".join(chunk)
 
     def download(self, ref: ArtifactRef) -> Path:
-        """Materialise every file of an artifact locally, verified against the manifest; cached by digest."""
+        """Materialise every file of an artifact locally, verified against the manifest; cached by digest.
+
+        A cache hit (``<cache>/<digest>/``) is re-checked before reuse: the cached manifest's digest must be
+        the reference's, and every cached file must have its recorded size and sha256. A mismatch (a file
+        changed, truncated or missing in the cache) is logged with the file's name and the artifact is
+        downloaded again from the store, verified as on a miss: the caller always gets the committed bytes."""
         target = self.cache_dir / ref.digest
         if (target / MANIFEST).exists():
-            return target
-        files = self.manifest(ref.key)["files"]
+            problem = cached_problem(target, ref.digest)
+            if problem is None:
+                return target
+            log.warning("cache %s: %s; downloading %s again", target, problem, ref.key)
+            stale = target.with_name(f".stale-{uuid.uuid4().hex}")
+            with contextlib.suppress(OSError):
+                target.rename(stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        manifest = self.manifest(ref.key, ref.digest)
+        files = manifest["files"]
         staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=self._ensure_cache()))
         try:
             for name, meta in files.items():
@@ -340,7 +368,8 @@ class ArtifactStore:
                 self.client.download_file(self.bucket, f"{ref.key}/{name}", str(path), Config=TRANSFER)
                 if sha256_file(path) != meta["sha256"]:
                     raise ArtifactError(f"{ref.key}/{name} does not match its manifest digest")
-            (staging / MANIFEST).write_text(json.dumps({"key": ref.key, "files": files}))
+            (staging / MANIFEST).write_text(json.dumps({"key": ref.key, "digest": manifest["digest"], "files": files,
+                                                        "inputs": manifest["inputs"]}))
             try:
                 staging.rename(target)
             except OSError:  # another process materialised it first
@@ -352,6 +381,31 @@ class ArtifactStore:
     def _ensure_cache(self) -> Path:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         return self.cache_dir
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """An artifact's digest from its manifest's file list and input digests (what ``commit`` records)."""
+    inputs = [i["digest"] for i in manifest["inputs"]]
+    return sha256_bytes(canonical_json({"files": manifest["files"], "inputs": inputs}).encode())
+
+
+def cached_problem(folder: Path, digest: str) -> str | None:
+    """What is wrong with a cached artifact (``download``'s cache), or None: its manifest must recompute to
+    ``digest`` (the folder's name) and each listed file have its size, then its sha256."""
+    try:
+        cached = json.loads((folder / MANIFEST).read_text())
+        if "inputs" not in cached or manifest_digest(cached) != digest:
+            return "the cached manifest is not the artifact's (older cache layout or altered)"
+        files = cached["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"the cached manifest cannot be read ({type(exc).__name__})"
+    for name, meta in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != meta.get("size", path.stat().st_size) or sha256_file(path) != meta["sha256"]:
+            return f"{name} does not match its manifest digest"
+    return None
 
 
 class ArtifactWriter:
