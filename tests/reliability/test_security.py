@@ -26,6 +26,8 @@ from prod_stack import client_of, report_section  # fixtures: tests/reliability/
 
 pytestmark = pytest.mark.services
 PICKLE_OR_ZIP = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")  # torch.save writes a zip of pickles
+# The files made to hold secrets (mode 600, in the private state dir); every other file is scanned.
+SECRET_FILES = {"credentials.json", "security.toml", "weed-options", "node.key"}
 WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".h5", ".npy", ".npz")
 
 
@@ -136,7 +138,9 @@ def test_no_secret_in_logs_parameters_results_or_the_registry(prod_stack, first_
     scan("task results in S3", [s3.get_object(Bucket=prod_stack["cfg"].bucket, Key=k)["Body"].read().decode()
                                 for k in results])
     state = prod_stack["cfg"].state_dir
-    files = [p for p in state.rglob("*") if p.is_file() and p.name != "credentials.json"]
+    files = [p for p in state.rglob("*") if p.is_file() and p.name not in SECRET_FILES]
+    assert {p.name for p in state.rglob("*") if p.name in SECRET_FILES} == SECRET_FILES
+    assert all(p.stat().st_mode & 0o077 == 0 for p in state.rglob("*") if p.name in SECRET_FILES)
     scan("services' logs and state files", [p.read_bytes().decode(errors="replace") for p in files])
     scan("services' command lines", _command_lines(prod_stack))
 

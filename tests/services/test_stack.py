@@ -124,10 +124,13 @@ def test_backend_and_auth_options(monkeypatch, tmp_path):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("TUNELINE_DB_BACKEND", "postgres")
     monkeypatch.setenv("TUNELINE_DB_PORT", "25433")
-    monkeypatch.setenv("TUNELINE_MLFLOW_AUTH", "1")
+    monkeypatch.delenv("TUNELINE_INSECURE", raising=False)
     cfg = ServiceConfig.from_env()
-    assert (cfg.backend, cfg.db_port, cfg.mlflow_auth) == ("postgres", 25433, True)
-    assert cfg.with_options("sqlite", False).backend == "sqlite" and cfg.with_options().mlflow_auth
+    assert (cfg.backend, cfg.db_port, cfg.insecure, cfg.mlflow_auth) == ("postgres", 25433, False, True)
+    assert cfg.with_options("sqlite", True).backend == "sqlite" and not cfg.with_options("sqlite", True).mlflow_auth
+    assert cfg.with_options().mlflow_auth
+    monkeypatch.setenv("TUNELINE_INSECURE", "1")
+    assert ServiceConfig.from_env().insecure
     # The database URL carries no password (argv is readable by every local user).
     assert urls(cfg)["postgres"] == "postgresql://tuneline@127.0.0.1:25433"
     with pytest.raises(ServiceError, match="backend must be one of sqlite, postgres"):
@@ -197,11 +200,13 @@ def test_s3_conditional_create(stack):
     assert s3.get_object(Bucket=cfg.bucket, Key="probe/_MANIFEST.json")["Body"].read() == b"first"
 
 
-def test_mlflow_answers_and_stores_artifacts_in_s3(stack, tmp_path):
+def test_mlflow_answers_and_stores_artifacts_in_s3(stack, tmp_path, monkeypatch):
     cfg, env = stack["cfg"], stack["env"]
     assert _get(f"{urls(cfg)['mlflow']}/health") == (200, b"OK")
     from mlflow import MlflowClient
 
+    for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # the pipeline's own user
+        monkeypatch.setenv(var, env[var])
     # The client holds no S3 keys: the server proxies artifacts to S3 with its own.
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     run = client.create_run(client.create_experiment("services-test"))
