@@ -16,7 +16,8 @@
     tuneline data worst RUN [--top 50]     # highest-loss and duplicated-looking records (RUN: MLflow run
                                            # id, NAME/VERSION or NAME@ALIAS)
     tuneline run --resume [RUN_ID]  # a failed/crashed run again, same parameters: done tasks
-                                    # are cached, training continues from its newest checkpoint
+                                    # are cached, training continues from its newest checkpoint;
+                                    # without RUN_ID: this checkout's one run of the --params model
     tuneline deploy [--pool process|docker|kubernetes] [--only NAME] [--schedules keep|on|off]
                                     # register deployments/prefect.yaml with the Prefect server
     tuneline worker [--pool-name tuneline-process] [--limit 1]   # a local process worker
@@ -60,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override one parameter, e.g. train.max_steps=10 (YAML value)")
     run.add_argument("--resume", nargs="?", const="latest", metavar="RUN_ID",
-                     help="resume a failed, crashed or cancelled flow run (default: the newest one) with its own "
-                     "parameters; needs the Prefect server that recorded it")
+                     help="resume a failed, crashed or cancelled flow run with its own parameters; without RUN_ID "
+                     "the one such run of this checkout and of the --params file's model (several: they are "
+                     "listed, name one); needs the Prefect server that recorded it")
 
     scrub = sub.add_parser("scrub", help="normalize and remove PII from fields of a JSONL file (streams; keeps "
                            "every other field and the record order)")
@@ -135,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("deploy", "worker"):
         return deploy_command(args)
     if args.resume is not None:
-        if args.overrides or args.params != DEFAULT_PARAMS:
-            parser.error("--resume takes the run's own parameters; it cannot be combined with --params or --set")
+        if args.overrides or (args.resume != "latest" and args.params != DEFAULT_PARAMS):
+            parser.error("--resume takes the run's own parameters; it cannot be combined with --set, nor --params "
+                         "with a run id (a bare --resume reads only the model name from --params)")
         return run_command(args.params, [], resume=args.resume)
     return run_command(args.params, args.overrides)
 
@@ -272,11 +275,14 @@ def run_command(params_path: Path, overrides: list[str], resume: str | None = No
         if resume is None:
             params = PipelineParams.from_yaml(params_path, overrides)
             links = use_local_services()
+            reap_dead_runs()
         else:
             from flows.resume import find_run, resume_plan
 
+            model = PipelineParams.from_yaml(params_path).register_.model_name if resume == "latest" else None
             links = use_local_services()
-            run = find_run(None if resume == "latest" else resume)
+            reap_dead_runs()
+            run = find_run(None if resume == "latest" else resume, model)
             params, options = resume_plan(run)
             print(f"resuming flow run {run.id} ({run.name}) with its own parameters")
     except ConfigError as exc:
@@ -306,13 +312,31 @@ def run_command(params_path: Path, overrides: list[str], resume: str | None = No
 
 
 def start(flow: Any, params: Any, options: dict) -> Any:
-    """Run the flow; a resuming run gets its own name and a tag naming the run it resumes."""
+    """Run the flow in this process, tagged with where it runs (host, checkout, pid: flows/resume.py); a
+    resuming run gets its own name and a tag naming the run it resumes."""
     from prefect import tags
 
-    if not options:
-        return flow(params, return_state=True)
-    with tags(*options["tags"]):
+    from flows.resume import origin_tags
+
+    with tags(*options.get("tags", []), *origin_tags()):
+        if not options:
+            return flow(params, return_state=True)
         return flow.with_options(flow_run_name=options["flow_run_name"])(params, return_state=True)
+
+
+def reap_dead_runs() -> None:
+    """Mark Crashed this host's RUNNING runs whose process died (flows/resume.py); never stops a run from starting."""
+    from flows.resume import reap_dead_runs as reap
+
+    try:
+        dead = reap()
+    except Exception as exc:  # noqa: BLE001 - the check is a courtesy: an unreachable API fails the run itself later
+        print(f"warning: could not check for flow runs whose process died: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return
+    for run in dead:
+        print(f"flow run {run.id} ({run.name}) was {run.state.type.value} but its process is gone: marked Crashed "
+              f"(resume it: tuneline run --resume {run.id})", file=sys.stderr)
 
 
 def use_local_services() -> dict[str, str]:

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,8 @@ import yaml
 
 from steps.config import PipelineParams
 from steps.core.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC_FILE = REPO / "deployments" / "prefect.yaml"
@@ -302,6 +306,8 @@ def run_worker(pool_name: str = PROCESS_POOL, limit: int | None = 1, env: dict[s
     if limit:
         argv += ["--limit", str(limit)]
     proc = subprocess.Popen(argv, env={**os.environ, **(env or {})})
+    reaper = _Reaper(REAP_EVERY)
+    reaper.start()
 
     def forward(signum: int, _frame: Any) -> None:
         if proc.poll() is None:
@@ -311,5 +317,31 @@ def run_worker(pool_name: str = PROCESS_POOL, limit: int | None = 1, env: dict[s
     try:
         return proc.wait()
     finally:
+        reaper.stop.set()
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+REAP_EVERY = 60.0  # seconds between two checks for this host's flow runs whose process died
+
+
+class _Reaper(threading.Thread):
+    """While the worker runs: mark Crashed, now and every ``every`` seconds, this host's RUNNING runs whose
+    process died (flows/resume.py). The worker marks a run Crashed itself when its process exits; this
+    catches the runs of a worker that was killed with them, or of `tuneline run` processes."""
+
+    def __init__(self, every: float):
+        super().__init__(name="tuneline-reaper", daemon=True)
+        self.every, self.stop = every, threading.Event()
+
+    def run(self) -> None:
+        from flows.resume import reap_dead_runs
+
+        while True:
+            try:
+                for run in reap_dead_runs():
+                    print(f"flow run {run.id} ({run.name}): its process is gone, marked Crashed", flush=True)
+            except Exception as exc:  # noqa: BLE001 - a server away for a moment: try again next time
+                log.debug("checking for dead flow runs failed: %s", exc)
+            if self.stop.wait(self.every):
+                return

@@ -55,15 +55,19 @@ def run_labels(params: PipelineParams, tags: list[str], auto_scheduled: bool, st
 
 
 def label_run(params: PipelineParams) -> None:
-    """Name and tag this flow run from its parameters. Names tuneline gave on purpose stay: ``resume-of-...``
-    (the run it resumes) and ``data-...`` (the object that triggered it, flows/watch.py)."""
+    """Name and tag this flow run from its parameters, and with where it runs (host, checkout, process:
+    flows/resume.py). Names tuneline gave on purpose stay: ``resume-of-...`` (the run it resumes) and
+    ``data-...`` (the object that triggered it, flows/watch.py)."""
     from prefect import get_client
+
+    from flows.resume import origin_tags
 
     run = _flow_run()
     if run is None:
         return
     start = run.expected_start_time or run.start_time or datetime.now(timezone.utc)
     name, tags = run_labels(params, list(run.tags or []), run.auto_scheduled, start)
+    tags = list(dict.fromkeys(tags + origin_tags()))  # where it runs: a worker's run has no other way to say
     if run.name.startswith(KEPT_NAMES):
         name = run.name
     with get_client(sync_client=True) as client:
