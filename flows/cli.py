@@ -13,6 +13,7 @@
     tuneline rollback NAME                 # champion back to previous-champion
     tuneline predict NAME[@alias|/version] TEXT [TEXT ...]
     tuneline export NAME[@alias|/version] --format safetensors|gguf --output PATH [--dtype f32|f16]
+    tuneline serve NAME[@alias|/version] [--port 5001]   # files verified, then `mlflow models serve`
     tuneline data worst RUN [--top 50]     # highest-loss and duplicated-looking records (RUN: MLflow run
                                            # id, NAME/VERSION or NAME@ALIAS)
     tuneline run --resume [RUN_ID]  # a failed/crashed run again, same parameters: done tasks
@@ -100,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--format", dest="fmt", choices=["safetensors", "gguf"], required=True)
     export.add_argument("--output", type=Path, required=True, help="folder (safetensors) or .gguf file to write")
     export.add_argument("--dtype", choices=["f32", "f16"], default="f32", help="weight precision (default f32)")
+    serve = sub.add_parser("serve", help="check a registered version's files against the digests recorded at "
+                           "registration, then serve it with `mlflow models serve` (POST /invocations)")
+    serve.add_argument("model", help="NAME (its champion), NAME@alias or NAME/version")
+    serve.add_argument("--port", type=int, default=5001, help="port (default 5001)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--workers", type=int, default=1, help="server processes (default 1)")
 
     data = sub.add_parser("data", help="data curation from a run's per-record losses")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -130,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "services":
         return services_command(args.action, prefect=not args.no_prefect, backend=args.backend,
                                 mlflow_auth=args.mlflow_auth)
-    if args.command in ("models", "promote", "rollback", "predict", "data", "export"):
+    if args.command in ("models", "promote", "rollback", "predict", "data", "export", "serve"):
         return registry_command(args)
     if args.command == "scrub":
         return scrub_command(args.input, args.output, args.fields, args.entities, args.action)
@@ -160,7 +167,7 @@ def services_command(action: str, prefect: bool, backend: str | None = None, mlf
 
 
 def registry_command(args: argparse.Namespace) -> int:
-    from steps.core.errors import ConfigError
+    from steps.core.errors import ArtifactError, ConfigError
     from steps.register import registry
 
     use_local_services()
@@ -183,6 +190,8 @@ def registry_command(args: argparse.Namespace) -> int:
             print(registry.rollback(args.name))
         elif args.command == "data":
             print_worst(*registry.record_losses(args.run), args.top)
+        elif args.command == "serve":
+            return serve_command(args.model, args.host, args.port, args.workers)
         elif args.command == "export":
             from steps.register.export import export_version
 
@@ -194,10 +203,43 @@ def registry_command(args: argparse.Namespace) -> int:
         else:
             for text, answer in zip(args.inputs, registry.predict(args.model, args.inputs, args.max_new_tokens)):
                 print(f"{text}\t{answer}")
-    except ConfigError as exc:
+    except (ConfigError, ArtifactError) as exc:  # ArtifactError: a registered file differs from its digest
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def serve_command(spec: str, host: str, port: int, workers: int) -> int:
+    """`tuneline serve`: the version's files downloaded and checked against its recorded digests (ArtifactError
+    naming the file otherwise), then `mlflow models serve -m <that folder> --env-manager local` until it stops.
+    The scoring server starts `uvicorn` from PATH: this environment's bin folder is put first."""
+    import contextlib
+    import signal
+    import subprocess
+    import tempfile
+
+    from steps.register.verify import verified_model_dir
+
+    with tempfile.TemporaryDirectory(prefix="tuneline-serve-") as tmp:
+        folder = verified_model_dir(spec, Path(tmp))
+        print(f"{spec}: every file matches the digests recorded at registration; serving on http://{host}:{port}",
+              flush=True)
+        bin_dir = Path(sys.executable).parent
+        env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+        command = [str(bin_dir / "mlflow"), "models", "serve", "-m", str(folder), "--env-manager", "local",
+                   "-h", host, "-p", str(port), "-w", str(workers)]
+        server = subprocess.Popen(command, env=env, start_new_session=True)  # its own group: stopped as one
+
+        def stop(*_: Any) -> None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, stop)
+        try:
+            return server.wait()
+        except KeyboardInterrupt:
+            stop()
+            return server.wait()
 
 
 def print_worst(run_id: str, losses: list[dict[str, Any]], top: int) -> None:

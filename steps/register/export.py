@@ -61,20 +61,12 @@ def export_version(spec: str, fmt: str, output: Path, dtype: str = "f32") -> dic
 
 
 def fetch_version(spec: str, tmp: Path) -> tuple[Path, Path]:
-    """The registered version's files and its base model, downloaded through the tracking server."""
-    import mlflow
-    import yaml
-    from mlflow.exceptions import MlflowException
+    """The registered version's files and its base model, downloaded through the tracking server and checked
+    against the digests recorded at registration (``steps/register/verify.py``)."""
+    from steps.register.verify import pyfunc_config, verified_base_dir, verified_model_dir
 
-    from steps.register.registry import model_uri
-
-    try:
-        version_dir = Path(mlflow.artifacts.download_artifacts(model_uri(spec), dst_path=str(tmp / "version")))
-    except MlflowException as exc:
-        raise ConfigError(f"{spec}: no such registered model version ({exc.error_code})") from exc
-    config = yaml.safe_load((version_dir / "MLmodel").read_text())["flavors"]["python_function"]["config"]
-    base_dir = Path(mlflow.artifacts.download_artifacts(config["base_model_uri"], dst_path=str(tmp / "base")))
-    return version_dir, base_dir
+    version_dir = verified_model_dir(spec, tmp)
+    return version_dir, verified_base_dir(pyfunc_config(version_dir), tmp)
 
 
 def merged_model(version_dir: Path, base_dir: Path) -> tuple[Any, Any, Any]:

@@ -5,7 +5,7 @@ recorded override), roll the champion back, and predict from a registered model.
     tuneline models NAME --history                 # every alias move: time, actor, action, reason
     tuneline promote NAME VERSION [--force --reason TEXT]
     tuneline rollback NAME                         # champion -> previous-champion
-    tuneline predict NAME[@alias|/version] TEXT... # loads from the registry, answers or labels
+    tuneline predict NAME[@alias|/version] TEXT... # loads from the registry (files verified), answers or labels
     tuneline data worst RUN [--top 50]             # highest-loss and duplicated-looking records of a run
 
 The gate compares the version's candidate metric (tag ``tuneline.metric_value``, measured
@@ -153,11 +153,19 @@ def model_uri(spec: str) -> str:
 
 
 def predict(spec: str, inputs: list[str], max_new_tokens: int = 64) -> list[Any]:
+    """Answers of the version, loaded from a local copy whose files match the digests recorded at registration
+    (``verify.verified_model_dir``: ArtifactError naming the file otherwise), never from ``models:/`` directly."""
+    import tempfile
+    from pathlib import Path
+
     import mlflow
 
-    model = mlflow.pyfunc.load_model(model_uri(spec))
-    params = {"max_new_tokens": max_new_tokens} if model.metadata.get_params_schema() is not None else None
-    return list(model.predict(inputs, params=params))
+    from steps.register.verify import verified_model_dir
+
+    with tempfile.TemporaryDirectory(prefix="tuneline-predict-") as tmp:
+        model = mlflow.pyfunc.load_model(str(verified_model_dir(spec, Path(tmp))))
+        params = {"max_new_tokens": max_new_tokens} if model.metadata.get_params_schema() is not None else None
+        return list(model.predict(inputs, params=params))
 
 
 def record_losses(run: str) -> tuple[str, list[dict[str, Any]]]:

@@ -29,6 +29,11 @@ class ChatAdapterModel(PythonModel):
         import torch
         from transformers import AutoTokenizer
 
+        config = context.model_config
+        # Before any of the version's code or weights is used: its files against the digests in its config
+        # (versions registered before they were recorded have none). `tuneline predict|serve` verified the
+        # whole version against its registry tags already; this guards `mlflow models serve -m models:/...`.
+        check_artifacts(context.artifacts, config.get("artifact_files"))
         code = context.artifacts.get("code")
         if code and code not in sys.path:
             sys.path.insert(0, code)
@@ -36,8 +41,11 @@ class ChatAdapterModel(PythonModel):
         from steps.train import methods
 
         tune_allocator()
-        config = context.model_config
         base_dir = mlflow.artifacts.download_artifacts(config["base_model_uri"])
+        if "base_model_files" in config:
+            from steps.register.verify import check_files
+
+            check_files(Path(base_dir), config["base_model_files"], f"base model {config['base_model_uri']}")
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         trained = Path(context.artifacts["trained"])
         self.task = methods.task_of(trained)
@@ -77,6 +85,37 @@ class ChatAdapterModel(PythonModel):
         if self.task.kind == "regression":
             return logits[:, 0].tolist()
         return [self.task.labels[i] for i in logits.argmax(-1).tolist()]
+
+
+class TamperedModelError(RuntimeError):
+    """A file of the model differs from the digest recorded at registration."""
+
+
+def check_artifacts(artifacts, expected) -> None:
+    """The pyfunc's artifacts (``trained`` and ``tokenizer`` folders, ``code`` zip) hold exactly the files of
+    ``expected`` (``{"trained": {path: sha256}, "tokenizer": {...}, "code": sha256}``), else
+    TamperedModelError naming the file. Standalone (hashlib only): it runs before the ``steps`` code is trusted."""
+    import hashlib
+    from pathlib import Path
+
+    def sha256(path):
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    for name, want in (expected or {}).items():
+        root = Path(artifacts[name])
+        if isinstance(want, str):
+            if sha256(root) != want:
+                raise TamperedModelError(f"model artifact {name} ({root.name}) differs from its registered sha256")
+            continue
+        found = {p.relative_to(root).as_posix(): p for p in root.rglob("*") if p.is_file()}
+        for path in sorted(set(found) | set(want)):
+            if path not in want or path not in found or sha256(found[path]) != want[path]:
+                raise TamperedModelError(f"model artifact {name}/{path} differs from its registered files "
+                                         f"({'unexpected' if path not in want else 'missing' if path not in found else 'changed'})")
 
 
 set_model(ChatAdapterModel())

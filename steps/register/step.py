@@ -25,9 +25,10 @@ from typing import Any
 from steps.base_model.folder import is_tokenizer_file
 from steps.config import GATE_METRICS, RegisterConfig
 from steps.core.contract import RECORD_LOSSES, StrictModel
-from steps.core.errors import ConfigError
-from steps.core.lineage import code_version, run_key
+from steps.core.errors import ArtifactError, ConfigError
+from steps.core.lineage import code_version, run_key, sha256_file
 from steps.core.store import ArtifactRef, ArtifactStore, DatasetRef, EvalReport, ModelRef
+from steps.register.verify import files_tags, folder_files
 from steps.tokenize.split import split_summary
 
 log = logging.getLogger(__name__)
@@ -171,13 +172,21 @@ def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore,
             if path.is_file() and is_tokenizer_file(path.name):
                 shutil.copy(path, tokenizer_dir / path.name)
         task = record.datasets["tokenize"].stats.get("task", "sft")
+        code_zip = package_zip(STEPS_DIR, Path(tmp) / "steps.zip")
+        artifact_files = {"trained": folder_digests(trained_dir), "tokenizer": folder_digests(tokenizer_dir),
+                          "code": sha256_file(code_zip)}
+        agree_with_manifest(artifact_files["trained"], store, record.model.adapter, "trained")
+        agree_with_manifest(artifact_files["tokenizer"], store, record.model.base, "tokenizer")
+        base_files = {name: meta["sha256"] for name, meta in
+                      store.manifest(record.model.base.key, record.model.base.digest)["files"].items() if "/" not in name}
         # Logged before any metric: log_model copies the run's metrics onto the model one request per metric.
         info = mlflow.pyfunc.log_model(
             name=logged_model_name(cfg.model_name),
             python_model=str(SERVING_CODE),
-            artifacts={"trained": str(trained_dir), "tokenizer": str(tokenizer_dir),
-                       "code": str(package_zip(STEPS_DIR, Path(tmp) / "steps.zip"))},
-            model_config={"base_model_uri": base_uri, "base_model_digest": record.model.base.digest},
+            artifacts={"trained": str(trained_dir), "tokenizer": str(tokenizer_dir), "code": str(code_zip)},
+            # base_model_files and artifact_files: what load_context checks before it loads (serving.py)
+            model_config={"base_model_uri": base_uri, "base_model_digest": record.model.base.digest,
+                          "base_model_files": base_files, "artifact_files": artifact_files},
             pip_requirements=serving_requirements(),
             signature=signature_for(task),
             input_example=input_example(task, store, record.datasets["tokenize"]),
@@ -186,6 +195,10 @@ def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore,
             "trained": f"s3://{store.bucket}/{record.model.adapter.key}",
             "tokenizer": f"s3://{store.bucket}/{record.model.base.key}",
             "code": f"steps.zip of tuneline code version {code_version()}"})
+        local = {**{f"artifacts/trained/{k}": v for k, v in artifact_files["trained"].items()},
+                 **{f"artifacts/tokenizer/{k}": v for k, v in artifact_files["tokenizer"].items()},
+                 f"artifacts/{code_zip.name}": artifact_files["code"]}
+        files = logged_files(client, info.model_id, local, Path(tmp) / "logged")
         log_series(active.info.run_id, history)
         mlflow.log_metrics({f"{step}_quarantined": ref.stats["quarantined"] for step, ref in record.datasets.items()
                             if ref.stats.get("quarantined")})
@@ -195,7 +208,9 @@ def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore,
                            model_id=info.model_id, dataset=datasets["evaluation"])
     gate = {"tuneline.metric": cfg.metric,
             "tuneline.metric_value": str(record.evaluations["candidate"].stats.get(cfg.metric, ""))}
-    version = mlflow.register_model(info.model_uri, cfg.model_name, tags={**tags, **gate, "tuneline.run_key": key})
+    # The files' digests are version tags from its creation on: set before tuneline.registration=complete.
+    version = mlflow.register_model(info.model_uri, cfg.model_name,
+                                    tags={**tags, **gate, **files_tags(files), "tuneline.run_key": key})
     finish_version(client, cfg.model_name, version.version, card)
     log.info("register: %s v%s (@challenger), run %s", cfg.model_name, version.version, active.info.run_id)
     return RegisteredVersion(name=cfg.model_name, version=version.version, run_id=active.info.run_id, run_key=key)
@@ -214,6 +229,47 @@ def package_zip(package: Path, target: Path) -> Path:
             info.compress_type = zipfile.ZIP_DEFLATED
             out.writestr(info, path.read_bytes())
     return target
+
+
+def folder_digests(folder: Path) -> dict[str, str]:
+    """``{posix path under folder: sha256}`` of every file under ``folder``."""
+    return {path: sha256_file(file) for path, file in folder_files(folder).items()}
+
+
+def agree_with_manifest(digests: dict[str, str], store: ArtifactStore, ref: ArtifactRef, what: str) -> None:
+    """The files about to be registered are the artifact's of record (its verified manifest): ArtifactError if not."""
+    files = store.manifest(ref.key, ref.digest)["files"]
+    for name, digest in sorted(digests.items()):
+        if name not in files or files[name]["sha256"] != digest:
+            raise ArtifactError(f"register: {what} file {name} is not the one {ref.key}'s manifest records")
+
+
+def logged_files(client: Any, model_id: str, local: dict[str, str], folder: Path) -> dict[str, str]:
+    """``{path: sha256}`` of every file of the logged model: ``local`` digests for the files registered from
+    this machine (weights, tokenizer, code: not downloaded again), the files MLflow generated (MLmodel,
+    serving.py, environment files, input examples) downloaded and hashed."""
+    listing: set[str] = set()
+
+    def walk(path: str | None) -> None:
+        for entry in client.list_logged_model_artifacts(model_id, path):
+            if entry.is_dir:
+                walk(entry.path)
+            else:
+                listing.add(entry.path)
+
+    walk(None)
+    missing = sorted(set(local) - set(listing))
+    if missing:
+        raise ArtifactError(f"register: the logged model {model_id} lacks {missing[0]} after upload")
+    location = client.get_logged_model(model_id).artifact_location.rstrip("/")
+    digests = {}
+    for path in sorted(listing):
+        if path in local:
+            digests[path] = local[path]
+            continue
+        (target := folder / Path(path).parent).mkdir(parents=True, exist_ok=True)
+        digests[path] = sha256_file(Path(mlflow_download(f"{location}/{path}", target)))
+    return digests
 
 
 def finish_version(client: Any, name: str, version: str, card: str) -> None:
