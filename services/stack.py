@@ -45,7 +45,9 @@ State directory layout::
                        printed or logged; the servers get them in their environment or in
                        the two files below)
     security.toml      SeaweedFS's JWT signing keys and gRPC certificates (mode 600)
-    weed-options       SeaweedFS's admin password, as command-line options (mode 600)
+    weed-options       SeaweedFS's admin password, as command-line options (mode 600; weed saves
+                       its effective options, this password among them, in seaweed/mini.options:
+                       emptied and made mode 600 before each start)
     tls/               the stack's own CA and SeaweedFS's certificate (gRPC, mutual TLS)
     <name>.json        pid, port and process start time of a started service
     logs/<name>.log    the service's stdout and stderr
@@ -404,6 +406,16 @@ def _write_weed_security(cfg: ServiceConfig) -> None:
     _write_private(options, f"admin.user=admin\nadmin.password={creds['weed_admin_password']}\n")
 
 
+def _weed_options_private(cfg: ServiceConfig) -> None:
+    """weed mini saves its effective options, the admin password among them, in seaweed/mini.options,
+    and applies that file at its next start. Before a start it is emptied (the command line alone
+    counts) and made mode 600, which weed's later rewrite keeps: readable by the owner only, like
+    the file the password came from."""
+    saved = cfg.state_dir / "seaweed" / "mini.options"
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    _write_private(saved, "")
+
+
 _TLS_NAME = "tuneline-seaweedfs"
 
 
@@ -654,6 +666,8 @@ def _spawn(cfg: ServiceConfig, spec: _Spec) -> None:
     _append_log(cfg, spec.name, f"starting on port {spec.ports[0]}")
     if spec.name == "postgres":
         _init_postgres(cfg)
+    if spec.name == "s3":
+        _weed_options_private(cfg)
     with open(_log_path(cfg, spec.name), "ab") as log:
         proc = subprocess.Popen(spec.argv, env=spec.env, cwd=cfg.state_dir, stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

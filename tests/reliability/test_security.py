@@ -27,7 +27,7 @@ from prod_stack import client_of, report_section  # fixtures: tests/reliability/
 pytestmark = pytest.mark.services
 PICKLE_OR_ZIP = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")  # torch.save writes a zip of pickles
 # The files made to hold secrets (mode 600, in the private state dir); every other file is scanned.
-SECRET_FILES = {"credentials.json", "security.toml", "weed-options", "node.key"}
+SECRET_FILES = {"credentials.json", "security.toml", "weed-options", "node.key", "mini.options"}
 WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".h5", ".npy", ".npz")
 
 
