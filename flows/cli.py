@@ -1,7 +1,8 @@
 """The ``tuneline`` command.
 
     tuneline services up          # SeaweedFS (S3), MLflow server, Prefect server; prints URLs
-    tuneline services up --backend postgres --mlflow-auth   # PostgreSQL behind both, MLflow basic auth
+    tuneline services up --backend postgres   # PostgreSQL behind MLflow and Prefect
+    tuneline services up --insecure           # every service open, no credentials (throwaway use only)
     tuneline services status
     tuneline services down
     tuneline run --params deployments/params/default.yaml [--set train.max_steps=10 ...]
@@ -53,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     services.add_argument("--backend", choices=["sqlite", "postgres"],
                           help="database of MLflow and Prefect (default: $TUNELINE_DB_BACKEND or sqlite); postgres "
                           "runs a local PostgreSQL cluster (apt-get install postgresql), the production backend")
-    services.add_argument("--mlflow-auth", action="store_true", default=None,
-                          help="MLflow basic auth (also TUNELINE_MLFLOW_AUTH=1); the generated password stays in "
-                          "the state dir's credentials.json and reaches clients as MLFLOW_TRACKING_PASSWORD")
+    services.add_argument("--insecure", action="store_true", default=None,
+                          help="start every service open to anyone on this machine, without credentials (also "
+                          "TUNELINE_INSECURE=1); by default all need the generated credentials of the state dir")
 
     run = sub.add_parser("run", help="run the fine-tuning flow end to end")
     run.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="YAML parameter file (deployments/params/)")
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     console.setup(args.verbose)
     if args.command == "services":
         return services_command(args.action, prefect=not args.no_prefect, backend=args.backend,
-                                mlflow_auth=args.mlflow_auth)
+                                insecure=args.insecure)
     if args.command in ("models", "promote", "rollback", "predict", "data", "export", "serve"):
         return registry_command(args)
     if args.command == "scrub":
@@ -151,10 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(args.params, args.overrides)
 
 
-def services_command(action: str, prefect: bool, backend: str | None = None, mlflow_auth: bool | None = None) -> int:
+def services_command(action: str, prefect: bool, backend: str | None = None, insecure: bool | None = None) -> int:
     from services import stack as services
 
-    cfg = services.ServiceConfig.from_env().with_options(backend, mlflow_auth)
+    cfg = services.ServiceConfig.from_env().with_options(backend, insecure)
     if action == "up":
         services.up(cfg, prefect=prefect)
     elif action == "down":
@@ -163,6 +164,11 @@ def services_command(action: str, prefect: bool, backend: str | None = None, mlf
         return 0
     for name, info in services.status(cfg).items():
         print(f"{name:<8} {'running' if info['running'] else 'stopped':<8} {info['url']}")
+    if not cfg.insecure:  # where the UI passwords are; never the passwords themselves
+        creds = cfg.state_dir / "credentials.json"
+        print(f"UI logins (passwords in {creds}, mode 600):\n"
+              f"  MLflow   user {services.ADMIN_USER}, password: jq -r .mlflow_password {creds}\n"
+              f"  Prefect  {services.PREFECT_USER}:PASSWORD, PASSWORD: jq -r .prefect_password {creds}")
     return 0
 
 

@@ -98,7 +98,8 @@ _MLFLOW_AUTH_CACHE_S = 300  # basic auth: how long a verified user/password pair
 _BACKENDS = ("sqlite", "postgres")
 _DB_USER = "tuneline"  # PostgreSQL superuser of our own cluster, and MLflow's admin user
 _PIPELINE_USER = "pipeline"  # MLflow user of the pipeline and the CLI (not an admin)
-_PREFECT_USER = "admin"  # the user part of Prefect's auth string
+ADMIN_USER = _DB_USER  # MLflow's admin: people, in the UI
+PREFECT_USER = "admin"  # the user part of Prefect's auth string
 _DATABASES = ("mlflow", "mlflow_auth", "prefect")
 _PG_INSTALL = "install Debian's package: apt-get install postgresql"
 _STOP_TIMEOUT = 15.0  # weed alone needs ~4 s to stop cleanly
@@ -205,7 +206,7 @@ def client_env(cfg: ServiceConfig) -> dict[str, str]:
 
 def prefect_auth_string(cfg: ServiceConfig) -> str:
     """What the Prefect UI's login asks for, and what clients send (``user:password``)."""
-    return f"{_PREFECT_USER}:{_credentials(cfg)['prefect_password']}"
+    return f"{PREFECT_USER}:{_credentials(cfg)['prefect_password']}"
 
 
 INSECURE_WARNING = ("INSECURE MODE: S3's master, filer, volume and admin ports, MLflow and Prefect accept requests "
