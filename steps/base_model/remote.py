@@ -122,20 +122,22 @@ def fetch_registry(source: Source, out: Path) -> dict[str, Any]:
     whose digest the lineage records. LoReFT versions cannot be merged (the edit depends on positions)
     and are refused. Nothing from the version's code is run: the weights load with this checkout's code.
     """
-    import mlflow
     import yaml
+
+    from steps.register.verify import verified_base_dir, verified_model_dir
 
     origin = f"base_model.source 'models:/{source.name}{'/' if source.version else '@'}{source.ref}'"
     version = registry_version(source, origin)
     with tempfile.TemporaryDirectory(prefix="tuneline-parent-") as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(f"models:/{source.name}/{version.version}", dst_path=tmp))
+        # Every file checked against the digests recorded at registration (ArtifactError naming the file).
+        local = verified_model_dir(f"{source.name}/{version.version}", Path(tmp))
         flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"].get("python_function", {})
         config = flavor.get("config") or {}
         trained, tokenizer = local / "artifacts" / "trained", local / "artifacts" / "tokenizer"
         if "base_model_uri" not in config or not trained.is_dir():
             raise ConfigError(f"{origin}: v{version.version} is not a tuneline model (no trained weights and "
                               "base model reference)")
-        base = Path(mlflow.artifacts.download_artifacts(config["base_model_uri"], dst_path=str(Path(tmp) / "base")))
+        base = verified_base_dir(config, Path(tmp))
         method = merge_into(base, trained, tokenizer, out, origin)
     chain = json.loads(version.tags.get("tuneline.base_chain", "[]"))
     return {"model": source.name, "version": version.version, "alias": None if source.version else source.ref,

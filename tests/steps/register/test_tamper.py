@@ -51,7 +51,9 @@ def test_files_replaced_through_mlflow_are_refused_naming_the_file(store, tmp_pa
     from mlflow import MlflowClient
 
     from flows.cli import main
+    from steps.base_model.remote import fetch_registry
     from steps.core.errors import ArtifactError
+    from steps.core.model_source import parse_source
     from steps.register.registry import predict
     from steps.register.verify import FILES_TAG, recorded_files
 
@@ -94,6 +96,8 @@ def test_files_replaced_through_mlflow_are_refused_naming_the_file(store, tmp_pa
     client.log_model_artifact(model_id, str(weight), artifact_path=str(Path(weights[0]).parent))
     with pytest.raises(ArtifactError, match=f"file {weights[0]} differs"):
         predict(spec, ["hi"])
+    with pytest.raises(ArtifactError, match=f"file {weights[0]} differs"):  # nor the base of a new run
+        fetch_registry(parse_source(f"models:/{spec}"), tmp_path / "parent")
     # Loaded straight from models:/ (as `mlflow models serve -m models:/...` does), the unchanged serving.py
     # checks its own artifacts against the digests in its config before loading them.
     with pytest.raises(Exception, match=f"model artifact trained/{Path(weights[0]).name} differs"):
