@@ -247,7 +247,8 @@ def _up(cfg: ServiceConfig, prefect: bool) -> None:
             if rec["port"] != spec.ports[0]:
                 raise ServiceError(f"{spec.name} already runs on port {rec['port']}, not {spec.ports[0]}: run down first")
             if "mode" in rec and rec["mode"] != spec.mode:
-                raise ServiceError(f"{spec.name} already runs with {rec.get('mode', {})}, not {spec.mode}: run down first")
+                raise ServiceError(f"{spec.name} already runs with {rec.get('mode', {})}, not {spec.mode} (started "
+                                   "by an older tuneline or in another mode): `tuneline services down`, then up again")
             continue  # running, or still starting from an earlier up(): wait for it below
         busy = [p for p in spec.ports if not _port_free(cfg.host, p)]
         if busy:
