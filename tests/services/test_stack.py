@@ -166,6 +166,10 @@ def test_up_is_running_and_idempotent(stack):
     assert env["TUNELINE_S3_ENDPOINT_URL"] == env["MLFLOW_S3_ENDPOINT_URL"] == urls(cfg)["s3"]
     assert env["MLFLOW_TRACKING_URI"] == urls(cfg)["mlflow"] and env["TUNELINE_BUCKET"] == "tl-test"
     assert env["DO_NOT_TRACK"] == "1" and env["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    # The running stack is locked down: asking for the open mode restarts nothing and says how.
+    with pytest.raises(ServiceError, match=r"another mode\): `tuneline services down`, then up again"):
+        up(cfg.with_options(insecure=True), prefect=False)
+    assert {n: s["pid"] for n, s in status(cfg).items()} == {n: s["pid"] for n, s in st.items()}
 
 
 def test_weed_listens_only_on_ports_derived_from_the_base(stack):
