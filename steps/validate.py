@@ -27,6 +27,11 @@ one row of a pair table: each of the three is a string, not blank, and within
 ``min_chars``..``max_chars``, and chosen differs from rejected (ignoring surrounding
 whitespace).
 
+prompt (online RL): ``{"id"?: str, "prompt": str, "answer"?: str}``; one row of a prompt table: the
+prompt is a string, not blank, within ``min_chars``..``max_chars``, and the answer (the reference the
+rewards check), when given, a non-blank string. A record with ``chosen`` or ``rejected`` is a
+preference record, not a prompt record.
+
 Every kind also checks each line: valid UTF-8, and no control characters other than whitespace
 (tab, newline, CR, VT, form feed; raw or JSON-escaped). Results use ``exclude_unexpected_values`` so reports hold counts and line numbers, never
 record contents. A file of another kind fails the record-shape rule.
@@ -469,6 +474,29 @@ def _preference_tables(lines: list[str]) -> tuple[dict[str, Any], Kept]:
     return {"records": _frame(records, ["line", "json_valid", "shape"]), "pairs": _frame(pair_rows, columns)}, kept
 
 
+def _prompt_tables(lines: list[str]) -> tuple[dict[str, Any], Kept]:
+    """Flatten raw lines into a record table, a prompt table (prompt length and blankness, the answer's
+    shape) and the prompt records' lines."""
+    records: list[dict] = []
+    prompt_rows: list[dict] = []
+    kept: Kept = []
+    for number, row, obj in _parsed(lines, {}):
+        records.append(row)
+        if row["json_valid"] is False:
+            continue
+        if not isinstance(obj, dict) or "prompt" not in obj or {"chosen", "rejected"} & obj.keys():
+            continue
+        row["shape"] = "prompt"
+        prompt, answer = obj["prompt"], obj.get("answer")
+        is_str = isinstance(prompt, str)
+        prompt_rows.append({"line": number, "prompt_chars": len(prompt) if is_str else None,
+                            "prompt_blank": not prompt.strip() if is_str else None,
+                            "answer_ok": answer is None or (isinstance(answer, str) and bool(answer.strip()))})
+        kept.append((number, None))
+    return {"records": _frame(records, ["line", "json_valid", "shape"]),
+            "prompts": _frame(prompt_rows, ["line", "prompt_chars", "prompt_blank", "answer_ok"])}, kept
+
+
 # C0 controls other than whitespace (tab, newline, VT, form feed, CR), DEL and the C1 controls.
 _CONTROL = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f]")
 # What a JSON line that decodes to such a character must contain: the character itself or an
@@ -693,6 +721,24 @@ def preference_rules(cfg: ValidateConfig) -> list[Rule]:
     return rules
 
 
+def prompt_rules(cfg: ValidateConfig) -> list[Rule]:
+    import great_expectations as gx
+
+    E = gx.expectations
+    return [
+        Rule("line is valid JSON", "records", E.ExpectColumnValuesToBeInSet(column="json_valid", value_set=[True])),
+        Rule('record is a prompt record with a "prompt" field (and no "chosen"/"rejected")', "records",
+             E.ExpectColumnValuesToBeInSet(column="shape", value_set=["prompt"])),
+        Rule("prompt is a string (not null)", "prompts", E.ExpectColumnValuesToNotBeNull(column="prompt_chars")),
+        Rule("prompt is not empty or blank", "prompts",
+             E.ExpectColumnValuesToBeInSet(column="prompt_blank", value_set=[False])),
+        Rule(f"prompt length between {cfg.min_chars} and {cfg.max_chars} characters", "prompts",
+             E.ExpectColumnValuesToBeBetween(column="prompt_chars", min_value=cfg.min_chars, max_value=cfg.max_chars)),
+        Rule("answer, when given, is a non-blank string", "prompts",
+             E.ExpectColumnValuesToBeInSet(column="answer_ok", value_set=[True])),
+    ]
+
+
 # Per record kind: the table builder (raw lines -> GX tables and the kept records' lines and labels)
 # and the suite's rules.
 SUITES: dict[str, tuple[Callable[[list[str]], tuple[dict[str, Any], Kept]], Callable[[ValidateConfig], list[Rule]]]] = {
@@ -701,6 +747,7 @@ SUITES: dict[str, tuple[Callable[[list[str]], tuple[dict[str, Any], Kept]], Call
     "classification": (_classification_tables, classification_rules),
     "regression": (_regression_tables, regression_rules),
     "preference": (_preference_tables, preference_rules),
+    "prompt": (_prompt_tables, prompt_rules),
 }
 
 

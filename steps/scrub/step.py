@@ -69,7 +69,7 @@ EXAMPLES = 5
 CHUNK_RECORDS = 10_000  # records per chunk of the stream
 # The text fields scrubbed per kind (chat records: every message's content).
 _TEXT_FIELDS = {"text": ("text",), "classification": ("text",), "regression": ("text",),
-                "preference": ("prompt", "chosen", "rejected")}
+                "preference": ("prompt", "chosen", "rejected"), "prompt": ("prompt",)}
 # What a replaced value becomes under the placeholder and hash actions (masks keep no letters).
 PLACEHOLDER = re.compile(r"<[A-Z_]+(?::[0-9a-f]{12})?>")
 
@@ -378,6 +378,8 @@ def scrub_bodies(records: list[dict[str, Any]], kind: str, engine: PiiEngine, pi
             body = {field: clean[pos + k] for k, field in enumerate(fields)}
             if kind in LABELED_KINDS:
                 body["label"] = record["label"]
+            if kind == "prompt" and "answer" in record:  # the reference the rewards check: kept verbatim
+                body["answer"] = record["answer"]
             bodies.append(body)
             width = len(fields)
         owner += [n] * width

@@ -636,6 +636,6 @@ def record_text(record: dict[str, Any]) -> str:
         return "\n".join(str(m.get("content") or "") + (json.dumps(m["tool_calls"], ensure_ascii=False)
                                                       if m.get("tool_calls") else "") for m in record["messages"])
     if "prompt" in record:
-        return "\n".join(str(record.get(k, "")) for k in ("prompt", "chosen", "rejected"))
+        return "\n".join(str(record.get(k, "")) for k in ("prompt", "chosen", "rejected", "answer") if k in record)
     return str(record.get("text", ""))
 

@@ -150,6 +150,8 @@ def slots(record: dict[str, Any], kind: str, target: str) -> list[Slot]:
         return [("messages", i) for i, m in enumerate(record["messages"]) if m["role"] in roles]
     if kind == "preference":
         return [("prompt", None), *([("chosen", None), ("rejected", None)] if target == "all" else [])]
+    if kind == "prompt":  # the answer is the rewards' reference: never changed
+        return [("prompt", None)]
     return [("text", None)]
 
 

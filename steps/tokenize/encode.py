@@ -1,6 +1,6 @@
 """Records to token rows, per kind: chats rendered with the model's template and labelled on
 assistant turns only (``encode_chat_batch``), labelled texts (``encode_labelled``), preference pairs
-(``encode_pairs``) and packed text blocks (``pack_texts``). Byte-level BPE tokenizers encode through
+(``encode_pairs``), prompts for online RL (``encode_prompts``) and packed text blocks (``pack_texts``). Byte-level BPE tokenizers encode through
 the pre-token cache (``pretoken_encoder``, steps/text/pretokens.py).
 """
 
@@ -307,6 +307,35 @@ def encode_pairs(tokenizer: Any, sides: dict[str, list[dict]], cfg: TokenizeConf
         "truncated": truncated, "dropped_no_answer": dropped,
     }
     return splits, prompts, stats
+
+def encode_prompts(tokenizer: Any, sides: dict[str, list[dict]], cfg: TokenizeConfig
+                   ) -> tuple[dict[str, list[dict]], list[dict], dict[str, Any]]:
+    """Prompt records for online RL: the prompt as a user turn rendered with the chat template and the
+    assistant's generation header (``add_generation_prompt``), ready to sample from; ``prompt`` (the text)
+    and ``answer`` stay with the row for the reward functions. Prompts longer than ``max_seq_len`` are
+    dropped (``dropped_long``): a cut prompt would lose its generation header."""
+    splits: dict[str, list[dict[str, Any]]] = {"train": [], "eval": []}
+    prompts: list[dict[str, Any]] = []
+    dropped = 0
+    for side, records in sides.items():
+        for record in tqdm(records, desc=f"tokenize {side}", unit="rec", mininterval=2):
+            messages = [{"role": "user", "content": record["prompt"]}]
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+            if len(ids) > cfg.max_seq_len:
+                dropped += 1
+                continue
+            row = {"id": record["id"], "input_ids": ids, "prompt": record["prompt"]}
+            if "answer" in record:
+                row["answer"] = record["answer"]
+            splits[side].append(row)
+            if side == "eval":
+                prompts.append({"id": record["id"], "messages": messages, "reference": record.get("answer", "")})
+    stats = {"train_records": len(splits["train"]), "eval_records": len(splits["eval"]),
+             "train_tokens": sum(len(r["input_ids"]) for r in splits["train"]), "truncated": 0,
+             "dropped_long": dropped}
+    return splits, prompts, stats
+
 
 def pack_texts(tokenizer: Any, sides: dict[str, list[dict]], cfg: TokenizeConfig
                ) -> tuple[dict[str, list[dict]], list[dict], dict[str, Any]]:

@@ -19,7 +19,7 @@ from steps.core.lineage import run_key
 from steps.core.store import ArtifactStore, DatasetRef, ModelRef
 from steps.tokenize.augment import augment_inputs, augment_train
 from steps.tokenize.chats import stream_chats
-from steps.tokenize.encode import encode_chats, encode_labelled, encode_pairs, pack_texts
+from steps.tokenize.encode import encode_chats, encode_labelled, encode_pairs, encode_prompts, pack_texts
 from steps.tokenize.split import (
     check_both_splits,
     check_truncation,
@@ -51,7 +51,7 @@ def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, s
 
     check_model_fits_records(source.stats["record_kind"], model)
     tokenizer = AutoTokenizer.from_pretrained(store.download(model.base))
-    if source.stats["record_kind"] in ("chat", "preference") and not tokenizer.chat_template:
+    if source.stats["record_kind"] in ("chat", "preference", "prompt") and not tokenizer.chat_template:
         raise ConfigError(f"the base model ({model.base.stats.get('source')}) has no chat template in its tokenizer; "
                           "set tokenize.chat_template (chatml, llama3, gemma or the path of a Jinja file)")
     checked_by = leakage_checked_by(cfg, source, store)
@@ -79,6 +79,8 @@ def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, s
         splits, prompts, stats = encode_labelled(tokenizer, sides, cfg, kind)
     elif kind == "preference":
         splits, prompts, stats = encode_pairs(tokenizer, sides, cfg)
+    elif kind == "prompt":
+        splits, prompts, stats = encode_prompts(tokenizer, sides, cfg)
     else:
         splits, prompts, stats = encode_chats(tokenizer, sides, cfg)
     stats = {"task": TASKS[kind], **stats, **pinned, "eval_leakage_removed": len(leaked),

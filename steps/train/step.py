@@ -25,7 +25,7 @@ from steps.core.errors import ArtifactError
 from steps.core.lineage import run_key
 from steps.core.progress import progress as bar
 from steps.core.store import ArtifactRef, ArtifactStore, DatasetRef, ModelRef
-from steps.train import methods, parallel, preference
+from steps.train import methods, parallel, preference, rl
 from steps.train.batching import batch_order, pack_order
 from steps.train.checkpoints import Checkpoints
 from steps.train.losses import eval_loss, loss_module, record_losses, share_of
@@ -77,7 +77,11 @@ def train_in_process(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store:
     rows = store.read_jsonl(data, "train.jsonl")
     eval_rows = store.read_jsonl(data, "eval.jsonl") if cfg.early_stopping else []
     lengths = [len(r["input_ids"]) for r in rows]
-    plan = plan_memory(cfg, base_dir, task, device, seq_len=max(lengths))  # before loading: fits, or fails here
+    if task.kind == "rl":  # the memory of a step: every sampled completion after its prompt, in one forward
+        planned = cfg.model_copy(update={"batch_size": cfg.rl.prompts_per_step * cfg.rl.group_size})
+        plan = plan_memory(planned, base_dir, task, device, seq_len=max(lengths) + cfg.rl.max_new_tokens)
+    else:
+        plan = plan_memory(cfg, base_dir, task, device, seq_len=max(lengths))  # before loading: fits, or fails here
     import_method_libraries(cfg.method)
     meter = PeakMeter(device)  # from here on: the memory training takes
     meter.start()
@@ -89,6 +93,12 @@ def train_in_process(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store:
     net = methods.prepare(cfg, base_dir, device, task)
     reference = (preference.Reference(net, base_dir, device, cfg.batch_size)
                  if task.kind == "preference" and cfg.preference.loss == "dpo" else None)
+    rollout = None
+    if task.kind == "rl":  # online RL: sampling, rewards and the clipped loss (steps/train/rl.py)
+        from transformers import AutoTokenizer
+
+        rollout = rl.Rollout(net, AutoTokenizer.from_pretrained(base_dir), base_dir, cfg.rl, device,
+                             net.config.pad_token_id or 0)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(net)
     pad_id = net.config.pad_token_id or 0
@@ -98,7 +108,8 @@ def train_in_process(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store:
     if group.active:  # same initial weights on every rank (seeded above); independent dropout from here on
         torch.manual_seed(cfg.seed + group.rank)
     optimizer = make_optimizer(cfg, [p for _, p in named], device)
-    total = cfg.max_steps or math.ceil(cfg.epochs * math.ceil(len(rows) / cfg.batch_size) / cfg.grad_accum_steps)
+    per_batch = cfg.rl.prompts_per_step if rollout is not None else cfg.batch_size  # rows per micro-batch
+    total = cfg.max_steps or math.ceil(cfg.epochs * math.ceil(len(rows) / per_batch) / cfg.grad_accum_steps)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round((cfg.warmup_ratio or 0.0) * total)
     scheduler = get_scheduler("constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler,
                               optimizer, num_warmup_steps=warmup, num_training_steps=total)
@@ -111,7 +122,7 @@ def train_in_process(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store:
         state["resumed_from"] = state["step"]
         log.info("train: resuming from checkpoint at step %d", state["step"])
     budget = cfg.tokens_per_batch or cfg.batch_size * max(lengths)
-    order = pack_order(lengths, budget, cfg.seed) if cfg.packing else batch_order(lengths, cfg.batch_size, cfg.seed)
+    order = pack_order(lengths, budget, cfg.seed) if cfg.packing else batch_order(lengths, per_batch, cfg.seed)
     for _ in range(state["step"] * cfg.grad_accum_steps):  # data position: skip what was trained on
         next(order)
 
@@ -124,7 +135,7 @@ def train_in_process(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store:
     quarter = max(1, -(-total // 4))  # without a bar (not a terminal): a log line at each quarter instead
     for step in progress:
         tokens, logged = 0, {}
-        for micro in range(cfg.grad_accum_steps):
+        for micro in range(cfg.grad_accum_steps if rollout is None else 0):
             batch_rows = [rows[i] for i in next(order)]
             part = share_of(group, batch_rows, task, cfg, budget)
             if reference is not None:  # fsdp: every rank runs the same (collective) forwards
@@ -135,6 +146,17 @@ def train_in_process(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store:
             tokens += micro_tokens
             for name, value in micro_logged.items():
                 logged[name] = logged.get(name, 0.0) + value / cfg.grad_accum_steps
+        if rollout is not None:  # one process (config): sample a batch of groups, then its clipped-loss update(s)
+            sampled = rollout.sample([rows[i] for i in next(order)])
+            tokens, logged = sampled.tokens, dict(sampled.metrics)
+            for update in range(cfg.rl.iterations):
+                loss, metrics = rollout.loss(sampled)
+                loss.backward()
+                logged |= {"loss": loss.item(), **metrics} if update == 0 else {}
+                if update < cfg.rl.iterations - 1:  # the last update is the loop's own step below
+                    torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
         if group.active:  # every rank logged its share: the sums are the global batch's numbers
             tokens, *values = group.sum([tokens, *logged.values()])
             tokens, logged = round(tokens), dict(zip(logged, values))
@@ -181,7 +203,7 @@ def train_in_process(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store:
         report = train_report(cfg, net, state, device, total, group.world) | memory_report(plan, meter)
         writer = store.writer(STEP, key, cfg, inputs=[data, model.base])
         writer.put_dir(out)
-        if cfg.record_losses:  # after saving: the eval-mode forwards change no weight
+        if cfg.record_losses and task.kind != "rl":  # after saving: the eval-mode forwards change no weight
             sides = {"train": rows, "eval": eval_rows or store.read_jsonl(data, "eval.jsonl")}
             writer.put_jsonl(RECORD_LOSSES, record_losses(net, task, sides, cfg.batch_size, pad_id, device))
         writer.put_json("train_log.json", state["history"])
