@@ -34,7 +34,14 @@ GATE_METRICS: dict[str, dict[str, bool]] = {
     "regression": {"mse": True, "mae": True},
     "preference": {"pref_accuracy": False, "perplexity": True},
     "prompt": {"mean_reward": False},
+    # preference records with train.preference.loss 'reward' (a reward model; see gate_kind)
+    "reward": {"reward_accuracy": False, "reward_margin": False},
 }
+
+
+def gate_kind(record_kind: str, preference_loss: str | None) -> str:
+    """The GATE_METRICS key of a run: its record kind, or 'reward' for preference records that train a reward model."""
+    return "reward" if record_kind == "preference" and preference_loss == "reward" else record_kind
 
 PiiEntity = Literal["EMAIL", "PHONE", "CREDIT_CARD", "KR_RRN", "US_SSN", "IP_ADDRESS", "URL_CREDENTIALS", "SECRET",
                     "PERSON"]
@@ -304,6 +311,11 @@ class TokenizeConfig(StrictModel):
         "chatml, llama3, gemma, or the path of a Jinja file. Stored with the base model's tokenizer, so training, "
         "evaluation and serving use the same template. None: the tokenizer's own."
     )
+    reward_model: bool = Field(
+        False, description="Preference records for a reward model (task 'reward'): each answer with its prompt is "
+        "one sequence to score, rendered with the chat template for a causal LM or encoded as a (prompt, answer) "
+        "text pair for an encoder. Set from train.preference.loss 'reward' when the parameters are read."
+    )
 
 
 class LoraSettings(StrictModel):
@@ -342,12 +354,26 @@ class ReftSettings(StrictModel):
 
 
 class PreferenceSettings(StrictModel):
-    loss: Literal["dpo", "orpo"] = Field(
+    loss: Literal["dpo", "orpo", "reward"] = Field(
         "dpo", description="dpo: direct preference optimisation against the frozen base as reference; orpo: "
-        "odds-ratio preference optimisation (SFT loss on the chosen answer plus an odds-ratio term, no reference)."
+        "odds-ratio preference optimisation (SFT loss on the chosen answer plus an odds-ratio term, no reference); "
+        "reward: a reward model, a scalar head on the base (a causal LM or an encoder) that scores prompt + answer, "
+        "trained with the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected) (steps/train/reward.py)."
     )
     beta: float = Field(0.1, gt=0.0, le=10.0, description="dpo: the KL strength beta; orpo: the weight lambda of the "
-                        "odds-ratio term.")
+                        "odds-ratio term; not used by reward.")
+    center_rewards: float | None = Field(
+        None, ge=0.0, description="reward only: add this coefficient times mean((r_chosen + r_rejected)^2) to the "
+        "loss, keeping the scores centred on 0 (TRL's center_rewards_coefficient; None = off)."
+    )
+
+    @model_validator(mode="after")
+    def _reward_settings(self) -> PreferenceSettings:
+        if self.center_rewards is not None and self.loss != "reward":
+            raise ValueError("train.preference.center_rewards applies to loss 'reward'")
+        if self.loss == "reward" and self.beta != 0.1:
+            raise ValueError("train.preference.beta applies to dpo and orpo; the reward loss has no beta")
+        return self
 
 
 class RewardSpec(StrictModel):
@@ -419,6 +445,7 @@ class EarlyStopping(StrictModel):
 
 
 METHOD_SECTIONS = {"lora": {"lora", "qlora"}, "quant": {"qlora"}, "head": {"head"}, "reft": {"reft"}}
+REWARD_METHODS = ("full", "head", "lora")
 RL_METHODS = ("full", "head", "lora", "qlora")
 
 
@@ -593,9 +620,11 @@ class EvaluateConfig(StrictModel):
 class RegisterConfig(StrictModel):
     model_name: str = Field("tuneline-chat", min_length=1, description="Registered model name in MLflow.")
     experiment: str = Field("tuneline", min_length=1, description="MLflow experiment of the training runs.")
-    metric: Literal["perplexity", "bleu", "accuracy", "f1_macro", "mse", "mae", "pref_accuracy", "mean_reward"] = Field(
+    metric: Literal["perplexity", "bleu", "accuracy", "f1_macro", "mse", "mae", "pref_accuracy", "mean_reward",
+                    "reward_accuracy", "reward_margin"] = Field(
         "perplexity", description="Metric the promotion gate compares. Lower is better for perplexity, mse and mae; "
-        "higher for bleu, accuracy, f1_macro and pref_accuracy. Left out, it follows validate.record_kind: "
+        "higher for bleu, accuracy, f1_macro, pref_accuracy, reward_accuracy and reward_margin. Left out, it "
+        "follows validate.record_kind (reward_accuracy for a reward model, train.preference.loss 'reward'): "
         "perplexity (chat, text), f1_macro (classification), mse (regression), pref_accuracy (preference), "
         "mean_reward (prompt: higher is better)."
     )
@@ -610,6 +639,13 @@ class RegisterConfig(StrictModel):
         0.25, ge=0.0, description="Causal LMs: promote only when the perplexity on the shipped general reference text "
         "is at most this much (relative) above the base model's (None = no forgetting check)."
     )
+
+
+def _preference_loss(data: dict[str, Any]) -> str | None:
+    """train.preference.loss in raw parameters (a dict, or sections already built), None when not given."""
+    train = data.get("train")
+    preference = train.get("preference") if isinstance(train, dict) else getattr(train, "preference", None)
+    return preference.get("loss") if isinstance(preference, dict) else getattr(preference, "loss", None)
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -663,10 +699,24 @@ class PipelineParams(StrictModel):
         if isinstance(data, dict):
             kind = (data.get("validate") or data.get("validate_") or {})
             kind = kind.get("record_kind", "chat") if isinstance(kind, dict) else getattr(kind, "record_kind", "chat")
+            kind = gate_kind(kind, _preference_loss(data))
             section = data.get("register", data.get("register_"))
             if kind in GATE_METRICS and (section is None or (isinstance(section, dict) and "metric" not in section)):
                 data = {k: v for k, v in data.items() if k not in ("register", "register_")}
                 data["register"] = {**(section or {}), "metric": next(iter(GATE_METRICS[kind]))}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reward_tokenize(cls, data: Any) -> Any:
+        """A reward model (train.preference.loss 'reward') tokenizes its pairs for a scalar head
+        (tokenize.reward_model)."""
+        if isinstance(data, dict) and _preference_loss(data) == "reward":
+            section = data.get("tokenize")
+            if isinstance(section, TokenizeConfig):
+                section = section.model_dump()
+            if section is None or (isinstance(section, dict) and "reward_model" not in section):
+                data = {**data, "tokenize": {**(section or {}), "reward_model": True}}
         return data
 
     @model_validator(mode="before")
@@ -709,8 +759,15 @@ class PipelineParams(StrictModel):
         if self.train.preference != PreferenceSettings() and kind != "preference":
             raise ValueError(f"train.preference settings apply to preference records, not to {kind!r} records "
                              "(validate.record_kind)")
+        reward = self.task == "reward"
+        if self.tokenize.reward_model != reward:
+            raise ValueError("tokenize.reward_model goes with train.preference.loss 'reward' on preference records "
+                             "(it is set from them when left out)")
+        if reward and method not in REWARD_METHODS:
+            raise ValueError(f"a reward model (train.preference.loss 'reward') trains with "
+                             f"{', '.join(REWARD_METHODS)}, not {method!r}")
         encoder = self.base_model.source in ENCODER_SOURCES
-        if encoder and kind in GENERATIVE_KINDS:
+        if encoder and kind in GENERATIVE_KINDS and not reward:
             raise ValueError(f"base_model.source {self.base_model.source!r} is an encoder without a language-model "
                              f"head; {kind!r} records need a causal LM such as 'smollm2-135m-instruct'")
         if (self.train.packing or self.train.loss_chunk_tokens) and kind not in ("chat", "text"):
@@ -718,14 +775,18 @@ class PipelineParams(StrictModel):
                              f"not {kind!r}")
         if self.validate_.labels is not None and kind != "classification":
             raise ValueError("validate.labels applies to classification records only")
-        allowed = GATE_METRICS[kind]
+        allowed = GATE_METRICS[gate_kind(kind, self.train.preference.loss)]
         if self.register_.metric not in allowed:
-            raise ValueError(f"register.metric {self.register_.metric!r} is not measured for {kind!r} records; "
+            raise ValueError(f"register.metric {self.register_.metric!r} is not measured for "
+                             f"{'a reward model' if reward else repr(kind) + ' records'}; "
                              f"use one of {', '.join(allowed)}")
         return self
 
     @property
     def task(self) -> str:
+        """What the train step optimises: TASKS of the record kind, or 'reward' for a reward model."""
+        if gate_kind(self.validate_.record_kind, self.train.preference.loss) == "reward":
+            return "reward"
         return TASKS[self.validate_.record_kind]
 
     @classmethod

@@ -11,6 +11,10 @@ key, so they are compared on exactly the same eval set.
   and the confusion matrix (scikit-learn), plus the mean eval loss. The base model gets the
   task's head freshly initialised (seed 0), so its numbers are the untrained-head floor.
 - regression: MSE, MAE and R² of the single output against the labels.
+- reward (a reward model on preference pairs): ``reward_accuracy`` = share of held-out pairs whose chosen
+  answer scores higher than the rejected one, ``reward_margin`` = mean r_chosen - r_rejected, and the mean
+  Bradley-Terry loss (``eval_loss``); the base model gets the untrained head (seeded as in training with
+  train.seed 0), the floor a first reward model must beat; smoke: finite scores.
 - preference: perplexity of the chosen answers; ``pref_accuracy`` = share of pairs whose
   chosen answer has a higher length-normalised log-probability than the rejected one, and
   the mean margin ``logp_margin``; for a trained model also DPO's implicit rewards against
@@ -118,7 +122,7 @@ REFERENCE_BLOCK = 256
 
 
 LOGGED = ("perplexity", "bleu", "chrf", "accuracy", "f1_macro", "mse", "mae", "r2", "pref_accuracy", "reward_margin",
-          "mean_reward", "reference_perplexity")
+          "reward_accuracy", "mean_reward", "reference_perplexity")
 
 
 def prompt_group(prompt: dict) -> str:
@@ -238,6 +242,10 @@ def sequence_metrics(net: Any, rows: list[dict], task: Task, batch_size: int, pa
                      ) -> dict[str, Any]:
     import torch
 
+    if task.kind == "reward":
+        from steps.train import reward
+
+        return reward.pair_metrics(*reward.score_pairs(net, rows, batch_size, pad_id, device))
     predictions: list[Any] = []
     total = 0.0
     with torch.no_grad():  # one pass: the loss (as sequence_loss computes it) and the predictions

@@ -51,15 +51,16 @@ class Task(StrictModel):
 
     sft, cpt and preference train the causal LM head; classification and regression put a
     freshly initialised sequence head on the base (``AutoModelForSequenceClassification``:
-    ``len(labels)`` outputs with cross-entropy, or one output with MSE).
+    ``len(labels)`` outputs with cross-entropy, or one output with MSE); reward is a reward model, one
+    output scoring prompt + answer, trained on preference pairs with the Bradley-Terry loss.
     """
 
-    kind: Literal["sft", "cpt", "classification", "regression", "preference", "rl"] = "sft"
+    kind: Literal["sft", "cpt", "classification", "regression", "preference", "rl", "reward"] = "sft"
     labels: list[str] = Field(default_factory=list)
 
     @property
     def sequence_head(self) -> bool:
-        return self.kind in ("classification", "regression")
+        return self.kind in ("classification", "regression", "reward")
 
 
 CAUSAL = Task()

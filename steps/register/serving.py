@@ -12,6 +12,11 @@ the method that made them (``steps/train/methods``: adapter, head, interventions
 Classification models answer label names, regression models numbers:
 
     mlflow.pyfunc.load_model("models:/tuneline-bbc@champion").predict(["Shares fell ..."])  # -> ["business"]
+
+Reward models score plain texts or {prompt, response} pairs (rendered as in training), one float each:
+
+    mlflow.pyfunc.load_model("models:/tuneline-reward@champion").predict(
+        [{"prompt": "Hi there", "response": "Hello! How are you?"}])  # -> [1.73]
 """
 
 from __future__ import annotations
@@ -54,10 +59,18 @@ class ChatAdapterModel(PythonModel):
         # Generation pads on the left; an encoder's [CLS] must stay at position 0 (right padding, as in training).
         self.tokenizer.padding_side = "right" if self.task.sequence_head else "left"
         self.max_new_tokens = int(config.get("max_new_tokens", 64))
+        if self.task.kind == "reward":  # how tokenize encoded the pairs: the same here (steps/tokenize/encode.py)
+            from steps.tokenize.encode import reward_ids
+
+            self.reward_ids = reward_ids
+            self.pair_input = config.get("pair_input", "chat")
+            self.max_seq_len = int(config.get("max_seq_len", 256))
 
     def predict(self, context, model_input, params=None):
         import torch
 
+        if self.task.kind == "reward":
+            return self.score(reward_inputs(model_input))
         if hasattr(model_input, "columns"):  # MLflow hands a list of strings over as a one-column DataFrame
             column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
             prompts = list(model_input[column])
@@ -85,6 +98,60 @@ class ChatAdapterModel(PythonModel):
         if self.task.kind == "regression":
             return logits[:, 0].tolist()
         return [self.task.labels[i] for i in logits.argmax(-1).tolist()]
+
+    def score(self, items):
+        """A reward model's score of each input: a plain text as it is (the tokenizer's special tokens), a
+        (prompt, response) pair encoded as in training (chat template, or an encoder's text pair); each cut
+        at the training max_seq_len."""
+        import torch
+
+        from steps.train.batching import collate
+
+        rows = []
+        for item in items:
+            if isinstance(item, tuple):
+                ids, _ = self.reward_ids(self.tokenizer, item[0], item[1], self.pair_input, self.max_seq_len)
+            else:
+                ids = self.tokenizer(item, truncation=True, max_length=self.max_seq_len, verbose=False)["input_ids"]
+            rows.append({"input_ids": ids})
+        pad_id = self.model.config.pad_token_id or 0
+        scores = []
+        with torch.no_grad():
+            for i in range(0, len(rows), 16):
+                batch = collate(rows[i : i + 16], pad_id)
+                logits = self.model(input_ids=batch["input_ids"].to(self.device),
+                                    attention_mask=batch["attention_mask"].to(self.device)).logits
+                scores += logits[:, 0].float().tolist()
+        return scores
+
+
+def reward_inputs(model_input):
+    """A reward model's inputs as plain texts (str) and (prompt, response) tuples, from a list of strings and
+    {"prompt", "response"} (or {"text"}) dicts, a dict of columns, or a DataFrame with such columns."""
+    import math
+
+    if isinstance(model_input, dict):
+        model_input = [dict(zip(model_input, values)) for values in zip(*model_input.values())]
+    if hasattr(model_input, "columns"):
+        columns = list(model_input.columns)
+        if not ({"prompt", "response"} <= set(columns) or "text" in columns):
+            return [str(v) for v in model_input[columns[0]]]
+        model_input = model_input.to_dict("records")
+
+    def given(value):
+        return isinstance(value, str) or (value is not None and not (isinstance(value, float) and math.isnan(value)))
+
+    items = []
+    for entry in model_input:
+        if not isinstance(entry, dict):
+            items.append(str(entry))
+        elif given(entry.get("prompt")) and given(entry.get("response")):
+            items.append((str(entry["prompt"]), str(entry["response"])))
+        elif given(entry.get("text")):
+            items.append(str(entry["text"]))
+        else:
+            raise ValueError(f"a reward model scores texts or {{'prompt', 'response'}} pairs; got keys {sorted(entry)}")
+    return items
 
 
 class TamperedModelError(RuntimeError):

@@ -186,7 +186,8 @@ def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore,
             artifacts={"trained": str(trained_dir), "tokenizer": str(tokenizer_dir), "code": str(code_zip)},
             # base_model_files and artifact_files: what load_context checks before it loads (serving.py)
             model_config={"base_model_uri": base_uri, "base_model_digest": record.model.base.digest,
-                          "base_model_files": base_files, "artifact_files": artifact_files},
+                          "base_model_files": base_files, "artifact_files": artifact_files,
+                          **reward_encoding(record.datasets["tokenize"])},
             pip_requirements=serving_requirements(),
             signature=signature_for(task),
             input_example=input_example(task, store, record.datasets["tokenize"]),
@@ -546,8 +547,22 @@ def logged_model_name(model_name: str) -> str:
 EXAMPLE_TEXT = {"classification": "An example text to classify.", "regression": "An example text to score."}
 
 
-def input_example(task: str, store: ArtifactStore, data: DatasetRef) -> list[str]:
-    """One input a served model answers: the first held-out prompt's last user turn, or a fixed text."""
+REWARD_EXAMPLE = {"prompt": "What is the capital of France?", "response": "The capital of France is Paris."}
+
+
+def reward_encoding(data: DatasetRef) -> dict[str, Any]:
+    """A reward model's served inputs are encoded as tokenize encoded its pairs: ``pair_input`` (chat or
+    text_pair) and ``max_seq_len``, from the tokenize stats (nothing for other tasks)."""
+    if data.stats.get("task") != "reward":
+        return {}
+    return {"pair_input": data.stats.get("pair_input", "chat"), "max_seq_len": data.stats.get("max_seq_len", 256)}
+
+
+def input_example(task: str, store: ArtifactStore, data: DatasetRef) -> list[Any]:
+    """One input a served model answers: the first held-out prompt's last user turn, or a fixed text (a
+    {prompt, response} pair for a reward model)."""
+    if task == "reward":
+        return [REWARD_EXAMPLE]
     if task in EXAMPLE_TEXT:
         return [EXAMPLE_TEXT[task]]
     if "eval_prompts.jsonl" in store.manifest(data.key)["files"]:
@@ -609,6 +624,12 @@ def signature_for(task: str) -> Any:
         return infer_signature(["text"], ["label"])
     if task == "regression":
         return infer_signature(["text"], [0.5])
+    if task == "reward":  # scores out; inputs are plain texts or {prompt, response} dicts, which one column
+        # schema cannot both describe (MLflow would drop a list of strings checked against named columns)
+        from mlflow.models import ModelSignature
+        from mlflow.types.schema import ColSpec, Schema
+
+        return ModelSignature(inputs=None, outputs=Schema([ColSpec("double")]))
     # A params schema makes `predict(..., params={"max_new_tokens": n})` reach the model.
     return infer_signature(["prompt"], ["answer"], params={"max_new_tokens": 64})
 

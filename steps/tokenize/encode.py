@@ -308,6 +308,53 @@ def encode_pairs(tokenizer: Any, sides: dict[str, list[dict]], cfg: TokenizeConf
     }
     return splits, prompts, stats
 
+def reward_ids(tokenizer: Any, prompt: str, answer: str, pair_input: str, max_seq_len: int) -> tuple[list[int], bool]:
+    """The token ids a reward model scores for ``answer`` to ``prompt``, and whether they were cut at
+    ``max_seq_len``: the conversation rendered with the chat template (``chat``, a causal LM; cut at the
+    end), or the text pair ``[CLS] prompt [SEP] answer [SEP]`` (``text_pair``, an encoder; the longer
+    side is cut first). The served model encodes {prompt, response} inputs the same way (serving.py)."""
+    if pair_input == "chat":
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        ids, _ = encode_chat(tokenizer, messages)
+        return ids[:max_seq_len], len(ids) > max_seq_len
+    full = tokenizer(prompt, answer, verbose=False)["input_ids"]
+    if len(full) <= max_seq_len:
+        return full, False
+    return tokenizer(prompt, answer, truncation="longest_first", max_length=max_seq_len)["input_ids"], True
+
+def encode_reward_pairs(tokenizer: Any, sides: dict[str, list[dict]], cfg: TokenizeConfig, pair_input: str
+                        ) -> tuple[dict[str, list[dict]], list[dict], dict[str, Any]]:
+    """Reward-model rows ``{"id", "input_ids", "rejected_ids"}``: the chosen and the rejected answer, each with
+    its prompt, as ``reward_ids`` encodes them (``pair_input``: chat or text_pair). A chat pair that loses
+    every answer token of either side to truncation is dropped (``dropped_no_answer``)."""
+    splits: dict[str, list[dict[str, Any]]] = {"train": [], "eval": []}
+    truncated = dropped = 0
+    for side, records in sides.items():
+        for record in tqdm(records, desc=f"tokenize {side}", unit="pair", mininterval=2):
+            encoded = []
+            for answer in (record["chosen"], record["rejected"]):
+                if pair_input == "chat":  # as reward_ids, keeping the labels to see whether an answer is left
+                    messages = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": answer}]
+                    ids, labels = encode_chat(tokenizer, messages)
+                    cut, ids = len(ids) > cfg.max_seq_len, ids[: cfg.max_seq_len]
+                    if all(label == IGNORE for label in labels[: cfg.max_seq_len]):
+                        ids = None
+                else:
+                    ids, cut = reward_ids(tokenizer, record["prompt"], answer, pair_input, cfg.max_seq_len)
+                truncated += cut
+                encoded.append(ids)
+            if None in encoded:
+                dropped += 1
+                continue
+            splits[side].append({"id": record["id"], "input_ids": encoded[0], "rejected_ids": encoded[1]})
+    stats = {
+        "train_records": len(splits["train"]), "eval_records": len(splits["eval"]),
+        "train_tokens": sum(len(r["input_ids"]) + len(r["rejected_ids"]) for r in splits["train"]),
+        "truncated": truncated, "dropped_no_answer": dropped, "pair_input": pair_input,
+        "max_seq_len": cfg.max_seq_len,
+    }
+    return splits, [], stats
+
 def encode_prompts(tokenizer: Any, sides: dict[str, list[dict]], cfg: TokenizeConfig
                    ) -> tuple[dict[str, list[dict]], list[dict], dict[str, Any]]:
     """Prompt records for online RL: the prompt as a user turn rendered with the chat template and the

@@ -19,7 +19,14 @@ from steps.core.lineage import run_key
 from steps.core.store import ArtifactStore, DatasetRef, ModelRef
 from steps.tokenize.augment import augment_inputs, augment_train
 from steps.tokenize.chats import stream_chats
-from steps.tokenize.encode import encode_chats, encode_labelled, encode_pairs, encode_prompts, pack_texts
+from steps.tokenize.encode import (
+    encode_chats,
+    encode_labelled,
+    encode_pairs,
+    encode_prompts,
+    encode_reward_pairs,
+    pack_texts,
+)
 from steps.tokenize.split import (
     check_both_splits,
     check_truncation,
@@ -49,9 +56,11 @@ def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, s
         return DatasetRef(**done.model_dump())
     from transformers import AutoTokenizer
 
-    check_model_fits_records(source.stats["record_kind"], model)
+    check_model_fits_records(source.stats["record_kind"], model, cfg.reward_model)
     tokenizer = AutoTokenizer.from_pretrained(store.download(model.base))
-    if source.stats["record_kind"] in ("chat", "preference", "prompt") and not tokenizer.chat_template:
+    pair_input = "text_pair" if model.base.stats.get("causal") is False else "chat"  # reward_model only
+    if source.stats["record_kind"] in ("chat", "preference", "prompt") and not tokenizer.chat_template \
+            and not (cfg.reward_model and pair_input == "text_pair"):
         raise ConfigError(f"the base model ({model.base.stats.get('source')}) has no chat template in its tokenizer; "
                           "set tokenize.chat_template (chatml, llama3, gemma or the path of a Jinja file)")
     checked_by = leakage_checked_by(cfg, source, store)
@@ -77,13 +86,16 @@ def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, s
         splits, prompts, stats = pack_texts(tokenizer, sides, cfg)
     elif kind in ("classification", "regression"):
         splits, prompts, stats = encode_labelled(tokenizer, sides, cfg, kind)
+    elif kind == "preference" and cfg.reward_model:
+        splits, prompts, stats = encode_reward_pairs(tokenizer, sides, cfg, pair_input)
     elif kind == "preference":
         splits, prompts, stats = encode_pairs(tokenizer, sides, cfg)
     elif kind == "prompt":
         splits, prompts, stats = encode_prompts(tokenizer, sides, cfg)
     else:
         splits, prompts, stats = encode_chats(tokenizer, sides, cfg)
-    stats = {"task": TASKS[kind], **stats, **pinned, "eval_leakage_removed": len(leaked),
+    task = "reward" if cfg.reward_model else TASKS[kind]
+    stats = {"task": task, **stats, **pinned, "eval_leakage_removed": len(leaked),
              "leakage_checked_by": checked_by}
     if augmented is not None:
         stats["augmentation"] = augmented
@@ -97,9 +109,12 @@ def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, s
     return DatasetRef(**writer.commit(stats=stats).model_dump())
 
 
-def check_model_fits_records(kind: str, model: ModelRef) -> None:
-    """Generative records (chat, text, preference) need a causal LM: an encoder base is a ConfigError."""
-    if kind in GENERATIVE_KINDS and model.base.stats.get("causal") is False:
+def check_model_fits_records(kind: str, model: ModelRef, reward_model: bool = False) -> None:
+    """Generative records (chat, text, preference) need a causal LM: an encoder base is a ConfigError, except for
+    preference records that train a reward model (``reward_model``: a scalar head on any base)."""
+    if reward_model and kind != "preference":
+        raise ConfigError(f"tokenize.reward_model needs preference records, not {kind!r} records")
+    if kind in GENERATIVE_KINDS and model.base.stats.get("causal") is False and not reward_model:
         raise ConfigError(f"base_model.source {model.base.stats.get('source')!r} is an encoder "
                           f"({model.base.stats.get('architecture')}) without a language-model head; {kind!r} "
                           "records need a causal LM (e.g. a *ForCausalLM model)")

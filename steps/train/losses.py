@@ -10,7 +10,7 @@ from typing import Any
 
 from steps.config import TrainConfig
 from steps.core.contract import IGNORE, Task
-from steps.train import preference
+from steps.train import preference, reward
 from steps.train.batching import PACKED_FORWARD, collate, pack
 from steps.train.parallel import Group
 
@@ -20,6 +20,8 @@ def batch_loss(net: Any, rows: list[dict], task: Task, cfg: TrainConfig, pad_id:
     """(loss, real tokens in the batch, extra metrics) of one micro-batch, as the task defines the loss."""
     if task.kind == "preference":
         return preference.pair_loss(net, rows, cfg.preference, pad_id, device)
+    if task.kind == "reward":
+        return reward.pair_loss(net, rows, cfg.preference, pad_id, device)
     if cfg.packing:
         batch = {k: v.to(device) for k, v in pack(rows, budget).items()}
         tokens = batch["input_ids"].numel()
@@ -149,7 +151,8 @@ def record_losses(net: Any, task: Task, sides: dict[str, list[dict]], batch_size
                   ) -> list[dict[str, Any]]:
     """Per record of each side: ``{"id", "split", "loss", "tokens"}``, the mean loss the trained model
     gives it (token NLL of its label tokens, over all its rows: a windowed conversation is one record;
-    a sequence head's cross-entropy or squared error; a preference pair's chosen answer). Highest first."""
+    a sequence head's cross-entropy or squared error; a preference pair's chosen answer; a reward model's pair
+    loss). Highest first."""
     import torch
 
     from steps.core.progress import progress as bar
@@ -161,6 +164,14 @@ def record_losses(net: Any, task: Task, sides: dict[str, list[dict]], batch_size
     progress = bar(total=sum(len(rows) for rows in sides.values()), desc="record losses", unit="rec")
     with torch.no_grad(), progress:
         for side, rows in sides.items():
+            if task.kind == "reward":  # a pair's Bradley-Terry loss -log sigmoid(r_chosen - r_rejected)
+                for i in range(0, len(rows), batch_size):
+                    chunk = rows[i:i + batch_size]
+                    progress.update(len(chunk))
+                    good, bad, _ = reward.pair_scores(net, chunk, pad_id, device)
+                    for row, value in zip(chunk, reward.bradley_terry_loss_per_pair(good, bad).tolist()):
+                        sums[(side, str(row["id"]))] = [value, 1]
+                continue
             rows = sorted(rows, key=lambda r: len(r["input_ids"]))  # similar lengths per batch: little padding
             for i in range(0, len(rows), batch_size):
                 chunk = rows[i:i + batch_size]
@@ -208,6 +219,8 @@ def eval_loss(cfg: TrainConfig, task: Task, net: Any, rows: list[dict], pad_id: 
     """Mean eval loss in the training objective's own terms (token NLL, sequence loss or pair loss)."""
     import torch
 
+    if task.kind == "reward":
+        return reward.pair_metrics(*reward.score_pairs(net, rows, cfg.batch_size, pad_id, device))["eval_loss"]
     if task.sequence_head:
         return sequence_loss(net, rows, cfg.batch_size, pad_id, device)
     if task.kind == "preference":
@@ -266,7 +279,7 @@ def loss_units(row: dict, task: Task, cfg: TrainConfig, budget: int) -> int:
 
 def row_tokens(rows: list[dict], task: Task, cfg: TrainConfig, budget: int) -> int:
     """The real tokens ``batch_loss`` would count for these rows."""
-    if task.kind == "preference":
+    if task.kind in ("preference", "reward"):
         return sum(len(r["input_ids"]) + len(r["rejected_ids"]) for r in rows)
     n = sum(len(r["input_ids"]) for r in rows)
     return min(n, budget) if cfg.packing else n

@@ -122,3 +122,38 @@ def test_task_parameter_set_runs_end_to_end(prefect_api, store, tmp_path, name, 
         assert "plots/confusion_matrix.png" in {a.path for a in MlflowClient().list_artifacts(run, "plots")}
     else:
         assert isinstance(model.predict(["What is 2 plus 2?"], params={"max_new_tokens": 3})[0], str)
+
+
+def test_reward_parameter_set_runs_end_to_end(prefect_api, store, tmp_path):
+    """reward.yaml on a tiny BERT: a reward model through the whole flow, gated on held-out reward_accuracy,
+    whose registered pyfunc scores {prompt, response} pairs and plain texts, from the registry and over REST."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from flows.pipeline import finetune
+    from helpers import preference_rows
+
+    source = write_jsonl(tmp_path / "pairs.jsonl", preference_rows())
+    model_name = f"reward-{uuid.uuid4().hex[:6]}"
+    overrides = [f"ingest.source={source}", f"artifacts_prefix={store.prefix}", f"register.model_name={model_name}",
+                 "base_model.source=tiny-random-bert", "train.max_steps=12", "train.learning_rate=5e-3",
+                 "train.checkpoint_every=5", "tokenize.max_seq_len=64", "evaluate.max_records=16"]
+    params = PipelineParams.from_yaml(PARAMS / "reward.yaml", overrides)
+    assert params.task == "reward" and params.tokenize.reward_model
+    state = finetune(params, return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary.record.datasets["tokenize"].stats["task"] == "reward"
+    base, candidate = (summary.record.evaluations[role].stats for role in ("base", "candidate"))
+    assert summary.decision.metric == "reward_accuracy"
+    assert candidate["reward_accuracy"] > base["reward_accuracy"] and summary.decision.promoted
+    uri = f"models:/{model_name}/{summary.version.version}"
+    assert "task `reward`" in MlflowClient().get_model_version(model_name, summary.version.version).description
+    model = mlflow.pyfunc.load_model(uri)
+    pairs = [{"prompt": "What is 3 plus 3?", "response": "3 plus 3 is 6."},
+             {"prompt": "What is 3 plus 3?", "response": "I think it is 13, maybe."}]
+    scores = list(model.predict(pairs))
+    assert len(scores) == 2 and all(isinstance(s, float) for s in scores) and scores[0] > scores[1]
+    assert len(model.predict(["a plain text"])) == 1
+    with serve(uri, tmp_path) as url:  # `mlflow models serve`: the same scores over REST
+        assert invoke(url, {"inputs": pairs}) == pytest.approx(scores, abs=1e-5)

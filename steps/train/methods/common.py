@@ -29,10 +29,37 @@ def load_base(cfg: TrainConfig | None, base_dir: Path, device: str, task: Task =
     if cfg is not None and (attention := attention_for(cfg, device)) is not None:
         kwargs.setdefault("attn_implementation", attention)
     auto, head = task_head(task)
-    model = auto.from_pretrained(base_dir, trust_remote_code=False, **overrides, **head, **kwargs)
+    if task.kind == "reward":
+        model, info = auto.from_pretrained(base_dir, trust_remote_code=False, output_loading_info=True, **overrides,
+                                           **head, **kwargs)
+        seed_new_head(model, info["missing_keys"])
+    else:
+        model = auto.from_pretrained(base_dir, trust_remote_code=False, **overrides, **head, **kwargs)
     if task.sequence_head and model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id  # decoder classifiers find the last token by padding
     return model if "quantization_config" in kwargs else model.to(device)
+
+
+def seed_new_head(model: Any, missing: Any, seed: int = 0) -> None:
+    """Initialise the linear layers the checkpoint lacked (a new reward head) from their own seeded generator:
+    N(0, initializer_range) weights, zero biases. The untrained head is then the same whatever the global RNG
+    (train.seed), so the base model's evaluation scores exactly the head that training starts from."""
+    import torch
+
+    modules = dict(model.named_modules())
+    generator = torch.Generator().manual_seed(seed)
+    std = getattr(model.config, "initializer_range", 0.02)
+    with torch.no_grad():
+        for name in sorted(missing):
+            owner, _, leaf = name.rpartition(".")
+            module = modules.get(owner)
+            if not isinstance(module, torch.nn.Linear) or leaf not in ("weight", "bias"):
+                continue
+            value = getattr(module, leaf)
+            if leaf == "bias":
+                value.zero_()
+            else:
+                value.copy_(torch.randn(value.shape, generator=generator) * std)
 
 
 def task_head(task: Task) -> tuple[Any, dict[str, Any]]:
@@ -41,7 +68,7 @@ def task_head(task: Task) -> tuple[Any, dict[str, Any]]:
 
     if not task.sequence_head:
         return AutoModelForCausalLM, {}
-    labels = task.labels if task.kind == "classification" else ["value"]
+    labels = task.labels if task.kind == "classification" else ["reward"] if task.kind == "reward" else ["value"]
     return AutoModelForSequenceClassification, dict(
         num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
         problem_type="single_label_classification" if task.kind == "classification" else "regression")
