@@ -57,7 +57,7 @@ SOURCE_HELP = (
     "classification records; classes business, entertainment, politics, sport, tech; empty = all), or "
     "'chatterbot-pairs:<language>[,<language>...]' (preference records: each conversation's first question "
     "and answer, with a synthetic negative, the answer of another conversation, as the rejected answer), or "
-    "'arithmetic:<count>[,<seed>]' (prompt records with a known answer, e.g. 'What is 17 + 25? Answer with the "
+    "'arithmetic:<count>[,<seed>[,<max>]]' (prompt records with a known answer, e.g. 'What is 17 + 25? Answer with the "
     "number only.' -> '42', generated offline: a verifiable task for online RL)."
 )
 RecordFormat = Literal["auto", "messages", "sharegpt", "alpaca", "text", "classification", "regression", "preference",
@@ -381,7 +381,8 @@ class RewardSpec(StrictModel):
 
     function: str = Field(
         min_length=1, description="exact_match (1 when the answer, stripped, equals the record's answer, else 0; "
-        "numbers compare as numbers), regex (1 when `pattern` matches anywhere), json (1 when the answer parses as "
+        "numbers compare as numbers), number_match (1 when the last number in the answer equals the numeric answer), "
+        "regex (1 when `pattern` matches anywhere), json (1 when the answer parses as "
         "JSON), length (1 inside min_chars..max_chars, else 0), or 'module:function', your callable "
         "(prompts, completions, records) -> one number per completion, imported by path."
     )
@@ -392,7 +393,7 @@ class RewardSpec(StrictModel):
 
     @model_validator(mode="after")
     def _known(self) -> RewardSpec:
-        builtins = ("exact_match", "regex", "json", "length")
+        builtins = ("exact_match", "number_match", "regex", "json", "length")
         if self.function not in builtins and (":" not in self.function or not all(self.function.split(":", 1))):
             raise ValueError(f"reward {self.function!r} is neither a built-in ({', '.join(builtins)}) nor "
                              "'module:function'")

