@@ -31,7 +31,8 @@ def test_arithmetic_source_is_seeded_distinct_and_correct():
     assert {r["prompt"].split()[3] for r in lines} == {"+", "-", "*"}
     assert len(arithmetic_jsonl([]).decode().splitlines()) == 1000
     assert {int(n) for r in map(json.loads, arithmetic_jsonl(["90", "0", "9"]).decode().splitlines())
-            for n in r["prompt"].split()[2:5:2]} <= set(range(1, 10))
+            for n in r["prompt"].removeprefix("What is ").removesuffix("? Answer with the number only.").split()[::2]
+            } <= set(range(1, 10))
     for bad in (["0"], ["x"], ["1", "2", "3", "4"], ["5", "0", "1"], ["20000"], ["300", "0", "9"]):
         with pytest.raises(ConfigError, match="arithmetic"):
             arithmetic_jsonl(bad)
