@@ -192,3 +192,22 @@ def test_the_served_model_scores_texts_and_pairs_as_in_training(store, request, 
     assert served_model.predict(None, [{"text": "a plain text to score"}]) == pytest.approx(texts[:1], abs=1e-6)
     with pytest.raises(ValueError, match="prompt"):
         served_model.predict(None, [{"question": "?"}])
+
+
+def test_early_stopping_and_record_losses_use_the_pair_loss(store, bert_pairs, tiny_encoder):
+    import math
+
+    from steps.config import EarlyStopping
+    from steps.train import methods, reward
+
+    tuned = train_model(settings("full", max_steps=12, early_stopping=EarlyStopping(eval_every=4, patience=50)),
+                        bert_pairs, tiny_encoder, store)
+    evals = store.read_json(tuned.adapter, "train_report.json")["evals"]
+    assert [e["step"] for e in evals] == [4, 8, 12] and evals[-1]["loss"] < evals[0]["loss"]
+    net = methods.load(store.download(tiny_encoder.base), store.download(tuned.adapter), "cpu")
+    rows = store.read_jsonl(bert_pairs, "eval.jsonl")
+    good, bad = reward.score_pairs(net, rows, 8, net.config.pad_token_id, "cpu")
+    assert evals[-1]["loss"] == pytest.approx(reward.pair_metrics(good, bad)["eval_loss"], abs=1e-5)
+    losses = {r["id"]: r["loss"] for r in store.read_jsonl(tuned.adapter, "record_losses.jsonl") if r["split"] == "eval"}
+    for row, c, r in zip(rows, good, bad):  # each pair's -log sigmoid(r_chosen - r_rejected)
+        assert losses[row["id"]] == pytest.approx(math.log1p(math.exp(-(c - r))), abs=1e-4)
