@@ -40,7 +40,7 @@ def render_summary(summary: PipelineSummary, links: dict[str, str]) -> str:
 
 
 SHOWN = ("perplexity", "bleu", "accuracy", "f1_macro", "mse", "mae", "r2", "pref_accuracy", "reward_accuracy",
-         "reward_margin")
+         "reward_margin", "mean_reward")
 
 
 def _metric_lines(base: dict, tuned: dict) -> list[str]:
