@@ -157,3 +157,33 @@ def test_reward_parameter_set_runs_end_to_end(prefect_api, store, tmp_path):
     assert len(model.predict(["a plain text"])) == 1
     with serve(uri, tmp_path) as url:  # `mlflow models serve`: the same scores over REST
         assert invoke(url, {"inputs": pairs}) == pytest.approx(scores, abs=1e-5)
+
+
+def test_grpo_parameter_set_runs_end_to_end(prefect_api, store, tmp_path):
+    """grpo.yaml on the tiny Llama: prompt records from the arithmetic source, GRPO steps logged with their
+    rewards, gated on held-out mean_reward, and a registered model that answers prompts."""
+    import mlflow
+
+    from flows.pipeline import finetune
+
+    model_name = f"grpo-{uuid.uuid4().hex[:6]}"
+    overrides = [f"artifacts_prefix={store.prefix}", f"register.model_name={model_name}", "ingest.source=arithmetic:40,0,9",
+                 "base_model.source=tiny-random-llama", "train.max_steps=3", "train.checkpoint_every=2",
+                 "train.rl.prompts_per_step=2", "train.rl.group_size=2", "train.rl.max_new_tokens=4",
+                 "evaluate.reward_prompts=4", "evaluate.max_new_tokens=4", "evaluate.smoke_max_new_tokens=4",
+                 "evaluate.reference_blocks=1", "register.require_smoke=false", "register.forgetting_tolerance=null"]
+    params = PipelineParams.from_yaml(PARAMS / "grpo.yaml", overrides)
+    assert params.task == "rl" and [r.function for r in params.evaluate.rewards] == [
+        r.function for r in params.train.rl.rewards]
+    state = finetune(params, return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary.record.datasets["tokenize"].stats["task"] == "rl"
+    assert summary.decision.metric == "mean_reward"
+    for role in ("base", "candidate"):
+        assert 0.0 <= summary.record.evaluations[role].stats["mean_reward"] <= 2.0
+    log = store.read_json(summary.record.model.adapter, "train_log.json")
+    assert len(log) == 3 and all({"reward", "kl", "completion_length"} <= row.keys() for row in log)
+    model = mlflow.pyfunc.load_model(f"models:/{model_name}/{summary.version.version}")
+    assert isinstance(model.predict(["What is 2 + 2? Answer with the number only."], params={"max_new_tokens": 3})[0],
+                      str)
