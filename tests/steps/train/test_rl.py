@@ -13,6 +13,7 @@ returns the fixed log-probs. TRL computes advantages inline in ``_generate_and_s
 from __future__ import annotations
 
 import os
+import re
 import types
 from collections import defaultdict
 
@@ -425,3 +426,31 @@ def test_sigkill_mid_grpo_run_then_retry_samples_and_ends_like_an_uninterrupted_
     expected = load_file(store.download(reference.adapter) / "adapter_model.safetensors")
     got = load_file(killed.download(resumed.adapter) / "adapter_model.safetensors")
     assert expected.keys() == got.keys() and all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train": {"rl": {"group_size": 3}}}, "train.rl settings apply to prompt records, not to 'chat' records"),
+    ({"validate": {"record_kind": "prompt"}, "train": {"method": "reft"}},
+     "train.method 'reft' intervenes at prompt positions of chat records, not on 'prompt' records"),
+    ({"validate": {"record_kind": "prompt"}, "train": {"grad_accum_steps": 2}}, "set train.grad_accum_steps 1"),
+    ({"validate": {"record_kind": "prompt"}, "register": {"metric": "perplexity"}},
+     "register.metric 'perplexity' is not measured"),
+    ({"validate": {"record_kind": "prompt"}, "train": {"rl": {"group_size": 1}}}, "group_size"),
+])
+def test_inconsistent_rl_settings_are_configuration_errors(overrides, message):
+    from steps.config import PipelineParams
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        PipelineParams.parse(overrides)
+
+
+def test_prompt_records_gate_on_mean_reward_scored_with_the_training_rewards_unless_given():
+    from steps.config import PipelineParams
+
+    rl = {"rewards": [{"function": "number_match"}, {"function": "length", "max_chars": 5, "weight": 0.5}]}
+    params = PipelineParams.parse({"validate": {"record_kind": "prompt"}, "train": {"rl": rl}})
+    assert params.task == "rl" and params.register_.metric == "mean_reward"
+    assert params.evaluate.rewards == params.train.rl.rewards
+    own = PipelineParams.parse({"validate": {"record_kind": "prompt"}, "train": {"rl": rl},
+                                "evaluate": {"rewards": [{"function": "exact_match"}]}})
+    assert [r.function for r in own.evaluate.rewards] == ["exact_match"]
