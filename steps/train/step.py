@@ -171,7 +171,8 @@ def train_in_process(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store:
         state["history"].append({"step": step, "loss": step_loss, "lr": lr, **logged})
         progress.set_postfix(loss=f"{step_loss:.3f}")
         if group.main and progress.disable and step % quarter == 0 and step < total:
-            log.info("train: step %d of %d, loss %.3f", step, total, step_loss)
+            log.info("train: step %d of %d, loss %.3f%s", step, total, step_loss,
+                     f", reward {logged['reward']:.3f}, kl {logged.get('kl', 0.0):.3f}" if "reward" in logged else "")
         es = cfg.early_stopping
         if es and step % es.eval_every == 0:
             stop = False
