@@ -241,7 +241,8 @@ def rollout_for(method: str, base_dir, settings: RlSettings = SETTINGS):
     from steps.train.rl import Rollout
 
     torch.manual_seed(0)
-    cfg = TrainConfig(method=method, lora=LoraSettings(r=4, alpha=8, dropout=0.0) if method == "lora" else LoraSettings())
+    adapters = method in ("lora", "qlora")
+    cfg = TrainConfig(method=method, lora=LoraSettings(r=4, alpha=8, dropout=0.0) if adapters else LoraSettings())
     net = methods.prepare(cfg, base_dir, "cpu", Task(kind="rl"))
     return net, Rollout(net, AutoTokenizer.from_pretrained(base_dir), base_dir, settings, "cpu", 0)
 
@@ -270,10 +271,11 @@ def train_a_few_steps(net, rollout, rows, steps: int = 3):
     return batch
 
 
-def test_lora_reference_is_the_policy_with_adapters_off_and_never_moves(base_dir, tiny_tokenizer):
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_adapter_reference_is_the_policy_with_adapters_off_and_never_moves(base_dir, tiny_tokenizer, method):
     from steps.train.rl import token_logps
 
-    net, rollout = rollout_for("lora", base_dir)
+    net, rollout = rollout_for(method, base_dir)
     assert rollout.frozen is None  # no second copy of the model for LoRA
     rows = prompt_rows(tiny_tokenizer)
     batch = rollout.sample(rows)
