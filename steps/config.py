@@ -757,9 +757,6 @@ class PipelineParams(StrictModel):
         if self.train.preference != PreferenceSettings() and kind != "preference":
             raise ValueError(f"train.preference settings apply to preference records, not to {kind!r} records "
                              "(validate.record_kind)")
-        if self.train.preference != PreferenceSettings() and kind != "preference":
-            raise ValueError(f"train.preference settings apply to preference records, not to {kind!r} records "
-                             "(validate.record_kind)")
         reward = self.task == "reward"
         if self.tokenize.reward_model != reward:
             raise ValueError("tokenize.reward_model goes with train.preference.loss 'reward' on preference records "
