@@ -231,3 +231,27 @@ def wait_until_up(proc, url: str, seconds: float, output) -> None:
             proc.kill()
             raise AssertionError(f"{url} did not come up:\n{output()[-3000:]}")
         time.sleep(0.5)
+
+
+def kill_at_first_checkpoint(script: str, args: dict, killed, env: dict[str, str], timeout: float = 120) -> None:
+    """Run ``script`` (training into the store ``killed``) in a child process and SIGKILL it as soon as its
+    first checkpoint is committed; asserts it died mid-run and left no train artifact."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from steps.train.checkpoints import CHECKPOINTS
+
+    proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(args)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if any(k.endswith("_MANIFEST.json") for k in killed.list_keys(f"{killed.prefix}/{CHECKPOINTS}/")):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, f"training was not killed mid-run: {proc.stderr.read().decode()[-2000:]}"
+    assert not killed.list_keys(f"{killed.prefix}/train/"), "a killed run must leave no train artifact"

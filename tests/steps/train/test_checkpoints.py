@@ -3,18 +3,13 @@ complete checkpoint in the store and ends where an uninterrupted run ends."""
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
 
 import torch
 from safetensors.torch import load_file
 
-from helpers import sft_dataset
+from helpers import kill_at_first_checkpoint, sft_dataset
 from steps.config import LoraSettings, TrainConfig
 from steps.core.store import ArtifactStore
 from steps.train.checkpoints import CHECKPOINTS
@@ -47,17 +42,7 @@ def test_sigkill_mid_run_then_retry_matches_an_uninterrupted_run(store, tmp_path
     killed = ArtifactStore.from_env(f"test-{uuid.uuid4().hex[:10]}")
     args = {"cfg": CFG.model_dump(mode="json"), "data": data.model_dump(mode="json"),
             "model": tiny_model.model_dump(mode="json"), "prefix": killed.prefix}
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, json.dumps(args)], env=os.environ.copy(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if any(k.endswith("_MANIFEST.json") for k in killed.list_keys(f"{killed.prefix}/{CHECKPOINTS}/")):
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, f"training was not killed mid-run: {proc.stderr.read().decode()[-2000:]}"
-    assert not killed.list_keys(f"{killed.prefix}/train/"), "a killed run must leave no train artifact"
+    kill_at_first_checkpoint(SCRIPT, args, killed, os.environ.copy())
 
     resumed = train_model(CFG, data, tiny_model, killed)
     start = resumed.adapter.stats["resumed_from"]

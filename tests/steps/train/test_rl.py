@@ -377,19 +377,14 @@ train_model(TrainConfig.model_validate(args["cfg"]), DatasetRef.model_validate(a
 def test_sigkill_mid_grpo_run_then_retry_samples_and_ends_like_an_uninterrupted_run(store, tiny_model):
     """Checkpoints hold the step, optimizer, scheduler, RNG (sampling draws from it; LoRA dropout too) and
     the data position: the resumed run samples the same completions, gets the same rewards and weights."""
-    import json
-    import signal
-    import subprocess
-    import sys
-    import time
     import uuid
 
     from safetensors.torch import load_file
 
+    from helpers import kill_at_first_checkpoint
     from steps.config import LoraSettings, TrainConfig
     from steps.core.lineage import code_version
     from steps.core.store import ArtifactStore
-    from steps.train.checkpoints import CHECKPOINTS
     from steps.train.step import train_model
 
     data = prompt_dataset(store, tiny_model)
@@ -402,17 +397,7 @@ def test_sigkill_mid_grpo_run_then_retry_samples_and_ends_like_an_uninterrupted_
     args = {"cfg": cfg.model_dump(mode="json"), "data": data.model_dump(mode="json"),
             "model": tiny_model.model_dump(mode="json"), "prefix": killed.prefix, "code": code_version()}
     env = os.environ | {"PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-c", RESUME_SCRIPT, json.dumps(args)], env=env,  # (brevity's module)
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        if any(k.endswith("_MANIFEST.json") for k in killed.list_keys(f"{killed.prefix}/{CHECKPOINTS}/")):
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, f"training was not killed mid-run: {proc.stderr.read().decode()[-2000:]}"
-    assert not killed.list_keys(f"{killed.prefix}/train/")
+    kill_at_first_checkpoint(RESUME_SCRIPT, args, killed, env, timeout=180)  # env: brevity's module importable
 
     resumed = train_model(cfg, data, tiny_model, killed)
     start = resumed.adapter.stats["resumed_from"]
