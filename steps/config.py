@@ -383,17 +383,25 @@ class RewardSpec(StrictModel):
         min_length=1, description="exact_match (1 when the answer, stripped, equals the record's answer, else 0; "
         "numbers compare as numbers), number_match (1 when the last number in the answer equals the numeric answer), "
         "regex (1 when `pattern` matches anywhere), json (1 when the answer parses as "
-        "JSON), length (1 inside min_chars..max_chars, else 0), or 'module:function', your callable "
-        "(prompts, completions, records) -> one number per completion, imported by path."
+        "JSON), length (1 inside min_chars..max_chars, else 0), model (the score of a registered reward model, "
+        "`model`), or 'module:function', your callable (prompts, completions, records) -> one number per "
+        "completion, imported by path."
     )
     weight: float = Field(1.0, description="Weight of this reward in the sum.")
+    model: str | None = Field(None, description="model: the registered reward model (train.preference.loss "
+                              "'reward'), models:/NAME@ALIAS or models:/NAME/VERSION; a run pins an alias to the "
+                              "version it names when it starts.")
     pattern: str | None = Field(None, description="regex: the pattern (Python re, searched in the answer).")
     min_chars: int = Field(0, ge=0, description="length: shortest answer that scores 1.")
     max_chars: int | None = Field(None, ge=0, description="length: longest answer that scores 1 (None: no limit).")
 
     @model_validator(mode="after")
     def _known(self) -> RewardSpec:
-        builtins = ("exact_match", "number_match", "regex", "json", "length")
+        builtins = ("exact_match", "number_match", "regex", "json", "length", "model")
+        if (self.function == "model") != (self.model is not None):
+            raise ValueError("a model reward needs its model (models:/NAME@ALIAS), and only a model reward takes one")
+        if self.model is not None and parse_source(self.model).kind != "registry":
+            raise ValueError(f"reward model {self.model!r} is not models:/NAME@ALIAS or models:/NAME/VERSION")
         if self.function not in builtins and (":" not in self.function or not all(self.function.split(":", 1))):
             raise ValueError(f"reward {self.function!r} is neither a built-in ({', '.join(builtins)}) nor "
                              "'module:function'")
@@ -412,17 +420,22 @@ class RewardSpec(StrictModel):
 class RlSettings(StrictModel):
     """Online RL on prompt records (validate.record_kind 'prompt'): steps/train/rl.py."""
 
-    algorithm: Literal["grpo", "rloo"] = Field(
+    algorithm: Literal["grpo", "rloo", "ppo"] = Field(
         "grpo", description="grpo: group-normalised advantages (r - mean) / (std + 1e-4) per prompt's group; "
-        "rloo: leave-one-out baseline, r minus the mean of the other completions of the group."
+        "rloo: leave-one-out baseline, r minus the mean of the other completions of the group; ppo: RLHF as "
+        "in InstructGPT, a value head on the policy, per-token rewards with the KL to the reference in them, "
+        "GAE advantages, clipped policy and value losses (steps/train/ppo.py)."
     )
     prompts_per_step: int = Field(4, ge=1, description="Prompts sampled per optimizer step.")
-    group_size: int = Field(4, ge=2, description="Completions sampled per prompt (the group).")
+    group_size: int = Field(4, ge=1, description="Completions sampled per prompt (the group; grpo and rloo need "
+                            "2 or more, ppo takes any).")
     max_new_tokens: int = Field(16, ge=1, description="Longest sampled completion, in tokens.")
     temperature: float = Field(1.0, gt=0.0, description="Sampling temperature (the log-probs use the same).")
     top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens only (0 = all).")
-    beta: float = Field(0.04, ge=0.0, description="Weight of the per-token KL (k3 estimator) to the reference "
-                        "model (the base: the policy with LoRA adapters off, or a frozen copy); 0 = no KL.")
+    beta: float = Field(0.04, ge=0.0, description="Weight of the KL to the reference model (the base: the policy "
+                        "with LoRA adapters off, or a frozen copy); 0 = no KL. grpo/rloo: the per-token KL (k3 "
+                        "estimator) added to the loss; ppo: the KL in the reward, -beta * (logp - ref_logp) at every "
+                        "token (the initial coefficient when kl_target is set).")
     epsilon: float = Field(0.2, gt=0.0, lt=1.0, description="Clipping range of the probability ratio (lower).")
     epsilon_high: float | None = Field(None, gt=0.0, description="Upper clipping range (None: epsilon).")
     iterations: int = Field(1, ge=1, le=16, description="Clipped-loss optimizer updates per sampled batch (mu); "
@@ -432,11 +445,35 @@ class RlSettings(StrictModel):
         "completion tokens; grpo: each completion's token mean, then the mean over completions."
     )
     scale_rewards: bool = Field(True, description="grpo: divide by the group's reward std (False: centre only).")
+    kl_target: float | None = Field(None, gt=0.0, description="ppo: adapt beta toward this KL per completion "
+                                    "(summed over its tokens), as Ziegler et al. 2019 (None: beta stays fixed).")
+    kl_horizon: int = Field(10_000, ge=1, description="ppo: completions over which beta moves by at most 20%.")
+    gamma: float = Field(1.0, gt=0.0, le=1.0, description="ppo: discount of GAE.")
+    lam: float = Field(0.95, ge=0.0, le=1.0, description="ppo: lambda of GAE.")
+    value_clip: float = Field(0.2, gt=0.0, description="ppo: clipping range of the value around the sampled one.")
+    value_coef: float = Field(0.1, gt=0.0, description="ppo: weight of the value loss in the loss.")
     rewards: list[RewardSpec] = Field(
         default_factory=lambda: [RewardSpec(function="exact_match")], min_length=1,
         description="Reward functions summed with their weights; the default scores exact match with the "
         "record's answer."
     )
+
+
+    @model_validator(mode="after")
+    def _algorithm_settings(self) -> RlSettings:
+        if self.algorithm != "ppo" and self.group_size < 2:
+            raise ValueError(f"train.rl.group_size: {self.algorithm} compares the completions of a group; "
+                             "sample 2 or more per prompt")
+        def changed(names: tuple[str, ...]) -> list[str]:
+            return [f for f in names if getattr(self, f) != type(self).model_fields[f].default]
+
+        if self.algorithm != "ppo" and (ppo_only := changed(("kl_target", "kl_horizon", "gamma", "lam", "value_clip",
+                                                             "value_coef"))):
+            raise ValueError(f"train.rl.{ppo_only[0]} applies to algorithm ppo, not {self.algorithm}")
+        if self.algorithm == "ppo" and (group_only := changed(("loss_type", "scale_rewards", "epsilon_high"))):
+            raise ValueError(f"train.rl.{group_only[0]} applies to grpo and rloo; ppo averages its clipped losses over "
+                             "completion tokens")
+        return self
 
 
 class EarlyStopping(StrictModel):

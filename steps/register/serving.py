@@ -60,9 +60,6 @@ class ChatAdapterModel(PythonModel):
         self.tokenizer.padding_side = "right" if self.task.sequence_head else "left"
         self.max_new_tokens = int(config.get("max_new_tokens", 64))
         if self.task.kind == "reward":  # how tokenize encoded the pairs: the same here (steps/tokenize/encode.py)
-            from steps.tokenize.encode import reward_ids
-
-            self.reward_ids = reward_ids
             self.pair_input = config.get("pair_input", "chat")
             self.max_seq_len = int(config.get("max_seq_len", 256))
 
@@ -103,26 +100,9 @@ class ChatAdapterModel(PythonModel):
         """A reward model's score of each input: a plain text as it is (the tokenizer's special tokens), a
         (prompt, response) pair encoded as in training (chat template, or an encoder's text pair); each cut
         at the training max_seq_len."""
-        import torch
+        from steps.train.reward import score_items
 
-        from steps.train.batching import collate
-
-        rows = []
-        for item in items:
-            if isinstance(item, tuple):
-                ids, _ = self.reward_ids(self.tokenizer, item[0], item[1], self.pair_input, self.max_seq_len)
-            else:
-                ids = self.tokenizer(item, truncation=True, max_length=self.max_seq_len, verbose=False)["input_ids"]
-            rows.append({"input_ids": ids})
-        pad_id = self.model.config.pad_token_id or 0
-        scores = []
-        with torch.no_grad():
-            for i in range(0, len(rows), 16):
-                batch = collate(rows[i : i + 16], pad_id)
-                logits = self.model(input_ids=batch["input_ids"].to(self.device),
-                                    attention_mask=batch["attention_mask"].to(self.device)).logits
-                scores += logits[:, 0].float().tolist()
-        return scores
+        return score_items(self.model, self.tokenizer, items, self.pair_input, self.max_seq_len, self.device)
 
 
 def reward_inputs(model_input):

@@ -14,14 +14,25 @@ PPOTrainer computed it before its removal (trl 0.x ``ppo_trainer.py``; OpenRLHF 
   ``coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * steps / horizon``.
 
 Every function takes [B, T] tensors over completion positions with a 0/1 ``mask``; checked against a
-written-out computation (plain Python loops) in tests/steps/train/test_ppo.py. The training loop that
-samples, scores and calls these (with a value head on the policy) is not wired yet.
+written-out computation (plain Python loops) in tests/steps/train/test_ppo.py.
+
+``PpoRollout`` is ``train.rl.algorithm: ppo`` in the one training loop (steps/train/step.py): per step it
+samples ``prompts_per_step`` x ``group_size`` completions (steps/train/rl.py), scores them (a reward
+function or a registered reward model), computes the sampling policy's log-probs and values, the
+reference's log-probs, the KL-in-reward and GAE, then takes ``iterations`` clipped updates of the policy
+and the value head (``loss = policy_loss + value_coef * value_loss``). The value head is a linear layer on
+the policy's last hidden state (shared trunk, as TRL's ``AutoModelForCausalLMWithValueHead``), zero at
+start; it is trained and checkpointed with the policy's tensors but not saved with the model. A
+checkpoint also keeps the adaptive KL coefficient (``state``), so a resumed run continues exactly.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from steps.config import RlSettings
+from steps.train.rl import Batch, Rollout, token_logps
 
 
 def masked_mean(values: Any, mask: Any) -> Any:
@@ -82,7 +93,7 @@ def policy_loss(logps: Any, old_logps: Any, advantages: Any, mask: Any, epsilon:
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
     clip_frac = masked_mean((clipped > unclipped).float(), mask)
     approx_kl = masked_mean(0.5 * (logps - old_logps) ** 2, mask)
-    return loss, {"policy_clip_frac": float(clip_frac), "approx_kl": float(approx_kl)}
+    return loss, {"policy_clip_frac": clip_frac.item(), "approx_kl": approx_kl.item()}
 
 
 def value_loss(values: Any, old_values: Any, returns: Any, mask: Any, clip: float) -> tuple[Any, dict]:
@@ -92,7 +103,7 @@ def value_loss(values: Any, old_values: Any, returns: Any, mask: Any, clip: floa
     clipped_values = torch.clamp(values, old_values - clip, old_values + clip)
     loss1, loss2 = (values - returns) ** 2, (clipped_values - returns) ** 2
     loss = 0.5 * masked_mean(torch.maximum(loss1, loss2), mask)
-    return loss, {"value_clip_frac": float(masked_mean((loss2 > loss1).float(), mask))}
+    return loss, {"value_clip_frac": masked_mean((loss2 > loss1).float(), mask).item()}
 
 
 @dataclass
@@ -116,3 +127,67 @@ class AdaptiveKL:
 
     def load(self, state: dict[str, float]) -> None:
         self.value = float(state["kl_coef"])
+
+
+class PpoRollout(Rollout):
+    """PPO for the training loop: samples and scores like GRPO, then the value head, KL-in-reward and GAE."""
+
+    def __init__(self, net: Any, tokenizer: Any, base_dir: Any, settings: RlSettings, device: str, pad_id: int,
+                 rewards: Any = None):
+        import torch
+
+        super().__init__(net, tokenizer, base_dir, settings, device, pad_id, rewards)
+        hidden = net.config.get_text_config().hidden_size  # the width of the last hidden state
+        self.value_head = torch.nn.Linear(hidden, 1, device=device, dtype=torch.float32)
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+        self.value_head.train()
+        self.kl = AdaptiveKL(settings.beta, settings.kl_target, settings.kl_horizon)
+
+    def parameters(self) -> list[tuple[str, Any]]:
+        return [(f"value_head.{name}", p) for name, p in self.value_head.named_parameters()]
+
+    def state(self) -> dict[str, Any]:
+        return self.kl.state()
+
+    def load(self, state: dict[str, Any]) -> None:
+        if state:
+            self.kl.load(state)
+
+    def logps_and_values(self, tensors: tuple[Any, Any, Any, Any]) -> tuple[Any, Any]:
+        logps, hidden = token_logps(self.net, *tensors, temperature=self.settings.temperature, hidden=True)
+        return logps, self.value_head(hidden.float()).squeeze(-1)
+
+    def sample(self, rows: list[dict[str, Any]]) -> Batch:
+        import torch
+
+        s = self.settings
+        was_training = self.net.training
+        self.net.eval()  # no dropout while sampling and computing the old log-probs and values
+        try:
+            sampled = self.generate_and_score(rows)
+            mask = sampled.tensors[3].float()
+            with torch.no_grad():
+                old_logps, old_values = self.logps_and_values(sampled.tensors)
+            ref = self.reference_logps(*sampled.tensors)
+        finally:
+            self.net.train(was_training)
+        coef = self.kl.value
+        rewards, kl = kl_rewards(sampled.rewards, old_logps, ref, mask, coef)
+        advantages, returns = gae(rewards, old_values * mask, mask, s.gamma, s.lam)
+        advantages = whiten(advantages, mask) * mask
+        sequence_kl = kl.sum(dim=1).mean().item()
+        self.kl.update(sequence_kl, len(sampled.group))  # the next batch's coefficient
+        metrics = sampled.metrics(s.group_size) | {
+            "kl": float(masked_mean(kl, mask)), "kl_per_completion": sequence_kl, "kl_coef": coef,
+            "value": float(masked_mean(old_values, mask)), "return": float(masked_mean(returns, mask))}
+        return Batch(*sampled.tensors, advantages, ref, old_logps, metrics, sampled.tokens, old_values, returns)
+
+    def loss(self, batch: Batch) -> tuple[Any, dict[str, float]]:
+        s = self.settings
+        mask = batch.completion_mask.float()
+        logps, values = self.logps_and_values(batch.tensors)
+        p_loss, p_metrics = policy_loss(logps, batch.old_logps, batch.advantages, mask, s.epsilon)
+        v_loss, v_metrics = value_loss(values, batch.old_values, batch.returns, mask, s.value_clip)
+        loss = p_loss + s.value_coef * v_loss
+        return loss, {"policy_loss": p_loss.item(), "value_loss": v_loss.item(), **p_metrics, **v_metrics}

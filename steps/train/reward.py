@@ -87,3 +87,30 @@ def pair_metrics(chosen: list[float], rejected: list[float]) -> dict[str, float]
     losses = [max(-m, 0.0) + math.log1p(math.exp(-abs(m))) for m in margins]
     return {"reward_accuracy": round(sum(m > 0 for m in margins) / n, 6), "reward_margin": round(sum(margins) / n, 6),
             "eval_loss": round(sum(losses) / n, 6)}
+
+
+def score_items(net: Any, tokenizer: Any, items: list[Any], pair_input: str, max_seq_len: int, device: str,
+                batch_size: int = 16) -> list[float]:
+    """A reward model's score of each item: a plain text as it is (the tokenizer's special tokens), or a
+    (prompt, response) tuple encoded as tokenize encoded the training pairs (``reward_ids``); each cut at
+    ``max_seq_len``. Used by the served model and by RL's ``model`` reward."""
+    import torch
+
+    from steps.tokenize.encode import reward_ids
+
+    rows = []
+    for item in items:
+        if isinstance(item, tuple):
+            ids, _ = reward_ids(tokenizer, item[0], item[1], pair_input, max_seq_len)
+        else:
+            ids = tokenizer(item, truncation=True, max_length=max_seq_len, verbose=False)["input_ids"]
+        rows.append({"input_ids": ids})
+    pad_id = net.config.pad_token_id or 0
+    scores: list[float] = []
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            batch = collate(rows[i : i + batch_size], pad_id)
+            logits = net(input_ids=batch["input_ids"].to(device),
+                         attention_mask=batch["attention_mask"].to(device)).logits
+            scores += logits[:, 0].float().tolist()
+    return scores

@@ -15,12 +15,14 @@ prompt texts, ``completions`` the decoded answers, ``records`` the prompt rows (
   12" matches "12"), else 0.0: partial credit for a right result said in a sentence;
 - ``regex``: 1.0 when ``pattern`` is found in the answer (``re.search``), else 0.0;
 - ``json``: 1.0 when the answer (stripped) parses as JSON, else 0.0;
-- ``length``: 1.0 when the answer's length in characters is within ``min_chars``..``max_chars``, else 0.0.
+- ``length``: 1.0 when the answer's length in characters is within ``min_chars``..``max_chars``, else 0.0;
+- ``model``: the score of a registered reward model (``model: models:/NAME@ALIAS``) for prompt + answer,
+  encoded as its training pairs were; its files are checked against the digests recorded at registration,
+  and a run pins the alias to one version when it starts (``pin_models``).
 
 ``module:function`` is imported by path (the callable itself, or a class/factory is not called for you);
 a reward that raises, returns the wrong number of values or a value that is not a finite number is a
-``ConfigError`` naming the function (and the position of the bad value). A model-based reward (a
-registered reward model scoring the answers) plugs in as one more callable of the same signature.
+``ConfigError`` naming the function (and the position of the bad value).
 """
 
 from __future__ import annotations
@@ -125,7 +127,54 @@ def load_callable(path: str) -> RewardFn:
     return obj
 
 
-def build_rewards(specs: Sequence[RewardSpec]) -> list[Reward]:
+def model_reward(uri: str, device: str) -> RewardFn:
+    """The score of the registered reward model ``uri`` (models:/NAME@ALIAS or models:/NAME/VERSION) for each
+    (prompt, completion), encoded as its training pairs were; every file checked against the digests recorded
+    at registration. A ConfigError when the version is not a reward model."""
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from steps.register.verify import pyfunc_config, verified_base_dir, verified_model_dir
+    from steps.train import methods
+    from steps.train.reward import score_items
+
+    spec = uri.removeprefix("models:/")
+    with tempfile.TemporaryDirectory(prefix="tuneline-reward-") as tmp:
+        folder = verified_model_dir(spec, Path(tmp))
+        config = pyfunc_config(folder)
+        trained = folder / "artifacts" / "trained"
+        if "base_model_uri" not in config or not trained.is_dir() or methods.task_of(trained).kind != "reward":
+            raise ConfigError(f"reward model {uri}: not a tuneline reward model (train.preference.loss 'reward')")
+        net = methods.load(verified_base_dir(config, Path(tmp)), trained, device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder / "artifacts" / "tokenizer")
+    tokenizer.padding_side = "right"
+    pair_input, max_seq_len = config.get("pair_input", "chat"), int(config.get("max_seq_len", 256))
+
+    def reward(prompts: list[str], completions: list[str], records: list[dict[str, Any]]) -> list[float]:
+        return score_items(net, tokenizer, list(zip(prompts, completions)), pair_input, max_seq_len, device)
+
+    return reward
+
+
+def pin_models(specs: Sequence[RewardSpec]) -> list[RewardSpec]:
+    """``specs`` with each model reward's alias replaced by the version it names now (models:/NAME/N), so a
+    run scores with one version from start to end and its parameters say which."""
+    from steps.core.model_source import parse_source
+    from steps.register.verify import resolve
+
+    pinned = []
+    for spec in specs:
+        if spec.model is not None and (source := parse_source(spec.model)).version is None:
+            version = resolve(f"{source.name}@{source.ref}")
+            spec = spec.model_copy(update={"model": f"models:/{source.name}/{version.version}"})
+        pinned.append(spec)
+    return pinned
+
+
+def build_rewards(specs: Sequence[RewardSpec], device: str = "cpu") -> list[Reward]:
+    """The reward callables of ``specs`` (a model reward loads its model onto ``device``)."""
     rewards = []
     for spec in specs:
         if spec.function == "exact_match":
@@ -138,6 +187,8 @@ def build_rewards(specs: Sequence[RewardSpec]) -> list[Reward]:
             fn = valid_json
         elif spec.function == "length":
             fn = length_window(spec.min_chars, spec.max_chars)
+        elif spec.function == "model":
+            fn = model_reward(spec.model or "", device)
         else:
             fn = load_callable(spec.function)
         rewards.append(Reward(spec.function, spec.weight, fn))

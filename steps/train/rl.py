@@ -93,18 +93,21 @@ def completion_mask(completion_ids: Any, stops: set[int]) -> Any:
 
 
 def token_logps(net: Any, prompt_ids: Any, prompt_mask: Any, completion_ids: Any, completion_mask: Any,
-                temperature: float = 1.0) -> Any:
+                temperature: float = 1.0, hidden: bool = False) -> Any:
     """Per-token log-probabilities [B, C] of the completion tokens under ``net`` (positions follow the
-    attention mask, so left padding does not shift them)."""
+    attention mask, so left padding does not shift them); with ``hidden``, also the last hidden states
+    [B, C, H] at the positions that predict them (what PPO's value head reads), from the same forward."""
     import torch
 
     ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention = torch.cat([prompt_mask, completion_mask], dim=1)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     width = completion_ids.size(1)
-    logits = net(input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=width + 1,
-                 use_cache=False).logits[:, :-1].float() / temperature
-    return torch.gather(torch.log_softmax(logits, dim=-1), 2, completion_ids.unsqueeze(-1)).squeeze(-1)
+    out = net(input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=width + 1,
+              use_cache=False, output_hidden_states=hidden)
+    logits = out.logits[:, :-1].float() / temperature
+    logps = torch.gather(torch.log_softmax(logits, dim=-1), 2, completion_ids.unsqueeze(-1)).squeeze(-1)
+    return (logps, out.hidden_states[-1][:, -(width + 1):-1]) if hidden else logps
 
 
 def left_padded(rows: list[dict[str, Any]], pad_id: int, device: str) -> tuple[Any, Any]:
@@ -151,11 +154,38 @@ class Batch:
     prompt_mask: Any
     completion_ids: Any
     completion_mask: Any
-    advantages: Any
+    advantages: Any  # grpo/rloo: one per completion [B]; ppo: one per token [B, C]
     ref_logps: Any | None
     old_logps: Any | None
     metrics: dict[str, float]
     tokens: int
+    old_values: Any | None = None  # ppo: the value head's estimates when sampled [B, C]
+    returns: Any | None = None  # ppo: GAE returns [B, C]
+
+    @property
+    def tensors(self) -> tuple[Any, Any, Any, Any]:
+        return self.prompt_ids, self.prompt_mask, self.completion_ids, self.completion_mask
+
+
+@dataclass
+class Sampled:
+    """Completions of a batch of prompts (each repeated ``group_size`` times) and their rewards."""
+
+    group: list[dict[str, Any]]
+    tensors: tuple[Any, Any, Any, Any]  # prompt_ids, prompt_mask, completion_ids, completion_mask
+    rewards: Any  # [B] weighted sums
+    per_function: dict[str, list[float]]
+
+    def metrics(self, group_size: int) -> dict[str, float]:
+        grouped = self.rewards.view(-1, group_size)
+        return {"reward": self.rewards.mean().item(),
+                "reward_std": grouped.std(dim=1).mean().item() if group_size > 1 else 0.0,
+                "completion_length": self.tensors[3].sum(-1).float().mean().item(),
+                **{f"reward_{name}": sum(v) / len(v) for name, v in self.per_function.items()}}
+
+    @property
+    def tokens(self) -> int:
+        return int(self.tensors[1].sum() + self.tensors[3].sum())
 
 
 class Rollout:
@@ -164,13 +194,24 @@ class Rollout:
     def __init__(self, net: Any, tokenizer: Any, base_dir: Any, settings: RlSettings, device: str, pad_id: int,
                  rewards: list[Reward] | None = None):
         self.net, self.tokenizer, self.settings, self.device, self.pad_id = net, tokenizer, settings, device, pad_id
-        self.rewards = rewards if rewards is not None else build_rewards(settings.rewards)
+        self.rewards = rewards if rewards is not None else build_rewards(settings.rewards, device)
         self.stops = stop_tokens(net, tokenizer)
         self.frozen = None
         if settings.beta != 0.0 and not hasattr(net, "disable_adapter"):  # full or head: a frozen copy of the base
             from steps.train.methods.common import load_base
 
             self.frozen = load_base(None, base_dir, device).eval().requires_grad_(False)
+
+    def parameters(self) -> list[tuple[str, Any]]:
+        """Trainable tensors of the algorithm besides the policy's (checkpointed with them): none here."""
+        return []
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the algorithm besides tensors and RNG (JSON): nothing here."""
+        return {}
+
+    def load(self, state: dict[str, Any]) -> None:
+        pass
 
     def reference_logps(self, *tensors: Any) -> Any:
         import contextlib
@@ -183,44 +224,55 @@ class Rollout:
             with self.net.disable_adapter() if hasattr(self.net, "disable_adapter") else contextlib.nullcontext():
                 return token_logps(self.net, *tensors, temperature=self.settings.temperature)
 
-    def sample(self, rows: list[dict[str, Any]]) -> Batch:
+    def generate_and_score(self, rows: list[dict[str, Any]]) -> Sampled:
+        """Each row's prompt ``group_size`` times, its sampled completions and their rewards (in eval mode:
+        the caller computes what else it needs from the same completions before training resumes)."""
         import torch
 
         s = self.settings
         group = [r for r in rows for _ in range(s.group_size)]
         prompt_ids, prompt_mask = left_padded(group, self.pad_id, self.device)
+        completion_ids = generate(self.net, prompt_ids, prompt_mask, self.pad_id, s.max_new_tokens, True,
+                                  s.temperature, s.top_k)
+        mask = completion_mask(completion_ids, self.stops)
+        texts = decode(self.tokenizer, completion_ids, mask)
+        total, per_function = score(self.rewards, [r["prompt"] for r in group], texts, group)
+        rewards = torch.tensor(total, dtype=torch.float32, device=self.device)
+        return Sampled(group, (prompt_ids, prompt_mask, completion_ids, mask), rewards, per_function)
+
+    def sample(self, rows: list[dict[str, Any]]) -> Batch:
+        import torch
+
+        s = self.settings
         was_training = self.net.training
         self.net.eval()  # no dropout while sampling and scoring the reference
         try:
-            completion_ids = generate(self.net, prompt_ids, prompt_mask, self.pad_id, s.max_new_tokens, True,
-                                      s.temperature, s.top_k)
-            mask = completion_mask(completion_ids, self.stops)
-            texts = decode(self.tokenizer, completion_ids, mask)
-            total, per_function = score(self.rewards, [r["prompt"] for r in group], texts, group)
-            rewards = torch.tensor(total, dtype=torch.float32, device=self.device)
-            advantages = group_advantages(rewards, s.group_size, s.algorithm, s.scale_rewards)
-            tensors = (prompt_ids, prompt_mask, completion_ids, mask)
-            ref = self.reference_logps(*tensors) if s.beta != 0.0 else None
+            sampled = self.generate_and_score(rows)
+            advantages = group_advantages(sampled.rewards, s.group_size, s.algorithm, s.scale_rewards)
+            ref = self.reference_logps(*sampled.tensors) if s.beta != 0.0 else None
             old = None
             if s.iterations > 1:
                 with torch.no_grad():
-                    old = token_logps(self.net, *tensors, temperature=s.temperature)
+                    old = token_logps(self.net, *sampled.tensors, temperature=s.temperature)
         finally:
             self.net.train(was_training)
-        grouped = rewards.view(-1, s.group_size)
-        metrics = {"reward": rewards.mean().item(), "reward_std": grouped.std(dim=1).mean().item(),
-                   "completion_length": mask.sum(-1).float().mean().item(),
-                   **{f"reward_{name}": sum(v) / len(v) for name, v in per_function.items()}}
-        return Batch(prompt_ids, prompt_mask, completion_ids, mask, advantages, ref, old, metrics,
-                     tokens=int(prompt_mask.sum() + mask.sum()))
+        return Batch(*sampled.tensors, advantages, ref, old, sampled.metrics(s.group_size), sampled.tokens)
 
     def loss(self, batch: Batch) -> tuple[Any, dict[str, float]]:
         s = self.settings
-        logps = token_logps(self.net, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask,
-                            temperature=s.temperature)
+        logps = token_logps(self.net, *batch.tensors, temperature=s.temperature)
         old = batch.old_logps if batch.old_logps is not None else logps.detach()
         return clipped_loss(logps, old, batch.ref_logps, batch.advantages, batch.completion_mask, s.beta, s.epsilon,
                             s.epsilon_high, s.loss_type)
+
+
+def make_rollout(net: Any, tokenizer: Any, base_dir: Any, settings: RlSettings, device: str, pad_id: int) -> Rollout:
+    """The rollout of ``settings.algorithm``: GRPO/RLOO here, PPO in steps/train/ppo.py."""
+    if settings.algorithm == "ppo":
+        from steps.train.ppo import PpoRollout
+
+        return PpoRollout(net, tokenizer, base_dir, settings, device, pad_id)
+    return Rollout(net, tokenizer, base_dir, settings, device, pad_id)
 
 
 def greedy_rewards(net: Any, tokenizer: Any, rows: list[dict[str, Any]], rewards: list[Reward], max_new_tokens: int,

@@ -97,14 +97,16 @@ def train_in_process(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store:
     if task.kind == "rl":  # online RL: sampling, rewards and the clipped loss (steps/train/rl.py)
         from transformers import AutoTokenizer
 
-        rollout = rl.Rollout(net, AutoTokenizer.from_pretrained(base_dir), base_dir, cfg.rl, device,
-                             net.config.pad_token_id or 0)
+        rollout = rl.make_rollout(net, AutoTokenizer.from_pretrained(base_dir), base_dir, cfg.rl, device,
+                                  net.config.pad_token_id or 0)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(net)
     pad_id = net.config.pad_token_id or 0
     # The loss of this rank's share of a micro-batch, as a module: DDP all-reduces gradients of its backward.
     trainer = group.wrap(loss_module(net, task, cfg, pad_id, device, group), net)
     named = [(name, p) for name, p in net.named_parameters() if p.requires_grad]  # (after fsdp made them DTensors)
+    if rollout is not None:  # ppo's value head: trained and checkpointed with the policy, not saved with it
+        named += rollout.parameters()
     if group.active:  # same initial weights on every rank (seeded above); independent dropout from here on
         torch.manual_seed(cfg.seed + group.rank)
     optimizer = make_optimizer(cfg, [p for _, p in named], device)
@@ -120,6 +122,8 @@ def train_in_process(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store:
     if (latest := checkpoints.latest()) is not None:
         state = checkpoints.restore(latest, named, optimizer, scheduler, group)
         state["resumed_from"] = state["step"]
+        if rollout is not None:
+            rollout.load(state.get("rl", {}))
         log.info("train: resuming from checkpoint at step %d", state["step"])
     budget = cfg.tokens_per_batch or cfg.batch_size * max(lengths)
     order = pack_order(lengths, budget, cfg.seed) if cfg.packing else batch_order(lengths, per_batch, cfg.seed)
@@ -187,6 +191,8 @@ def train_in_process(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store:
                 break
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
             state["seconds"] = time.time() - started
+            if rollout is not None:
+                state["rl"] = rollout.state()
             checkpoints.save(step, named, optimizer, scheduler, state, group)
     state["seconds"] = time.time() - started
     if group.sharded:  # every rank takes part in gathering the trained weights; rank 0 saves them

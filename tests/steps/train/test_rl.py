@@ -238,13 +238,13 @@ def rollout_for(method: str, base_dir, settings: RlSettings = SETTINGS):
     from steps.config import LoraSettings, TrainConfig
     from steps.core.contract import Task
     from steps.train import methods
-    from steps.train.rl import Rollout
+    from steps.train.rl import make_rollout
 
     torch.manual_seed(0)
     adapters = method in ("lora", "qlora")
     cfg = TrainConfig(method=method, lora=LoraSettings(r=4, alpha=8, dropout=0.0) if adapters else LoraSettings())
     net = methods.prepare(cfg, base_dir, "cpu", Task(kind="rl"))
-    return net, Rollout(net, AutoTokenizer.from_pretrained(base_dir), base_dir, settings, "cpu", 0)
+    return net, make_rollout(net, AutoTokenizer.from_pretrained(base_dir), base_dir, settings, "cpu", 0)
 
 
 def prompt_rows(tokenizer, n: int = 2) -> list[dict]:
@@ -441,3 +441,113 @@ def test_prompt_records_gate_on_mean_reward_scored_with_the_training_rewards_unl
     own = PipelineParams.parse({"validate": {"record_kind": "prompt"}, "train": {"rl": rl},
                                 "evaluate": {"rewards": [{"function": "exact_match"}]}})
     assert [r.function for r in own.evaluate.rewards] == ["exact_match"]
+
+
+# --- PPO (steps/train/ppo.py) in the same loop --------------------------------------------------
+
+PPO = RlSettings(algorithm="ppo", prompts_per_step=2, group_size=2, max_new_tokens=6, beta=0.1, kl_target=0.5,
+                 kl_horizon=20, iterations=2, rewards=[RewardSpec(function="number_match"),
+                                                       RewardSpec(function=f"{__name__}:brevity", weight=2.0)])
+
+
+def test_ppo_value_head_learns_the_returns_and_the_reference_never_moves(base_dir, tiny_tokenizer):
+    """Updates on one sampled batch: the value loss falls, the policy moves, adapters-off outputs do not."""
+    from steps.train.rl import token_logps
+
+    net, rollout = rollout_for("lora", base_dir, PPO)
+    assert rollout.frozen is None and [n for n, _ in rollout.parameters()] == ["value_head.weight",
+                                                                                "value_head.bias"]
+    rows = prompt_rows(tiny_tokenizer)
+    batch = rollout.sample(rows)
+    assert batch.advantages.shape == batch.completion_ids.shape == batch.returns.shape
+    assert batch.metrics["kl_coef"] == PPO.beta and batch.metrics["kl"] == pytest.approx(0.0, abs=1e-6)
+    reference = rollout.reference_logps(*batch.tensors)
+    net.eval()
+    with torch.no_grad():
+        policy_before = token_logps(net, *batch.tensors)
+    optimizer = torch.optim.AdamW([{"params": [p for p in net.parameters() if p.requires_grad], "lr": 1e-3},
+                                   {"params": [p for _, p in rollout.parameters()], "lr": 2e-3}])
+    value_losses = []
+    for _ in range(8):
+        loss, metrics = rollout.loss(batch)
+        value_losses.append(metrics["value_loss"])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert value_losses[-1] < value_losses[0], value_losses
+    with torch.no_grad():
+        assert (token_logps(net, *batch.tensors) - policy_before).abs().max() > 1e-4  # the policy moved
+    assert torch.equal(rollout.reference_logps(*batch.tensors), reference)
+    later = rollout.sample(rows)
+    assert later.metrics["kl"] > 0 and later.metrics["kl_coef"] != PPO.beta  # the coefficient adapted
+
+
+def test_ppo_loss_is_the_clipped_policy_loss_plus_the_weighted_value_loss(base_dir, tiny_tokenizer):
+    from steps.train import ppo
+    from steps.train.rl import token_logps
+
+    net, rollout = rollout_for("lora", base_dir, PPO)
+    batch = rollout.sample(prompt_rows(tiny_tokenizer))
+    mask = batch.completion_mask.float()
+    # the sample's advantages and returns: KL-in-reward at the coefficient used, GAE, whitened
+    rewards, _ = ppo.kl_rewards(torch.tensor([float(m) for m in _scores(rollout, batch)]), batch.old_logps,
+                                batch.ref_logps, mask, PPO.beta)
+    advantages, returns = ppo.gae(rewards, batch.old_values, mask, PPO.gamma, PPO.lam)
+    assert_close(batch.returns, returns)
+    assert_close(batch.advantages, ppo.whiten(advantages, mask) * mask)
+    net.eval()
+    loss, metrics = rollout.loss(batch)
+    with torch.no_grad():
+        logps, hidden = token_logps(net, *batch.tensors, hidden=True)
+        values = rollout.value_head(hidden).squeeze(-1)
+    expected = (ppo.policy_loss(logps, batch.old_logps, batch.advantages, mask, PPO.epsilon)[0]
+                + PPO.value_coef * ppo.value_loss(values, batch.old_values, batch.returns, mask, PPO.value_clip)[0])
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def _scores(rollout, batch):
+    from steps.train.rewards import score
+    from steps.train.rl import decode
+
+    texts = decode(rollout.tokenizer, batch.completion_ids, batch.completion_mask)
+    group = [r for r in prompt_rows(rollout.tokenizer) for _ in range(PPO.group_size)]
+    return score(rollout.rewards, [r["prompt"] for r in group], texts, group)[0]
+
+
+def test_sigkill_mid_ppo_run_then_retry_ends_like_an_uninterrupted_run(store, tiny_model):
+    """PPO's checkpoint adds the value head and the adaptive KL coefficient to what GRPO's holds."""
+    import uuid
+
+    from safetensors.torch import load_file
+
+    from helpers import kill_at_first_checkpoint
+    from steps.config import LoraSettings, TrainConfig
+    from steps.core.lineage import code_version
+    from steps.core.store import ArtifactStore
+    from steps.train.step import train_model
+
+    data = prompt_dataset(store, tiny_model)
+    cfg = TrainConfig(method="lora", max_steps=9, checkpoint_every=3, learning_rate=1e-2, warmup_steps=1,
+                      record_losses=False, lora=LoraSettings(r=4, alpha=8, dropout=0.0), seed=3,
+                      rl=PPO.model_copy(update={"temperature": 1.5}))
+    reference = train_model(cfg, data, tiny_model, store)
+    ref_log = store.read_json(reference.adapter, "train_log.json")
+    assert {"reward", "kl", "kl_coef", "policy_loss", "value_loss", "value", "return"} <= ref_log[0].keys()
+    assert len({h["kl_coef"] for h in ref_log}) > 1  # adapted toward kl_target: resume must restore it
+    assert "value_head" not in str(load_file(store.download(reference.adapter) / "adapter_model.safetensors").keys())
+    killed = ArtifactStore.from_env(f"test-{uuid.uuid4().hex[:10]}")
+    args = {"cfg": cfg.model_dump(mode="json"), "data": data.model_dump(mode="json"),
+            "model": tiny_model.model_dump(mode="json"), "prefix": killed.prefix, "code": code_version()}
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    kill_at_first_checkpoint(RESUME_SCRIPT, args, killed, env, timeout=180)  # env: brevity's module importable
+
+    resumed = train_model(cfg, data, tiny_model, killed)
+    start = resumed.adapter.stats["resumed_from"]
+    assert start is not None and 3 <= start < cfg.max_steps
+    new_log = killed.read_json(resumed.adapter, "train_log.json")
+    for a, b in zip(ref_log[start:], new_log[start:]):
+        assert a["reward"] == b["reward"] and a["kl_coef"] == pytest.approx(b["kl_coef"], rel=1e-9), (a, b)
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["value"] - b["value"]) < 1e-5, (a, b)
+    expected = load_file(store.download(reference.adapter) / "adapter_model.safetensors")
+    got = load_file(killed.download(resumed.adapter) / "adapter_model.safetensors")
+    assert all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
