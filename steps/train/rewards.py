@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import math
 import numbers
 import re
@@ -37,6 +38,8 @@ from typing import Any, Callable, Sequence
 
 from steps.config import RewardSpec
 from steps.core.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 RewardFn = Callable[[list[str], list[str], list[dict[str, Any]]], Sequence[Any]]
 
@@ -170,6 +173,22 @@ def pin_models(specs: Sequence[RewardSpec]) -> list[RewardSpec]:
             version = resolve(f"{source.name}@{source.ref}")
             spec = spec.model_copy(update={"model": f"models:/{source.name}/{version.version}"})
         pinned.append(spec)
+    return pinned
+
+
+def pin_reward_models(params: Any) -> Any:
+    """``params`` (PipelineParams) with the model rewards of training and evaluation pinned (``pin_models``):
+    what a flow run does first, so every step of the run scores with the same reward model version."""
+    rl, evaluate = params.train.rl, params.evaluate
+    if not any(spec.model for spec in [*rl.rewards, *(evaluate.rewards or [])]):
+        return params
+    train = params.train.model_copy(update={"rl": rl.model_copy(update={"rewards": pin_models(rl.rewards)})})
+    if evaluate.rewards:
+        evaluate = evaluate.model_copy(update={"rewards": pin_models(evaluate.rewards)})
+    pinned = params.model_copy(update={"train": train, "evaluate": evaluate})
+    for spec in [*pinned.train.rl.rewards, *(pinned.evaluate.rewards or [])]:
+        if spec.model:
+            log.info("rewards: scoring with the reward model %s for this run", spec.model)
     return pinned
 
 

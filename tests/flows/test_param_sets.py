@@ -124,9 +124,10 @@ def test_task_parameter_set_runs_end_to_end(prefect_api, store, tmp_path, name, 
         assert isinstance(model.predict(["What is 2 plus 2?"], params={"max_new_tokens": 3})[0], str)
 
 
-def test_reward_parameter_set_runs_end_to_end(prefect_api, store, tmp_path):
+def test_reward_parameter_set_runs_end_to_end_then_rewards_ppo(prefect_api, store, tmp_path):
     """reward.yaml on a tiny BERT: a reward model through the whole flow, gated on held-out reward_accuracy,
-    whose registered pyfunc scores {prompt, response} pairs and plain texts, from the registry and over REST."""
+    whose registered pyfunc scores {prompt, response} pairs and plain texts, from the registry and over REST;
+    then ppo.yaml on the tiny Llama scores its samples with that reward model (``ppo_with_reward_model``)."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -157,6 +158,47 @@ def test_reward_parameter_set_runs_end_to_end(prefect_api, store, tmp_path):
     assert len(model.predict(["a plain text"])) == 1
     with serve(uri, tmp_path) as url:  # `mlflow models serve`: the same scores over REST
         assert invoke(url, {"inputs": pairs}) == pytest.approx(scores, abs=1e-5)
+    ppo_with_reward_model(store, tmp_path, model_name, summary.version.version, model)
+
+
+def ppo_with_reward_model(store, tmp_path, reward_name: str, reward_version: str, reward_model) -> None:
+    """ppo.yaml with the reward model as champion: the run pins the alias to its version, every sampled
+    completion and every held-out answer is scored by it (the same numbers as its registered pyfunc)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from flows.pipeline import finetune
+    from helpers import preference_rows
+
+    prompts = [{"id": r["id"], "prompt": r["prompt"]} for r in preference_rows()]
+    model_name = f"ppo-{uuid.uuid4().hex[:6]}"
+    overrides = [f"ingest.source={write_jsonl(tmp_path / 'prompts.jsonl', prompts)}", f"artifacts_prefix={store.prefix}",
+                 f"register.model_name={model_name}", "base_model.source=tiny-random-llama", "train.max_steps=3",
+                 "train.checkpoint_every=2", "train.rl.prompts_per_step=2", "train.rl.max_new_tokens=4",
+                 f"train.rl.rewards=[{{function: model, model: 'models:/{reward_name}@champion'}}]",
+                 "scrub.near_dedup=false", "tokenize.leakage_threshold=null",  # the prompts differ in digits only
+                 "tokenize.eval_fraction=0.2", "evaluate.reward_prompts=4", "evaluate.max_new_tokens=4",
+                 "evaluate.smoke_max_new_tokens=4", "evaluate.reference_blocks=1", "register.require_smoke=false",
+                 "register.forgetting_tolerance=null"]
+    params = PipelineParams.from_yaml(PARAMS / "ppo.yaml", overrides)
+    assert params.train.rl.algorithm == "ppo" and params.evaluate.rewards[0].model.endswith("@champion")
+    state = finetune(params, return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    pinned = f"models:/{reward_name}/{reward_version}"
+    assert summary.record.params["train"]["rl"]["rewards"][0]["model"] == pinned
+    assert summary.record.params["evaluate"]["rewards"][0]["model"] == pinned
+    log = store.read_json(summary.record.model.adapter, "train_log.json")
+    assert len(log) == 3 and all({"reward", "kl", "kl_coef", "value_loss", "reward_model"} <= r.keys() for r in log)
+    candidate = summary.record.evaluations["candidate"]
+    samples = store.read_jsonl(candidate, "samples.jsonl")
+    asked = [{"prompt": next(p["prompt"] for p in prompts if p["id"] == s["id"]), "response": s["prediction"]}
+             for s in samples]
+    assert [s["reward"] for s in samples] == pytest.approx(list(reward_model.predict(asked)), abs=1e-4)
+    run = MlflowClient().get_run(summary.version.run_id)
+    assert pinned in str(run.data.params)
+    answer = mlflow.pyfunc.load_model(f"models:/{model_name}/{summary.version.version}").predict(["Hello?"])[0]
+    assert isinstance(answer, str)
 
 
 def test_grpo_parameter_set_runs_end_to_end(prefect_api, store, tmp_path):
