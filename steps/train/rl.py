@@ -1,5 +1,6 @@
 """Online RL on prompt records: GRPO (Shao et al. 2024) and RLOO (Ahmadian et al. 2024), as TRL 1.16's
-GRPOTrainer and RLOOTrainer compute them (checked in tests/steps/train/test_rl.py).
+GRPOTrainer and RLOOTrainer compute them (checked in tests/steps/train/test_rl.py); PPO builds on the same
+sampling and scoring in steps/train/ppo.py (``make_rollout`` picks by ``train.rl.algorithm``).
 
 One optimizer step of the training loop (steps/train/step.py) with ``train.rl``:
 
