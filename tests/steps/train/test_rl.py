@@ -450,13 +450,15 @@ PPO = RlSettings(algorithm="ppo", prompts_per_step=2, group_size=2, max_new_toke
                                                        RewardSpec(function=f"{__name__}:brevity", weight=2.0)])
 
 
-def test_ppo_value_head_learns_the_returns_and_the_reference_never_moves(base_dir, tiny_tokenizer):
-    """Updates on one sampled batch: the value loss falls, the policy moves, adapters-off outputs do not."""
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_ppo_value_head_learns_the_returns_and_the_reference_never_moves(base_dir, tiny_tokenizer, method):
+    """Updates on one sampled batch: the value loss falls, the policy moves, the reference does not (LoRA:
+    the policy with adapters off, no second copy; full: a frozen copy)."""
     from steps.train.rl import token_logps
 
-    net, rollout = rollout_for("lora", base_dir, PPO)
-    assert rollout.frozen is None and [n for n, _ in rollout.parameters()] == ["value_head.weight",
-                                                                                "value_head.bias"]
+    net, rollout = rollout_for(method, base_dir, PPO)
+    assert (rollout.frozen is None) == (method == "lora")
+    assert [n for n, _ in rollout.parameters()] == ["value_head.weight", "value_head.bias"]
     rows = prompt_rows(tiny_tokenizer)
     batch = rollout.sample(rows)
     assert batch.advantages.shape == batch.completion_ids.shape == batch.returns.shape
