@@ -76,12 +76,6 @@ def finetune(params: PipelineParams = PipelineParams()) -> PipelineSummary:
     pages.step(name, "train", tuned.adapter)
     base_eval = tasks.evaluate(params.evaluate, base, data, prefix, role="base", dispatch=where.get("evaluate"))
     tuned_eval = tasks.evaluate(params.evaluate, tuned, data, prefix, role="candidate", dispatch=where.get("evaluate"))
-    record = RunRecord(
-        params=params.model_dump(mode="json", by_alias=True),
-        datasets={"ingest": raw, "validate": validated, "scrub": clean, "tokenize": data},
-        model=tuned,
-        evaluations={"base": base_eval, "candidate": tuned_eval},
-    )
     # The incumbent is evaluated before registering, so a failure there leaves no orphan version.
     current = tasks.champion(params.register_)
     if current is not None and current.model.digest != tuned.digest:
@@ -90,8 +84,15 @@ def finetune(params: PipelineParams = PipelineParams()) -> PipelineSummary:
         label = f"champion v{current.version}"
     else:
         incumbent, label = base_eval, "base model"
+    champion = {"champion": incumbent} if incumbent is not base_eval else {}
+    record = RunRecord(
+        params=params.model_dump(mode="json", by_alias=True),
+        datasets={"ingest": raw, "validate": validated, "scrub": clean, "tokenize": data},
+        model=tuned,
+        evaluations={"base": base_eval, "candidate": tuned_eval, **champion},
+    )
     pages.evaluation(name, {"base": base_eval, "candidate": tuned_eval,
-                            **({label: incumbent} if incumbent is not base_eval else {})})
+                            **({label: incumbent} if champion else {})})
     version = tasks.register(params.register_, record, prefix, run=pages.pipeline_run(),
                              dispatch=where.get("register"))
     decision = tasks.promote(params.register_, version, tuned_eval, incumbent, label, base_eval)

@@ -679,6 +679,10 @@ class RegisterConfig(StrictModel):
         0.25, ge=0.0, description="Causal LMs: promote only when the perplexity on the shipped general reference text "
         "is at most this much (relative) above the base model's (None = no forgetting check)."
     )
+    max_kl: float | None = Field(
+        None, gt=0.0, description="Online RL (prompt records): promote only when the candidate's kl_to_reference, "
+        "the mean KL to the base per answer token on the held-out prompts, is at most this (None = no ceiling)."
+    )
 
 
 def _preference_loss(data: dict[str, Any]) -> str | None:

@@ -22,7 +22,11 @@ key, so they are compared on exactly the same eval set.
   BLEU/chrF of answers against the chosen answers.
 - rl (prompt records): ``mean_reward``, the mean weighted reward (``rewards``: train.rl.rewards unless given)
   of greedy answers (``max_new_tokens``, KV cache on) to the first ``reward_prompts`` held-out prompts, and
-  each answer in the samples; no perplexity (prompt rows have no reference tokens) and no BLEU.
+  each answer with its reward in the samples; ``kl_to_reference``, the mean of logp_policy - logp_base over
+  the answer tokens (the base: LoRA's adapters off, else the base model; 0 for the base), which
+  ``register.max_kl`` caps; no perplexity (prompt rows have no reference tokens) and no BLEU. The register
+  step adds the win rates against the base and the champion from the per-prompt rewards
+  (``reward_win_rate``: share of prompts where the candidate's answer scores higher, ties count half).
 
 Every model also gets, for the promotion gate:
 - a smoke test (``smoke`` stats, ``smoke_passed``): generative models answer the golden
@@ -80,8 +84,12 @@ def evaluate_model(cfg: EvaluateConfig, model: ModelRef, data: DatasetRef, store
     if task.sequence_head:
         stats |= sequence_metrics(net, rows, task, cfg.batch_size, pad_id, device)
     elif task.kind == "rl":
+        reference = None
+        if model.adapter is not None:  # the KL to the base: LoRA's adapters off, else the base model itself
+            reference = net if hasattr(net, "disable_adapter") else load_base(None, store.download(model.base),
+                                                                                device).eval()
         stats |= reward_metrics(net, tokenizer, cfg, store.read_jsonl(data, "eval.jsonl")[: cfg.reward_prompts],
-                                pad_id, device)
+                                pad_id, device, reference)
     else:
         loss, tokens = token_nll(net, rows, cfg.batch_size, pad_id, device)
         stats |= {"perplexity": round(math.exp(loss), 4), "eval_loss": round(loss, 5), "eval_tokens": tokens}
@@ -122,7 +130,7 @@ REFERENCE_BLOCK = 256
 
 
 LOGGED = ("perplexity", "bleu", "chrf", "accuracy", "f1_macro", "mse", "mae", "r2", "pref_accuracy", "reward_margin",
-          "reward_accuracy", "mean_reward", "reference_perplexity")
+          "reward_accuracy", "mean_reward", "kl_to_reference", "reference_perplexity")
 
 
 def prompt_group(prompt: dict) -> str:
@@ -305,9 +313,11 @@ def preference_metrics(net: Any, model: ModelRef, rows: list[dict], batch_size: 
     return stats
 
 
-def reward_metrics(net: Any, tokenizer: Any, cfg: EvaluateConfig, rows: list[dict], pad_id: int, device: str
-                   ) -> dict[str, Any]:
-    """Mean reward of greedy answers to held-out prompts (``rewards``), and the answers as samples."""
+def reward_metrics(net: Any, tokenizer: Any, cfg: EvaluateConfig, rows: list[dict], pad_id: int, device: str,
+                   reference: Any = None) -> dict[str, Any]:
+    """Mean reward of greedy answers to held-out prompts (``rewards``), the answers as samples, and with a
+    ``reference`` (a trained model's base) the mean KL to it per answer token (``kl_to_reference``; 0 for
+    the base itself)."""
     from steps.train.rewards import build_rewards
     from steps.train.rl import greedy_rewards
 
@@ -315,12 +325,12 @@ def reward_metrics(net: Any, tokenizer: Any, cfg: EvaluateConfig, rows: list[dic
         from steps.core.errors import ConfigError
 
         raise ConfigError("evaluate.rewards: prompt records are scored by reward functions; none are configured")
-    values, answers = greedy_rewards(net, tokenizer, rows, build_rewards(cfg.rewards), cfg.max_new_tokens,
-                                     cfg.batch_size, pad_id, device)
+    values, answers, kl = greedy_rewards(net, tokenizer, rows, build_rewards(cfg.rewards, device), cfg.max_new_tokens,
+                                         cfg.batch_size, pad_id, device, reference)
     samples = [{"id": r["id"], "group": "prompt", "reference": r.get("answer", ""), "prediction": a, "reward": v}
                for r, a, v in zip(rows, answers, values)]
     return {"mean_reward": round(sum(values) / max(len(values), 1), 6), "reward_prompts": len(rows),
-            "reward_samples": samples}
+            "kl_to_reference": round(kl, 6) if kl is not None else 0.0, "reward_samples": samples}
 
 
 def pair_logps(net: Any, rows: list[dict], batch_size: int, pad_id: int, device: str

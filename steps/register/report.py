@@ -40,7 +40,7 @@ def render_summary(summary: PipelineSummary, links: dict[str, str]) -> str:
 
 
 SHOWN = ("perplexity", "bleu", "accuracy", "f1_macro", "mse", "mae", "r2", "pref_accuracy", "reward_accuracy",
-         "reward_margin", "mean_reward")
+         "reward_margin", "mean_reward", "kl_to_reference")
 
 
 def _metric_lines(base: dict, tuned: dict) -> list[str]:
@@ -68,6 +68,11 @@ def step_markdown(step: str, stats: dict) -> str:
     for name, value in stats.items():
         if isinstance(value, dict) and value and all(not isinstance(v, (dict, list)) for v in value.values()):
             lines += ["", f"**{name.replace('_', ' ')}**", "", *_table(value, "count")]
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):  # e.g. rl_curve
+            columns = list(value[0])
+            lines += ["", f"**{name.replace('_', ' ')}**", "", "| " + " | ".join(c.replace("_", " ") for c in columns)
+                      + " |", "|" + "---|" * len(columns), *["| " + " | ".join(_cell(row.get(c, "")) for c in columns)
+                                                            + " |" for row in value]]
     return "\n".join(lines) + "\n"
 
 

@@ -39,7 +39,8 @@ STEPS_DIR = Path(__file__).resolve().parents[1]  # the package, shipped with the
 SERVING_CODE = STEPS_DIR / "register" / "serving.py"
 LOWER_IS_BETTER = {metric: lower for metrics in GATE_METRICS.values() for metric, lower in metrics.items()}
 CARD_METRICS = ("perplexity", "bleu", "chrf", "accuracy", "f1_macro", "mse", "mae", "r2", "pref_accuracy",
-                "logp_margin", "reward_accuracy", "reward_margin")
+                "logp_margin", "reward_accuracy", "reward_margin", "mean_reward", "kl_to_reference", "reward_win_rate",
+                "reward_win_rate_vs_champion")
 
 
 class RunRecord(StrictModel):
@@ -131,6 +132,8 @@ def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore,
     # By id, never mlflow.set_experiment (process-wide; see experiment_named).
     experiment = training_experiment(cfg.experiment)
     evals = {name: report.stats for name, report in record.evaluations.items()}
+    wins = reward_win_rates(store, record.evaluations)
+    evals["candidate"] = {**evals["candidate"], **wins}
     tags = lineage_tags(key, record)
     created = client.create_run(experiment.experiment_id, start_time=start_ms(run),
                                 run_name=f"{cfg.model_name}-{key[:8]}",
@@ -142,6 +145,8 @@ def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore,
         history = store.read_json(record.model.adapter, "train_log.json")
         train_report = store.read_json(record.model.adapter, "train_report.json")
         mlflow.log_figure(loss_curve(history, train_report.get("evals", []), evals), "plots/loss_curve.png")
+        if history and "reward" in history[0]:
+            mlflow.log_figure(rl_curves(history), "plots/rl_curves.png")
         if "confusion_matrix" in evals.get("candidate", {}):
             mlflow.log_figure(confusion_figure(evals["candidate"]), "plots/confusion_matrix.png")
         mlflow.log_dict(train_report, "reports/train_report.json")
@@ -160,7 +165,7 @@ def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore,
         if samples:
             mlflow.log_table({k: [s.get(k) for s in samples] for k in ("id", "group", "reference", "prediction")},
                              "reports/eval_samples.json")
-        card = model_card(cfg, record, key)
+        card = model_card(cfg, record, key, wins)
         mlflow.log_text(card, "model_card.md")
         trained_dir, tokenizer_dir = Path(tmp) / "trained", Path(tmp) / "tokenizer"
         shutil.copytree(store.download(record.model.adapter), trained_dir,
@@ -340,7 +345,8 @@ def decide(cfg: RegisterConfig, candidate: float, incumbent: float, incumbent_la
 
 
 def gate_checks(cfg: RegisterConfig, candidate: EvalReport, base: EvalReport | None) -> list[tuple[bool, str]]:
-    """The policy's other conditions: the smoke test, and the forgetting check against the base model."""
+    """The policy's other conditions: the smoke test, the KL ceiling of an RL policy (``max_kl``), and the
+    forgetting check against the base model."""
     checks: list[tuple[bool, str]] = []
     smoke = candidate.stats.get("smoke")
     if cfg.require_smoke and smoke is not None:
@@ -351,6 +357,9 @@ def gate_checks(cfg: RegisterConfig, candidate: EvalReport, base: EvalReport | N
             detail = (f"prompts failing: {failing}" if failing
                       else f"classes never predicted: {smoke.get('missing_classes', [])}")
             checks.append((False, f"smoke test failed ({detail})"))
+    kl = candidate.stats.get("kl_to_reference")
+    if cfg.max_kl is not None and kl is not None:
+        checks.append((kl <= cfg.max_kl, f"KL to the base {kl:.4g} per answer token (allowed <= {cfg.max_kl:g})"))
     before = (base.stats.get("reference_perplexity") if base is not None else None)
     after = candidate.stats.get("reference_perplexity")
     if cfg.forgetting_tolerance is not None and before and after:
@@ -731,6 +740,49 @@ def loss_curve(history: list[dict[str, float]], evals_during: list[dict[str, flo
     return fig
 
 
+def rl_curves(history: list[dict[str, float]]) -> Any:
+    """Online RL per step: mean reward (faint) and smoothed, the KL to the reference, the completion length."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.2))
+    steps = [h["step"] for h in history]
+    for ax, (name, label, color) in zip(fig.subplots(1, 3), (("reward", "mean reward", "tab:green"),
+                                                            ("kl", "KL to the reference (per token)", "tab:red"),
+                                                            ("completion_length", "completion length (tokens)",
+                                                             "tab:purple"))):
+        values = [h.get(name, 0.0) for h in history]
+        ax.plot(steps, values, color=color, alpha=0.3, linewidth=1)
+        ax.plot(steps, smoothed(values), color=color, linewidth=2)
+        ax.set_title(label)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def reward_win_rates(store: ArtifactStore, evaluations: dict[str, EvalReport]) -> dict[str, float]:
+    """Online RL: the share of held-out prompts whose candidate answer got a higher reward than the base's
+    (``reward_win_rate``) and the champion's (``reward_win_rate_vs_champion``) answer, ties counting half;
+    with a reward-model reward, the reward model's win rate. Empty for other tasks."""
+    if "mean_reward" not in evaluations["candidate"].stats:
+        return {}
+
+    def rewards(report: EvalReport) -> dict[str, float]:
+        return {s["id"]: s["reward"] for s in store.read_jsonl(report, "samples.jsonl") if "reward" in s}
+
+    mine = rewards(evaluations["candidate"])
+    return {name: win_rate(mine, rewards(evaluations[role]))
+            for role, name in (("base", "reward_win_rate"), ("champion", "reward_win_rate_vs_champion"))
+            if role in evaluations}
+
+
+def win_rate(mine: dict[str, float], theirs: dict[str, float]) -> float:
+    """Share of the prompts (ids) both answered where ``mine`` is higher, ties counting half."""
+    shared = [i for i in mine if i in theirs]
+    score = sum(1.0 if mine[i] > theirs[i] else 0.5 if mine[i] == theirs[i] else 0.0 for i in shared)
+    return round(score / max(len(shared), 1), 6)
+
+
 def record_loss_histogram(losses: list[dict[str, Any]]) -> Any:
     """Histogram of the records' losses after training, train and eval overlaid (tuneline data worst lists them)."""
     fig, ax = new_figure(6, 3.5)
@@ -765,9 +817,10 @@ def confusion_figure(stats: dict[str, Any]) -> Any:
     return fig
 
 
-def model_card(cfg: RegisterConfig, record: RunRecord, key: str) -> str:
+def model_card(cfg: RegisterConfig, record: RunRecord, key: str, wins: dict[str, float] | None = None) -> str:
     d = {name: ref.stats for name, ref in record.datasets.items()}
     e = {name: report.stats for name, report in record.evaluations.items()}
+    e["candidate"] = {**e["candidate"], **(wins or {})}
     pii = d["scrub"].get("pii", {})
     shown = [m for m in CARD_METRICS if any(m in s for s in e.values())]
     lines = [

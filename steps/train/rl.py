@@ -267,6 +267,19 @@ class Rollout:
                             s.epsilon_high, s.loss_type)
 
 
+def curve(history: list[dict[str, Any]], points: int = 10) -> list[dict[str, float]]:
+    """The run's reward, KL and completion length as up to ``points`` windows of steps (their means): the
+    train step's page shows them as a table (the register step draws every step in plots/rl_curves.png)."""
+    size = max(1, -(-len(history) // points))
+    out = []
+    for i in range(0, len(history), size):
+        window = history[i : i + size]
+        out.append({"steps": f"{window[0]['step']}-{window[-1]['step']}",
+                    **{name: round(sum(h.get(name, 0.0) for h in window) / len(window), 4)
+                       for name in ("reward", "kl", "completion_length")}})
+    return out
+
+
 def make_rollout(net: Any, tokenizer: Any, base_dir: Any, settings: RlSettings, device: str, pad_id: int) -> Rollout:
     """The rollout of ``settings.algorithm``: GRPO/RLOO here, PPO in steps/train/ppo.py."""
     if settings.algorithm == "ppo":
@@ -277,14 +290,33 @@ def make_rollout(net: Any, tokenizer: Any, base_dir: Any, settings: RlSettings, 
 
 
 def greedy_rewards(net: Any, tokenizer: Any, rows: list[dict[str, Any]], rewards: list[Reward], max_new_tokens: int,
-                   batch_size: int, pad_id: int, device: str) -> tuple[list[float], list[str]]:
-    """Each prompt row's greedy answer (KV cache on) and its weighted reward: the evaluation's mean_reward."""
+                   batch_size: int, pad_id: int, device: str, reference: Any = None
+                   ) -> tuple[list[float], list[str], float | None]:
+    """Each prompt row's greedy answer (KV cache on), its weighted reward and, given the ``reference`` model
+    (a frozen copy, or None: for LoRA pass ``net`` itself, scored with its adapters off), the mean KL to it
+    per answer token, ``mean(logp_policy - logp_reference)`` over the answers' tokens (the evaluation's
+    ``kl_to_reference``; None when ``reference`` is not given)."""
+    import contextlib
+
+    import torch
+
     stops = stop_tokens(net, tokenizer)
     answers: list[str] = []
+    kl_sum, tokens = 0.0, 0
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
         ids, mask = left_padded(chunk, pad_id, device)
         completion = generate(net, ids, mask, pad_id, max_new_tokens, sample=False)
-        answers += decode(tokenizer, completion, completion_mask(completion, stops))
+        done = completion_mask(completion, stops)
+        answers += decode(tokenizer, completion, done)
+        if reference is not None:
+            tensors = (ids, mask, completion, done)
+            adapters_off = net.disable_adapter() if reference is net else contextlib.nullcontext()
+            with torch.no_grad():
+                policy = token_logps(net, *tensors)
+                with adapters_off:
+                    ref = token_logps(reference, *tensors)
+            kl_sum += float(((policy - ref) * done).sum())
+            tokens += int(done.sum())
     total, _ = score(rewards, [r["prompt"] for r in rows], answers, rows)
-    return total, answers
+    return total, answers, (kl_sum / max(tokens, 1) if reference is not None else None)

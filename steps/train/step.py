@@ -220,6 +220,7 @@ def train_in_process(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store:
             "final_loss": state["history"][-1]["loss"], "tokens_seen": state["tokens"],
             "tokens_per_s": report["tokens_per_s"], "trainable_params": report["trainable_params"],
             "device": device, "stopped_early": state["stopped_early"], "resumed_from": state["resumed_from"],
+            **({"rl_curve": rl.curve(state["history"])} if rollout is not None else {}),
         })
     checkpoints.clear()
     log.info("train: %s, %d steps on %s, loss %.3f -> %.3f", cfg.method, state["step"], device,

@@ -161,6 +161,18 @@ def test_reward_parameter_set_runs_end_to_end_then_rewards_ppo(prefect_api, stor
     ppo_with_reward_model(store, tmp_path, model_name, summary.version.version, model)
 
 
+def rl_run_page_shows_curves_kl_and_win_rate(summary) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    run = client.get_run(summary.version.run_id)
+    assert {"candidate_kl_to_reference", "candidate_reward_win_rate", "base_kl_to_reference"} <= run.data.metrics.keys()
+    assert 0.0 <= run.data.metrics["candidate_reward_win_rate"] <= 1.0
+    assert "plots/rl_curves.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    card = client.get_model_version(summary.version.name, summary.version.version).description
+    assert "reward_win_rate" in card and "kl_to_reference" in card
+
+
 def ppo_with_reward_model(store, tmp_path, reward_name: str, reward_version: str, reward_model) -> None:
     """ppo.yaml with the reward model as champion: the run pins the alias to its version, every sampled
     completion and every held-out answer is scored by it (the same numbers as its registered pyfunc)."""
@@ -179,7 +191,7 @@ def ppo_with_reward_model(store, tmp_path, reward_name: str, reward_version: str
                  "scrub.near_dedup=false", "tokenize.leakage_threshold=null",  # the prompts differ in digits only
                  "tokenize.eval_fraction=0.2", "evaluate.reward_prompts=4", "evaluate.max_new_tokens=4",
                  "evaluate.smoke_max_new_tokens=4", "evaluate.reference_blocks=1", "register.require_smoke=false",
-                 "register.forgetting_tolerance=null"]
+                 "register.forgetting_tolerance=null", "register.max_kl=1000"]
     params = PipelineParams.from_yaml(PARAMS / "ppo.yaml", overrides)
     assert params.train.rl.algorithm == "ppo" and params.evaluate.rewards[0].model.endswith("@champion")
     state = finetune(params, return_state=True)
@@ -195,6 +207,8 @@ def ppo_with_reward_model(store, tmp_path, reward_name: str, reward_version: str
     asked = [{"prompt": next(p["prompt"] for p in prompts if p["id"] == s["id"]), "response": s["prediction"]}
              for s in samples]
     assert [s["reward"] for s in samples] == pytest.approx(list(reward_model.predict(asked)), abs=1e-4)
+    assert "KL to the base" in summary.decision.reason and "allowed <= 1000" in summary.decision.reason
+    rl_run_page_shows_curves_kl_and_win_rate(summary)
     run = MlflowClient().get_run(summary.version.run_id)
     assert pinned in str(run.data.params)
     answer = mlflow.pyfunc.load_model(f"models:/{model_name}/{summary.version.version}").predict(["Hello?"])[0]
@@ -226,6 +240,8 @@ def test_grpo_parameter_set_runs_end_to_end(prefect_api, store, tmp_path):
         assert 0.0 <= summary.record.evaluations[role].stats["mean_reward"] <= 2.0
     log = store.read_json(summary.record.model.adapter, "train_log.json")
     assert len(log) == 3 and all({"reward", "kl", "completion_length"} <= row.keys() for row in log)
+    assert [w["steps"] for w in summary.record.model.adapter.stats["rl_curve"]] == ["1-1", "2-2", "3-3"]
+    rl_run_page_shows_curves_kl_and_win_rate(summary)
     model = mlflow.pyfunc.load_model(f"models:/{model_name}/{summary.version.version}")
     assert isinstance(model.predict(["What is 2 + 2? Answer with the number only."], params={"max_new_tokens": 3})[0],
                       str)

@@ -12,6 +12,7 @@ returns the fixed log-probs. TRL computes advantages inline in ``_generate_and_s
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import types
@@ -353,6 +354,8 @@ def test_prompt_records_train_with_grpo_log_rewards_and_evaluate_mean_reward(sto
                           smoke_prompts=["Hi"], smoke_max_new_tokens=4)
     reports = {role: evaluate_model(ecfg, m, data, store, role=role) for role, m in
                (("base", tiny_model), ("candidate", tuned))}
+    assert reports["base"].stats["kl_to_reference"] == 0.0
+    assert math.isfinite(reports["candidate"].stats["kl_to_reference"])  # (tests below check its value)
     for report in reports.values():
         assert 0.0 <= report.stats["mean_reward"] <= 2.0 and report.stats["reward_prompts"] == 6
         assert "perplexity" not in report.stats and "bleu" not in report.stats
@@ -553,3 +556,61 @@ def test_sigkill_mid_ppo_run_then_retry_ends_like_an_uninterrupted_run(store, ti
     expected = load_file(store.download(reference.adapter) / "adapter_model.safetensors")
     got = load_file(killed.download(resumed.adapter) / "adapter_model.safetensors")
     assert all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
+
+
+def test_evaluation_kl_is_the_mean_log_ratio_to_the_separately_loaded_base_over_answer_tokens(base_dir,
+                                                                                              tiny_tokenizer):
+    from steps.train.methods.common import load_base
+    from steps.train.rewards import build_rewards
+    from steps.train.rl import greedy_rewards
+
+    net, _ = rollout_for("lora", base_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():  # a trained adapter: B away from 0
+        for name, p in net.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    net.eval()
+    rows = prompt_rows(tiny_tokenizer, 3)
+    rewards = build_rewards([RewardSpec(function="length", max_chars=100)])
+    _, answers, kl = greedy_rewards(net, tiny_tokenizer, rows, rewards, 5, 2, 0, "cpu", reference=net)
+    base = load_base(None, base_dir, "cpu").eval()
+    total, count = 0.0, 0
+    for row in rows:  # one prompt at a time, no padding: the answer's tokens re-generated, scored by both models
+        ids = torch.tensor([row["input_ids"]])
+        with torch.no_grad():
+            out = net.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                               pad_token_id=0)[0, ids.shape[1]:].tolist()
+            stops = {tiny_tokenizer.eos_token_id}
+            answer = out[: next((i + 1 for i, t in enumerate(out) if t in stops), len(out))]
+            full = torch.tensor([row["input_ids"] + answer])
+            for model, sign in ((net, 1.0), (base, -1.0)):
+                logps = torch.log_softmax(model(input_ids=full).logits[0, len(row["input_ids"]) - 1 : -1].float(), -1)
+                total += sign * float(logps[torch.arange(len(answer)), torch.tensor(answer)].sum())
+        count += len(answer)
+    assert kl == pytest.approx(total / count, rel=1e-3, abs=1e-4) and kl != 0.0
+    _, _, none = greedy_rewards(net, tiny_tokenizer, rows, rewards, 5, 2, 0, "cpu")
+    assert none is None
+
+
+def test_the_gate_caps_the_kl_to_the_reference_and_counts_wins_per_prompt():
+    from steps.config import RegisterConfig
+    from steps.core.store import EvalReport
+    from steps.register.step import gate_checks, rl_curves, win_rate
+
+    def report(**stats):
+        return EvalReport(step="evaluate", key="k", digest="d", stats=stats)
+
+    cfg = RegisterConfig(metric="mean_reward", max_kl=0.5, require_smoke=False)
+    [(ok, why)] = gate_checks(cfg, report(mean_reward=1.0, kl_to_reference=0.7), None)
+    assert not ok and "KL to the base 0.7 per answer token (allowed <= 0.5)" in why
+    [(ok, _)] = gate_checks(cfg, report(mean_reward=1.0, kl_to_reference=0.5), None)
+    assert ok
+    assert gate_checks(RegisterConfig(metric="mean_reward", require_smoke=False),
+                       report(kl_to_reference=9.0), None) == []  # no ceiling unless set
+    assert win_rate({"a": 1.0, "b": 0.0, "c": 0.5, "d": 2.0}, {"a": 0.0, "b": 1.0, "c": 0.5}) == pytest.approx(0.5)
+    assert win_rate({"a": 1.0}, {"a": 0.0, "z": 5.0}) == 1.0
+    history = [{"step": i, "reward": i / 10, "kl": 0.01 * i, "completion_length": 5} for i in range(1, 9)]
+    figure = rl_curves(history)
+    assert [ax.get_title() for ax in figure.axes] == ["mean reward", "KL to the reference (per token)",
+                                                      "completion length (tokens)"]
