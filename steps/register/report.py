@@ -17,7 +17,7 @@ class PipelineSummary(StrictModel):
 def render_summary(summary: PipelineSummary, links: dict[str, str]) -> str:
     d = {name: ref.stats for name, ref in summary.record.datasets.items()}
     base = summary.record.evaluations["base"].stats
-    tuned = summary.record.evaluations["candidate"].stats
+    tuned = {**summary.record.evaluations["candidate"].stats, **summary.version.metrics}
     pii = d["scrub"].get("pii", {})
     alias = "champion" if summary.decision.champion_version == summary.version.version else "challenger"
     lines = [
@@ -41,13 +41,15 @@ def render_summary(summary: PipelineSummary, links: dict[str, str]) -> str:
 
 SHOWN = ("perplexity", "bleu", "accuracy", "f1_macro", "mse", "mae", "r2", "pref_accuracy", "reward_accuracy",
          "reward_margin", "mean_reward", "kl_to_reference")
+WIN_RATES = ("reward_win_rate", "reward_win_rate_vs_champion")  # the candidate's alone (register derives them)
 
 
 def _metric_lines(base: dict, tuned: dict) -> list[str]:
-    """One line per metric the task measured, base -> fine-tuned."""
-    names = [m for m in SHOWN if m in tuned or m in base]
-    return [f"  {'evaluate' if i == 0 else '':<10} {m} {base.get(m, '-')} (base) -> {tuned.get(m, '-')} (fine-tuned)"
-            for i, m in enumerate(names)]
+    """One line per metric the task measured, base -> fine-tuned, then the candidate's win rates."""
+    lines = [f"{m} {base.get(m, '-')} (base) -> {tuned.get(m, '-')} (fine-tuned)"
+             for m in SHOWN if m in tuned or m in base]
+    lines += [f"{m} {tuned[m]} (fine-tuned)" for m in WIN_RATES if m in tuned]
+    return [f"  {'evaluate' if i == 0 else '':<10} {line}" for i, line in enumerate(lines)]
 
 
 def _stat(ref: object, name: str) -> str:
@@ -117,7 +119,8 @@ def decision_markdown(summary: PipelineSummary, links: dict[str, str]) -> str:
     alias = "champion" if decision.champion_version == version.version else "challenger"
     lines = [f"# Promotion: {verdict}", "", f"{version.name} version {version.version} is `@{alias}`.", "",
              f"| metric | candidate | {decision.incumbent} |", "|---|---|---|",
-             f"| {decision.metric} | {decision.candidate_value:.6g} | {decision.incumbent_value:.6g} |", "",
+             f"| {decision.metric} | {decision.candidate_value:.6g} | {decision.incumbent_value:.6g} |",
+             *[f"| {m} | {_num(version.metrics[m])} | - |" for m in WIN_RATES if m in version.metrics], "",
              "Checks:", "", *[f"- {check}" for check in top_level_parts(checks) if check], ""]
     lines += [f"- [{name}]({url})" for name, url in links.items()]
     return "\n".join(lines) + "\n"

@@ -66,6 +66,7 @@ class RegisteredVersion(StrictModel):
     version: str
     run_id: str
     run_key: str
+    metrics: dict[str, float] = {}  # what register derives from the evaluations: the RL win rates
 
 
 class Champion(StrictModel):
@@ -118,13 +119,14 @@ def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore,
     inputs = [record.model.base, record.model.adapter, *record.evaluations.values(), *record.datasets.values()]
     key = run_key(STEP, cfg, [ref.digest for ref in inputs if ref is not None] + [json.dumps(record.params, sort_keys=True)])
     client = _client()
+    wins = reward_win_rates(store, record.evaluations)
     existing = client.search_model_versions(f"name = '{cfg.model_name}' and tags.`tuneline.run_key` = '{key}'")
     if existing:
         v = existing[0]
         log.info("register: %s v%s already holds run key %s", cfg.model_name, v.version, key)
         if v.tags.get("tuneline.registration") != "complete":  # an attempt died after creating it: finish it
-            finish_version(client, cfg.model_name, v.version, model_card(cfg, record, key))
-        return RegisteredVersion(name=cfg.model_name, version=v.version, run_id=v.run_id, run_key=key)
+            finish_version(client, cfg.model_name, v.version, model_card(cfg, record, key, wins))
+        return RegisteredVersion(name=cfg.model_name, version=v.version, run_id=v.run_id, run_key=key, metrics=wins)
 
     if record.model.adapter is None:
         raise ConfigError("register needs a fine-tuned model (a ModelRef with an adapter)")
@@ -132,7 +134,6 @@ def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore,
     # By id, never mlflow.set_experiment (process-wide; see experiment_named).
     experiment = training_experiment(cfg.experiment)
     evals = {name: report.stats for name, report in record.evaluations.items()}
-    wins = reward_win_rates(store, record.evaluations)
     evals["candidate"] = {**evals["candidate"], **wins}
     tags = lineage_tags(key, record)
     created = client.create_run(experiment.experiment_id, start_time=start_ms(run),
@@ -219,7 +220,8 @@ def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore,
                                     tags={**tags, **gate, **files_tags(files), "tuneline.run_key": key})
     finish_version(client, cfg.model_name, version.version, card)
     log.info("register: %s v%s (@challenger), run %s", cfg.model_name, version.version, active.info.run_id)
-    return RegisteredVersion(name=cfg.model_name, version=version.version, run_id=active.info.run_id, run_key=key)
+    return RegisteredVersion(name=cfg.model_name, version=version.version, run_id=active.info.run_id, run_key=key,
+                             metrics=wins)
 
 
 def package_zip(package: Path, target: Path) -> Path:
@@ -700,14 +702,15 @@ def log_series(run_id: str, history: list[dict[str, float]]) -> None:
         _client().log_batch(run_id, metrics=points[i : i + 500])
 
 
-def new_figure(width: float, height: float) -> tuple[Any, Any]:
-    """A figure and its axes, made without pyplot: pyplot keeps every figure it made until it is closed
-    (mlflow.log_figure does not close them: a long-lived worker would hold them all) and its state is
-    shared by the threads of a process (concurrent runs register at once). Saved through Agg."""
+def new_figure(width: float, height: float, panels: int = 1) -> tuple[Any, Any]:
+    """A figure and its axes (``panels`` side by side: an array of them), made without pyplot: pyplot keeps
+    every figure it made until it is closed (mlflow.log_figure does not close them: a long-lived worker would
+    hold them all) and its state is shared by the threads of a process (concurrent runs register at once).
+    Saved through Agg."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height))
-    return fig, fig.subplots()
+    return fig, fig.subplots(1, panels)
 
 
 def smoothed(values: list[float]) -> list[float]:
@@ -740,19 +743,20 @@ def loss_curve(history: list[dict[str, float]], evals_during: list[dict[str, flo
     return fig
 
 
-def rl_curves(history: list[dict[str, float]]) -> Any:
-    """Online RL per step: mean reward (faint) and smoothed, the KL to the reference, the completion length."""
-    from matplotlib.figure import Figure
+RL_CURVES = (("reward", "mean reward", "tab:green"), ("kl", "KL to the reference (per token)", "tab:red"),
+             ("completion_length", "completion length (tokens)", "tab:purple"))
 
-    fig = Figure(figsize=(10, 3.2))
-    steps = [h["step"] for h in history]
-    for ax, (name, label, color) in zip(fig.subplots(1, 3), (("reward", "mean reward", "tab:green"),
-                                                            ("kl", "KL to the reference (per token)", "tab:red"),
-                                                            ("completion_length", "completion length (tokens)",
-                                                             "tab:purple"))):
-        values = [h.get(name, 0.0) for h in history]
+
+def rl_curves(history: list[dict[str, float]]) -> Any:
+    """Online RL by optimizer step, three panels, each value faint and smoothed: mean reward, KL to the
+    reference (not measured when train.rl.beta is 0), completion length."""
+    fig, axes = new_figure(10, 3.2, panels=len(RL_CURVES))
+    for ax, (name, label, color) in zip(axes, RL_CURVES):
+        steps, values = [h["step"] for h in history if name in h], [h[name] for h in history if name in h]
         ax.plot(steps, values, color=color, alpha=0.3, linewidth=1)
         ax.plot(steps, smoothed(values), color=color, linewidth=2)
+        if not values:
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(label)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)

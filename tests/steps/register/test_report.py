@@ -66,6 +66,22 @@ def test_each_task_shows_its_own_metrics():
     assert not any("perplexity" in line for line in lines if "(base) ->" in line)
 
 
+def test_an_rl_run_shows_its_kl_to_the_base_and_the_win_rates_register_derived():
+    from steps.register.report import decision_markdown
+
+    s = summary({"train_records": 40, "eval_records": 8, "truncated": 0},
+                {"mean_reward": 0.4, "kl_to_reference": 0.0}, {"mean_reward": 0.7, "kl_to_reference": 0.0123})
+    s = s.model_copy(update={"version": s.version.model_copy(update={
+        "metrics": {"reward_win_rate": 0.625, "reward_win_rate_vs_champion": 0.5}})})
+    lines = render_summary(s, {}).splitlines()
+    i = lines.index("  evaluate   mean_reward 0.4 (base) -> 0.7 (fine-tuned)")
+    assert lines[i + 1 : i + 4] == ["             kl_to_reference 0.0 (base) -> 0.0123 (fine-tuned)",
+                                    "             reward_win_rate 0.625 (fine-tuned)",
+                                    "             reward_win_rate_vs_champion 0.5 (fine-tuned)"]
+    page = decision_markdown(s, {}).splitlines()
+    assert "| reward_win_rate | 0.625 | - |" in page and "| reward_win_rate_vs_champion | 0.5 | - |" in page
+
+
 def test_the_mixture_note_names_each_source_and_a_pinned_side():
     from steps.register.step import mixture_note
 
