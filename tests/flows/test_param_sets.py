@@ -4,6 +4,7 @@ the registry with the method that trained it."""
 
 from __future__ import annotations
 
+import math
 import uuid
 from pathlib import Path
 
@@ -164,10 +165,16 @@ def test_reward_parameter_set_runs_end_to_end_then_rewards_ppo(prefect_api, stor
 def rl_run_page_shows_curves_kl_and_win_rate(summary) -> None:
     from mlflow import MlflowClient
 
+    from steps.register.report import render_summary
+
+    evals = summary.record.evaluations
+    assert evals["base"].stats["kl_to_reference"] == 0.0 and math.isfinite(evals["candidate"].stats["kl_to_reference"])
     client = MlflowClient()
     run = client.get_run(summary.version.run_id)
     assert {"candidate_kl_to_reference", "candidate_reward_win_rate", "base_kl_to_reference"} <= run.data.metrics.keys()
     assert 0.0 <= run.data.metrics["candidate_reward_win_rate"] <= 1.0
+    assert summary.version.metrics["reward_win_rate"] == run.data.metrics["candidate_reward_win_rate"]
+    assert f"reward_win_rate {summary.version.metrics['reward_win_rate']} (fine-tuned)" in render_summary(summary, {})
     assert "plots/rl_curves.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     card = client.get_model_version(summary.version.name, summary.version.version).description
     assert "reward_win_rate" in card and "kl_to_reference" in card
