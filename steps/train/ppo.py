@@ -191,3 +191,9 @@ class PpoRollout(Rollout):
         v_loss, v_metrics = value_loss(values, batch.old_values, batch.returns, mask, s.value_clip)
         loss = p_loss + s.value_coef * v_loss
         return loss, {"policy_loss": p_loss.item(), "value_loss": v_loss.item(), **p_metrics, **v_metrics}
+
+
+def make_rollout(net: Any, tokenizer: Any, base_dir: Any, settings: RlSettings, device: str, pad_id: int) -> Rollout:
+    """The rollout of ``settings.algorithm``: PPO's (here), or GRPO/RLOO's (steps/train/rl.py)."""
+    cls = PpoRollout if settings.algorithm == "ppo" else Rollout
+    return cls(net, tokenizer, base_dir, settings, device, pad_id)

@@ -1,6 +1,6 @@
 """Online RL on prompt records: GRPO (Shao et al. 2024) and RLOO (Ahmadian et al. 2024), as TRL 1.16's
 GRPOTrainer and RLOOTrainer compute them (checked in tests/steps/train/test_rl.py); PPO builds on the same
-sampling and scoring in steps/train/ppo.py (``make_rollout`` picks by ``train.rl.algorithm``).
+sampling and scoring in steps/train/ppo.py (whose ``make_rollout`` picks by ``train.rl.algorithm``).
 
 One optimizer step of the training loop (steps/train/step.py) with ``train.rl``:
 
@@ -278,15 +278,6 @@ def curve(history: list[dict[str, Any]], points: int = 10) -> list[dict[str, flo
                     **{name: round(sum(h.get(name, 0.0) for h in window) / len(window), 4)
                        for name in ("reward", "kl", "completion_length")}})
     return out
-
-
-def make_rollout(net: Any, tokenizer: Any, base_dir: Any, settings: RlSettings, device: str, pad_id: int) -> Rollout:
-    """The rollout of ``settings.algorithm``: GRPO/RLOO here, PPO in steps/train/ppo.py."""
-    if settings.algorithm == "ppo":
-        from steps.train.ppo import PpoRollout
-
-        return PpoRollout(net, tokenizer, base_dir, settings, device, pad_id)
-    return Rollout(net, tokenizer, base_dir, settings, device, pad_id)
 
 
 def greedy_rewards(net: Any, tokenizer: Any, rows: list[dict[str, Any]], rewards: list[Reward], max_new_tokens: int,

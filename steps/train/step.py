@@ -25,7 +25,7 @@ from steps.core.errors import ArtifactError
 from steps.core.lineage import run_key
 from steps.core.progress import progress as bar
 from steps.core.store import ArtifactRef, ArtifactStore, DatasetRef, ModelRef
-from steps.train import methods, parallel, preference, rl
+from steps.train import methods, parallel, ppo, preference, rl
 from steps.train.batching import batch_order, pack_order
 from steps.train.checkpoints import Checkpoints
 from steps.train.losses import eval_loss, loss_module, record_losses, share_of
@@ -97,8 +97,8 @@ def train_in_process(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store:
     if task.kind == "rl":  # online RL: sampling, rewards and the clipped loss (steps/train/rl.py)
         from transformers import AutoTokenizer
 
-        rollout = rl.make_rollout(net, AutoTokenizer.from_pretrained(base_dir), base_dir, cfg.rl, device,
-                                  net.config.pad_token_id or 0)
+        rollout = ppo.make_rollout(net, AutoTokenizer.from_pretrained(base_dir), base_dir, cfg.rl, device,
+                                   net.config.pad_token_id or 0)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(net)
     pad_id = net.config.pad_token_id or 0

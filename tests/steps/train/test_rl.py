@@ -239,7 +239,7 @@ def rollout_for(method: str, base_dir, settings: RlSettings = SETTINGS):
     from steps.config import LoraSettings, TrainConfig
     from steps.core.contract import Task
     from steps.train import methods
-    from steps.train.rl import make_rollout
+    from steps.train.ppo import make_rollout
 
     torch.manual_seed(0)
     adapters = method in ("lora", "qlora")
