@@ -22,9 +22,10 @@ from steps.core.model_source import FORMS, SHIPPED, parse_source
 DispatchStep = Literal["ingest", "validate", "scrub", "base_model", "tokenize", "train", "evaluate", "register"]
 RecordKind = Literal["chat", "text", "classification", "regression", "preference", "prompt"]
 # What the train step optimises for each record kind.
+# (text records on an encoder train masked-LM instead: task "mlm", see gate_kind)
 TASKS: dict[str, str] = {"chat": "sft", "text": "cpt", "classification": "classification",
                          "regression": "regression", "preference": "preference", "prompt": "rl"}
-GENERATIVE_KINDS = {"chat", "text", "preference", "prompt"}
+CAUSAL_KINDS = {"chat", "preference", "prompt"}  # record kinds only a causal LM can learn
 ENCODER_SOURCES = {name for name, encoder in SHIPPED.items() if encoder}
 # Metrics the promotion gate can compare, per record kind (the first is the default); True = lower is better.
 GATE_METRICS: dict[str, dict[str, bool]] = {
@@ -36,12 +37,17 @@ GATE_METRICS: dict[str, dict[str, bool]] = {
     "prompt": {"mean_reward": False},
     # preference records with train.preference.loss 'reward' (a reward model; see gate_kind)
     "reward": {"reward_accuracy": False, "reward_margin": False},
+    # text records on an encoder: masked-LM domain adaptation (see gate_kind)
+    "mlm": {"masked_accuracy": False, "pseudo_perplexity": True},
 }
 
 
-def gate_kind(record_kind: str, preference_loss: str | None) -> str:
-    """The GATE_METRICS key of a run: its record kind, or 'reward' for preference records that train a reward model."""
-    return "reward" if record_kind == "preference" and preference_loss == "reward" else record_kind
+def gate_kind(record_kind: str, preference_loss: str | None, source: str | None = None) -> str:
+    """The GATE_METRICS key of a run: its record kind, 'reward' for preference records that train a reward model,
+    or 'mlm' for text records on a shipped encoder (``source``; another encoder's text run names its metric)."""
+    if record_kind == "preference" and preference_loss == "reward":
+        return "reward"
+    return "mlm" if record_kind == "text" and source in ENCODER_SOURCES else record_kind
 
 PiiEntity = Literal["EMAIL", "PHONE", "CREDIT_CARD", "KR_RRN", "US_SSN", "IP_ADDRESS", "URL_CREDENTIALS", "SECRET",
                     "PERSON"]
@@ -122,7 +128,8 @@ class ValidateConfig(StrictModel):
     record_kind: RecordKind = Field(
         "chat",
         description="chat: chat or instruction records, for supervised fine-tuning; text: plain-text records "
-        '{"id"?: str, "text": str}, for continued pretraining on packed token blocks; classification: '
+        '{"id"?: str, "text": str} (classification and regression files too: the label is left out), for continued '
+        'pretraining on packed token blocks (masked-LM on an encoder); classification: '
         '{"id"?: str, "text": str, "label": str}; regression: {"id"?: str, "text": str, "label": number}; '
         'preference: {"id"?: str, "prompt": str, "chosen": str, "rejected": str}, for DPO or ORPO; prompt: '
         '{"id"?: str, "prompt": str, "answer"?: str}, for online RL (GRPO, RLOO) with rewards scored on '
@@ -219,8 +226,8 @@ class BaseModelConfig(StrictModel):
         "Hub (online only; a token only from HF_TOKEN); models:/NAME@ALIAS or models:/NAME/VERSION, a tuneline model "
         "in the MLflow registry (continue from @champion); a .gguf file (dequantized); or a shipped name: "
         "smollm2-135m-instruct (SmolLM2-135M-Instruct), tiny-random-llama (for tests and smoke runs), "
-        "all-minilm-l6-v2 (a BERT encoder, for classification and regression), tiny-random-bert. Architectures "
-        "that need trust_remote_code are refused.",
+        "all-minilm-l6-v2 (a BERT encoder, for classification, regression, reward models and masked-LM), "
+        "tiny-random-bert. Architectures that need trust_remote_code are refused.",
         min_length=1,
     )
     seed: int = Field(0, description="Initialisation seed of the tiny random models.")
@@ -478,6 +485,26 @@ class RlSettings(StrictModel):
         return self
 
 
+class MlmSettings(StrictModel):
+    """Masked-LM on text records with an encoder base (task mlm): steps/train/mlm.py."""
+
+    probability: float = Field(0.15, gt=0.0, lt=1.0, description="Share of the tokens (special tokens and padding "
+                               "never) chosen for prediction in each micro-batch, drawn anew every time (dynamic "
+                               "masking).")
+    mask_replace_prob: float = Field(0.8, ge=0.0, le=1.0, description="Share of the chosen tokens replaced by the "
+                                     "mask token.")
+    random_replace_prob: float = Field(0.1, ge=0.0, le=1.0, description="Share of the chosen tokens replaced by a "
+                                       "random token; the rest stay unchanged (BERT's 80/10/10).")
+    whole_word: bool = Field(False, description="Choose whole words: all pieces of a word are chosen together (word "
+                             "boundaries as the fast tokenizer's word_ids() gave them at tokenize).")
+
+    @model_validator(mode="after")
+    def _shares(self) -> MlmSettings:
+        if self.mask_replace_prob + self.random_replace_prob > 1.0:
+            raise ValueError("train.mlm.mask_replace_prob + random_replace_prob is more than 1")
+        return self
+
+
 class EarlyStopping(StrictModel):
     eval_every: int = Field(20, ge=1, description="Optimizer steps between evaluations of the eval loss.")
     patience: int = Field(3, ge=1, description="Evaluations without improvement before training stops.")
@@ -486,6 +513,7 @@ class EarlyStopping(StrictModel):
 
 METHOD_SECTIONS = {"lora": {"lora", "qlora"}, "quant": {"qlora"}, "head": {"head"}, "reft": {"reft"}}
 REWARD_METHODS = ("full", "head", "lora")
+MLM_METHODS = ("full", "head", "lora")
 RL_METHODS = ("full", "head", "lora", "qlora")
 
 
@@ -493,7 +521,8 @@ class TrainConfig(StrictModel):
     """Training settings, grouped by what they control (as the sections below):
 
     > The method and its settings: ``method`` and the section of that method (``lora`` for lora and
-      qlora, ``quant`` for qlora, ``head``, ``reft``), ``preference`` (the pair loss), ``merge_weights``.
+      qlora, ``quant`` for qlora, ``head``, ``reft``), ``preference`` (the pair loss), ``rl`` (online RL),
+      ``mlm`` (masked-LM), ``merge_weights``.
     > Optimization: ``optimizer``, ``learning_rate``, ``scheduler`` with ``warmup_steps`` or
       ``warmup_ratio``, ``weight_decay``, ``max_grad_norm``, ``dropout``.
     > How long to train: ``max_steps`` or ``epochs``, ``early_stopping``.
@@ -520,6 +549,10 @@ class TrainConfig(StrictModel):
     rl: RlSettings = Field(
         default_factory=RlSettings, description="Online RL (GRPO, RLOO) on prompt records (validate.record_kind "
         "'prompt'): sampling, advantages, clipped loss with KL to the reference, reward functions."
+    )
+    mlm: MlmSettings = Field(
+        default_factory=MlmSettings, description="Masked-LM (text records on an encoder): the share of tokens "
+        "chosen per micro-batch, 80/10/10 replacement, whole-word masking."
     )
     merge_weights: bool = Field(False, description="lora only: also store full weights with the adapter merged in.")
     record_losses: bool = Field(
@@ -655,18 +688,24 @@ class EvaluateConfig(StrictModel):
         "prompts with (None: train.rl.rewards, filled in when the parameters are read)."
     )
     reward_prompts: int = Field(64, ge=1, description="prompt records: held-out prompts answered for mean_reward.")
+    pseudo_perplexity_tokens: int = Field(
+        256, ge=0, description="Masked-LM: held-out tokens scored for pseudo-perplexity, each masked in turn (one "
+        "forward per token; the first eval blocks, 0 = skip)."
+    )
 
 
 class RegisterConfig(StrictModel):
     model_name: str = Field("tuneline-chat", min_length=1, description="Registered model name in MLflow.")
     experiment: str = Field("tuneline", min_length=1, description="MLflow experiment of the training runs.")
     metric: Literal["perplexity", "bleu", "accuracy", "f1_macro", "mse", "mae", "pref_accuracy", "mean_reward",
-                    "reward_accuracy", "reward_margin"] = Field(
-        "perplexity", description="Metric the promotion gate compares. Lower is better for perplexity, mse and mae; "
-        "higher for bleu, accuracy, f1_macro, pref_accuracy, reward_accuracy and reward_margin. Left out, it "
-        "follows validate.record_kind (reward_accuracy for a reward model, train.preference.loss 'reward'): "
-        "perplexity (chat, text), f1_macro (classification), mse (regression), pref_accuracy (preference), "
-        "mean_reward (prompt: higher is better)."
+                    "reward_accuracy", "reward_margin", "masked_accuracy", "pseudo_perplexity"] = Field(
+        "perplexity", description="Metric the promotion gate compares. Lower is better for perplexity, mse, mae and "
+        "pseudo_perplexity; higher for bleu, accuracy, f1_macro, pref_accuracy, reward_accuracy, reward_margin and "
+        "masked_accuracy. Left out, it follows validate.record_kind (reward_accuracy for a reward model, "
+        "train.preference.loss 'reward'; masked_accuracy for text records on a shipped encoder): perplexity (chat, "
+        "text), f1_macro (classification), mse (regression), pref_accuracy (preference), mean_reward (prompt: "
+        "higher is better). Text records on another encoder (a folder, the Hub, the registry) give masked_accuracy "
+        "here."
     )
     min_improvement: float = Field(
         0.0, ge=0.0, description="Relative improvement over the champion (or the base model) needed to promote."
@@ -683,6 +722,12 @@ class RegisterConfig(StrictModel):
         None, gt=0.0, description="Online RL (prompt records): promote only when the candidate's kl_to_reference, "
         "the mean KL to the base per answer token on the held-out prompts, is at most this (None = no ceiling)."
     )
+
+
+def _source(data: dict[str, Any]) -> str | None:
+    """base_model.source in raw parameters (a dict, or the section already built), None when not given."""
+    section = data.get("base_model")
+    return section.get("source") if isinstance(section, dict) else getattr(section, "source", None)
 
 
 def _preference_loss(data: dict[str, Any]) -> str | None:
@@ -743,7 +788,7 @@ class PipelineParams(StrictModel):
         if isinstance(data, dict):
             kind = (data.get("validate") or data.get("validate_") or {})
             kind = kind.get("record_kind", "chat") if isinstance(kind, dict) else getattr(kind, "record_kind", "chat")
-            kind = gate_kind(kind, _preference_loss(data))
+            kind = gate_kind(kind, _preference_loss(data), _source(data))
             section = data.get("register", data.get("register_"))
             if kind in GATE_METRICS and (section is None or (isinstance(section, dict) and "metric" not in section)):
                 data = {k: v for k, v in data.items() if k not in ("register", "register_")}
@@ -807,16 +852,27 @@ class PipelineParams(StrictModel):
         if reward and method not in REWARD_METHODS:
             raise ValueError(f"a reward model (train.preference.loss 'reward') trains with "
                              f"{', '.join(REWARD_METHODS)}, not {method!r}")
-        encoder = self.base_model.source in ENCODER_SOURCES
-        if encoder and kind in GENERATIVE_KINDS and not reward:
-            raise ValueError(f"base_model.source {self.base_model.source!r} is an encoder without a language-model "
-                             f"head; {kind!r} records need a causal LM such as 'smollm2-135m-instruct'")
-        if (self.train.packing or self.train.loss_chunk_tokens) and kind not in ("chat", "text"):
+        source = self.base_model.source
+        if source in ENCODER_SOURCES and kind in CAUSAL_KINDS and not reward:
+            raise ValueError(f"base_model.source {source!r} is an encoder without a language-model head; {kind!r} "
+                             "records need a causal LM such as 'smollm2-135m-instruct' (text records train masked-LM "
+                             "on an encoder)")
+        gate = gate_kind(kind, self.train.preference.loss, source)
+        if (self.train.packing or self.train.loss_chunk_tokens) and (kind not in ("chat", "text") or gate == "mlm"):
             raise ValueError(f"train.packing and train.loss_chunk_tokens are for causal-LM records (chat, text), "
-                             f"not {kind!r}")
+                             f"not {'masked-LM' if gate == 'mlm' else repr(kind)}")
+        may_be_mlm = kind == "text" and not (source in SHIPPED and not SHIPPED[source])  # not a shipped causal LM
+        if self.train.mlm != MlmSettings() and not may_be_mlm:
+            raise ValueError("train.mlm settings apply to text records on an encoder (masked-LM), not to "
+                             f"{kind!r} records on {source!r}")
+        if gate == "mlm" and method not in MLM_METHODS:
+            raise ValueError(f"masked-LM (text records on an encoder) trains with {', '.join(MLM_METHODS)}, not "
+                             f"{method!r}")
         if self.validate_.labels is not None and kind != "classification":
             raise ValueError("validate.labels applies to classification records only")
-        allowed = GATE_METRICS[gate_kind(kind, self.train.preference.loss)]
+        allowed = dict(GATE_METRICS[gate])
+        if may_be_mlm and source not in SHIPPED:  # a folder, Hub or registry model: a causal LM or an encoder
+            allowed |= GATE_METRICS["mlm"]
         if self.register_.metric not in allowed:
             raise ValueError(f"register.metric {self.register_.metric!r} is not measured for "
                              f"{'a reward model' if reward else repr(kind) + ' records'}; "
@@ -825,10 +881,10 @@ class PipelineParams(StrictModel):
 
     @property
     def task(self) -> str:
-        """What the train step optimises: TASKS of the record kind, or 'reward' for a reward model."""
-        if gate_kind(self.validate_.record_kind, self.train.preference.loss) == "reward":
-            return "reward"
-        return TASKS[self.validate_.record_kind]
+        """What the train step optimises: TASKS of the record kind, 'reward' for a reward model, or 'mlm' for text
+        records on a shipped encoder (on another model, tokenize decides from its architecture)."""
+        gate = gate_kind(self.validate_.record_kind, self.train.preference.loss, self.base_model.source)
+        return gate if gate in ("reward", "mlm") else TASKS[self.validate_.record_kind]
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()) -> PipelineParams:

@@ -52,11 +52,20 @@ class Task(StrictModel):
     sft, cpt and preference train the causal LM head; classification and regression put a
     freshly initialised sequence head on the base (``AutoModelForSequenceClassification``:
     ``len(labels)`` outputs with cross-entropy, or one output with MSE); reward is a reward model, one
-    output scoring prompt + answer, trained on preference pairs with the Bradley-Terry loss.
+    output scoring prompt + answer, trained on preference pairs with the Bradley-Terry loss; mlm is
+    masked-LM domain adaptation of an encoder (``AutoModelForMaskedLM``) on text records, whose masked
+    positions take ``mask_token_id``.
     """
 
-    kind: Literal["sft", "cpt", "classification", "regression", "preference", "rl", "reward"] = "sft"
+    kind: Literal["sft", "cpt", "classification", "regression", "preference", "rl", "reward", "mlm"] = "sft"
     labels: list[str] = Field(default_factory=list)
+    mask_token_id: int | None = None
+
+    @classmethod
+    def of_data(cls, stats: dict[str, Any]) -> Task:
+        """The task a tokenized dataset is made for, from its stats (tokenize writes them)."""
+        return cls(kind=stats.get("task", "sft"), labels=stats.get("labels", []),
+                   mask_token_id=stats.get("mask_token_id"))
 
     @property
     def sequence_head(self) -> bool:

@@ -1,6 +1,7 @@
 """Records to token rows, per kind: chats rendered with the model's template and labelled on
 assistant turns only (``encode_chat_batch``), labelled texts (``encode_labelled``), preference pairs
-(``encode_pairs``), prompts for online RL (``encode_prompts``) and packed text blocks (``pack_texts``). Byte-level BPE tokenizers encode through
+(``encode_pairs``), prompts for online RL (``encode_prompts``) and packed text blocks (``pack_texts``; for an
+encoder framed by its special tokens, with word boundaries for masked-LM). Byte-level BPE tokenizers encode through
 the pre-token cache (``pretoken_encoder``, steps/text/pretokens.py).
 """
 
@@ -384,33 +385,69 @@ def encode_prompts(tokenizer: Any, sides: dict[str, list[dict]], cfg: TokenizeCo
     return splits, prompts, stats
 
 
-def pack_texts(tokenizer: Any, sides: dict[str, list[dict]], cfg: TokenizeConfig
+def pack_texts(tokenizer: Any, sides: dict[str, list[dict]], cfg: TokenizeConfig, encoder: bool = False
                ) -> tuple[dict[str, list[dict]], list[dict], dict[str, Any]]:
-    """Blocks of exactly max_seq_len tokens per side (labels = input_ids), no eval prompts, and stats."""
-    if tokenizer.eos_token_id is None:
+    """Blocks of exactly max_seq_len tokens per side, no eval prompts, and stats. For a causal LM the
+    documents are joined by EOS and cut into blocks (labels = input_ids); for an ``encoder`` (masked-LM)
+    they are joined by its separator and cut into max_seq_len - 2 tokens framed as ``[CLS] ... [SEP]``,
+    each row with its tokens' ``word_ids`` (numbered within the block; None for special tokens, which are
+    never masked) and no labels (train masks each batch anew)."""
+    if encoder:
+        check_masked_lm_tokenizer(tokenizer)
+    elif tokenizer.eos_token_id is None:
         raise ConfigError("the base model's tokenizer has no EOS token to separate packed documents")
+    separator = tokenizer.sep_token_id if encoder else tokenizer.eos_token_id
+    body = cfg.max_seq_len - 2 if encoder else cfg.max_seq_len
     splits: dict[str, list[dict[str, Any]]] = {}
-    stats: dict[str, Any] = {}
+    stats: dict[str, Any] = {"mask_token_id": tokenizer.mask_token_id} if encoder else {}
     dropped = 0
     for side, records in sides.items():
-        stream = token_stream(tokenizer, [r["text"] for r in records], desc=f"tokenize {side}")
-        blocks = len(stream) // cfg.max_seq_len
-        dropped += len(stream) - blocks * cfg.max_seq_len
+        stream, words = token_stream(tokenizer, [r["text"] for r in records], f"tokenize {side}", separator, encoder)
+        blocks = len(stream) // body
+        dropped += len(stream) - blocks * body
         rows = []
         for n in range(blocks):
-            ids = stream[n * cfg.max_seq_len : (n + 1) * cfg.max_seq_len]
-            rows.append({"id": f"block-{n}", "input_ids": ids, "labels": ids})
+            ids = stream[n * body : (n + 1) * body]
+            if encoder:
+                rows.append({"id": f"block-{n}", **framed_block(tokenizer, ids, words[n * body : (n + 1) * body])})
+            else:
+                rows.append({"id": f"block-{n}", "input_ids": ids, "labels": ids})
         splits[side] = rows
         stats |= {f"{side}_documents": len(records), f"{side}_records": blocks,
                   f"{side}_tokens": blocks * cfg.max_seq_len}
     return splits, [], stats | {"dropped_tail_tokens": dropped}
 
-def token_stream(tokenizer: Any, texts: list[str], desc: str) -> list[int]:
-    """The texts' token ids, without special tokens, joined by the EOS token."""
+def check_masked_lm_tokenizer(tokenizer: Any) -> None:
+    """Masked-LM blocks need a fast tokenizer (word boundaries) with CLS, SEP and mask tokens."""
+    missing = [name for name in ("cls_token", "sep_token", "mask_token") if getattr(tokenizer, f"{name}_id") is None]
+    if missing or not tokenizer.is_fast:
+        raise ConfigError("masked-LM (text records on an encoder) needs a fast tokenizer with CLS, SEP and mask "
+                          f"tokens; the base model's has {'no ' + ', '.join(missing) if missing else 'no fast version'}")
+
+def framed_block(tokenizer: Any, ids: list[int], words: list[int | None]) -> dict[str, list]:
+    """``[CLS] ids [SEP]`` and its tokens' words, renumbered from 0 within the block (None: special tokens)."""
+    first = min((w for w in words if w is not None), default=0)
+    return {"input_ids": [tokenizer.cls_token_id, *ids, tokenizer.sep_token_id],
+            "word_ids": [None, *(w - first if w is not None else None for w in words), None]}
+
+def token_stream(tokenizer: Any, texts: list[str], desc: str, separator: int, with_words: bool = False
+                 ) -> tuple[list[int], list[int | None]]:
+    """The texts' token ids, without special tokens, joined by ``separator``; with ``with_words`` also each
+    token's word, numbered across the texts (the fast tokenizer's ``word_ids()``; None for the separators and
+    special tokens)."""
     stream: list[int] = []
+    words: list[int | None] = []
+    special = set(tokenizer.all_special_ids)
+    seen = 0  # words of the texts before this one
     for i, text in enumerate(tqdm(texts, desc=desc, unit="doc", mininterval=2)):
         if i:
-            stream.append(tokenizer.eos_token_id)
+            stream.append(separator)
+            words.append(None)
         # verbose=False: documents are longer than the model's context on purpose; they are cut into blocks.
-        stream += tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    return stream
+        encoded = tokenizer(text, add_special_tokens=False, verbose=False)
+        stream += encoded["input_ids"]
+        if with_words:
+            word_ids = encoded.word_ids()
+            words += [None if t in special or w is None else seen + w for t, w in zip(encoded["input_ids"], word_ids)]
+            seen += 1 + max((w for w in word_ids if w is not None), default=-1)
+    return stream, words

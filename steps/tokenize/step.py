@@ -3,8 +3,8 @@
     tokenize_dataset(TokenizeConfig(...), scrubbed, base_model, store)
 
 What a row is depends on the records' kind (chat: template-rendered conversation labelled on the
-answers; text: packed blocks; classification/regression: text and label; preference: chosen and
-rejected conversations). How each kind is encoded, the leakage check, streaming and the worker
+answers; text: packed blocks, for an encoder framed by its special tokens with word boundaries for
+masked-LM; classification/regression: text and label; preference: chosen and rejected conversations). How each kind is encoded, the leakage check, streaming and the worker
 processes: docs/DESIGN.md, "Tokenize".
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from steps.config import GENERATIVE_KINDS, TASKS, TokenizeConfig
+from steps.config import CAUSAL_KINDS, TASKS, TokenizeConfig
 from steps.core.contract import RECORDS_FILE
 from steps.core.errors import ConfigError
 from steps.core.lineage import run_key
@@ -58,7 +58,8 @@ def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, s
 
     check_model_fits_records(source.stats["record_kind"], model, cfg.reward_model)
     tokenizer = AutoTokenizer.from_pretrained(store.download(model.base))
-    pair_input = "text_pair" if model.base.stats.get("causal") is False else "chat"  # reward_model only
+    encoder = model.base.stats.get("causal") is False
+    pair_input = "text_pair" if encoder else "chat"  # reward_model only
     if source.stats["record_kind"] in ("chat", "preference", "prompt") and not tokenizer.chat_template \
             and not (cfg.reward_model and pair_input == "text_pair"):
         raise ConfigError(f"the base model ({model.base.stats.get('source')}) has no chat template in its tokenizer; "
@@ -83,7 +84,7 @@ def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, s
     # Train records only, after the split and the leakage check (steps/tokenize/augment.py).
     augmented = augment_train(cfg.augment, sides, kind) if cfg.augment is not None else None
     if kind == "text":
-        splits, prompts, stats = pack_texts(tokenizer, sides, cfg)
+        splits, prompts, stats = pack_texts(tokenizer, sides, cfg, encoder)
     elif kind in ("classification", "regression"):
         splits, prompts, stats = encode_labelled(tokenizer, sides, cfg, kind)
     elif kind == "preference" and cfg.reward_model:
@@ -94,7 +95,7 @@ def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, s
         splits, prompts, stats = encode_prompts(tokenizer, sides, cfg)
     else:
         splits, prompts, stats = encode_chats(tokenizer, sides, cfg)
-    task = "reward" if cfg.reward_model else TASKS[kind]
+    task = "reward" if cfg.reward_model else "mlm" if kind == "text" and encoder else TASKS[kind]
     stats = {"task": task, **stats, **pinned, "eval_leakage_removed": len(leaked),
              "leakage_checked_by": checked_by}
     if augmented is not None:
@@ -110,11 +111,12 @@ def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, s
 
 
 def check_model_fits_records(kind: str, model: ModelRef, reward_model: bool = False) -> None:
-    """Generative records (chat, text, preference) need a causal LM: an encoder base is a ConfigError, except for
-    preference records that train a reward model (``reward_model``: a scalar head on any base)."""
+    """Chat, preference and prompt records need a causal LM: an encoder base is a ConfigError, except for
+    preference records that train a reward model (``reward_model``: a scalar head on any base). Text records
+    train either (masked-LM on an encoder)."""
     if reward_model and kind != "preference":
         raise ConfigError(f"tokenize.reward_model needs preference records, not {kind!r} records")
-    if kind in GENERATIVE_KINDS and model.base.stats.get("causal") is False and not reward_model:
+    if kind in CAUSAL_KINDS and model.base.stats.get("causal") is False and not reward_model:
         raise ConfigError(f"base_model.source {model.base.stats.get('source')!r} is an encoder "
                           f"({model.base.stats.get('architecture')}) without a language-model head; {kind!r} "
                           "records need a causal LM (e.g. a *ForCausalLM model)")
