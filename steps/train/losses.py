@@ -1,6 +1,6 @@
 """The losses of the training loop: one micro-batch's loss as the task defines it (``batch_loss``), the
 chunked output projection + cross-entropy (``chunked_loss``, train.loss_chunk_tokens), the eval losses
-(token NLL, sequence loss, pair loss), and the exact weighting of a data-parallel rank's share of a
+(token NLL, sequence loss, pair loss, masked-LM loss on fixed masks), and the exact weighting of a data-parallel rank's share of a
 micro-batch (``share_of``, ``loss_module``; docs/DESIGN.md, "Data parallelism")."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from typing import Any
 
 from steps.config import TrainConfig
 from steps.core.contract import IGNORE, Task
-from steps.train import preference, reward
+from steps.train import mlm, preference, reward
 from steps.train.batching import PACKED_FORWARD, collate, pack
+from steps.train.methods.common import language_model
 from steps.train.parallel import Group
 
 
@@ -22,6 +23,8 @@ def batch_loss(net: Any, rows: list[dict], task: Task, cfg: TrainConfig, pad_id:
         return preference.pair_loss(net, rows, cfg.preference, pad_id, device)
     if task.kind == "reward":
         return reward.pair_loss(net, rows, cfg.preference, pad_id, device)
+    if task.kind == "mlm":
+        return mlm.masked_loss(net, rows, cfg.mlm, task, pad_id, device)
     if cfg.packing:
         batch = {k: v.to(device) for k, v in pack(rows, budget).items()}
         tokens = batch["input_ids"].numel()
@@ -77,11 +80,6 @@ def head_transform(config: Any) -> Any:
         return logits
 
     return transform
-
-
-def language_model(net: Any) -> Any:
-    """The causal LM inside a training wrapper (peft), sharing its modules."""
-    return net.get_base_model() if hasattr(net, "get_base_model") else net
 
 
 def token_nll(net: Any, rows: list[dict[str, Any]], batch_size: int, pad_id: int, device: str,
@@ -152,7 +150,7 @@ def record_losses(net: Any, task: Task, sides: dict[str, list[dict]], batch_size
     """Per record of each side: ``{"id", "split", "loss", "tokens"}``, the mean loss the trained model
     gives it (token NLL of its label tokens, over all its rows: a windowed conversation is one record;
     a sequence head's cross-entropy or squared error; a preference pair's chosen answer; a reward model's pair
-    loss). Highest first."""
+    loss; a masked-LM block's fixed masked positions). Highest first."""
     import torch
 
     from steps.core.progress import progress as bar
@@ -171,6 +169,13 @@ def record_losses(net: Any, task: Task, sides: dict[str, list[dict]], batch_size
                     good, bad, _ = reward.pair_scores(net, chunk, pad_id, device)
                     for row, value in zip(chunk, reward.bradley_terry_loss_per_pair(good, bad).tolist()):
                         sums[(side, str(row["id"]))] = [value, 1]
+                continue
+            if task.kind == "mlm":  # a block's NLL on its fixed masked positions (mlm.fixed_mask)
+                assert task.mask_token_id is not None
+                scores = mlm.masked_scores(net, rows, task.mask_token_id, batch_size, pad_id, device)
+                progress.update(len(rows))
+                for row, (total, count, _) in zip(rows, scores):
+                    sums[(side, str(row["id"]))] = [total, count]
                 continue
             rows = sorted(rows, key=lambda r: len(r["input_ids"]))  # similar lengths per batch: little padding
             for i in range(0, len(rows), batch_size):
@@ -216,11 +221,16 @@ def sequence_loss(net: Any, rows: list[dict[str, Any]], batch_size: int, pad_id:
 
 
 def eval_loss(cfg: TrainConfig, task: Task, net: Any, rows: list[dict], pad_id: int, device: str) -> float:
-    """Mean eval loss in the training objective's own terms (token NLL, sequence loss or pair loss)."""
+    """Mean eval loss in the training objective's own terms (token NLL, sequence loss, pair loss, or the NLL of
+    the fixed masked positions)."""
     import torch
 
     if task.kind == "reward":
         return reward.pair_metrics(*reward.score_pairs(net, rows, cfg.batch_size, pad_id, device))["eval_loss"]
+    if task.kind == "mlm":
+        assert task.mask_token_id is not None
+        scores = mlm.masked_scores(net, rows, task.mask_token_id, cfg.batch_size, pad_id, device)
+        return sum(s[0] for s in scores) / max(sum(s[1] for s in scores), 1)
     if task.sequence_head:
         return sequence_loss(net, rows, cfg.batch_size, pad_id, device)
     if task.kind == "preference":

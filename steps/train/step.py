@@ -72,7 +72,7 @@ def train_in_process(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store:
 
     device = pick_device(cfg.device)
     tune_allocator()
-    task = Task(kind=data.stats.get("task", "sft"), labels=data.stats.get("labels", []))
+    task = Task.of_data(data.stats)
     base_dir = store.download(model.base)
     rows = store.read_jsonl(data, "train.jsonl")
     eval_rows = store.read_jsonl(data, "eval.jsonl") if cfg.early_stopping else []

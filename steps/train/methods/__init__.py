@@ -6,7 +6,8 @@ saves only what it trained (safetensors, never pickles) and loads it back for in
     model = load(base_dir, folder, device)        # eval-mode model for evaluate and serving
 
 ``task`` (``common.Task``) says which head the base gets: the causal LM head (SFT,
-continued pretraining, preference tuning) or a new sequence head (classification, regression).
+continued pretraining, preference tuning), a new sequence head (classification, regression)
+or an encoder's masked-LM head (mlm).
 
 | method | module   | trains |
 |--------|----------|--------|
@@ -51,7 +52,8 @@ def prepare(cfg: TrainConfig, base_dir: Path, device: str, task: Task = CAUSAL) 
 def save(cfg: TrainConfig, model: Any, folder: Path, task: Task = CAUSAL) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     module_for(cfg.method).save(cfg, model, folder)
-    meta = {"method": cfg.method, "task": task.model_dump(mode="json"), "train": cfg.model_dump(mode="json")}
+    meta = {"method": cfg.method, "task": task.model_dump(mode="json", exclude_none=True),
+            "train": cfg.model_dump(mode="json")}
     (folder / METHOD_FILE).write_text(json.dumps(meta, indent=2))
 
 

@@ -29,7 +29,7 @@ def load_base(cfg: TrainConfig | None, base_dir: Path, device: str, task: Task =
     if cfg is not None and (attention := attention_for(cfg, device)) is not None:
         kwargs.setdefault("attn_implementation", attention)
     auto, head = task_head(task)
-    if task.kind == "reward":
+    if task.kind in ("reward", "mlm"):  # a new head, or an encoder checkpoint without its masked-LM head
         model, info = auto.from_pretrained(base_dir, trust_remote_code=False, output_loading_info=True, **overrides,
                                            **head, **kwargs)
         seed_new_head(model, info["missing_keys"])
@@ -41,8 +41,9 @@ def load_base(cfg: TrainConfig | None, base_dir: Path, device: str, task: Task =
 
 
 def seed_new_head(model: Any, missing: Any, seed: int = 0) -> None:
-    """Initialise the linear layers the checkpoint lacked (a new reward head) from their own seeded generator:
-    N(0, initializer_range) weights, zero biases. The untrained head is then the same whatever the global RNG
+    """Initialise the linear layers the checkpoint lacked (a new reward head; the masked-LM head a sentence-embedding
+    checkpoint such as all-MiniLM-L6-v2 was saved without) from their own seeded generator: N(0,
+    initializer_range) weights, zero biases. The untrained head is then the same whatever the global RNG
     (train.seed), so the base model's evaluation scores exactly the head that training starts from."""
     import torch
 
@@ -64,14 +65,21 @@ def seed_new_head(model: Any, missing: Any, seed: int = 0) -> None:
 
 def task_head(task: Task) -> tuple[Any, dict[str, Any]]:
     """The Auto class for ``task`` and the config overrides of its head (labels of a sequence head)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
+    if task.kind == "mlm":
+        return AutoModelForMaskedLM, {}
     if not task.sequence_head:
         return AutoModelForCausalLM, {}
     labels = task.labels if task.kind == "classification" else ["reward"] if task.kind == "reward" else ["value"]
     return AutoModelForSequenceClassification, dict(
         num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
         problem_type="single_label_classification" if task.kind == "classification" else "regression")
+
+
+def language_model(net: Any) -> Any:
+    """The language model (causal or masked) inside a training wrapper (peft), sharing its modules."""
+    return net.get_base_model() if hasattr(net, "get_base_model") else net
 
 
 def meta_model(base_dir: Path, task: Task) -> Any:
@@ -149,6 +157,16 @@ def head_names(model: Any) -> list[str]:
     ModernBERT's ``head``): what a new sequence head consists of."""
     return [name for name, module in model.named_children()
             if name != model.base_model_prefix and any(True for _ in module.parameters())]
+
+
+def masked_lm_head_names(model: Any) -> list[str]:
+    """The layers of a masked-LM head that hold their own weights: every leaf module with parameters outside the
+    backbone except the output projection, which is (tied to) the input embeddings (BERT's
+    ``cls.predictions.transform.dense`` and ``.LayerNorm``, RoBERTa's ``lm_head.dense`` and ``lm_head.layer_norm``)."""
+    output = model.get_output_embeddings()
+    return [f"{head}.{name}" for head in head_names(model) for name, module in getattr(model, head).named_modules()
+            if name and module is not output and not list(module.children())
+            and any(True for _ in module.parameters(recurse=False))]
 
 
 def sequence_head_names(base_dir: Path, task: Task) -> list[str]:

@@ -7,6 +7,8 @@ with ``head.trainable_layers = N``, the last N transformer blocks).
   leaves the input embeddings untouched. The final norm stays frozen.
 - classification / regression: the head is the new sequence head (every parameter outside
   the base model, e.g. BERT's ``classifier``).
+- masked-LM: the head's own layers and bias (BERT's ``cls.predictions.transform`` and ``bias``); its
+  output projection is tied to the input embeddings and stays frozen with them.
 
 Blocks are found by shape, whatever the architecture (``common.blocks``).
 Saved: ``head.safetensors`` with only the trained tensors (state_dict names) and
@@ -39,9 +41,14 @@ def untie_head(model: Any) -> None:
 
 
 def head_modules(model: Any, task: Task = CAUSAL) -> list[Any]:
-    if not task.sequence_head:
+    if untied(task):
         return [model.get_output_embeddings()]
     return [getattr(model, name) for name in head_names(model)]
+
+
+def untied(task: Task) -> bool:
+    """Whether the method unties the output head from the embeddings: a causal LM's head trains alone."""
+    return not task.sequence_head and task.kind != "mlm"
 
 
 def prepare(cfg: TrainConfig, base_dir: Path, device: str, task: Task = CAUSAL) -> Any:
@@ -50,11 +57,13 @@ def prepare(cfg: TrainConfig, base_dir: Path, device: str, task: Task = CAUSAL) 
     n = cfg.head.trainable_layers
     if n > len(layers):
         raise ConfigError(f"train.head.trainable_layers is {n}, but the base model has only {len(layers)} layers")
-    if not task.sequence_head:
+    if untied(task):
         untie_head(model)
     model.requires_grad_(False)
     for module in head_modules(model, task):
         module.requires_grad_(True)
+    if task.kind == "mlm":  # the output projection is the (frozen) input embeddings
+        model.get_output_embeddings().weight.requires_grad_(False)
     if n > 0:
         layers[-n:].requires_grad_(True)
     return model
@@ -73,7 +82,7 @@ def load(cfg: TrainConfig, base_dir: Path, folder: Path, device: str, task: Task
     from safetensors.torch import load_file
 
     model = load_base(None, base_dir, device, task)
-    if not task.sequence_head:
+    if untied(task):
         untie_head(model)
     trained = load_file(str(folder / WEIGHTS_FILE), device=device)
     # strict=False: the file holds only the trained tensors, so most keys are "missing";
