@@ -28,12 +28,20 @@ key, so they are compared on exactly the same eval set.
   step adds the win rates against the base and the champion from the per-prompt rewards
   (``reward_win_rate``: share of prompts where the candidate's answer scores higher, ties count half).
 
+- mlm (text records on an encoder): ``masked_accuracy``, the share of masked held-out tokens predicted
+  exactly, and ``eval_loss``, their mean NLL, on the first ``max_records`` blocks with ``EVAL_PROBABILITY``
+  of each block's tokens masked by a generator seeded with the block's id (steps/train/mlm.py: the same
+  positions for the base and the candidate); ``pseudo_perplexity``, exp of the mean NLL of the first
+  ``pseudo_perplexity_tokens`` tokens each masked in turn. The base model of an encoder checkpoint saved
+  without its masked-LM head (all-MiniLM-L6-v2) gets that head seeded as training starts from it.
+
 Every model also gets, for the promotion gate:
 - a smoke test (``smoke`` stats, ``smoke_passed``): generative models answer the golden
   ``smoke_prompts`` greedily; each answer must be non-empty, end with EOS within
   ``smoke_max_new_tokens`` and not be degenerate (more than 30% repeated 4-grams);
   classifiers must predict every class on a balanced probe (up to 5 eval rows per class);
-  regressors must give finite outputs. Latency per input and peak memory are recorded.
+  regressors must give finite outputs; masked-LMs fill one masked token of each of a few held-out blocks,
+  with finite scores and an ordinary (not special) token. Latency per input and peak memory are recorded.
 - causal LMs: ``reference_perplexity`` on ``steps/reference/general.txt`` (general English
   and Korean text, shipped with the project): the forgetting check compares it with the
   base model's.
@@ -76,13 +84,15 @@ def evaluate_model(cfg: EvaluateConfig, model: ModelRef, data: DatasetRef, store
     key = run_key(STEP, cfg, [ref.digest for ref in inputs])
     if (done := store.lookup(STEP, key)) is not None:
         return EvalReport(**done.model_dump())
-    task = Task(kind=data.stats.get("task", "sft"), labels=data.stats.get("labels", []))
+    task = Task.of_data(data.stats)
     net, tokenizer, device = load_model(model, store, task)
     rows = store.read_jsonl(data, "eval.jsonl")[: cfg.max_records]
     pad_id = net.config.pad_token_id or 0
     stats: dict[str, Any] = {"model": model.label, "task": task.kind, "eval_records": len(rows)}
     if task.sequence_head:
         stats |= sequence_metrics(net, rows, task, cfg.batch_size, pad_id, device)
+    elif task.kind == "mlm":
+        stats |= masked_lm_metrics(net, rows, cfg, task, pad_id, device)
     elif task.kind == "rl":
         reference = None
         if model.adapter is not None:  # the KL to the base: LoRA's adapters off, else the base model itself
@@ -98,6 +108,8 @@ def evaluate_model(cfg: EvaluateConfig, model: ModelRef, data: DatasetRef, store
         stats |= preference_metrics(net, model, rows, cfg.batch_size, pad_id, device, store)
     if task.sequence_head:
         stats["smoke"] = smoke_sequence(net, rows, task, pad_id, device)
+    elif task.kind == "mlm":
+        stats["smoke"] = smoke_fill_mask(net, tokenizer, rows[:SMOKE_BLOCKS], task, device)
     else:
         stats["smoke"] = smoke_generation(net, tokenizer, cfg, device)
         if cfg.reference_blocks:
@@ -130,7 +142,8 @@ REFERENCE_BLOCK = 256
 
 
 LOGGED = ("perplexity", "bleu", "chrf", "accuracy", "f1_macro", "mse", "mae", "r2", "pref_accuracy", "reward_margin",
-          "reward_accuracy", "mean_reward", "kl_to_reference", "reference_perplexity")
+          "reward_accuracy", "mean_reward", "kl_to_reference", "reference_perplexity", "masked_accuracy",
+          "pseudo_perplexity")
 
 
 def prompt_group(prompt: dict) -> str:
@@ -234,6 +247,51 @@ def smoke_sequence(net: Any, rows: list[dict], task: Task, pad_id: int, device: 
     else:
         result["passed"] = bool(probe) and all(math.isfinite(v) for v in logits[:, 0].tolist())
     return result
+
+
+def masked_lm_metrics(net: Any, rows: list[dict], cfg: EvaluateConfig, task: Task, pad_id: int, device: str
+                      ) -> dict[str, Any]:
+    """A masked-LM's held-out masked_accuracy and eval_loss (fixed masks) and pseudo_perplexity."""
+    from steps.train import mlm
+
+    assert task.mask_token_id is not None
+    scores = mlm.masked_scores(net, rows, task.mask_token_id, cfg.batch_size, pad_id, device)
+    nll, count, correct = (sum(s[i] for s in scores) for i in range(3))
+    stats: dict[str, Any] = {"masked_accuracy": round(correct / max(count, 1), 6),
+                             "eval_loss": round(nll / max(count, 1), 5), "masked_tokens": count}
+    if cfg.pseudo_perplexity_tokens:
+        total, tokens = mlm.pseudo_nll(net, rows, cfg.pseudo_perplexity_tokens, task.mask_token_id, cfg.batch_size,
+                                       device)
+        stats |= {"pseudo_perplexity": round(math.exp(total / max(tokens, 1)), 4),
+                  "pseudo_perplexity_tokens": tokens}
+    return stats
+
+
+SMOKE_BLOCKS = 4
+
+
+def smoke_fill_mask(net: Any, tokenizer: Any, rows: list[dict], task: Task, device: str) -> dict[str, Any]:
+    """The middle token of each block masked: its scores finite and its top prediction an ordinary token."""
+    import time
+
+    import torch
+
+    started, results = time.time(), []
+    special = set(tokenizer.all_special_ids)
+    for row in rows:
+        ids = torch.tensor([row["input_ids"]])
+        maskable = [t for t, w in enumerate(row["word_ids"]) if w is not None]
+        at = maskable[len(maskable) // 2]
+        ids[0, at] = task.mask_token_id
+        with torch.no_grad():
+            scores = net(input_ids=ids.to(device)).logits[0, at].float()
+        top = int(scores.argmax())
+        checks = {"finite": bool(torch.isfinite(scores).all()), "ordinary_token": top not in special}
+        results.append({"block": row["id"], "expected": tokenizer.convert_ids_to_tokens(row["input_ids"][at]),
+                        "predicted": tokenizer.convert_ids_to_tokens(top), **checks, "passed": all(checks.values())})
+    return {"kind": "fill_mask", "passed": bool(results) and all(r["passed"] for r in results), "blocks": results,
+            "seconds_per_input": round((time.time() - started) / max(len(results), 1), 4),
+            "peak_memory_gib": peak_memory_gib(device)}
 
 
 def reference_perplexity(net: Any, tokenizer: Any, cfg: EvaluateConfig, pad_id: int, device: str) -> float:

@@ -40,7 +40,7 @@ def render_summary(summary: PipelineSummary, links: dict[str, str]) -> str:
 
 
 SHOWN = ("perplexity", "bleu", "accuracy", "f1_macro", "mse", "mae", "r2", "pref_accuracy", "reward_accuracy",
-         "reward_margin", "mean_reward", "kl_to_reference")
+         "reward_margin", "mean_reward", "kl_to_reference", "masked_accuracy", "pseudo_perplexity")
 WIN_RATES = ("reward_win_rate", "reward_win_rate_vs_champion")  # the candidate's alone (register derives them)
 
 

@@ -17,6 +17,12 @@ Reward models score plain texts or {prompt, response} pairs (rendered as in trai
 
     mlflow.pyfunc.load_model("models:/tuneline-reward@champion").predict(
         [{"prompt": "Hi there", "response": "Hello! How are you?"}])  # -> [1.73]
+
+Masked-LMs (domain-adapted encoders) fill each mask token (``[MASK]`` for BERT tokenizers) with their most likely
+token and return the text as the tokenizer decodes it (an uncased tokenizer lower-cases it):
+
+    mlflow.pyfunc.load_model("models:/tuneline-bbc-mlm@champion").predict(
+        ["Shares in the [MASK] fell sharply."])  # -> ["shares in the company fell sharply."]
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ class ChatAdapterModel(PythonModel):
         self.model = methods.load(Path(base_dir), trained, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["tokenizer"])
         # Generation pads on the left; an encoder's [CLS] must stay at position 0 (right padding, as in training).
-        self.tokenizer.padding_side = "right" if self.task.sequence_head else "left"
+        self.tokenizer.padding_side = "right" if self.task.sequence_head or self.task.kind == "mlm" else "left"
         self.max_new_tokens = int(config.get("max_new_tokens", 64))
         if self.task.kind == "reward":  # how tokenize encoded the pairs: the same here (steps/tokenize/encode.py)
             self.pair_input = config.get("pair_input", "chat")
@@ -75,6 +81,8 @@ class ChatAdapterModel(PythonModel):
             prompts = list(model_input)
         if self.task.sequence_head:
             return self.classify([str(p) for p in prompts])
+        if self.task.kind == "mlm":
+            return self.fill_masks([str(p) for p in prompts])
         texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": str(p)}], tokenize=False,
                                                     add_generation_prompt=True) for p in prompts]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
@@ -95,6 +103,18 @@ class ChatAdapterModel(PythonModel):
         if self.task.kind == "regression":
             return logits[:, 0].tolist()
         return [self.task.labels[i] for i in logits.argmax(-1).tolist()]
+
+    def fill_masks(self, texts):
+        """Each text with every mask token replaced by the model's top token, decoded (special tokens dropped)."""
+        import torch
+
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True).to(self.device)
+        with torch.no_grad():
+            logits = self.model(**enc).logits
+        masked = enc["input_ids"] == self.tokenizer.mask_token_id
+        filled = torch.where(masked, logits.argmax(-1), enc["input_ids"])
+        return [self.tokenizer.decode(ids[mask.bool()], skip_special_tokens=True).strip()
+                for ids, mask in zip(filled, enc["attention_mask"])]
 
     def score(self, items):
         """A reward model's score of each input: a plain text as it is (the tokenizer's special tokens), a

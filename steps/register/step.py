@@ -40,7 +40,7 @@ SERVING_CODE = STEPS_DIR / "register" / "serving.py"
 LOWER_IS_BETTER = {metric: lower for metrics in GATE_METRICS.values() for metric, lower in metrics.items()}
 CARD_METRICS = ("perplexity", "bleu", "chrf", "accuracy", "f1_macro", "mse", "mae", "r2", "pref_accuracy",
                 "logp_margin", "reward_accuracy", "reward_margin", "mean_reward", "kl_to_reference", "reward_win_rate",
-                "reward_win_rate_vs_champion")
+                "reward_win_rate_vs_champion", "masked_accuracy", "pseudo_perplexity")
 
 
 class RunRecord(StrictModel):
@@ -356,7 +356,8 @@ def gate_checks(cfg: RegisterConfig, candidate: EvalReport, base: EvalReport | N
             checks.append((True, "smoke test passed"))
         else:
             failing = [p["prompt"] for p in smoke.get("prompts", []) if not p.get("passed")]
-            detail = (f"prompts failing: {failing}" if failing
+            blocks = [b["block"] for b in smoke.get("blocks", []) if not b.get("passed")]  # a masked-LM's fill-mask
+            detail = (f"prompts failing: {failing}" if failing else f"fill-mask blocks failing: {blocks}" if blocks
                       else f"classes never predicted: {smoke.get('missing_classes', [])}")
             checks.append((False, f"smoke test failed ({detail})"))
     kl = candidate.stats.get("kl_to_reference")
@@ -378,6 +379,10 @@ def promote_model(
 ) -> PromotionDecision:
     """Move ``champion`` to ``version`` when it beats the incumbent and passes the policy's other
     checks (smoke test, forgetting); record the decision either way (tag and model card)."""
+    if cfg.metric not in candidate.stats:  # e.g. perplexity for text records that tokenize made masked-LM
+        measured = [m for m in LOWER_IS_BETTER if m in candidate.stats]
+        raise ConfigError(f"register.metric {cfg.metric!r} is not measured for task {candidate.stats.get('task')!r}; "
+                          f"set it to one of {', '.join(measured)}")
     client = _client()
     with promotion_lock(cfg.model_name):
         current = find_champion(cfg)
@@ -555,7 +560,8 @@ def logged_model_name(model_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", model_name).strip("-") or "model"
 
 
-EXAMPLE_TEXT = {"classification": "An example text to classify.", "regression": "An example text to score."}
+EXAMPLE_TEXT = {"classification": "An example text to classify.", "regression": "An example text to score.",
+                "mlm": "The capital of France is [MASK]."}
 
 
 REWARD_EXAMPLE = {"prompt": "What is the capital of France?", "response": "The capital of France is Paris."}
@@ -628,13 +634,15 @@ def version_links(version: RegisteredVersion) -> dict[str, str]:
 
 
 def signature_for(task: str) -> Any:
-    """Prompts in, answers out (with a ``max_new_tokens`` param), or texts in, labels / values out."""
+    """Prompts in, answers out (with a ``max_new_tokens`` param), or texts in, labels / values / filled texts out."""
     from mlflow.models import infer_signature
 
     if task == "classification":
         return infer_signature(["text"], ["label"])
     if task == "regression":
         return infer_signature(["text"], [0.5])
+    if task == "mlm":
+        return infer_signature(["text with [MASK]"], ["filled text"])
     if task == "reward":  # scores out; inputs are plain texts or {prompt, response} dicts, which one column
         # schema cannot both describe (MLflow would drop a list of strings checked against named columns)
         from mlflow.models import ModelSignature
