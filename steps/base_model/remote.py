@@ -176,6 +176,19 @@ def merge_into(base: Path, trained: Path, tokenizer: Path, out: Path, origin: st
     model = methods.load(base, trained, "cpu")
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload(safe_merge=True)
+    if methods.task_of(trained).kind == "mlm":
+        keep_backbone_modules(model, base)
     model.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(tokenizer).save_pretrained(out)
     return method
+
+
+def keep_backbone_modules(model: Any, base: Path) -> None:
+    """Give a masked-LM model back the backbone modules its class leaves out (BERT's pooler) with the base's
+    weights: masked-LM training never used them, and a classifier built on the adapted encoder does."""
+    from transformers import AutoModel
+
+    backbone = AutoModel.from_pretrained(base, trust_remote_code=False)
+    for name, module in backbone.named_children():
+        if getattr(model.base_model, name, None) is None:
+            setattr(model.base_model, name, module)
