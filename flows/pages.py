@@ -97,6 +97,15 @@ def publish(model_name: str, page: str, markdown: str, description: str) -> None
     create_markdown_artifact(markdown=markdown, key=artifact_key(model_name, page), description=description)
 
 
+def publish_image(model_name: str, page: str, url: str | None, description: str) -> None:
+    """An image artifact (a plot the MLflow server holds; the browser shows it when logged in to MLflow)."""
+    from prefect.artifacts import create_image_artifact
+
+    if _flow_run() is None or url is None:
+        return
+    create_image_artifact(image_url=url, key=artifact_key(model_name, page), description=description)
+
+
 def step(model_name: str, name: str, ref: Any) -> Any:
     """Publish step ``name``'s page from its reference's stats; returns the reference."""
     from steps.register.report import step_markdown, step_sentence
@@ -118,12 +127,15 @@ def evaluation(model_name: str, reports: dict[str, Any]) -> None:
 def decision(summary: Any) -> None:
     """The promotion decision with its checks and links to the MLflow run and version."""
     from steps.register.report import decision_markdown
-    from steps.register.step import version_links
+    from steps.register.step import run_artifact_url, version_links
 
     if _flow_run() is None:
         return
     publish(summary.version.name, "promotion", decision_markdown(summary, version_links(summary.version)),
             f"promotion: {summary.decision.reason.partition(':')[0]}")
+    if summary.record.datasets["tokenize"].stats.get("task") == "rl":
+        publish_image(summary.version.name, "rl-curves", run_artifact_url(summary.version.run_id, "plots/rl_curves.png"),
+                      "online RL: reward, KL to the reference and completion length per step (plots/rl_curves.png)")
 
 
 def pipeline_run() -> Any:

@@ -615,18 +615,33 @@ def mlflow_download(uri: str, folder: Path) -> str:
     return mlflow.artifacts.download_artifacts(uri, dst_path=str(folder))
 
 
-def version_links(version: RegisteredVersion) -> dict[str, str]:
-    """The MLflow UI pages of the version's run and of the version (none when the tracking URI is not a server)."""
+def mlflow_ui() -> str | None:
+    """The MLflow server's address without credentials (None when the tracking URI is not a server)."""
     from urllib.parse import urlsplit, urlunsplit
 
     import mlflow
 
     uri = mlflow.get_tracking_uri()
     if not uri.startswith(("http://", "https://")):
-        return {}
+        return None
     parts = urlsplit(uri)
-    ui = urlunsplit((parts.scheme, parts.hostname + (f":{parts.port}" if parts.port else ""), parts.path.rstrip("/"),
-                     "", ""))  # no user:password@ in a link
+    return urlunsplit((parts.scheme, parts.hostname + (f":{parts.port}" if parts.port else ""), parts.path.rstrip("/"),
+                       "", ""))  # no user:password@ in a link
+
+
+def run_artifact_url(run_id: str, path: str) -> str | None:
+    """Where a browser logged in to MLflow gets one of the run's artifacts (e.g. a plot)."""
+    from urllib.parse import urlencode
+
+    ui = mlflow_ui()
+    return f"{ui}/get-artifact?{urlencode({'path': path, 'run_uuid': run_id})}" if ui else None
+
+
+def version_links(version: RegisteredVersion) -> dict[str, str]:
+    """The MLflow UI pages of the version's run and of the version (none when the tracking URI is not a server)."""
+    ui = mlflow_ui()
+    if ui is None:
+        return {}
     experiment = _client().get_run(version.run_id).info.experiment_id
     view = "?workflowType=machine_learning"  # the UI's model-training view (its default is the GenAI one)
     return {"MLflow run": f"{ui}/#/experiments/{experiment}/runs/{version.run_id}{view}",

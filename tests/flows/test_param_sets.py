@@ -162,8 +162,16 @@ def test_reward_parameter_set_runs_end_to_end_then_rewards_ppo(prefect_api, stor
     ppo_with_reward_model(store, tmp_path, model_name, summary.version.version, model)
 
 
-def rl_run_page_shows_curves_kl_and_win_rate(summary) -> None:
+def rl_run_page_shows_curves_kl_and_win_rate(summary, flow_run_id) -> None:
+    """MLflow: KL, win rate, curves PNG, card; Prefect: the curves image artifact (the PNG, fetched as a browser
+    logged in to MLflow would) and the curve table on the Train page."""
+    import os
+
+    import requests
     from mlflow import MlflowClient
+
+    from flows.pages import artifact_key
+    from helpers import flow_run_page
 
     from steps.register.report import render_summary
 
@@ -178,6 +186,13 @@ def rl_run_page_shows_curves_kl_and_win_rate(summary) -> None:
     assert "plots/rl_curves.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     card = client.get_model_version(summary.version.name, summary.version.version).description
     assert "reward_win_rate" in card and "kl_to_reference" in card
+    page = flow_run_page(flow_run_id)["artifacts"]
+    assert "**rl curve**" in page[artifact_key(summary.version.name, "train")]
+    url = page[artifact_key(summary.version.name, "rl-curves")]
+    assert "get-artifact" in url and "@" not in url  # no credentials in the link
+    auth = (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"])
+    image = requests.get(url, auth=auth, timeout=30)
+    assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
 
 
 def ppo_with_reward_model(store, tmp_path, reward_name: str, reward_version: str, reward_model) -> None:
@@ -215,7 +230,7 @@ def ppo_with_reward_model(store, tmp_path, reward_name: str, reward_version: str
              for s in samples]
     assert [s["reward"] for s in samples] == pytest.approx(list(reward_model.predict(asked)), abs=1e-4)
     assert "KL to the base" in summary.decision.reason and "allowed <= 1000" in summary.decision.reason
-    rl_run_page_shows_curves_kl_and_win_rate(summary)
+    rl_run_page_shows_curves_kl_and_win_rate(summary, state.state_details.flow_run_id)
     run = MlflowClient().get_run(summary.version.run_id)
     assert pinned in str(run.data.params)
     answer = mlflow.pyfunc.load_model(f"models:/{model_name}/{summary.version.version}").predict(["Hello?"])[0]
@@ -248,7 +263,7 @@ def test_grpo_parameter_set_runs_end_to_end(prefect_api, store, tmp_path):
     log = store.read_json(summary.record.model.adapter, "train_log.json")
     assert len(log) == 3 and all({"reward", "kl", "completion_length"} <= row.keys() for row in log)
     assert [w["steps"] for w in summary.record.model.adapter.stats["rl_curve"]] == ["1-1", "2-2", "3-3"]
-    rl_run_page_shows_curves_kl_and_win_rate(summary)
+    rl_run_page_shows_curves_kl_and_win_rate(summary, state.state_details.flow_run_id)
     model = mlflow.pyfunc.load_model(f"models:/{model_name}/{summary.version.version}")
     assert isinstance(model.predict(["What is 2 + 2? Answer with the number only."], params={"max_new_tokens": 3})[0],
                       str)
