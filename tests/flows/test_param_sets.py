@@ -162,6 +162,60 @@ def test_reward_parameter_set_runs_end_to_end_then_rewards_ppo(prefect_api, stor
     ppo_with_reward_model(store, tmp_path, model_name, summary.version.version, model)
 
 
+def test_mlm_parameter_set_adapts_an_encoder_a_classifier_then_continues_from(prefect_api, store, tmp_path):
+    """mlm.yaml on a tiny BERT (labelled texts read as text records): masked-LM through the whole flow, gated on
+    held-out masked_accuracy, a registered model that fills [MASK]; then classify.yaml from its registry URI: the
+    merged encoder (with the base's pooler, which masked-LM leaves out) gets a classifier, and lineage names it."""
+    import json
+
+    import mlflow
+    import torch
+    from mlflow import MlflowClient
+    from safetensors.torch import load_file
+
+    from flows.pipeline import finetune
+    from helpers import labelled_rows
+
+    source = write_jsonl(tmp_path / "labelled.jsonl", labelled_rows("classification"))
+    parent = f"mlm-{uuid.uuid4().hex[:6]}"
+    common = [f"ingest.source={source}", f"artifacts_prefix={store.prefix}", "train.checkpoint_every=5",
+              "evaluate.max_records=16", "tokenize.eval_fraction=0.25"]
+    params = PipelineParams.from_yaml(PARAMS / "mlm.yaml", [
+        *common, f"register.model_name={parent}", "base_model.source=tiny-random-bert", "tokenize.max_seq_len=16",
+        "train.max_steps=12", "train.learning_rate=1e-2", "evaluate.pseudo_perplexity_tokens=16"])
+    assert params.task == "mlm" and params.register_.metric == "masked_accuracy"
+    state = finetune(params, return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary.record.datasets["tokenize"].stats["task"] == "mlm"
+    base, candidate = (summary.record.evaluations[role].stats for role in ("base", "candidate"))
+    assert candidate["masked_accuracy"] > base["masked_accuracy"] and candidate["pseudo_perplexity"] > 0
+    assert summary.decision.metric == "masked_accuracy" and summary.decision.promoted
+    parent_uri = f"models:/{parent}/{summary.version.version}"
+    filled = mlflow.pyfunc.load_model(parent_uri).predict(["the team scored a [MASK]"])
+    assert filled[0].startswith("the team scored a") and "[MASK]" not in filled[0]
+
+    child = f"classify-{uuid.uuid4().hex[:6]}"
+    params = PipelineParams.from_yaml(PARAMS / "classify.yaml", [
+        *common, f"register.model_name={child}", f"base_model.source=models:/{parent}@champion",
+        "validate.labels=[money, sport, tech]", "tokenize.max_seq_len=64", "train.max_steps=3"])
+    state = finetune(params, return_state=True)
+    assert state.is_completed(), state.message
+    continued = state.result()
+    adapted = continued.record.model.base
+    assert adapted.stats["kind"] == "registry" and adapted.stats["parent"]["version"] == summary.version.version
+    assert adapted.stats["architecture"] == "BertForMaskedLM" and adapted.stats["causal"] is False
+    weights = load_file(store.download(adapted) / "model.safetensors")
+    original = load_file(store.download(summary.record.model.base) / "model.safetensors")
+    assert torch.equal(weights["bert.pooler.dense.weight"], original["pooler.dense.weight"])
+    version = MlflowClient().get_model_version(child, continued.version.version)
+    assert version.tags["tuneline.parent"] == parent_uri
+    assert json.loads(version.tags["tuneline.base_chain"]) == ["tiny-random-bert", parent_uri]
+    assert "f1_macro" in continued.record.evaluations["candidate"].stats
+    assert set(mlflow.pyfunc.load_model(f"models:/{child}/{continued.version.version}").predict(
+        ["the team scored a goal"])) <= {"money", "sport", "tech"}
+
+
 def rl_run_page_shows_curves_kl_and_win_rate(summary, flow_run_id) -> None:
     """MLflow: KL, win rate, curves PNG, card; Prefect: the curves image artifact (the PNG, fetched as a browser
     logged in to MLflow would) and the curve table on the Train page."""
