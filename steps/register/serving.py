@@ -22,7 +22,7 @@ Masked-LMs (domain-adapted encoders) fill each mask token (``[MASK]`` for BERT t
 token and return the text as the tokenizer decodes it (an uncased tokenizer lower-cases it):
 
     mlflow.pyfunc.load_model("models:/tuneline-bbc-mlm@champion").predict(
-        ["Shares in the [MASK] fell sharply."])  # -> ["shares in the company fell sharply."]
+        ["Shares in the [MASK] fell sharply."])  # -> ["shares in the market fell sharply."]
 """
 
 from __future__ import annotations

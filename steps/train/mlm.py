@@ -10,7 +10,7 @@ saves its state, so a resumed run masks exactly as an uninterrupted one); specia
 ``mask_replace_prob`` become the mask token, ``random_replace_prob`` a random token and the rest stay; with
 ``whole_word`` all pieces of a word share one draw. The loss is the cross-entropy on the chosen positions only,
 and only they go through the output head (``chosen_logits``): with a 30k vocabulary, projecting every position
-costs about as much as the whole encoder (MiniLM: 48 of 91 GFLOP per 2,048 tokens).
+costs about as much as the whole encoder (MiniLM: 49 of 92 GFLOP per 2,048 tokens).
 
 Evaluation masks each row with its own seeded generator (``fixed_mask``): ``EVAL_PROBABILITY`` of its tokens, all
 replaced by the mask token, the same positions for every model, batch size and order. Pseudo-perplexity masks
