@@ -33,6 +33,8 @@ def setup(verbose: bool = False) -> None:
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
         # transformers' and huggingface_hub's own bars (loading weights, converting GGUF): ours say enough.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        # transformers writes to its own handler, past ours: its load reports (a new head's weights MISSING) too.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TQDM_DISABLE", "1")  # any other library's tqdm (ours pass disable= themselves)
         # MLflow's: artifact transfer bars, "View run ... at" prints, its own info lines.
         for key, value in (("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"),
