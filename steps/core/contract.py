@@ -71,5 +71,10 @@ class Task(StrictModel):
     def sequence_head(self) -> bool:
         return self.kind in ("classification", "regression", "reward")
 
+    @property
+    def causal_lm(self) -> bool:
+        """Whether the model keeps the causal LM head (sft, cpt, preference, rl): it generates text."""
+        return not self.sequence_head and self.kind != "mlm"
+
 
 CAUSAL = Task()

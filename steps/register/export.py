@@ -5,7 +5,8 @@
 
 ``safetensors``: the trained weights merged into the base (LoRA/QLoRA adapters folded in, full and
 head weights as trained) as a Hugging Face folder: ``config.json``, ``model.safetensors``, the
-tokenizer and its chat template; classifiers keep their label names (``id2label``).
+tokenizer and its chat template; classifiers keep their label names (``id2label``), masked-LMs export as
+their ``*ForMaskedLM`` folder.
 ``gguf``: the same merged weights as one GGUF file (F32 or F16) for Llama-family causal LMs with a
 GPT-2-style BPE tokenizer (SmolLM2, Llama 3, ...), q/k laid out as llama.cpp expects, the tokenizer
 and chat template in the metadata. LoReFT versions have no plain-weight form (they edit hidden
@@ -47,7 +48,7 @@ def export_version(spec: str, fmt: str, output: Path, dtype: str = "f32") -> dic
             save_folder(net, tokenizer, task, output, dtype)
             reloaded = reload_folder(output, task)
         else:
-            if task.sequence_head:
+            if not task.causal_lm:
                 raise ConfigError(f"{spec} is a {task.kind} model: GGUF holds causal language models; "
                                   "use --format safetensors")
             write_gguf(net, tokenizer, output, dtype, name=spec)
@@ -226,7 +227,7 @@ def compare(reference: Any, exported: Any, tokenizer: Any, task: Any) -> dict[st
 
     diffs, mine, theirs = [], [], []
     for prompt in CHECK_PROMPTS:
-        if task.sequence_head:
+        if not task.causal_lm:  # a sequence head or a masked-LM: the text with its special tokens
             enc = tokenizer(prompt, return_tensors="pt")
         else:
             text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
@@ -235,7 +236,7 @@ def compare(reference: Any, exported: Any, tokenizer: Any, task: Any) -> dict[st
         with torch.no_grad():
             a, b = reference(**enc).logits[:, -1].float(), exported(**enc).logits[:, -1].float()
             diffs.append(float((a - b).abs().max()))
-            if task.sequence_head:
+            if not task.causal_lm:
                 mine.append(int(a.argmax()))
                 theirs.append(int(b.argmax()))
             else:

@@ -41,14 +41,9 @@ def untie_head(model: Any) -> None:
 
 
 def head_modules(model: Any, task: Task = CAUSAL) -> list[Any]:
-    if untied(task):
+    if task.causal_lm:
         return [model.get_output_embeddings()]
     return [getattr(model, name) for name in head_names(model)]
-
-
-def untied(task: Task) -> bool:
-    """Whether the method unties the output head from the embeddings: a causal LM's head trains alone."""
-    return not task.sequence_head and task.kind != "mlm"
 
 
 def prepare(cfg: TrainConfig, base_dir: Path, device: str, task: Task = CAUSAL) -> Any:
@@ -57,7 +52,7 @@ def prepare(cfg: TrainConfig, base_dir: Path, device: str, task: Task = CAUSAL) 
     n = cfg.head.trainable_layers
     if n > len(layers):
         raise ConfigError(f"train.head.trainable_layers is {n}, but the base model has only {len(layers)} layers")
-    if untied(task):
+    if task.causal_lm:
         untie_head(model)
     model.requires_grad_(False)
     for module in head_modules(model, task):
@@ -82,7 +77,7 @@ def load(cfg: TrainConfig, base_dir: Path, folder: Path, device: str, task: Task
     from safetensors.torch import load_file
 
     model = load_base(None, base_dir, device, task)
-    if untied(task):
+    if task.causal_lm:
         untie_head(model)
     trained = load_file(str(folder / WEIGHTS_FILE), device=device)
     # strict=False: the file holds only the trained tensors, so most keys are "missing";
