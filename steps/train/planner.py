@@ -84,7 +84,7 @@ def model_shape(cfg: TrainConfig, base_dir: Path, task: Task) -> dict[str, Any]:
                 lora_inputs += m.weight.shape[0 if type(m).__name__ == "Conv1D" else 1]
     elif cfg.method == "head":
         n = cfg.head.trainable_layers
-        out = model.get_output_embeddings() if not task.sequence_head else None
+        out = model.get_output_embeddings() if task.causal_lm else None  # untied and trained alone
         trainable = (out.weight.numel() if out is not None else head) + sum(
             p.numel() for block in list(layers)[len(layers) - n:] for p in block.parameters()) * (n > 0)
     else:  # reft
@@ -95,7 +95,7 @@ def model_shape(cfg: TrainConfig, base_dir: Path, task: Task) -> dict[str, Any]:
             "hidden": config.hidden_size, "intermediate": intermediate, "vocab": config.vocab_size,
             "lora_inputs": lora_inputs // max(len(layers), 1), "heads": config.num_attention_heads,
             "eager_attention": getattr(config, "_attn_implementation", None) == "eager",
-            "sequence_head": task.sequence_head}
+            "sequence_head": task.sequence_head, "causal_lm": task.causal_lm}
 
 
 def estimate_memory(cfg: TrainConfig, shape: dict[str, Any], device: str, seq_len: int, micro: int
@@ -107,7 +107,7 @@ def estimate_memory(cfg: TrainConfig, shape: dict[str, Any], device: str, seq_le
         weights = shape["linear_parameters"] * 0.5 + (params - shape["linear_parameters"]) * 4
     else:
         weights = params * width
-    if cfg.method == "head" and not shape["sequence_head"]:
+    if cfg.method == "head" and shape["causal_lm"]:
         weights += shape["vocab"] * shape["hidden"] * width  # the untied copy of the output head
     grad_width = width if cfg.method in ("full", "head") else 4  # adapters and interventions stay fp32
     gradients = trainable * grad_width
