@@ -175,6 +175,8 @@ def test_mlm_parameter_set_adapts_an_encoder_a_classifier_then_continues_from(pr
 
     from flows.pipeline import finetune
     from helpers import labelled_rows
+    from steps.core.errors import ConfigError
+    from steps.register.export import export_version
 
     source = write_jsonl(tmp_path / "labelled.jsonl", labelled_rows("classification"))
     parent = f"mlm-{uuid.uuid4().hex[:6]}"
@@ -194,6 +196,10 @@ def test_mlm_parameter_set_adapts_an_encoder_a_classifier_then_continues_from(pr
     parent_uri = f"models:/{parent}/{summary.version.version}"
     filled = mlflow.pyfunc.load_model(parent_uri).predict(["the team scored a [MASK]"])
     assert filled[0].startswith("the team scored a") and "[MASK]" not in filled[0]
+    exported = export_version(f"{parent}/{summary.version.version}", "safetensors", tmp_path / "export")
+    assert exported["task"] == "mlm" and exported["answers_agree"] and exported["max_logit_diff"] < 1e-4
+    with pytest.raises(ConfigError, match="GGUF holds causal language models"):
+        export_version(f"{parent}/{summary.version.version}", "gguf", tmp_path / "export.gguf")
 
     child = f"classify-{uuid.uuid4().hex[:6]}"
     params = PipelineParams.from_yaml(PARAMS / "classify.yaml", [
