@@ -86,9 +86,12 @@ def masked_loss(net: Any, rows: list[dict], settings: MlmSettings, task: Task, p
 
 def chosen_logits(net: Any, input_ids: Any, attention_mask: Any, chosen: Any, device: str) -> Any:
     """The logits [chosen positions, vocab] of a forward in which the head sees only the ``chosen`` positions'
-    hidden states (a forward hook on the backbone keeps them; heads are position-wise)."""
+    hidden states (a forward hook on the backbone keeps them; heads are position-wise). ``chosen`` is a CPU
+    tensor: its indices are found there, so selecting them does not wait for the device."""
+    index = chosen.flatten().nonzero()[:, 0].to(device)
+
     def keep(module: Any, args: Any, output: Any) -> Any:
-        output["last_hidden_state"] = output["last_hidden_state"][chosen.to(device)][None]
+        output["last_hidden_state"] = output["last_hidden_state"].flatten(0, 1).index_select(0, index)[None]
         return output
 
     hook = language_model(net).base_model.register_forward_hook(keep)
