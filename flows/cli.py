@@ -6,6 +6,8 @@
     tuneline services status
     tuneline services down
     tuneline run --params deployments/params/default.yaml [--set train.max_steps=10 ...]
+    tuneline sweep --params deployments/params/tiny.yaml --space deployments/sweeps/lora-tiny.yaml --trials 6
+                   [--parallel 2] [--set k=v] [--study NAME]   # Optuna trials, pruned early; the best registered
     tuneline scrub --input in.jsonl --output out.jsonl --field text   # PII scrubber alone, streaming
                    [--action placeholder|hash|mask]   # hash: salt from TUNELINE_PII_SALT
     tuneline models [NAME]                 # registered versions, aliases, gate metric and decision
@@ -66,6 +68,22 @@ def main(argv: list[str] | None = None) -> int:
                      help="resume a failed, crashed or cancelled flow run with its own parameters; without RUN_ID "
                      "the one such run of this checkout and of the --params file's model (several: they are "
                      "listed, name one); needs the Prefect server that recorded it")
+
+    sweep = sub.add_parser("sweep", help="hyperparameter search: Optuna trials as flow runs sharing the cached data "
+                           "steps, bad ones pruned early, the best one registered through the promotion gate")
+    sweep.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="YAML parameter file (deployments/params/)")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one parameter, e.g. train.max_steps=20 (YAML value)")
+    sweep.add_argument("--space", type=Path, required=True,
+                       help="YAML search space: PipelineParams paths and their distributions (deployments/sweeps/)")
+    sweep.add_argument("--trials", type=int, required=True,
+                       help="trials of the study in total (complete or pruned; a rerun continues up to this many)")
+    sweep.add_argument("--parallel", type=int, default=1, help="trials at once (default 1)")
+    sweep.add_argument("--trial-deployment", metavar="FLOW/DEPLOYMENT",
+                       help="run each trial as a flow run of this deployment (e.g. tuneline-trial/trial, on its "
+                       "work pool) instead of in this process")
+    sweep.add_argument("--study", help="the study's name (default: the model name and a digest of the parameters "
+                       "and the space; sweepers with the same name share the study)")
 
     scrub = sub.add_parser("scrub", help="normalize and remove PII from fields of a JSONL file (streams; keeps "
                            "every other field and the record order)")
@@ -144,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         return scrub_command(args.input, args.output, args.fields, args.entities, args.action)
     if args.command in ("deploy", "worker"):
         return deploy_command(args)
+    if args.command == "sweep":
+        if args.trials < 1 or args.parallel < 1:
+            parser.error("--trials and --parallel must be at least 1")
+        return sweep_command(args)
     if args.resume is not None:
         if args.overrides or (args.resume != "latest" and args.params != DEFAULT_PARAMS):
             parser.error("--resume takes the run's own parameters; it cannot be combined with --set, nor --params "
@@ -357,6 +379,70 @@ def run_command(params_path: Path, overrides: list[str], resume: str | None = No
         links["flow run"] = f"{links.pop('prefect_ui')}/runs/flow-run/{state.state_details.flow_run_id}"
     print("\n" + render_summary(summary, links))
     return 0
+
+
+def sweep_command(args: argparse.Namespace) -> int:
+    """`tuneline sweep`: the parameters and the space checked before anything runs, then the sweep flow here."""
+    from steps.config import PipelineParams
+    from steps.core.errors import ConfigError, DataQualityError
+    from steps.sweep.space import SweepSpace
+
+    try:
+        params = PipelineParams.from_yaml(args.params, args.overrides)
+        space = SweepSpace.from_yaml(args.space)
+        space.check(params)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    links = use_local_services()
+    reap_dead_runs()
+    from prefect import tags
+
+    from flows.resume import origin_tags
+    from flows.sweep import sweep
+
+    try:
+        with tags(*origin_tags()):
+            state = sweep(params, space, args.trials, args.parallel, args.trial_deployment, args.study,
+                          return_state=True)
+        result = state.result()
+    except (DataQualityError, ConfigError) as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - the exit code and one readable line are the contract
+        print(f"\nerror: the sweep failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print("\n" + render_sweep(result, links, state.state_details.flow_run_id))
+    return 0
+
+
+def render_sweep(result: Any, links: dict[str, str], flow_run_id: Any) -> str:
+    """The trials table, the counts, best against the parameter file's own values, and where the best went."""
+    n = result.numbers
+    keys = [k for k in result.table[0] if k not in ("trial", "state", "value", "pruned_at", "baseline", "seconds")] \
+        if result.table else []
+    lines = [f"sweep {result.study}: {n['trials']} trials, {n['complete']} complete, {n['pruned']} pruned, "
+             f"{n['failed']} failed", f"{'trial':>5}  {'state':<9} {'eval loss':>10} {'pruned at':>9}  "
+             + "  ".join(f"{k:>22}" for k in keys)]
+    for row in result.table:
+        value = f"{row['value']:.4f}" if row["value"] is not None else "-"
+        cells = "  ".join(f"{row.get(k)!s:>22}" for k in keys)
+        mark = " (parameter file)" if row["baseline"] else ""
+        lines.append(f"{row['trial']:>5}  {row['state']:<9} {value:>10} {row['pruned_at'] or '-':>9}  {cells}{mark}")
+    if n["best_value"] is not None:
+        against = f" vs {n['baseline_value']:.4f} with the parameter file's values" \
+            if n["baseline_value"] is not None else ""
+        lines.append(f"best: trial {n['best_trial']}, eval loss {n['best_value']:.4f}{against}: {n['best_params']}")
+    if result.best is not None:
+        d = result.best.decision
+        alias = "champion" if d.champion_version == result.best.version.version else "challenger"
+        lines.append(f"best trial registered: {result.best.version.name} v{result.best.version.version}, {alias} "
+                     f"({d.reason})")
+    if "mlflow" in links:
+        lines.append(f"MLflow parent run: {result.parent_run}")
+    if "prefect_ui" in links:
+        lines.append(f"flow run: {links['prefect_ui']}/runs/flow-run/{flow_run_id}")
+    return "\n".join(line for line in lines if line)
 
 
 def start(flow: Any, params: Any, options: dict) -> Any:

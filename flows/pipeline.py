@@ -7,12 +7,14 @@ register -> promote, each a retryable task passing JSON references through S3.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 from prefect import flow
 from prefect_aws import AwsClientParameters, AwsCredentials, S3Bucket
 
 from flows import pages, tasks
 from steps.config import PipelineParams
+from steps.core.store import DatasetRef, ModelRef
 from steps.register.report import PipelineSummary
 from steps.register.step import RunRecord
 from steps.train.rewards import pin_reward_models
@@ -49,6 +51,32 @@ def _block_fields(block: S3Bucket) -> dict:
     return {k: v for k, v in block.model_dump(mode="json").items() if not k.startswith("_")}
 
 
+class Prepared(NamedTuple):
+    """The data steps' references: what training starts from."""
+
+    raw: DatasetRef
+    validated: DatasetRef
+    clean: DatasetRef
+    base: ModelRef
+    data: DatasetRef
+
+
+def data_steps(params: PipelineParams) -> Prepared:
+    """ingest, validate, scrub, base model and tokenize as tasks of the current flow run, each page published;
+    cached tasks: a sweep's trials (flows/sweep.py) find them all done."""
+    prefix, name, where = params.artifacts_prefix, params.register_.model_name, params.dispatch
+    raw = pages.step(name, "ingest", tasks.ingest(params.ingest, prefix, dispatch=where.get("ingest")))
+    validated = pages.step(name, "validate",
+                           tasks.validate(params.validate_, raw, prefix, dispatch=where.get("validate")))
+    clean = pages.step(name, "scrub", tasks.scrub(params.scrub, validated, prefix, dispatch=where.get("scrub")))
+    base = tasks.base_model(params.base_model, prefix, chat_template=params.tokenize.chat_template,
+                            dispatch=where.get("base_model"))
+    pages.step(name, "base_model", base.base)
+    data = pages.step(name, "tokenize",
+                      tasks.tokenize(params.tokenize, clean, base, prefix, dispatch=where.get("tokenize")))
+    return Prepared(raw, validated, clean, base, data)
+
+
 @flow(name="tuneline-finetune", persist_result=False)
 def finetune(params: PipelineParams = PipelineParams()) -> PipelineSummary:
     """Fine-tune a base model on a dataset and register it: ingest, validate, scrub, tokenize, train,
@@ -63,15 +91,7 @@ def finetune(params: PipelineParams = PipelineParams()) -> PipelineSummary:
     pages.label_run(params)
     prefix, name = params.artifacts_prefix, params.register_.model_name
     where = params.dispatch  # step -> a tuneline-step deployment; others run in this flow run
-    raw = pages.step(name, "ingest", tasks.ingest(params.ingest, prefix, dispatch=where.get("ingest")))
-    validated = pages.step(name, "validate",
-                           tasks.validate(params.validate_, raw, prefix, dispatch=where.get("validate")))
-    clean = pages.step(name, "scrub", tasks.scrub(params.scrub, validated, prefix, dispatch=where.get("scrub")))
-    base = tasks.base_model(params.base_model, prefix, chat_template=params.tokenize.chat_template,
-                            dispatch=where.get("base_model"))
-    pages.step(name, "base_model", base.base)
-    data = pages.step(name, "tokenize",
-                      tasks.tokenize(params.tokenize, clean, base, prefix, dispatch=where.get("tokenize")))
+    raw, validated, clean, base, data = data_steps(params)
     tuned = tasks.train(params.train, data, base, prefix, dispatch=where.get("train"))
     pages.step(name, "train", tuned.adapter)
     base_eval = tasks.evaluate(params.evaluate, base, data, prefix, role="base", dispatch=where.get("evaluate"))

@@ -25,7 +25,8 @@ Databases (``backend``, ``--backend``, ``TUNELINE_DB_BACKEND``):
 - ``sqlite`` (default): ``mlflow.db`` and Prefect's own SQLite file in the state dir.
 - ``postgres``: a fourth service, a PostgreSQL cluster (Debian's ``postgresql`` package:
   ``apt-get install postgresql``) on ``db_port`` (``TUNELINE_DB_PORT``, default 5433), with
-  the databases ``mlflow``, ``mlflow_auth`` and ``prefect``; the production backend, and the
+  the databases ``mlflow``, ``mlflow_auth``, ``prefect`` and ``optuna`` (the studies of
+  ``tuneline sweep``; with sqlite they live in ``optuna.db``); the production backend, and the
   one that holds many concurrent flow runs (tests/reliability/test_load.py). PostgreSQL
   refuses to run as root: as root the cluster runs as the ``postgres`` system user, and
   its data lives in ``/var/lib/tuneline/postgres-<hash of the state dir>`` (the state dir is
@@ -100,7 +101,7 @@ _DB_USER = "tuneline"  # PostgreSQL superuser of our own cluster, and MLflow's a
 _PIPELINE_USER = "pipeline"  # MLflow user of the pipeline and the CLI (not an admin)
 ADMIN_USER = _DB_USER  # MLflow's admin: people, in the UI
 PREFECT_USER = "admin"  # the user part of Prefect's auth string
-_DATABASES = ("mlflow", "mlflow_auth", "prefect")
+_DATABASES = ("mlflow", "mlflow_auth", "prefect", "optuna")  # optuna: the studies of `tuneline sweep`
 _PG_INSTALL = "install Debian's package: apt-get install postgresql"
 _STOP_TIMEOUT = 15.0  # weed alone needs ~4 s to stop cleanly
 
@@ -193,6 +194,7 @@ def client_env(cfg: ServiceConfig) -> dict[str, str]:
         "AWS_DEFAULT_REGION": _REGION,
         "MLFLOW_TRACKING_URI": u["mlflow"],
         "MLFLOW_S3_ENDPOINT_URL": u["s3"],
+        "TUNELINE_SWEEP_STORAGE": sweep_storage_url(cfg),
     }
     running = _read_record(cfg, "mlflow")  # a running server's mode wins over the configuration
     if (running or {}).get("mode", {}).get("auth", cfg.mlflow_auth):
@@ -202,6 +204,13 @@ def client_env(cfg: ServiceConfig) -> dict[str, str]:
         if (_read_record(cfg, "prefect") or {}).get("mode", {}).get("auth"):
             env["PREFECT_API_AUTH_STRING"] = prefect_auth_string(cfg)
     return env
+
+
+def sweep_storage_url(cfg: ServiceConfig) -> str:
+    """The Optuna studies' database (``tuneline sweep``): ``optuna.db`` in the state dir, or the ``optuna``
+    database of the PostgreSQL backend; no password in it (a sweeper on postgres logs in with libpq's own
+    PGPASSWORD or ~/.pgpass: the pipeline's clients are never given the database's password)."""
+    return _db_url(cfg, "optuna", "postgresql+psycopg")
 
 
 def prefect_auth_string(cfg: ServiceConfig) -> str:

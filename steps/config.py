@@ -505,10 +505,20 @@ class MlmSettings(StrictModel):
         return self
 
 
+class SweepTrial(StrictModel):
+    """The Optuna trial a training run reports its eval losses to (``tuneline sweep``, steps/sweep/)."""
+
+    study: str = Field(min_length=1, description="Optuna study name, in the storage TUNELINE_SWEEP_STORAGE names.")
+    number: int = Field(ge=0, description="The trial's number in the study.")
+
+
 class EarlyStopping(StrictModel):
     eval_every: int = Field(20, ge=1, description="Optimizer steps between evaluations of the eval loss.")
     patience: int = Field(3, ge=1, description="Evaluations without improvement before training stops.")
     min_delta: float = Field(0.0, ge=0.0, description="Smallest eval-loss decrease that counts as improvement.")
+    trial: SweepTrial | None = Field(
+        None, description="Set by `tuneline sweep`: each eval loss is reported to this Optuna trial, and training "
+        "stops when the study's pruner prunes it.")
 
 
 METHOD_SECTIONS = {"lora": {"lora", "qlora"}, "quant": {"qlora"}, "head": {"head"}, "reft": {"reft"}}

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from steps.core.errors import ArtifactError
 from steps.core.lineage import run_key
 from steps.core.progress import progress as bar
 from steps.core.store import ArtifactRef, ArtifactStore, DatasetRef, ModelRef
+from steps.core.study import report_eval
 from steps.train import methods, parallel, ppo, preference, rl
 from steps.train.batching import batch_order, pack_order
 from steps.train.checkpoints import Checkpoints
@@ -35,6 +37,9 @@ from steps.train.planner import PeakMeter, import_method_libraries, plan_memory
 log = logging.getLogger(__name__)
 
 STEP = "train"
+# Building a model sets process-wide state (transformers' meta-device loading, its init switches, the seed):
+# trainings in threads of one process (a sweep's parallel trials) build one at a time.
+BUILDING = threading.Lock()
 
 
 def train_model(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store: ArtifactStore) -> ModelRef:
@@ -89,10 +94,11 @@ def train_in_process(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store:
         log.info("train: batch_size auto -> %d x %d accumulation (estimate %.3f GiB of %.1f GiB)", plan["micro_batch"],
                  plan["grad_accum_steps"], plan["estimate"]["total_gib"], plan["device_gib"])
         cfg = cfg.model_copy(update={"batch_size": plan["micro_batch"], "grad_accum_steps": plan["grad_accum_steps"]})
-    torch.manual_seed(cfg.seed)
-    net = methods.prepare(cfg, base_dir, device, task)
-    reference = (preference.Reference(net, base_dir, device, cfg.batch_size)
-                 if task.kind == "preference" and cfg.preference.loss == "dpo" else None)
+    with BUILDING:
+        torch.manual_seed(cfg.seed)
+        net = methods.prepare(cfg, base_dir, device, task)
+        reference = (preference.Reference(net, base_dir, device, cfg.batch_size)
+                     if task.kind == "preference" and cfg.preference.loss == "dpo" else None)
     rollout = None
     if task.kind == "rl":  # online RL: sampling, rewards and the clipped loss (steps/train/rl.py)
         from transformers import AutoTokenizer
@@ -265,7 +271,8 @@ def enable_gradient_checkpointing(net: Any) -> None:
 
 def should_stop(cfg: TrainConfig, task: Task, net: Any, rows: list[dict], pad_id: int, device: str,
                 state: dict) -> bool:
-    """Evaluate the eval loss; count evaluations without improvement against the patience."""
+    """Evaluate the eval loss; count evaluations without improvement against the patience; a sweep trial's
+    (``early_stopping.trial``) also stops when its study's pruner prunes it."""
     es = cfg.early_stopping
     assert es is not None
     net.eval()
@@ -276,7 +283,9 @@ def should_stop(cfg: TrainConfig, task: Task, net: Any, rows: list[dict], pad_id
         state["best_eval"], state["bad_evals"] = loss, 0
     else:
         state["bad_evals"] += 1
-    state["stopped_early"] = state["bad_evals"] >= es.patience
+    # A sweep trial's eval losses go to its study, whose pruner stops a bad trial here.
+    pruned = es.trial is not None and report_eval(es.trial.study, es.trial.number, loss, state["step"])
+    state["stopped_early"] = pruned or state["bad_evals"] >= es.patience
     return state["stopped_early"]
 
 
