@@ -38,6 +38,7 @@ import yaml
 
 from steps.config import PipelineParams
 from steps.core.errors import ConfigError
+from steps.sweep.space import SweepSpace
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,8 @@ POOL_KINDS = ("process", "docker", "kubernetes")
 SCHEDULE_MODES = ("keep", "on", "off")
 PROCESS_POOL = "tuneline-process"
 _ENV_REF = re.compile(r"\{\{\s*\$([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
-_DEPLOYMENT_KEYS = {"name", "entrypoint", "description", "tags", "parameters", "parameters_file", "schedules",
-                    "work_pool", "pool_job_variables"}
+_DEPLOYMENT_KEYS = {"name", "entrypoint", "description", "tags", "parameters", "parameters_file", "space_file",
+                    "schedules", "work_pool", "pool_job_variables"}
 _SCHEDULE_KEYS = {"slug", "cron", "interval", "timezone", "active"}
 
 
@@ -114,17 +115,21 @@ def load_spec(path: Path = SPEC_FILE, pool: str = "process", only: list[str] | N
                          **_expand((entry.get("pool_job_variables") or {}).get(pool) or {}, where, env)}
         if "image" in job_variables:
             job_variables["image"] = swap.get(job_variables["image"], job_variables["image"])
+        parameters = _expand(entry.get("parameters") or {}, where, env)
+        description, tags = entry.get("description"), ["tuneline"]
         if "parameters_file" in entry:
-            if "parameters" in entry:
-                raise ConfigError(f"{where}: give parameters or parameters_file, not both")
+            if "params" in parameters:
+                raise ConfigError(f"{where}: give params in parameters or parameters_file, not both")
             params_path = path.parent / entry["parameters_file"]
             params = PipelineParams.from_yaml(params_path)
-            parameters = {"params": params.model_dump(mode="json", by_alias=True)}
-            description = entry.get("description") or _leading_comment(params_path)
+            parameters = {"params": params.model_dump(mode="json", by_alias=True), **parameters}
+            description = description or _leading_comment(params_path)
             tags = ["tuneline", f"task:{params.task}", f"method:{params.train.method}"]
-        else:
-            parameters = _expand(entry.get("parameters") or {}, where, env)
-            description, tags = entry.get("description"), ["tuneline"]
+        if "space_file" in entry:  # a sweep's search space, checked against the parameters as the sweep will
+            space = SweepSpace.from_yaml(path.parent / entry["space_file"])
+            if "params" in parameters:
+                space.check(PipelineParams.model_validate(parameters["params"]))
+            parameters["space"] = space.model_dump(mode="json")
         planned.append(Planned(
             name=entry["name"],
             entrypoint=entry["entrypoint"],

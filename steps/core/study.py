@@ -34,15 +34,14 @@ def storage_url() -> str:
 
 @functools.lru_cache(maxsize=4)
 def storage(url: str) -> Any:
-    """One RDB storage per URL and process, with heartbeats: a killed sweeper's running trials are failed and
-    retried (same parameters) by the next sweeper of the study. SQLite waits for its write lock."""
+    """One RDB storage per URL and process, with heartbeats: a killed sweeper's running trials are failed by the
+    next trial start of any sweeper of the study (fresh trials take their place). SQLite waits for its lock."""
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                      failed_trial_callback=RetryFailedTrialCallback(max_retry=2))
+    return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
 
 
 def make_pruner(settings: dict[str, Any]) -> Any:

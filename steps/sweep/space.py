@@ -119,7 +119,13 @@ class SweepSpace(StrictModel):
 
     def check(self, params: PipelineParams) -> None:
         """Every path names a leaf field of ``PipelineParams``, and every bound (each choice) is a value the
-        schema accepts with ``params``; ConfigError naming the path otherwise."""
+        schema accepts with ``params``, and evaluations reach the last step; ConfigError naming the path otherwise."""
+        stopping, steps = params.train.early_stopping, params.train.max_steps
+        every = stopping.eval_every if stopping else self.eval_every
+        name = "train.early_stopping.eval_every" if stopping else "the space's eval_every"
+        if steps and "train.max_steps" not in self.parameters and steps % every:
+            raise ConfigError(f"space: {name} {every} does not divide train.max_steps {steps}: a trial's value is its "
+                              "eval loss at its last evaluation, so its last steps would go unmeasured")
         for path, dist in self.parameters.items():
             field_at(path)
             edges = dist.choices if isinstance(dist, Choices) else [dist.low, dist.high]

@@ -33,18 +33,22 @@ def start_study(name: str, space: SweepSpace, params: PipelineParams) -> Any:
     """The study ``name`` (minimizing the eval loss) with the space's sampler and pruner; a new one records the
     pruner's settings for the trials' processes and enqueues the baseline trial."""
     import optuna
+    from optuna.storages import fail_stale_trials
 
-    sampler = (optuna.samplers.TPESampler(seed=space.seed) if space.sampler == "tpe"
-               else optuna.samplers.RandomSampler(seed=space.seed))
     settings = space.pruner.model_dump()
     if settings["kind"] == "hyperband":
         settings["max_resource"] = params.train.max_steps or "auto"
-    study = optuna.create_study(study_name=name, storage=storage(storage_url()), sampler=sampler,
-                                pruner=make_pruner(settings), direction="minimize", load_if_exists=True)
+    study = optuna.create_study(study_name=name, storage=storage(storage_url()), pruner=make_pruner(settings),
+                                direction="minimize", load_if_exists=True)
     if PRUNER_ATTR not in study.user_attrs:  # a new study (a concurrent creator writes the same values)
         study.set_user_attr(PRUNER_ATTR, settings)
         if (baseline := space.baseline(params)) is not None:
             study.enqueue_trial(baseline, user_attrs={BASELINE_ATTR: True}, skip_if_exists=True)
+    fail_stale_trials(study)  # a killed sweeper's trials, silent for the grace period
+    # Seeded past the trials already there: a resuming sweeper does not replay the first one's suggestions.
+    seed = None if space.seed is None else space.seed + len(study.get_trials(deepcopy=False))
+    study.sampler = (optuna.samplers.TPESampler(seed=seed) if space.sampler == "tpe"
+                     else optuna.samplers.RandomSampler(seed=seed))
     return study
 
 

@@ -37,6 +37,12 @@ def test_prefect_yaml_has_one_deployment_per_parameter_set_and_the_gpu_settings_
         assert sorted(n for n, p in planned.items() if p.entrypoint == "flows.pipeline.finetune") == PARAM_SETS
         assert planned["incoming"].entrypoint == "flows.watch.watch"
         assert planned["gpu"].entrypoint == "flows.step_flow.run_step"  # dispatched steps (test_dispatch.py)
+        # The sweep: tiny.yaml's values, the space of sweeps/lora-tiny.yaml, 6 trials 2 at once; its trials' target.
+        sweep = planned["sweep"]
+        assert sweep.entrypoint == "flows.sweep.sweep" and planned["trial"].entrypoint == "flows.sweep.trial"
+        assert (sweep.parameters["trials"], sweep.parameters["parallel"]) == (6, 2)
+        assert sweep.parameters["params"]["register"]["model_name"] == "tuneline-tiny"
+        assert set(sweep.parameters["space"]["parameters"]) == {"train.learning_rate", "train.lora.r"}
         assert planned["incoming"].parameters == {"prefix": "s3://tuneline/incoming/",
                                                   "deployment": "tuneline-finetune/default"}
         assert planned["default"].parameters["params"]["train"]["max_steps"] == 60  # from params/default.yaml
@@ -149,7 +155,13 @@ def test_deploy_then_run_from_the_form_like_the_ui(prefect_api, tiny_model, tmp_
         # Every deployment is on the new process pool, which deploy created.
         assert client.read_work_pool(pool).type == "process"
         deployed = {d.name for d in client.read_deployments() if d.work_pool_name == pool}
-        assert deployed == {*PARAM_SETS, "incoming", "gpu"}
+        assert deployed == {*PARAM_SETS, "incoming", "gpu", "sweep", "trial"}
+        # The sweep's form: the parameters and the space, each distribution a choice of its own shape.
+        sweep = client.read_deployment_by_name("tuneline-sweep/sweep")
+        definitions = sweep.parameter_openapi_schema["definitions"]
+        assert {"PipelineParams", "SweepSpace", "LogRange", "Choices"} <= set(definitions)
+        assert definitions["SweepSpace"]["properties"]["parameters"]["description"].startswith("Dotted PipelineParams")
+        assert sweep.parameters["space"]["pruner"]["kind"] == "median"
 
         # The form: PipelineParams' schema with descriptions, defaults and bounds; the values of the file.
         default = client.read_deployment_by_name("tuneline-finetune/default")

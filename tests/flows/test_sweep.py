@@ -25,7 +25,8 @@ def tiny_params(store, tmp_path) -> PipelineParams:
     rows = [chat(f"What is {i} plus one?", f"{i} plus one is {i + 1}.") for i in range(40)]
     source = write_jsonl(tmp_path / "chats.jsonl", rows)
     return PipelineParams.from_yaml(TINY, [
-        f"ingest.source={source}", f"artifacts_prefix={store.prefix}", f"register.model_name=sweep-{uuid.uuid4().hex[:6]}",
+        f"ingest.source={source}", f"artifacts_prefix={store.prefix}",
+        f"register.model_name=sweep-{uuid.uuid4().hex[:6]}",
         "train.max_steps=6", "train.record_losses=false", "evaluate.max_records=8", "evaluate.bleu_samples=2"])
 
 
@@ -45,6 +46,22 @@ def data_task_runs(flow_run_id) -> dict[str, list[str]]:
         if step in ("ingest", "validate", "scrub", "base-model", "tokenize"):
             states.setdefault(step, []).append(run.state.name)
     return states
+
+
+def stale_trial(study_name: str) -> int:
+    """A running trial of ``study_name`` whose last heartbeat is an hour old (its sweeper was killed)."""
+    import optuna
+    import sqlalchemy
+
+    from steps.core.study import storage, storage_url
+
+    rdb = storage(storage_url())
+    ghost = optuna.load_study(study_name=study_name, storage=rdb).ask()
+    rdb.record_heartbeat(ghost._trial_id)
+    with sqlalchemy.create_engine(storage_url()).begin() as db:
+        db.execute(sqlalchemy.text("UPDATE trial_heartbeats SET heartbeat = datetime('now', '-1 hour') "
+                                   "WHERE trial_id = :id"), {"id": ghost._trial_id})
+    return ghost.number
 
 
 def test_a_six_trial_sweep_prunes_records_and_registers_the_best(prefect_api, store, tmp_path):
@@ -93,10 +110,13 @@ def test_a_six_trial_sweep_prunes_records_and_registers_the_best(prefect_api, st
     table = Artifact.get(artifact_key(params.register_.model_name, "sweep"))
     assert table is not None and table.type == "table" and "trial" in str(table.data)
 
-    # The same sweep again, with 7 trials: the study continues (one new trial, same parent run).
+    # A sweeper killed mid-trial leaves a running trial whose heartbeat stops (injected: an hour old).
+    ghost = stale_trial(result.study)
+    # The same sweep again, with 7 trials: the study continues (one new trial, same parent run), the ghost failed.
     again = sweep(params, space, trials=7, parallel=1, return_state=True).result()
     assert again.study == result.study and again.parent_run == result.parent_run
-    assert again.numbers["trials"] == 7
+    assert again.numbers["complete"] + again.numbers["pruned"] == 7 and again.numbers["failed"] == 1
+    assert next(row for row in again.table if row["trial"] == ghost)["state"] == "fail"
     assert len(client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{result.parent_run}'")) == 7
 
