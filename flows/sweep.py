@@ -110,10 +110,14 @@ def run_study(study: Any, objective: Any, trials: int, parallel: int) -> None:
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
-    left = trials_left(study, trials)
-    if left:
-        study.optimize(objective, n_trials=left, n_jobs=parallel, catch=(StepRunError,),
-                       callbacks=[MaxTrialsCallback(trials, states=(TrialState.COMPLETE, TrialState.PRUNED))])
+    enough = MaxTrialsCallback(trials, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    # Enqueued trials (the baseline) one at a time: two threads can both pop the same waiting trial from SQLite,
+    # which has no row locks, and train the same run key at once.
+    waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    if waiting and trials_left(study, trials):
+        study.optimize(objective, n_trials=waiting, n_jobs=1, catch=(StepRunError,), callbacks=[enough])
+    if left := trials_left(study, trials):
+        study.optimize(objective, n_trials=left, n_jobs=parallel, catch=(StepRunError,), callbacks=[enough])
 
 
 def run_trial(params: PipelineParams, number: int, context: contextvars.Context,

@@ -96,7 +96,8 @@ class SweepSpace(StrictModel):
     parameters: dict[str, Distribution] = Field(min_length=1, description="Dotted PipelineParams path -> "
                                                 "distribution (float, log, int, categorical).")
     sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna's sampler: TPE, or random search.")
-    seed: int | None = Field(None, description="The sampler's seed (same seed, same first suggestions).")
+    seed: int | None = Field(None, description="The sampler's seed: the same suggestions for the same seed when "
+                             "trials run one at a time (Optuna reseeds the sampler for parallel trials).")
     pruner: PrunerSettings = Field(default_factory=PrunerSettings, description="Which trials stop early.")
     eval_every: int = Field(5, ge=1, description="Steps between a trial's eval-loss reports, when "
                             "train.early_stopping of the parameters is not set.")
