@@ -17,14 +17,14 @@ from pydantic import ConfigDict, Field, PositiveInt, ValidationError, model_vali
 
 from steps.core.contract import StrictModel
 from steps.core.errors import ConfigError
-from steps.core.model_source import FORMS, SHIPPED, parse_source
+from steps.core.model_source import FORMS, SHIPPED, SHIPPED_SEQ2SEQ, parse_source
 
 DispatchStep = Literal["ingest", "validate", "scrub", "base_model", "tokenize", "train", "evaluate", "register"]
-RecordKind = Literal["chat", "text", "classification", "regression", "preference", "prompt"]
+RecordKind = Literal["chat", "text", "classification", "regression", "preference", "prompt", "seq2seq"]
 # What the train step optimises for each record kind.
 # (text records on an encoder train masked-LM instead: task "mlm", see gate_kind)
 TASKS: dict[str, str] = {"chat": "sft", "text": "cpt", "classification": "classification",
-                         "regression": "regression", "preference": "preference", "prompt": "rl"}
+                         "regression": "regression", "preference": "preference", "prompt": "rl", "seq2seq": "seq2seq"}
 CAUSAL_KINDS = {"chat", "preference", "prompt"}  # record kinds only a causal LM can learn
 ENCODER_SOURCES = {name for name, encoder in SHIPPED.items() if encoder}
 # Metrics the promotion gate can compare, per record kind (the first is the default); True = lower is better.
@@ -39,6 +39,8 @@ GATE_METRICS: dict[str, dict[str, bool]] = {
     "reward": {"reward_accuracy": False, "reward_margin": False},
     # text records on an encoder: masked-LM domain adaptation (see gate_kind)
     "mlm": {"masked_accuracy": False, "pseudo_perplexity": True},
+    # {input, target} records on an encoder-decoder (T5, BART)
+    "seq2seq": {"perplexity": True, "rouge_l": False, "bleu": False, "chrf": False},
 }
 
 
@@ -69,7 +71,7 @@ SOURCE_HELP = (
     "number only.' -> '42', generated offline: a verifiable task for online RL)."
 )
 RecordFormat = Literal["auto", "messages", "sharegpt", "alpaca", "text", "classification", "regression", "preference",
-                       "prompt"]
+                       "prompt", "seq2seq"]
 
 
 class SourceSpec(StrictModel):
@@ -133,7 +135,8 @@ class ValidateConfig(StrictModel):
         '{"id"?: str, "text": str, "label": str}; regression: {"id"?: str, "text": str, "label": number}; '
         'preference: {"id"?: str, "prompt": str, "chosen": str, "rejected": str}, for DPO or ORPO; prompt: '
         '{"id"?: str, "prompt": str, "answer"?: str}, for online RL (GRPO, RLOO) with rewards scored on '
-        'sampled answers (train.rl).',
+        'sampled answers (train.rl); seq2seq: {"id"?: str, "input": str, "target": str} (or single-answer chat and '
+        'instruction records: the prompt is the input, the answer the target), for an encoder-decoder (T5, BART).',
     )
     labels: list[str] | None = Field(
         None, min_length=2, description="classification records: the allowed label set (None: any labels, at least two)."
@@ -227,7 +230,8 @@ class BaseModelConfig(StrictModel):
         "in the MLflow registry (continue from @champion); a .gguf file (dequantized); or a shipped name: "
         "smollm2-135m-instruct (SmolLM2-135M-Instruct), tiny-random-llama (for tests and smoke runs), "
         "all-minilm-l6-v2 (a BERT encoder, for classification, regression, reward models and masked-LM), "
-        "tiny-random-bert. Architectures that need trust_remote_code are refused.",
+        "tiny-random-bert, tiny-random-t5 (a T5 encoder-decoder for seq2seq records). "
+        "Architectures that need trust_remote_code are refused.",
         min_length=1,
     )
     seed: int = Field(0, description="Initialisation seed of the tiny random models.")
@@ -524,6 +528,7 @@ class EarlyStopping(StrictModel):
 METHOD_SECTIONS = {"lora": {"lora", "qlora"}, "quant": {"qlora"}, "head": {"head"}, "reft": {"reft"}}
 REWARD_METHODS = ("full", "head", "lora")
 MLM_METHODS = ("full", "head", "lora")
+SEQ2SEQ_METHODS = ("full", "head", "lora", "qlora")
 RL_METHODS = ("full", "head", "lora", "qlora")
 
 
@@ -708,14 +713,15 @@ class RegisterConfig(StrictModel):
     model_name: str = Field("tuneline-chat", min_length=1, description="Registered model name in MLflow.")
     experiment: str = Field("tuneline", min_length=1, description="MLflow experiment of the training runs.")
     metric: Literal["perplexity", "bleu", "accuracy", "f1_macro", "mse", "mae", "pref_accuracy", "mean_reward",
-                    "reward_accuracy", "reward_margin", "masked_accuracy", "pseudo_perplexity"] = Field(
+                    "reward_accuracy", "reward_margin", "masked_accuracy", "pseudo_perplexity", "rouge_l",
+                    "chrf"] = Field(
         "perplexity", description="Metric the promotion gate compares. Lower is better for perplexity, mse, mae and "
-        "pseudo_perplexity; higher for bleu, accuracy, f1_macro, pref_accuracy, reward_accuracy, reward_margin and "
-        "masked_accuracy. Left out, it follows validate.record_kind (reward_accuracy for a reward model, "
-        "train.preference.loss 'reward'; masked_accuracy for text records on a shipped encoder): perplexity (chat, "
-        "text), f1_macro (classification), mse (regression), pref_accuracy (preference), mean_reward (prompt: "
-        "higher is better). Text records on another encoder (a folder, the Hub, the registry) give masked_accuracy "
-        "here."
+        "pseudo_perplexity; higher for bleu, chrf, rouge_l, accuracy, f1_macro, pref_accuracy, reward_accuracy, "
+        "reward_margin and masked_accuracy. Left out, it follows validate.record_kind (reward_accuracy for a reward "
+        "model, train.preference.loss 'reward'; masked_accuracy for text records on a shipped encoder): perplexity "
+        "(chat, text), f1_macro (classification), mse (regression), pref_accuracy (preference), mean_reward (prompt: "
+        "higher is better), perplexity of the targets (seq2seq). Text records on another encoder (a folder, the Hub, "
+        "the registry) give masked_accuracy here."
     )
     min_improvement: float = Field(
         0.0, ge=0.0, description="Relative improvement over the champion (or the base model) needed to promote."
@@ -863,6 +869,12 @@ class PipelineParams(StrictModel):
             raise ValueError(f"a reward model (train.preference.loss 'reward') trains with "
                              f"{', '.join(REWARD_METHODS)}, not {method!r}")
         source = self.base_model.source
+        if (kind == "seq2seq") != (source in SHIPPED_SEQ2SEQ) and source in SHIPPED:
+            raise ValueError(f"seq2seq records go with an encoder-decoder (shipped: {', '.join(SHIPPED_SEQ2SEQ)}; or "
+                             "a T5/BART folder or hf: model), and an encoder-decoder with seq2seq records; got "
+                             f"{kind!r} records on {source!r}")
+        if kind == "seq2seq" and method not in SEQ2SEQ_METHODS:
+            raise ValueError(f"seq2seq records train with {', '.join(SEQ2SEQ_METHODS)}, not {method!r}")
         if source in ENCODER_SOURCES and kind in CAUSAL_KINDS and not reward:
             raise ValueError(f"base_model.source {source!r} is an encoder without a language-model head; {kind!r} "
                              "records need a causal LM such as 'smollm2-135m-instruct' (text records train masked-LM "
@@ -871,7 +883,8 @@ class PipelineParams(StrictModel):
         if (self.train.packing or self.train.loss_chunk_tokens) and (kind not in ("chat", "text") or gate == "mlm"):
             raise ValueError(f"train.packing and train.loss_chunk_tokens are for causal-LM records (chat, text), "
                              f"not {'masked-LM' if gate == 'mlm' else repr(kind)}")
-        may_be_mlm = kind == "text" and not (source in SHIPPED and not SHIPPED[source])  # not a shipped causal LM
+        shipped_causal = source in SHIPPED and not SHIPPED[source] and source not in SHIPPED_SEQ2SEQ
+        may_be_mlm = kind == "text" and source not in SHIPPED_SEQ2SEQ and not shipped_causal
         if self.train.mlm != MlmSettings() and not may_be_mlm:
             raise ValueError("train.mlm settings apply to text records on an encoder (masked-LM), not to "
                              f"{kind!r} records on {source!r}")

@@ -28,6 +28,10 @@ key, so they are compared on exactly the same eval set.
   step adds the win rates against the base and the champion from the per-prompt rewards
   (``reward_win_rate``: share of prompts where the candidate's answer scores higher, ties count half).
 
+- seq2seq ({input, target} records on an encoder-decoder): perplexity = exp(mean NLL of the target tokens of the
+  first ``max_records`` eval rows); BLEU, chrF and ROUGE-L (``rouge_l``: LCS F-measure x100, steps/train/seq2seq.py)
+  of greedy targets generated for the first ``bleu_samples`` held-out inputs against their references.
+
 - mlm (text records on an encoder): ``masked_accuracy``, the share of masked held-out tokens predicted
   exactly, and ``eval_loss``, their mean NLL, on the first ``max_records`` blocks with ``EVAL_PROBABILITY``
   of each block's tokens masked by a generator seeded with the block's id (steps/train/mlm.py: the same
@@ -37,7 +41,8 @@ key, so they are compared on exactly the same eval set.
 
 Every model also gets, for the promotion gate:
 - a smoke test (``smoke`` stats, ``smoke_passed``): generative models answer the golden
-  ``smoke_prompts`` greedily; each answer must be non-empty, end with EOS within
+  ``smoke_prompts`` greedily (an encoder-decoder reads each as its input); each answer must be
+  non-empty, end with EOS within
   ``smoke_max_new_tokens`` and not be degenerate (more than 30% repeated 4-grams);
   classifiers must predict every class on a balanced probe (up to 5 eval rows per class);
   regressors must give finite outputs; masked-LMs fill one masked token of each of a few held-out blocks,
@@ -60,7 +65,7 @@ from steps.core.device import peak_memory_gib, pick_device, tune_allocator
 from steps.core.lineage import run_key
 from steps.core.progress import progress
 from steps.core.store import ArtifactStore, DatasetRef, EvalReport, ModelRef
-from steps.train import methods
+from steps.train import methods, seq2seq
 from steps.train.batching import collate
 from steps.train.losses import token_nll
 from steps.train.methods.common import load_base
@@ -93,6 +98,9 @@ def evaluate_model(cfg: EvaluateConfig, model: ModelRef, data: DatasetRef, store
         stats |= sequence_metrics(net, rows, task, cfg.batch_size, pad_id, device)
     elif task.kind == "mlm":
         stats |= masked_lm_metrics(net, rows, cfg, task, pad_id, device)
+    elif task.kind == "seq2seq":
+        loss, tokens = seq2seq.mean_nll(net, rows, cfg.batch_size, pad_id, device)
+        stats |= {"perplexity": round(math.exp(loss), 4), "eval_loss": round(loss, 5), "eval_tokens": tokens}
     elif task.kind == "rl":
         reference = None
         if model.adapter is not None:  # the KL to the base: LoRA's adapters off, else the base model itself
@@ -111,12 +119,16 @@ def evaluate_model(cfg: EvaluateConfig, model: ModelRef, data: DatasetRef, store
     elif task.kind == "mlm":
         stats["smoke"] = smoke_fill_mask(net, tokenizer, rows[:SMOKE_BLOCKS], task, device)
     else:
-        stats["smoke"] = smoke_generation(net, tokenizer, cfg, device)
-        if cfg.reference_blocks:
+        stats["smoke"] = smoke_generation(net, tokenizer, cfg, device, task)
+        if cfg.reference_blocks and task.causal_lm:
             stats["reference_perplexity"] = reference_perplexity(net, tokenizer, cfg, pad_id, device)
     stats["smoke_passed"] = stats["smoke"]["passed"]
     prompts = [] if task.sequence_head or task.kind == "rl" else stratified(store.read_jsonl(data, "eval_prompts.jsonl"), cfg.bleu_samples)
-    answers = generate(net, tokenizer, [p["messages"] for p in prompts], cfg, device) if prompts else []
+    if task.kind == "seq2seq":
+        answers = seq2seq.generate(net, tokenizer, [p["input"] for p in prompts], cfg.max_new_tokens, cfg.batch_size,
+                                   device, data.stats.get("max_seq_len"))
+    else:
+        answers = generate(net, tokenizer, [p["messages"] for p in prompts], cfg, device) if prompts else []
     if prompts:
         import sacrebleu
 
@@ -124,6 +136,8 @@ def evaluate_model(cfg: EvaluateConfig, model: ModelRef, data: DatasetRef, store
         stats["bleu"] = round(sacrebleu.corpus_bleu(answers, references).score, 3)
         stats["chrf"] = round(sacrebleu.corpus_chrf(answers, references).score, 3)
         stats["bleu_samples"] = len(prompts)
+        if task.kind == "seq2seq":
+            stats["rouge_l"] = round(seq2seq.rouge_l(answers, references[0]), 3)
     writer = store.writer(STEP, key, cfg, inputs=inputs)
     writer.put_json("metrics.json", stats)
     writer.put_jsonl("samples.jsonl", [
@@ -141,7 +155,8 @@ REFERENCE_TEXT = Path(__file__).resolve().parent / "reference" / "general.txt"
 REFERENCE_BLOCK = 256
 
 
-LOGGED = ("perplexity", "bleu", "chrf", "accuracy", "f1_macro", "mse", "mae", "r2", "pref_accuracy", "reward_margin",
+LOGGED = ("perplexity", "bleu", "chrf", "rouge_l",
+          "accuracy", "f1_macro", "mse", "mae", "r2", "pref_accuracy", "reward_margin",
           "reward_accuracy", "mean_reward", "kl_to_reference", "reference_perplexity", "masked_accuracy",
           "pseudo_perplexity")
 
@@ -151,6 +166,8 @@ def prompt_group(prompt: dict) -> str:
     writing system of its last user turn (latin, hangul, cjk, kana, cyrillic, arabic, ...)."""
     if isinstance(prompt.get("category"), str):
         return prompt["category"]
+    if isinstance(prompt.get("input"), str):  # a seq2seq input
+        return script_of(prompt["input"])
     turns = [m.get("content") for m in prompt.get("messages") or [] if m.get("role") == "user"]
     return script_of(turns[-1] if turns and isinstance(turns[-1], str) else "")
 
@@ -188,8 +205,10 @@ def degenerate(tokens: list[int], n: int = 4, limit: float = 0.3) -> bool:
     return len(grams) >= 8 and 1 - len(set(grams)) / len(grams) > limit
 
 
-def smoke_generation(net: Any, tokenizer: Any, cfg: EvaluateConfig, device: str) -> dict[str, Any]:
-    """Greedy answers to the golden prompts: non-empty, ended by EOS within the limit, not degenerate."""
+def smoke_generation(net: Any, tokenizer: Any, cfg: EvaluateConfig, device: str, task: Task = CAUSAL
+                     ) -> dict[str, Any]:
+    """Greedy answers to the golden prompts: non-empty, ended by EOS within the limit, not degenerate. A causal
+    LM answers each as a user turn (chat template); an encoder-decoder reads it as its input."""
     import time
 
     import torch
@@ -199,13 +218,18 @@ def smoke_generation(net: Any, tokenizer: Any, cfg: EvaluateConfig, device: str)
     stops.discard(None)
     results, started = [], time.time()
     for prompt in cfg.smoke_prompts:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        enc = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)
+        if task.kind == "seq2seq":  # the decoder's output after its start token
+            enc = tokenizer(prompt, return_tensors="pt", return_token_type_ids=False).to(device)
+            start = 1
+        else:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                 add_generation_prompt=True)
+            enc = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)
+            start = enc["input_ids"].shape[1]
         with torch.no_grad():
             out = net.generate(**enc, max_new_tokens=cfg.smoke_max_new_tokens, do_sample=False,
                                pad_token_id=tokenizer.pad_token_id)
-        new = out[0, enc["input_ids"].shape[1]:].tolist()
+        new = out[0, start:].tolist()
         ended = any(t in stops for t in new)
         body = new[: next((i for i, t in enumerate(new) if t in stops), len(new))]
         answer = tokenizer.decode(body, skip_special_tokens=True).strip()

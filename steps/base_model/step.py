@@ -45,7 +45,8 @@ def prepare_base_model(cfg: BaseModelConfig, store: ArtifactStore, chat_template
 
     The key is the model's content (file digests; for a registry version, its trained weights' digests),
     not its path, so an unchanged 7B folder is neither hashed (digests cached by path, size and mtime) nor
-    uploaded twice. Stats: source, kind, architecture, parameters, whether it is a causal LM, the chat
+    uploaded twice. Stats: source, kind, architecture, parameters, whether it is a causal LM or an
+    encoder-decoder, the chat
     template, the Hub commit (hf:) or the parent version and base chain (models:/). Raises ``ConfigError``
     naming ``base_model.source`` for a missing or unusable model (no safetensors, no tokenizer, remote code,
     offline Hub, unknown registry version).
@@ -143,4 +144,5 @@ def describe(folder: Path, origin: str) -> dict[str, Any]:
     config = read_config(folder / "config.json", origin)
     return {"architecture": (config.get("architectures") or [config.get("model_type")])[0],
             "model_type": config.get("model_type"), "causal": is_causal_lm(config),
+            "seq2seq": bool(config.get("is_encoder_decoder")),
             "parameters": parameter_count(folder)}

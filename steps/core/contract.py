@@ -21,7 +21,9 @@ PINNED_SPLIT = "_tuneline_split"
 # text records may also come from labelled files (the label is left out).
 FORMAT_KINDS = {"messages": "chat", "sharegpt": "chat", "alpaca": "chat", "text": "text",
                 "classification": "classification", "regression": "regression", "preference": "preference",
-                "prompt": "prompt"}
+                "prompt": "prompt", "seq2seq": "seq2seq"}
+# Chat formats a seq2seq record kind also reads: an instruction pair's prompt as the input, its answer as the target.
+SEQ2SEQ_CHAT_FORMATS = ("messages", "sharegpt", "alpaca")
 
 
 def form_schema(schema: dict[str, Any]) -> None:
@@ -54,10 +56,12 @@ class Task(StrictModel):
     ``len(labels)`` outputs with cross-entropy, or one output with MSE); reward is a reward model, one
     output scoring prompt + answer, trained on preference pairs with the Bradley-Terry loss; mlm is
     masked-LM domain adaptation of an encoder (``AutoModelForMaskedLM``) on text records, whose masked
-    positions take ``mask_token_id``.
+    positions take ``mask_token_id``; seq2seq is an encoder-decoder (``AutoModelForSeq2SeqLM``: T5, BART) that
+    reads an input and generates its target, trained on the target tokens.
     """
 
-    kind: Literal["sft", "cpt", "classification", "regression", "preference", "rl", "reward", "mlm"] = "sft"
+    kind: Literal["sft", "cpt", "classification", "regression", "preference", "rl", "reward", "mlm",
+                  "seq2seq"] = "sft"
     labels: list[str] = Field(default_factory=list)
     mask_token_id: int | None = None
 
@@ -74,7 +78,12 @@ class Task(StrictModel):
     @property
     def causal_lm(self) -> bool:
         """Whether the model keeps the causal LM head (sft, cpt, preference, rl): it generates text."""
-        return not self.sequence_head and self.kind != "mlm"
+        return not self.sequence_head and self.kind not in ("mlm", "seq2seq")
+
+    @property
+    def generates(self) -> bool:
+        """Whether the model answers with generated text (a causal LM, or an encoder-decoder)."""
+        return self.causal_lm or self.kind == "seq2seq"
 
 
 CAUSAL = Task()

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 # Shipped models (steps/base_model/shipped.py): alias -> whether it is an encoder.
 SHIPPED: dict[str, bool] = {"smollm2-135m-instruct": False, "tiny-random-llama": False,
-                            "all-minilm-l6-v2": True, "tiny-random-bert": True}
+                            "all-minilm-l6-v2": True, "tiny-random-bert": True, "tiny-random-t5": False}
+# The shipped encoder-decoders (sequence-to-sequence; neither a causal LM nor an encoder).
+SHIPPED_SEQ2SEQ = {"tiny-random-t5"}
 FORMS = ("a shipped name (" + ", ".join(SHIPPED) + "), a local Hugging Face folder, a .gguf file, "
          "s3://bucket/prefix/, hf:ORG/NAME[@REVISION], models:/NAME@ALIAS or models:/NAME/VERSION")
 _HF = re.compile(r"hf:(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?")

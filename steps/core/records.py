@@ -1,7 +1,8 @@
 """Records in their kind's form, read from ingest's raw file: what validate checks and scrub reads.
 
     for record in validated_records(store, validated):   # a validate artifact
-        ...  # {"id", "messages"} / {"id", "text"} / {"id", "text", "label"} / {"id", "prompt", "chosen", "rejected"} / {"id", "prompt", "answer"?}
+        ...  # {"id", "messages"} / {"id", "text"} / {"id", "text", "label"} / {"id", "input", "target"}
+             # / {"id", "prompt", "chosen", "rejected"} / {"id", "prompt", "answer"?}
 
 Validate writes no copy of the records (the raw area is ingest's file only): its artifact names the raw
 file (``raw`` in its stats) and the lines it quarantined; ``validated_records`` streams the raw file,
@@ -57,6 +58,28 @@ def _sharegpt_message(speaker: str, value: Any) -> dict[str, Any]:
     return {"role": SHAREGPT_ROLES.get(speaker), "content": value}
 
 
+def seq2seq_pair(obj: Any) -> tuple[Any, Any] | None:
+    """A seq2seq record's (input, target): its ``input`` and ``target`` fields, or a chat or instruction record
+    whose last message is the assistant's answer (the target) to the messages before it (the input: the user's
+    text, after the system prompt when there is one; earlier turns as ``role: content`` lines). None when it
+    is neither."""
+    if not isinstance(obj, dict):
+        return None
+    if "target" in obj and "instruction" not in obj:
+        return (obj["input"], obj["target"]) if "input" in obj else None
+    messages = as_messages(obj)
+    if not messages or not all(isinstance(m, dict) for m in messages) or messages[-1].get("role") != "assistant":
+        return None
+    before = messages[:-1]
+    if all(m.get("role") in ("system", "user") for m in before) and sum(m.get("role") == "user" for m in before) == 1:
+        texts = [m.get("content") for m in before]
+        prompt = "\n\n".join(t for t in texts if isinstance(t, str)) if all(isinstance(t, str) for t in texts) \
+            else None
+    else:
+        prompt = "\n".join(f"{m.get('role')}: {m.get('content')}" for m in before) if before else None
+    return prompt, messages[-1].get("content")
+
+
 def record_id(obj: dict[str, Any], line: int) -> str:
     """The record's id, or ``line-<n>`` when it has none."""
     return str(obj.get("id", f"line-{line}"))
@@ -79,6 +102,8 @@ def record_form(obj: dict[str, Any], kind: str, line: int) -> dict[str, Any]:
         form["prompt"] = obj["prompt"]
         if obj.get("answer") is not None:
             form["answer"] = obj["answer"]
+    elif kind == "seq2seq":
+        form["input"], form["target"] = seq2seq_pair(obj)  # type: ignore[misc]
     else:
         form |= {"text": obj["text"], "label": obj["label"]}
     return form

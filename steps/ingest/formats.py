@@ -6,7 +6,8 @@ and the column mapping (``ingest.columns``) that renames a user's fields to the 
 
 Formats and the fields that tell them apart (FORMAT_KINDS in steps/core/contract.py gives each one's
 record kind): messages ``messages``; sharegpt ``conversations``; alpaca ``instruction`` with
-``output`` or ``response``; preference ``prompt``, ``chosen`` and ``rejected``; prompt ``prompt`` without
+``output`` or ``response``; seq2seq ``input`` and ``target`` (without ``instruction``);
+preference ``prompt``, ``chosen`` and ``rejected``; prompt ``prompt`` without
 ``chosen``/``rejected`` (``answer`` optional); classification
 ``text`` with a string ``label``; regression ``text`` with a numeric ``label``; text ``text`` alone.
 """
@@ -34,6 +35,8 @@ def formats_of(record: Any) -> set[str]:
         found.add("sharegpt")
     if "instruction" in record and ("output" in record or "response" in record):
         found.add("alpaca")
+    if {"input", "target"} <= record.keys() and "instruction" not in record:
+        found.add("seq2seq")
     if {"prompt", "chosen", "rejected"} <= record.keys():
         found.add("preference")
     elif "prompt" in record and not {"chosen", "rejected"} & record.keys():

@@ -6,7 +6,7 @@
 ``safetensors``: the trained weights merged into the base (LoRA/QLoRA adapters folded in, full and
 head weights as trained) as a Hugging Face folder: ``config.json``, ``model.safetensors``, the
 tokenizer and its chat template; classifiers keep their label names (``id2label``), masked-LMs export as
-their ``*ForMaskedLM`` folder.
+their ``*ForMaskedLM`` folder, encoder-decoders as their ``*ForConditionalGeneration`` folder.
 ``gguf``: the same merged weights as one GGUF file (F32 or F16) for Llama-family causal LMs with a
 GPT-2-style BPE tokenizer (SmolLM2, Llama 3, ...), q/k laid out as llama.cpp expects, the tokenizer
 and chat template in the metadata. LoReFT versions have no plain-weight form (they edit hidden
@@ -227,7 +227,11 @@ def compare(reference: Any, exported: Any, tokenizer: Any, task: Any) -> dict[st
 
     diffs, mine, theirs = [], [], []
     for prompt in CHECK_PROMPTS:
-        if not task.causal_lm:  # a sequence head or a masked-LM: the text with its special tokens
+        if task.kind == "seq2seq":  # the input as the encoder reads it; logits of the decoder's first step
+            enc = tokenizer(prompt, return_tensors="pt", return_token_type_ids=False)
+            start = reference.generation_config.decoder_start_token_id
+            enc["decoder_input_ids"] = torch.tensor([[start if start is not None else tokenizer.pad_token_id]])
+        elif not task.causal_lm:  # a sequence head or a masked-LM: the text with its special tokens
             enc = tokenizer(prompt, return_tensors="pt")
         else:
             text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
@@ -236,7 +240,12 @@ def compare(reference: Any, exported: Any, tokenizer: Any, task: Any) -> dict[st
         with torch.no_grad():
             a, b = reference(**enc).logits[:, -1].float(), exported(**enc).logits[:, -1].float()
             diffs.append(float((a - b).abs().max()))
-            if not task.causal_lm:
+            if task.kind == "seq2seq":
+                inputs = {k: v for k, v in enc.items() if k != "decoder_input_ids"}
+                for net, out in ((reference, mine), (exported, theirs)):
+                    ids = net.generate(**inputs, max_new_tokens=8, do_sample=False)
+                    out.append(tokenizer.decode(ids[0], skip_special_tokens=True))
+            elif not task.causal_lm:
                 mine.append(int(a.argmax()))
                 theirs.append(int(b.argmax()))
             else:

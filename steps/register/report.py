@@ -39,7 +39,8 @@ def render_summary(summary: PipelineSummary, links: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-SHOWN = ("perplexity", "bleu", "accuracy", "f1_macro", "mse", "mae", "r2", "pref_accuracy", "reward_accuracy",
+SHOWN = ("perplexity", "bleu", "rouge_l",
+         "accuracy", "f1_macro", "mse", "mae", "r2", "pref_accuracy", "reward_accuracy",
          "reward_margin", "mean_reward", "kl_to_reference", "masked_accuracy", "pseudo_perplexity")
 WIN_RATES = ("reward_win_rate", "reward_win_rate_vs_champion")  # the candidate's alone (register derives them)
 

@@ -18,6 +18,10 @@ Reward models score plain texts or {prompt, response} pairs (rendered as in trai
     mlflow.pyfunc.load_model("models:/tuneline-reward@champion").predict(
         [{"prompt": "Hi there", "response": "Hello! How are you?"}])  # -> [1.73]
 
+Encoder-decoders (T5, BART) generate the target of each input (cut at the training ``max_seq_len``):
+
+    mlflow.pyfunc.load_model("models:/tuneline-seq2seq@champion").predict(["How are you?"])  # -> ["I am fine."]
+
 Masked-LMs (domain-adapted encoders) fill each mask token (``[MASK]`` for BERT tokenizers) with their most likely
 token and return the text as the tokenizer decodes it (an uncased tokenizer lower-cases it):
 
@@ -63,11 +67,11 @@ class ChatAdapterModel(PythonModel):
         self.model = methods.load(Path(base_dir), trained, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["tokenizer"])
         # Generation pads on the left; an encoder's [CLS] must stay at position 0 (right padding, as in training).
-        self.tokenizer.padding_side = "right" if self.task.sequence_head or self.task.kind == "mlm" else "left"
+        self.tokenizer.padding_side = "left" if self.task.causal_lm else "right"
         self.max_new_tokens = int(config.get("max_new_tokens", 64))
         if self.task.kind == "reward":  # how tokenize encoded the pairs: the same here (steps/tokenize/encode.py)
             self.pair_input = config.get("pair_input", "chat")
-            self.max_seq_len = int(config.get("max_seq_len", 256))
+        self.max_seq_len = int(config.get("max_seq_len", 256))
 
     def predict(self, context, model_input, params=None):
         import torch
@@ -83,10 +87,15 @@ class ChatAdapterModel(PythonModel):
             return self.classify([str(p) for p in prompts])
         if self.task.kind == "mlm":
             return self.fill_masks([str(p) for p in prompts])
+        max_new = int((params or {}).get("max_new_tokens", self.max_new_tokens))
+        if self.task.kind == "seq2seq":
+            from steps.train.seq2seq import generate
+
+            return generate(self.model, self.tokenizer, [str(p) for p in prompts], max_new, len(prompts) or 1,
+                            self.device, self.max_seq_len)
         texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": str(p)}], tokenize=False,
                                                     add_generation_prompt=True) for p in prompts]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        max_new = int((params or {}).get("max_new_tokens", self.max_new_tokens))
         with torch.no_grad():
             out = self.model.generate(**enc, max_new_tokens=max_new, do_sample=False,
                                       pad_token_id=self.tokenizer.pad_token_id)

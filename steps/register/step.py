@@ -38,7 +38,7 @@ BASE_EXPERIMENT = "tuneline-base-models"
 STEPS_DIR = Path(__file__).resolve().parents[1]  # the package, shipped with the model as code
 SERVING_CODE = STEPS_DIR / "register" / "serving.py"
 LOWER_IS_BETTER = {metric: lower for metrics in GATE_METRICS.values() for metric, lower in metrics.items()}
-CARD_METRICS = ("perplexity", "bleu", "chrf", "accuracy", "f1_macro", "mse", "mae", "r2", "pref_accuracy",
+CARD_METRICS = ("perplexity", "bleu", "chrf", "rouge_l", "accuracy", "f1_macro", "mse", "mae", "r2", "pref_accuracy",
                 "logp_margin", "reward_accuracy", "reward_margin", "mean_reward", "kl_to_reference", "reward_win_rate",
                 "reward_win_rate_vs_champion", "masked_accuracy", "pseudo_perplexity")
 
@@ -193,7 +193,7 @@ def register_model(cfg: RegisterConfig, record: RunRecord, store: ArtifactStore,
             # base_model_files and artifact_files: what load_context checks before it loads (serving.py)
             model_config={"base_model_uri": base_uri, "base_model_digest": record.model.base.digest,
                           "base_model_files": base_files, "artifact_files": artifact_files,
-                          **reward_encoding(record.datasets["tokenize"])},
+                          **served_encoding(record.datasets["tokenize"])},
             pip_requirements=serving_requirements(),
             signature=signature_for(task),
             input_example=input_example(task, store, record.datasets["tokenize"]),
@@ -567,10 +567,14 @@ EXAMPLE_TEXT = {"classification": "An example text to classify.", "regression": 
 REWARD_EXAMPLE = {"prompt": "What is the capital of France?", "response": "The capital of France is Paris."}
 
 
-def reward_encoding(data: DatasetRef) -> dict[str, Any]:
-    """A reward model's served inputs are encoded as tokenize encoded its pairs: ``pair_input`` (chat or
-    text_pair) and ``max_seq_len``, from the tokenize stats (nothing for other tasks)."""
-    if data.stats.get("task") != "reward":
+def served_encoding(data: DatasetRef) -> dict[str, Any]:
+    """Served inputs are encoded as tokenize encoded the training rows: a reward model's ``pair_input`` (chat or
+    text_pair) and ``max_seq_len``, an encoder-decoder's ``max_seq_len`` (its inputs are cut there), from the
+    tokenize stats (nothing for other tasks)."""
+    task = data.stats.get("task")
+    if task == "seq2seq":
+        return {"max_seq_len": data.stats.get("max_seq_len", 256)}
+    if task != "reward":
         return {}
     return {"pair_input": data.stats.get("pair_input", "chat"), "max_seq_len": data.stats.get("max_seq_len", 256)}
 
@@ -584,6 +588,8 @@ def input_example(task: str, store: ArtifactStore, data: DatasetRef) -> list[Any
         return [EXAMPLE_TEXT[task]]
     if "eval_prompts.jsonl" in store.manifest(data.key)["files"]:
         for prompt in store.read_jsonl(data, "eval_prompts.jsonl")[:20]:
+            if isinstance(prompt.get("input"), str) and prompt["input"].strip():  # a seq2seq input
+                return [prompt["input"][:500]]
             turns = [m.get("content") for m in prompt.get("messages") or [] if m.get("role") == "user"]
             if turns and isinstance(turns[-1], str) and turns[-1].strip():
                 return [turns[-1][:500]]

@@ -69,7 +69,7 @@ EXAMPLES = 5
 CHUNK_RECORDS = 10_000  # records per chunk of the stream
 # The text fields scrubbed per kind (chat records: every message's content).
 _TEXT_FIELDS = {"text": ("text",), "classification": ("text",), "regression": ("text",),
-                "preference": ("prompt", "chosen", "rejected"), "prompt": ("prompt",)}
+                "preference": ("prompt", "chosen", "rejected"), "prompt": ("prompt",), "seq2seq": ("input", "target")}
 # What a replaced value becomes under the placeholder and hash actions (masks keep no letters).
 PLACEHOLDER = re.compile(r"<[A-Z_]+(?::[0-9a-f]{12})?>")
 

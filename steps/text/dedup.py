@@ -631,11 +631,13 @@ class LeakageIndex:
 
 def record_text(record: dict[str, Any]) -> str:
     """The content of a record that duplicates are judged on: every message (chat), the text
-    (text, classification, regression) or prompt, chosen and rejected (preference)."""
+    (text, classification, regression), prompt, chosen and rejected (preference) or input and target (seq2seq)."""
     if "messages" in record:
         return "\n".join(str(m.get("content") or "") + (json.dumps(m["tool_calls"], ensure_ascii=False)
                                                       if m.get("tool_calls") else "") for m in record["messages"])
     if "prompt" in record:
         return "\n".join(str(record.get(k, "")) for k in ("prompt", "chosen", "rejected", "answer") if k in record)
+    if "target" in record:
+        return f"{record.get('input', '')}\n{record['target']}"
     return str(record.get("text", ""))
 

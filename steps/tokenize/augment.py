@@ -152,6 +152,8 @@ def slots(record: dict[str, Any], kind: str, target: str) -> list[Slot]:
         return [("prompt", None), *([("chosen", None), ("rejected", None)] if target == "all" else [])]
     if kind == "prompt":  # the answer is the rewards' reference: never changed
         return [("prompt", None)]
+    if kind == "seq2seq":
+        return [("input", None), *([("target", None)] if target == "all" else [])]
     return [("text", None)]
 
 

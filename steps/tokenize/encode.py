@@ -1,6 +1,7 @@
 """Records to token rows, per kind: chats rendered with the model's template and labelled on
 assistant turns only (``encode_chat_batch``), labelled texts (``encode_labelled``), preference pairs
-(``encode_pairs``), prompts for online RL (``encode_prompts``) and packed text blocks (``pack_texts``; for an
+(``encode_pairs``), prompts for online RL (``encode_prompts``), input/target pairs for an encoder-decoder
+(``encode_seq2seq``) and packed text blocks (``pack_texts``; for an
 encoder framed by its special tokens, with word boundaries for masked-LM). Byte-level BPE tokenizers encode through
 the pre-token cache (``pretoken_encoder``, steps/text/pretokens.py).
 """
@@ -383,6 +384,42 @@ def encode_prompts(tokenizer: Any, sides: dict[str, list[dict]], cfg: TokenizeCo
              "train_tokens": sum(len(r["input_ids"]) for r in splits["train"]), "truncated": 0,
              "dropped_long": dropped}
     return splits, prompts, stats
+
+
+def encode_seq2seq(tokenizer: Any, sides: dict[str, list[dict]], cfg: TokenizeConfig
+                   ) -> tuple[dict[str, list[dict]], list[dict], dict[str, Any]]:
+    """Encoder-decoder rows ``{"id", "input_ids", "labels"}``: the input as the encoder reads it and the target as
+    the decoder learns it (``text_target``: the model's own framing, e.g. T5's ``</s>``, BART's ``<s> ... </s>``),
+    each cut at max_seq_len with its closing token kept (``truncated`` counts records cut on either side). Every
+    label token is learned: the decoder's inputs are the labels shifted right (the model's
+    ``decoder_start_token_id`` first). Eval prompts: ``{"id", "input", "reference"}``."""
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("the base model's tokenizer has no EOS token to end the targets with")
+    splits: dict[str, list[dict[str, Any]]] = {"train": [], "eval": []}
+    prompts: list[dict[str, Any]] = []
+    truncated = 0
+    for side, records in sides.items():
+        for start in tqdm(range(0, len(records), ENCODE_BATCH), desc=f"tokenize {side}", unit="batch", mininterval=2):
+            batch = records[start:start + ENCODE_BATCH]
+            inputs = tokenizer([r["input"] for r in batch], verbose=False)["input_ids"]
+            targets = tokenizer(text_target=[r["target"] for r in batch], verbose=False)["input_ids"]
+            for record, ids, labels in zip(batch, inputs, targets):
+                cut = len(ids) > cfg.max_seq_len or len(labels) > cfg.max_seq_len
+                truncated += cut
+                splits[side].append({"id": record["id"], "input_ids": _cut(ids, cfg.max_seq_len),
+                                     "labels": _cut(labels, cfg.max_seq_len)})
+                if side == "eval":
+                    prompts.append({"id": record["id"], "input": record["input"], "reference": record["target"]})
+    stats = {"train_records": len(splits["train"]), "eval_records": len(splits["eval"]),
+             "train_tokens": sum(len(r["input_ids"]) + len(r["labels"]) for r in splits["train"]),
+             "trainable_tokens": sum(len(r["labels"]) for r in splits["train"]), "truncated": truncated,
+             "max_seq_len": cfg.max_seq_len}
+    return splits, prompts, stats
+
+
+def _cut(ids: list[int], limit: int) -> list[int]:
+    """The first ``limit`` ids with the last one (the closing special token) kept."""
+    return ids if len(ids) <= limit else ids[: limit - 1] + ids[-1:]
 
 
 def pack_texts(tokenizer: Any, sides: dict[str, list[dict]], cfg: TokenizeConfig, encoder: bool = False

@@ -25,6 +25,7 @@ from steps.tokenize.encode import (
     encode_pairs,
     encode_prompts,
     encode_reward_pairs,
+    encode_seq2seq,
     pack_texts,
 )
 from steps.tokenize.split import (
@@ -58,9 +59,9 @@ def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, s
 
     check_model_fits_records(source.stats["record_kind"], model, cfg.reward_model)
     tokenizer = AutoTokenizer.from_pretrained(store.download(model.base))
-    encoder = model.base.stats.get("causal") is False
+    encoder = model.base.stats.get("causal") is False and not model.base.stats.get("seq2seq")
     pair_input = "text_pair" if encoder else "chat"  # reward_model only
-    if source.stats["record_kind"] in ("chat", "preference", "prompt") and not tokenizer.chat_template \
+    if source.stats["record_kind"] in CAUSAL_KINDS and not tokenizer.chat_template \
             and not (cfg.reward_model and pair_input == "text_pair"):
         raise ConfigError(f"the base model ({model.base.stats.get('source')}) has no chat template in its tokenizer; "
                           "set tokenize.chat_template (chatml, llama3, gemma or the path of a Jinja file)")
@@ -93,6 +94,8 @@ def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, s
         splits, prompts, stats = encode_pairs(tokenizer, sides, cfg)
     elif kind == "prompt":
         splits, prompts, stats = encode_prompts(tokenizer, sides, cfg)
+    elif kind == "seq2seq":
+        splits, prompts, stats = encode_seq2seq(tokenizer, sides, cfg)
     else:
         splits, prompts, stats = encode_chats(tokenizer, sides, cfg)
     task = "reward" if cfg.reward_model else "mlm" if kind == "text" and encoder else TASKS[kind]
@@ -113,9 +116,18 @@ def tokenize_dataset(cfg: TokenizeConfig, source: DatasetRef, model: ModelRef, s
 def check_model_fits_records(kind: str, model: ModelRef, reward_model: bool = False) -> None:
     """Chat, preference and prompt records need a causal LM: an encoder base is a ConfigError, except for
     preference records that train a reward model (``reward_model``: a scalar head on any base). Text records
-    train either (masked-LM on an encoder)."""
+    train either (masked-LM on an encoder). Seq2seq records need an encoder-decoder, and an encoder-decoder
+    learns seq2seq records only."""
     if reward_model and kind != "preference":
         raise ConfigError(f"tokenize.reward_model needs preference records, not {kind!r} records")
+    seq2seq = bool(model.base.stats.get("seq2seq"))
+    if seq2seq != (kind == "seq2seq"):
+        what = f"an encoder-decoder ({model.base.stats.get('architecture')})" if seq2seq else \
+            f"not an encoder-decoder ({model.base.stats.get('architecture')})"
+        raise ConfigError(f"base_model.source {model.base.stats.get('source')!r} is {what}; "
+                          + ("it learns seq2seq records ({input, target}; validate.record_kind seq2seq), not "
+                             f"{kind!r} records" if seq2seq else "seq2seq records need an AutoModelForSeq2SeqLM "
+                             "model such as T5 or BART"))
     if kind in CAUSAL_KINDS and model.base.stats.get("causal") is False and not reward_model:
         raise ConfigError(f"base_model.source {model.base.stats.get('source')!r} is an encoder "
                           f"({model.base.stats.get('architecture')}) without a language-model head; {kind!r} "

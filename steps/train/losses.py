@@ -1,6 +1,7 @@
 """The losses of the training loop: one micro-batch's loss as the task defines it (``batch_loss``), the
 chunked output projection + cross-entropy (``chunked_loss``, train.loss_chunk_tokens), the eval losses
-(token NLL, sequence loss, pair loss, masked-LM loss on fixed masks), and the exact weighting of a data-parallel rank's share of a
+(token NLL, sequence loss, pair loss,
+masked-LM loss on fixed masks, seq2seq target NLL), and the exact weighting of a data-parallel rank's share of a
 micro-batch (``share_of``, ``loss_module``; docs/DESIGN.md, "Data parallelism")."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Any
 
 from steps.config import TrainConfig
 from steps.core.contract import IGNORE, Task
-from steps.train import mlm, preference, reward
+from steps.train import mlm, preference, reward, seq2seq
 from steps.train.batching import PACKED_FORWARD, collate, pack
 from steps.train.methods.common import language_model
 from steps.train.parallel import Group
@@ -25,6 +26,8 @@ def batch_loss(net: Any, rows: list[dict], task: Task, cfg: TrainConfig, pad_id:
         return reward.pair_loss(net, rows, cfg.preference, pad_id, device)
     if task.kind == "mlm":
         return mlm.masked_loss(net, rows, cfg.mlm, task, pad_id, device)
+    if task.kind == "seq2seq":
+        return seq2seq.seq2seq_loss(net, rows, pad_id, device)
     if cfg.packing:
         batch = {k: v.to(device) for k, v in pack(rows, budget).items()}
         tokens = batch["input_ids"].numel()
@@ -150,7 +153,7 @@ def record_losses(net: Any, task: Task, sides: dict[str, list[dict]], batch_size
     """Per record of each side: ``{"id", "split", "loss", "tokens"}``, the mean loss the trained model
     gives it (token NLL of its label tokens, over all its rows: a windowed conversation is one record;
     a sequence head's cross-entropy or squared error; a preference pair's chosen answer; a reward model's pair
-    loss; a masked-LM block's fixed masked positions). Highest first."""
+    loss; a masked-LM block's fixed masked positions; a seq2seq record's target tokens). Highest first."""
     import torch
 
     from steps.core.progress import progress as bar
@@ -175,6 +178,11 @@ def record_losses(net: Any, task: Task, sides: dict[str, list[dict]], batch_size
                 scores = mlm.masked_scores(net, rows, task.mask_token_id, batch_size, pad_id, device)
                 progress.update(len(rows))
                 for row, (total, count, _) in zip(rows, scores):
+                    sums[(side, str(row["id"]))] = [total, count]
+                continue
+            if task.kind == "seq2seq":
+                progress.update(len(rows))
+                for row, (total, count) in zip(rows, seq2seq.row_nll(net, rows, batch_size, pad_id, device)):
                     sums[(side, str(row["id"]))] = [total, count]
                 continue
             rows = sorted(rows, key=lambda r: len(r["input_ids"]))  # similar lengths per batch: little padding
@@ -233,6 +241,8 @@ def eval_loss(cfg: TrainConfig, task: Task, net: Any, rows: list[dict], pad_id: 
         return sum(s[0] for s in scores) / max(sum(s[1] for s in scores), 1)
     if task.sequence_head:
         return sequence_loss(net, rows, cfg.batch_size, pad_id, device)
+    if task.kind == "seq2seq":
+        return seq2seq.mean_nll(net, rows, cfg.batch_size, pad_id, device)[0]
     if task.kind == "preference":
         total = 0.0
         with torch.no_grad():
@@ -282,6 +292,8 @@ def loss_units(row: dict, task: Task, cfg: TrainConfig, budget: int) -> int:
     if task.sequence_head or (task.kind == "preference" and not orpo(task, cfg)):
         return 1
     labels = row.get("labels", row["input_ids"])
+    if task.kind == "seq2seq":  # the decoder learns every target token (no shift within the row)
+        return sum(1 for t in labels if t != IGNORE)
     if cfg.packing and task.kind != "preference":
         labels = labels[:budget]  # pack() truncates a document longer than the budget
     return sum(1 for t in labels[1:] if t != IGNORE)
@@ -291,6 +303,8 @@ def row_tokens(rows: list[dict], task: Task, cfg: TrainConfig, budget: int) -> i
     """The real tokens ``batch_loss`` would count for these rows."""
     if task.kind in ("preference", "reward"):
         return sum(len(r["input_ids"]) + len(r["rejected_ids"]) for r in rows)
+    if task.kind == "seq2seq":
+        return sum(len(r["input_ids"]) + len(r["labels"]) for r in rows)
     n = sum(len(r["input_ids"]) for r in rows)
     return min(n, budget) if cfg.packing else n
 

@@ -327,3 +327,60 @@ def test_grpo_parameter_set_runs_end_to_end(prefect_api, store, tmp_path):
     model = mlflow.pyfunc.load_model(f"models:/{model_name}/{summary.version.version}")
     assert isinstance(model.predict(["What is 2 + 2? Answer with the number only."], params={"max_new_tokens": 3})[0],
                       str)
+
+
+def test_seq2seq_parameter_set_fails_resumes_promotes_and_predicts(prefect_api, store, tmp_path, monkeypatch, capsys):
+    """seq2seq.yaml on the shipped tiny T5 with instruction pairs (alpaca records read as seq2seq): the flow fails
+    in training after a checkpoint, `tuneline run --resume` finishes it from there, the version is gated on the
+    target perplexity with BLEU/chrF/ROUGE-L measured, and `tuneline predict` answers from a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    from flows.cli import main
+    from flows.pipeline import finetune
+    from steps.train import step as train
+
+    words = ["cat", "dog", "bird", "fish", "bread", "apple", "tree", "house", "river", "garden"]
+    rows = [{"id": f"p{i}", "instruction": "Repeat the words backwards.", "input": f"{a} {b} {c}",
+             "output": f"{c} {b} {a}"} for i, (a, b, c) in enumerate(zip(words * 6, words[3:] * 6 + words[:3] * 6,
+                                                                         words[7:] * 6 + words[:7] * 6))]
+    model_name = f"seq2seq-{uuid.uuid4().hex[:6]}"
+    params = PipelineParams.from_yaml(PARAMS / "seq2seq.yaml", [
+        f"ingest.source={write_jsonl(tmp_path / 'pairs.jsonl', rows)}", "ingest.format=alpaca",
+        f"artifacts_prefix={store.prefix}", f"register.model_name={model_name}", "train.max_steps=6",
+        "train.checkpoint_every=2", "train.batch_size=8", "scrub.near_dedup=false", "tokenize.leakage_threshold=null",
+        "tokenize.eval_fraction=0.2", "evaluate.max_records=16", "evaluate.bleu_samples=4", "evaluate.max_new_tokens=6",
+        "evaluate.smoke_max_new_tokens=6"])
+    assert params.task == "seq2seq" and params.register_.metric == "perplexity"
+    original = train.Checkpoints.save
+
+    def save_then_die(self, step, *args, **kwargs):  # fault injection: the step dies after its 2nd checkpoint
+        original(self, step, *args, **kwargs)
+        if step == 4:
+            raise RuntimeError("injected: the training process died")
+
+    monkeypatch.setattr(train.Checkpoints, "save", save_then_die)
+    failed = finetune(params, return_state=True)
+    assert failed.is_failed()
+    monkeypatch.setattr(train.Checkpoints, "save", original)
+    capsys.readouterr()
+    assert main(["run", "--resume", str(failed.state_details.flow_run_id)]) == 0
+    from mlflow import MlflowClient
+
+    versions = MlflowClient().search_model_versions(f"name = '{model_name}'")
+    assert len(versions) == 1 and MlflowClient().get_model_version_by_alias(model_name, "champion").version == "1"
+    run = MlflowClient().get_run(versions[0].run_id)
+    assert {"candidate_rouge_l", "candidate_bleu", "candidate_chrf", "candidate_perplexity"} <= run.data.metrics.keys()
+    trained = [k for k in store.list_keys(f"{store.prefix}/train/") if k.endswith("_MANIFEST.json")]
+    assert len(trained) == 1
+    import json
+
+    stats = json.loads(store.get_bytes(trained[0]))["stats"]
+    assert stats["resumed_from"] == 4 and stats["steps"] == 6
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNELINE_HOME")}
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "predict", f"{model_name}@champion",
+                           "Repeat the words backwards.\n\ncat dog bird", "--max-new-tokens", "5"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("Repeat the words backwards.")

@@ -155,10 +155,10 @@ def test_every_method_trains_a_reward_model_that_reloads(store, llama_pairs, tin
 
 def served(store, tuned, base, data):
     from steps.register.serving import ChatAdapterModel
-    from steps.register.step import reward_encoding
+    from steps.register.step import served_encoding
 
     base_dir = store.download(base.base)
-    context = types.SimpleNamespace(model_config={"base_model_uri": str(base_dir), **reward_encoding(data)},
+    context = types.SimpleNamespace(model_config={"base_model_uri": str(base_dir), **served_encoding(data)},
                                     artifacts={"trained": str(store.download(tuned.adapter)), "tokenizer": str(base_dir)})
     model = ChatAdapterModel()
     model.load_context(context)

@@ -65,10 +65,17 @@ def seed_new_head(model: Any, missing: Any, seed: int = 0) -> None:
 
 def task_head(task: Task) -> tuple[Any, dict[str, Any]]:
     """The Auto class for ``task`` and the config overrides of its head (labels of a sequence head)."""
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForMaskedLM,
+        AutoModelForSeq2SeqLM,
+        AutoModelForSequenceClassification,
+    )
 
     if task.kind == "mlm":
         return AutoModelForMaskedLM, {}
+    if task.kind == "seq2seq":
+        return AutoModelForSeq2SeqLM, {}
     if not task.sequence_head:
         return AutoModelForCausalLM, {}
     labels = task.labels if task.kind == "classification" else ["reward"] if task.kind == "reward" else ["value"]

@@ -4,7 +4,8 @@ rsLoRA (scale alpha/sqrt(r)) and DoRA (magnitude + direction) are peft switches.
 Saved: ``adapter_model.safetensors`` + ``adapter_config.json``; with ``merge_weights``
 also ``merged/`` full weights (adapter folded into the base). On classification and
 regression models peft's ``SEQ_CLS`` task type trains and saves the new head in full
-(``modules_to_save``) next to the adapter; on a masked-LM model the head's own layers do (its output
+(``modules_to_save``) next to the adapter; an encoder-decoder (T5, BART) gets ``SEQ_2_SEQ_LM``;
+on a masked-LM model the head's own layers do (its output
 projection stays tied to the frozen input embeddings). ``target_modules`` left out: the attention
 projections of the shipped architectures, peft's defaults for others, else every linear layer of
 the backbone (``common.attention_targets``).
@@ -29,7 +30,7 @@ def lora_config(cfg: TrainConfig, model: Any, task: Task = CAUSAL) -> Any:
     # layers (an encoder checkpoint may come without them: seeded, common.seed_new_head); peft has no masked-LM
     # task type, so its model is peft's generic one.
     saved = head_names(model) if task.sequence_head else masked_lm_head_names(model) if task.kind == "mlm" else None
-    kind = "SEQ_CLS" if task.sequence_head else None if task.kind == "mlm" else "CAUSAL_LM"
+    kind = {"mlm": None, "seq2seq": "SEQ_2_SEQ_LM"}.get(task.kind, "SEQ_CLS" if task.sequence_head else "CAUSAL_LM")
     return LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=attention_targets(cfg, model),
                       use_rslora=s.use_rslora, use_dora=s.use_dora, modules_to_save=saved, task_type=kind)
 
