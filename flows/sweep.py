@@ -24,7 +24,7 @@ from flows import pages, tasks
 from flows.pipeline import data_steps, finetune, save_result_storage
 from steps.config import PipelineParams
 from steps.core.contract import StrictModel
-from steps.core.errors import StepRunError
+from steps.core.errors import ConfigError, StepRunError
 from steps.core.store import ArtifactStore, ModelRef
 from steps.register.report import PipelineSummary
 from steps.sweep import record
@@ -65,6 +65,8 @@ def sweep(params: PipelineParams, space: SweepSpace, trials: int = 6, parallel: 
     """
     save_result_storage()
     space.check(params)
+    if trial_deployment:
+        require_deployment(trial_deployment)
     name = study or study_name(params, space)
     data_steps(params)  # once, before any trial: the trials find every data task cached
     optuna_study = start_study(name, space, params)
@@ -118,6 +120,19 @@ def run_study(study: Any, objective: Any, trials: int, parallel: int) -> None:
         study.optimize(objective, n_trials=waiting, n_jobs=1, catch=(StepRunError,), callbacks=[enough])
     if left := trials_left(study, trials):
         study.optimize(objective, n_trials=left, n_jobs=parallel, catch=(StepRunError,), callbacks=[enough])
+
+
+def require_deployment(name: str) -> None:
+    """ConfigError before anything runs when the Prefect server has no deployment ``name``."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            raise ConfigError(f"trial_deployment: the Prefect server has no deployment {name!r} (register it with "
+                              "`tuneline deploy --only trial`, and start a worker for its pool)") from None
 
 
 def run_trial(params: PipelineParams, number: int, context: contextvars.Context,

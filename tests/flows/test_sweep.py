@@ -132,3 +132,13 @@ def test_a_bad_space_fails_before_anything_runs(tmp_path, capsys):
     space.write_text("parameters:\n  train.lora.r: {type: categorical, choices: [4]}\n")
     assert main(["sweep", "--params", str(TINY), "--space", str(space), "--trials", "2"]) == 2
     assert "List should have at least 2 items" in capsys.readouterr().err
+
+
+def test_a_missing_trial_deployment_is_named_before_any_trial(prefect_api, store, tmp_path):
+    from flows.sweep import sweep
+
+    state = sweep(tiny_params(store, tmp_path), SweepSpace.parse(SPACE), trials=2,
+                  trial_deployment="tuneline-trial/missing", return_state=True)
+    assert state.is_failed()
+    assert "the Prefect server has no deployment 'tuneline-trial/missing'" in state.message
+    assert not store.list_keys(f"{store.prefix}/")  # nothing ran: no artifact under the run's prefix
