@@ -196,6 +196,7 @@ def test_mlm_parameter_set_adapts_an_encoder_a_classifier_then_continues_from(pr
     parent_uri = f"models:/{parent}/{summary.version.version}"
     filled = mlflow.pyfunc.load_model(parent_uri).predict(["the team scored a [MASK]"])
     assert filled[0].startswith("the team scored a") and "[MASK]" not in filled[0]
+    assert predicted_in_fresh_process(tmp_path, f"{parent}@champion", "the team scored a [MASK]") == filled[0]
     exported = export_version(f"{parent}/{summary.version.version}", "safetensors", tmp_path / "export")
     assert exported["task"] == "mlm" and exported["answers_agree"] and exported["max_logit_diff"] < 1e-4
     with pytest.raises(ConfigError, match="GGUF holds causal language models"):
@@ -232,7 +233,6 @@ def rl_run_page_shows_curves_kl_and_win_rate(summary, flow_run_id) -> None:
 
     from flows.pages import artifact_key
     from helpers import flow_run_page
-
     from steps.register.report import render_summary
 
     evals = summary.record.evaluations
@@ -333,10 +333,6 @@ def test_seq2seq_parameter_set_fails_resumes_promotes_and_predicts(prefect_api, 
     """seq2seq.yaml on the shipped tiny T5 with instruction pairs (alpaca records read as seq2seq): the flow fails
     in training after a checkpoint, `tuneline run --resume` finishes it from there, the version is gated on the
     target perplexity with BLEU/chrF/ROUGE-L measured, and `tuneline predict` answers from a fresh process."""
-    import os
-    import subprocess
-    import sys
-
     from flows.cli import main
     from flows.pipeline import finetune
     from steps.train import step as train
@@ -378,9 +374,19 @@ def test_seq2seq_parameter_set_fails_resumes_promotes_and_predicts(prefect_api, 
 
     stats = json.loads(store.get_bytes(trained[0]))["stats"]
     assert stats["resumed_from"] == 4 and stats["steps"] == 6
+    assert isinstance(predicted_in_fresh_process(tmp_path, f"{model_name}@champion", "cat dog bird", "5"), str)
+
+
+def predicted_in_fresh_process(tmp_path, spec: str, text: str, max_new_tokens: str = "8") -> str:
+    """`tuneline predict SPEC TEXT` in a new process that knows only the service endpoints: the answer."""
+    import os
+    import subprocess
+    import sys
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNELINE_HOME")}
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "predict", f"{model_name}@champion",
-                           "Repeat the words backwards.\n\ncat dog bird", "--max-new-tokens", "5"],
-                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "predict", spec, text, "--max-new-tokens",
+                           max_new_tokens], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.startswith("Repeat the words backwards.")
+    asked, _, answer = done.stdout.rstrip("\n").partition("\t")
+    assert asked == text
+    return answer
