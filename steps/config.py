@@ -542,7 +542,8 @@ class TrainConfig(StrictModel):
       ``warmup_ratio``, ``weight_decay``, ``max_grad_norm``, ``dropout``.
     > How long to train: ``max_steps`` or ``epochs``, ``early_stopping``.
     > Batches: ``batch_size``, ``grad_accum_steps``, ``packing`` with ``tokens_per_batch``.
-    > Memory and kernels: ``gradient_checkpointing``, ``loss_chunk_tokens``, ``attention``.
+    > Memory and kernels: ``gradient_checkpointing``, ``loss_chunk_tokens``, ``attention``, ``precision``,
+      ``master_weights``, ``fused_adamw``, ``compile``, ``kernels``.
     > Checkpoints and reproducibility: ``checkpoint_every``, ``seed``.
     > Devices and processes: ``device``, ``processes``, ``distributed``.
     """
@@ -578,7 +579,7 @@ class TrainConfig(StrictModel):
 
     # Optimization
     optimizer: Literal["adamw", "sgd", "adamw_8bit"] = Field(
-        "adamw", description="adamw (torch, fused on CUDA), sgd (momentum 0.9), adamw_8bit (bitsandbytes)."
+        "adamw", description="adamw (torch; fused: fused_adamw), sgd (momentum 0.9), adamw_8bit (bitsandbytes)."
     )
     learning_rate: float = Field(2e-4, gt=0.0, le=1.0, description="Peak learning rate.")
     scheduler: Literal["linear", "cosine", "constant"] = Field(
@@ -620,7 +621,27 @@ class TrainConfig(StrictModel):
     )
     attention: Literal["auto", "sdpa", "flex_attention", "eager"] = Field(
         "auto", description="Attention kernel; 'auto' = flex_attention when packing on CUDA, else the "
-        "architecture's default (sdpa where supported)."
+        "architecture's default (sdpa where supported). flex_attention trains on CUDA only (no backward on the CPU)."
+    )
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="Dtype of the model's weights: 'auto' = bf16 on CUDA, fp32 on the CPU; bf16 or fp32 on any "
+        "device (bf16 on the CPU rehearses the CUDA path). qlora's 4-bit base computes in quant.compute_dtype."
+    )
+    master_weights: bool = Field(
+        True, description="Trained weights in bf16 (full, head) with optimizer adamw: the optimizer keeps an fp32 "
+        "master copy of them and fp32 moments (12 bytes per trained weight instead of 4), so updates smaller than "
+        "bf16's resolution add up instead of rounding away; false: pure bf16 updates."
+    )
+    fused_adamw: bool | None = Field(
+        None, description="optimizer adamw: torch's fused AdamW kernel (CUDA or the CPU); None = on CUDA only."
+    )
+    compile: bool = Field(
+        False, description="torch.compile every transformer block (regional: one graph reused by all blocks; inductor "
+        "on CUDA or the CPU). The first steps are slower while it compiles."
+    )
+    kernels: Literal["none", "liger"] = Field(
+        "none", description="liger: liger-kernel's fused Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear "
+        "cross-entropy) patched into the model. CUDA only; needs `pip install liger-kernel` (not a dependency)."
     )
 
     # Checkpoints and reproducibility

@@ -56,11 +56,13 @@ def release_free_memory() -> bool:
     return libc is not None and libc.malloc_trim(0) in (0, 1)
 
 
-def dtype_for(device: str) -> Any:
-    """Weights in bf16 on CUDA, fp32 on the CPU."""
+def dtype_for(device: str, precision: str = "auto") -> Any:
+    """Weights in bf16 on CUDA, fp32 on the CPU (``auto``); ``bf16`` or ``fp32`` anywhere (train.precision)."""
     import torch
 
-    return torch.bfloat16 if device == "cuda" else torch.float32
+    if precision == "auto":
+        precision = "bf16" if device == "cuda" else "fp32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def peak_memory_gib(device: str) -> float:

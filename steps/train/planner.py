@@ -25,7 +25,7 @@ from typing import Any
 
 from steps.config import TrainConfig
 from steps.core.contract import Task
-from steps.core.device import release_free_memory
+from steps.core.device import dtype_for, release_free_memory
 from steps.core.errors import ConfigError
 
 GIB = 2**30
@@ -101,7 +101,7 @@ def model_shape(cfg: TrainConfig, base_dir: Path, task: Task) -> dict[str, Any]:
 def estimate_memory(cfg: TrainConfig, shape: dict[str, Any], device: str, seq_len: int, micro: int
                     ) -> dict[str, float]:
     """Bytes per part for ``micro`` sequences of ``seq_len`` tokens (docstring of the module)."""
-    width = 2 if device == "cuda" else 4  # bf16 on CUDA, fp32 on the CPU (steps/core/device.py)
+    width = dtype_for(device, cfg.precision).itemsize  # auto: bf16 on CUDA, fp32 on the CPU
     params, trainable = shape["parameters"], shape["trainable"]
     if cfg.method == "qlora":
         weights = shape["linear_parameters"] * 0.5 + (params - shape["linear_parameters"]) * 4
@@ -112,6 +112,8 @@ def estimate_memory(cfg: TrainConfig, shape: dict[str, Any], device: str, seq_le
     grad_width = width if cfg.method in ("full", "head") else 4  # adapters and interventions stay fp32
     gradients = trainable * grad_width
     states = {"adamw": 2 * grad_width, "adamw_8bit": 2, "sgd": grad_width}.get(cfg.optimizer, 2 * grad_width)
+    if cfg.optimizer == "adamw" and cfg.master_weights and grad_width == 2:  # fp32 master copy and moments
+        states = 12
     optimizer = trainable * states
     tokens = cfg.tokens_per_batch if cfg.packing and cfg.tokens_per_batch else micro * seq_len
     per_layer = (10 * shape["hidden"] + 5 * shape["intermediate"]) * width

@@ -27,7 +27,7 @@ from steps.core.lineage import run_key
 from steps.core.progress import progress as bar
 from steps.core.store import ArtifactRef, ArtifactStore, DatasetRef, ModelRef
 from steps.core.study import report_eval
-from steps.train import methods, parallel, ppo, preference, rl
+from steps.train import fastpath, methods, parallel, ppo, preference, rl
 from steps.train.batching import batch_order, pack_order
 from steps.train.checkpoints import Checkpoints
 from steps.train.losses import eval_loss, loss_module, record_losses, share_of
@@ -87,6 +87,7 @@ def train_in_process(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store:
         plan = plan_memory(planned, base_dir, task, device, seq_len=max(lengths) + cfg.rl.max_new_tokens)
     else:
         plan = plan_memory(cfg, base_dir, task, device, seq_len=max(lengths))  # before loading: fits, or fails here
+    fastpath.check_switches(cfg, device)
     import_method_libraries(cfg.method)
     meter = PeakMeter(device)  # from here on: the memory training takes
     meter.start()
@@ -107,6 +108,7 @@ def train_in_process(cfg: TrainConfig, data: DatasetRef, model: ModelRef, store:
                                    net.config.pad_token_id or 0)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(net)
+    fastpath.speed_up(cfg, net)  # train.kernels, train.compile
     pad_id = net.config.pad_token_id or 0
     # The loss of this rank's share of a micro-batch, as a module: DDP all-reduces gradients of its backward.
     trainer = group.wrap(loss_module(net, task, cfg, pad_id, device, group), net)
@@ -242,7 +244,7 @@ def unsharded(cfg: TrainConfig, base_dir: Path, device: str, task: Task, trained
     """
     import torch
 
-    net = methods.prepare(cfg, base_dir, "cpu", task).to(dtype_for(device))
+    net = methods.prepare(cfg, base_dir, "cpu", task).to(dtype_for(device, cfg.precision))
     params = dict(net.named_parameters())
     with torch.no_grad():
         for name, value in trained.items():
@@ -253,13 +255,18 @@ def unsharded(cfg: TrainConfig, base_dir: Path, device: str, task: Task, trained
 def make_optimizer(cfg: TrainConfig, params: list[Any], device: str) -> Any:
     import torch
 
+    from steps.train import master
+
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=0.9, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw_8bit":
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=device == "cuda")
+    fused = cfg.fused_adamw if cfg.fused_adamw is not None else device == "cuda"
+    if master.wanted(cfg, params):  # bf16 weights: the update lands on an fp32 copy (steps/train/master.py)
+        return master.MasterAdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused)
 
 
 def enable_gradient_checkpointing(net: Any) -> None:

@@ -25,7 +25,7 @@ def load_base(cfg: TrainConfig | None, base_dir: Path, device: str, task: Task =
     if cfg is not None and cfg.dropout is not None:
         config = AutoConfig.from_pretrained(base_dir)
         overrides = {key: cfg.dropout for key in DROPOUT_KEYS if hasattr(config, key)}
-    kwargs.setdefault("dtype", dtype_for(device))
+    kwargs.setdefault("dtype", dtype_for(device, cfg.precision if cfg is not None else "auto"))
     if cfg is not None and (attention := attention_for(cfg, device)) is not None:
         kwargs.setdefault("attn_implementation", attention)
     auto, head = task_head(task)
