@@ -5,9 +5,12 @@ data (same lengths, same model shape, same tokens per optimizer step).
     python bench/train_speed.py                      # GPU: Llama-3.2-1B shape, all variants
     python bench/train_speed.py --shape tiny --steps 3 --warmup 1   # CPU smoke (CI)
     python bench/train_speed.py --only baseline_lora ours_lora_packed_chunked
+    python bench/train_speed.py --shape tiny --precision bf16 --only ours_full_packed_chunked   # CUDA dtype on CPU
 
 Our variants run the real training step's code (``steps.train.methods`` prepare, ``steps.train.step``
-optimizer and ``batch_loss``, ``steps.train.batching`` packing, ``steps.train.losses`` chunked loss), one technique at a time.
+optimizer and ``batch_loss``, ``steps.train.batching`` packing, ``steps.train.losses`` chunked loss,
+``steps.train.fastpath`` compile and kernels), one technique at a time. ``--precision`` sets train.precision
+for our variants (auto: bf16 on CUDA, with fp32 master weights for full fine-tuning).
 Rows go to ``bench/results/<date>-<device>.json``: name, mode, tokens_per_s (real tokens,
 padding excluded), mfu_pct (4·N FLOPs/token for LoRA/QLoRA, 6·N for full, against
 ``--peak-tflops``, CUDA only), peak_mem_gib, tokens_per_step, speedup_vs_baseline (against the
@@ -171,28 +174,31 @@ def baseline(args: Any, mode: str, folder: Path, data: list[dict], n_params: int
 
 
 def ours(args: Any, name: str, mode: str, folder: Path, data: list[dict], n_params: int, device: str,
-         packing: bool, chunk: int, budget: int) -> dict:
+         packing: bool, chunk: int, budget: int, extra: dict[str, Any]) -> dict:
     """The training step's own code path with the chosen techniques on."""
     import torch
 
     from steps.config import LoraSettings, TrainConfig
     from steps.core.contract import Task
-    from steps.train import methods
+    from steps.train import fastpath, methods
     from steps.train.batching import batch_order, pack_order
     from steps.train.losses import batch_loss
     from steps.train.step import make_optimizer
 
     lora = LoraSettings(r=LORA["r"], alpha=LORA["alpha"], dropout=0.0, target_modules=LORA["target_modules"])
     settings: dict[str, Any] = {"method": mode, "batch_size": args.batch_size, "max_steps": args.steps + args.warmup,
-                                "packing": packing, "loss_chunk_tokens": chunk, "device": device}
+                                "packing": packing, "loss_chunk_tokens": chunk, "device": device,
+                                "precision": args.precision, **extra}
     if mode in ("lora", "qlora"):
         settings["lora"] = lora
     if packing:
         settings["tokens_per_batch"] = budget
     cfg = TrainConfig(**settings)
+    fastpath.check_switches(cfg, device)
     with Meter(device) as meter:
         torch.manual_seed(0)
         net = methods.prepare(cfg, folder, device, Task())
+        fastpath.speed_up(cfg, net)
         net.train()
         params = [p for p in net.parameters() if p.requires_grad]
         optimizer = make_optimizer(cfg, params, device)
@@ -232,17 +238,20 @@ def result(name: str, mode: str, tps: float, n_params: int, peak: float | None, 
             "peak_mem_gib": peak, "tokens_per_step": round(tokens_per_step), "params_m": round(n_params / 1e6, 2)}
 
 
-VARIANTS = {
-    # name: (runner, mode, packing, chunked loss)
-    "baseline_lora": ("baseline", "lora", False, False),
-    "ours_lora_padded": ("ours", "lora", False, False),
-    "ours_lora_packed": ("ours", "lora", True, False),
-    "ours_lora_packed_chunked": ("ours", "lora", True, True),
+VARIANTS: dict[str, tuple[str, str, bool, bool, dict[str, Any]]] = {
+    # name: (runner, mode, packing, chunked loss, other train settings)
+    "baseline_lora": ("baseline", "lora", False, False, {}),
+    "ours_lora_padded": ("ours", "lora", False, False, {}),
+    "ours_lora_packed": ("ours", "lora", True, False, {}),
+    "ours_lora_packed_chunked": ("ours", "lora", True, True, {}),
     # the same, with the baseline's own real tokens per optimizer step as the budget (the memory comparison)
-    "ours_lora_packed_chunked_baseline_tokens": ("ours", "lora", True, True),
-    "ours_qlora_packed_chunked": ("ours", "qlora", True, True),
-    "baseline_full": ("baseline", "full", False, False),
-    "ours_full_packed_chunked": ("ours", "full", True, True),
+    "ours_lora_packed_chunked_baseline_tokens": ("ours", "lora", True, True, {}),
+    "ours_lora_packed_chunked_compile": ("ours", "lora", True, True, {"compile": True}),
+    "ours_lora_packed_chunked_liger": ("ours", "lora", True, True, {"kernels": "liger"}),  # CUDA + liger-kernel
+    "ours_qlora_packed_chunked": ("ours", "qlora", True, True, {}),
+    "baseline_full": ("baseline", "full", False, False, {}),
+    "ours_full_packed_chunked": ("ours", "full", True, True, {}),  # bf16 weights: fp32 master weights
+    "ours_full_packed_chunked_pure_bf16": ("ours", "full", True, True, {"master_weights": False}),
 }
 
 
@@ -256,6 +265,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--chunk", type=int, default=4096, help="label tokens per loss chunk")
     parser.add_argument("--median", type=int, default=300, help="median sequence length")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="train.precision of our variants (auto: bf16 on CUDA, fp32 on the CPU)")
     parser.add_argument("--only", nargs="*", default=None, choices=sorted(VARIANTS))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
@@ -272,7 +283,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         folder = Path(tmp)
         n_params = save_random_model(args.shape, folder)
         for name in args.only or list(VARIANTS):
-            runner, mode, packing, chunked = VARIANTS[name]
+            runner, mode, packing, chunked, extra = VARIANTS[name]
             if mode == "qlora" and device == "cpu" and args.shape != "tiny":
                 continue
             try:
@@ -281,7 +292,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 else:
                     budget = baseline_tokens_per_step(args, data) if name.endswith("_baseline_tokens") else args.budget
                     row = ours(args, name, mode, folder, data, n_params, device, packing,
-                               args.chunk if chunked else 0, budget)
+                               args.chunk if chunked else 0, budget, extra)
             except Exception as exc:  # noqa: BLE001 - one failing variant must not hide the others
                 row = {"name": name, "mode": mode, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             rows.append(row)

@@ -30,7 +30,8 @@ def check_switches(cfg: TrainConfig, device: str) -> None:
 def speed_up(cfg: TrainConfig, net: Any) -> None:
     """liger-kernel's fused kernels (``train.kernels``), then ``torch.compile`` of every transformer block
     (``train.compile``): regional compilation, one graph that all the identical blocks reuse, so it compiles
-    in seconds rather than once per block, and the per-document mask building stays outside the graph."""
+    in seconds rather than once per block, and the per-document mask building stays outside the graph.
+    Dynamic shapes from the start: every packed or padded micro-batch has another length."""
     if cfg.kernels == "liger":
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
@@ -39,4 +40,4 @@ def speed_up(cfg: TrainConfig, net: Any) -> None:
         _apply_liger_kernel_to_instance(model=language_model(net))
     if cfg.compile:
         for block in blocks(net):
-            block.compile()
+            block.compile(dynamic=True)

@@ -6,6 +6,7 @@ AdamW, gradient checkpointing and compiled blocks equal the plain path to float3
 flex_attention's forward equals sdpa's to 1e-5."""
 
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -200,3 +201,21 @@ def test_liger_kernels_are_refused_without_the_package_or_on_the_cpu(monkeypatch
     with pytest.raises(ConfigError, match="Triton kernels on CUDA only, not on 'cpu'"):
         fastpath.check_switches(cfg, "cpu")
     fastpath.check_switches(cfg, "cuda")
+
+
+def test_the_train_step_runs_bf16_full_fine_tuning_with_master_weights_on_the_cpu(store, tmp_path, tiny_model):
+    from safetensors.torch import load_file
+
+    from helpers import sft_dataset
+    from steps.train.step import train_model
+
+    data = sft_dataset(store, tmp_path, tiny_model, n=20)
+    cfg = TrainConfig(method="full", precision="bf16", fused_adamw=True, packing=True, loss_chunk_tokens=64,
+                      max_steps=3, checkpoint_every=2, record_losses=False, warmup_steps=0, learning_rate=1e-3)
+    tuned = train_model(cfg, data, tiny_model, store)
+    weights = load_file(store.download(tuned.adapter) / "model.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.bfloat16}
+    log = store.read_json(tuned.adapter, "train_log.json")
+    assert [h["step"] for h in log] == [1, 2, 3] and all(math.isfinite(h["loss"]) for h in log)
+    plan = store.read_json(tuned.adapter, "train_report.json")["memory_plan"]["estimate"]
+    assert plan["optimizer_gib"] == pytest.approx(6 * plan["weights_gib"], rel=1e-3)  # 12 bytes per 2-byte weight
