@@ -21,7 +21,7 @@ class MasterAdamW(torch.optim.Optimizer):
     """AdamW over low-precision (bf16) parameters that updates an fp32 master copy of each.
 
     bf16 holds 8 significant bits: an update smaller than half the spacing of bf16 numbers around a
-    weight (at 1.0, 2**-8) rounds away, so pure bf16 training loses the many small updates of a long
+    weight (0.2-0.4% of it) rounds away, so pure bf16 training loses the many small updates of a long
     run. Here the moments and the master weights are fp32 (per-parameter state ``master``, ``exp_avg``,
     ``exp_avg_sq``, ``step``: 12 bytes per weight, saved with the optimizer's state in checkpoints) and
     the model's bf16 weights are the master rounded after each step. The update is torch's own AdamW

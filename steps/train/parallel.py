@@ -150,8 +150,8 @@ class Group:
         from torch.distributed.tensor import distribute_tensor
 
         # src_data_rank=None: every rank holds the same whole tensor and keeps its own shard (no communication).
-        return distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements,
-                                 src_data_rank=None)
+        # Its own dtype: the fp32 master copy of a bf16 weight (steps/train/master.py) stays fp32.
+        return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
 
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sum over the ranks (float64)."""

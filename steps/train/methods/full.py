@@ -2,8 +2,9 @@
 
 Saved: the whole model (``model.safetensors`` + ``config.json`` + ``generation_config.json``),
 loadable by itself. Limits: optimizer state is twice the model size (AdamW), so this is
-for small models; on CUDA the weights stay in bfloat16 (no fp32 master copy), which is
-fine for short runs at small learning rates but loses tiny updates over long ones.
+for small models; with bf16 weights (CUDA, or train.precision bf16) AdamW updates an fp32
+master copy (train.master_weights, ``steps/train/master.py``): 12 bytes of optimizer state
+per weight, and no tiny update rounds away over a long run.
 """
 
 from __future__ import annotations
