@@ -10,7 +10,7 @@ from typing import Any
 
 from steps.config import TrainConfig
 from steps.core.errors import ConfigError
-from steps.train.methods.common import attention_for, blocks
+from steps.train.methods.common import attention_for, blocks, language_model
 
 
 def check_switches(cfg: TrainConfig, device: str) -> None:
@@ -34,8 +34,6 @@ def speed_up(cfg: TrainConfig, net: Any) -> None:
     Dynamic shapes from the start: every packed or padded micro-batch has another length."""
     if cfg.kernels == "liger":
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
-
-        from steps.train.methods.common import language_model
 
         _apply_liger_kernel_to_instance(model=language_model(net))
     if cfg.compile:
