@@ -127,13 +127,19 @@ def prefect_api(services):
 # modules with module-scoped fixtures (set up once), and the modules that share the production-shaped
 # stack of tests/reliability/prod_stack.py (PostgreSQL, MLflow with auth, 21 flow runs), as one unit.
 # Collection checks both lists against the fixtures the tests use.
-WHOLE_MODULES = {"tests/services/test_stack.py", "tests/reliability/test_doors.py", "tests/reliability/test_pii_canary.py", "tests/steps/text/test_pretokens.py",
+WHOLE_MODULES = {"tests/services/test_stack.py", "tests/reliability/test_doors.py",
+                 "tests/reliability/test_pii_canary.py", "tests/steps/text/test_pretokens.py",
                  "tests/steps/text/test_pii_golden.py", "tests/steps/train/test_parallel.py",
-                 "tests/steps/tokenize/test_augment.py", "tests/steps/test_model_matrix.py"}
-SHARED_STACK = {"tests/reliability/test_load.py", "tests/reliability/test_security.py", "tests/reliability/test_browser.py"}
+                 "tests/steps/tokenize/test_augment.py"}
+# Modules whose classes go whole to a worker each (class-scoped fixtures): a long module split in parts that
+# run side by side (the architecture matrix: ~5 min on one worker as one unit).
+CLASS_UNITS = {"tests/steps/test_model_matrix.py"}
+SHARED_STACK = {"tests/reliability/test_load.py", "tests/reliability/test_security.py",
+                "tests/reliability/test_browser.py"}
 # Folders whose tests are handed out first: end-to-end tests are the long ones, and the short unit
 # tests then fill the gaps at the end.
-FIRST = ("tests/steps/test_model_matrix.py", "tests/reliability/", "tests/flows/", "tests/services/", "tests/kinds/", "tests/bench/", "tests/steps/train/")
+FIRST = ("tests/steps/test_model_matrix.py", "tests/reliability/", "tests/flows/", "tests/services/", "tests/kinds/",
+         "tests/bench/", "tests/steps/train/")
 
 
 def _module(nodeid: str) -> str:
@@ -148,7 +154,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if "prod_stack" in defs and module not in SHARED_STACK:
             raise pytest.UsageError(f"{item.nodeid} uses prod_stack: add {module} to SHARED_STACK in tests/conftest.py")
         scoped = [name for name, fixturedefs in defs.items() if fixturedefs[-1].scope in ("module", "class")]
-        if scoped and module not in WHOLE_MODULES | SHARED_STACK:
+        if scoped and module not in WHOLE_MODULES | SHARED_STACK | CLASS_UNITS:
             raise pytest.UsageError(f"{item.nodeid} uses module-scoped {scoped}: add {module} to WHOLE_MODULES "
                                     "in tests/conftest.py")
     items.sort(key=lambda item: next((i for i, folder in enumerate(FIRST) if item.nodeid.startswith(folder)),
@@ -156,8 +162,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
-    """pytest-xdist's scheduling by scope, where a scope is one test, a whole module (WHOLE_MODULES) or
-    the SHARED_STACK modules together, handed out in collection order."""
+    """pytest-xdist's scheduling by scope, where a scope is one test, a whole module (WHOLE_MODULES), a class
+    (CLASS_UNITS) or the SHARED_STACK modules together, handed out in collection order."""
     from xdist.scheduler import LoadScopeScheduling
 
     class Scheduling(LoadScopeScheduling):
@@ -165,6 +171,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
             module = _module(nodeid)
             if module in SHARED_STACK:
                 return "shared-stack"
+            if module in CLASS_UNITS:
+                return "::".join(nodeid.split("::")[:2])
             return module if module in WHOLE_MODULES else nodeid
 
     config.option.loadscopereorder = False  # keep the collection order (long tests first)

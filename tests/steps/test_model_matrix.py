@@ -47,7 +47,9 @@ def prepared(store, tmp_path, family: str, corpus: list[str]):
     rows = (labelled_rows("classification", n=24) if kind == "classification"
             else [chat(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}.") for i in range(24)])
     shared = ArtifactStore.from_env("matrix-data")  # the same records for every family: validated once
-    path = write_jsonl(Path(tempfile.gettempdir()) / f"tuneline-matrix-{kind}.jsonl", rows)  # same path, same key
+    path = Path(tempfile.gettempdir()) / f"tuneline-matrix-{kind}.jsonl"  # same path, same key
+    staged = write_jsonl(path.with_name(f"{path.name}.{os.getpid()}"), rows)
+    os.replace(staged, path)  # whole: the other half's worker may be reading it
     raw = ingest_records(IngestConfig(source=str(path)), shared)
     validated = validate_records(ValidateConfig(record_kind=kind), raw, shared)
     clean = scrub_records(ScrubConfig(), validated, shared)
@@ -84,17 +86,18 @@ def trained_and_registered(store, tmp_path, family: str) -> list[list]:
     return calls
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def matrix(services, tmp_path_factory, request):
-    """Every selected family through the steps (errors kept per family), then one fresh process that loads
-    every registered version from the registry and predicts (one process: its start-up is paid once)."""
+    """Every selected family of the class through the steps (errors kept per family), then one fresh process that
+    loads every registered version from the registry and predicts (one process per class: its start-up is paid
+    once; the two classes run side by side on two workers, tests/conftest.py CLASS_UNITS)."""
     import traceback
 
     from steps.core.store import ArtifactStore
 
     store = ArtifactStore.from_env(f"test-matrix-{uuid.uuid4().hex[:8]}")
     selected = {item.callspec.params["family"] for item in request.session.items
-                if item.module is request.module and hasattr(item, "callspec")}
+                if item.cls is request.cls and hasattr(item, "callspec")}
     results: dict[str, dict] = {}
     for family in [f for f in FAMILIES if f in selected]:
         try:
@@ -111,10 +114,31 @@ def matrix(services, tmp_path_factory, request):
 
 
 FAMILIES = zoo.CAUSAL + zoo.ENCODERS
+HALVES = (FAMILIES[::2], FAMILIES[1::2])  # interleaved: causal families and encoders in both
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_every_family_trains_evaluates_registers_and_serves(matrix, family):
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Each half's test runs for the families of its class."""
+    if "family" in metafunc.fixturenames and metafunc.cls is not None:
+        metafunc.parametrize("family", metafunc.cls.families)
+
+
+class MatrixHalf:
+    families: tuple[str, ...] = ()
+
+    def test_every_family_trains_evaluates_registers_and_serves(self, matrix, family):
+        trains_evaluates_registers_and_serves(matrix, family)
+
+
+class TestFirstHalf(MatrixHalf):
+    families = HALVES[0]
+
+
+class TestSecondHalf(MatrixHalf):
+    families = HALVES[1]
+
+
+def trains_evaluates_registers_and_serves(matrix, family: str) -> None:
     result = matrix["families"][family]
     assert "error" not in result, result.get("error")
     assert len(result["calls"]) == 2 and all(result["answers"]), matrix["predict_stderr"]
