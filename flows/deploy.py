@@ -291,6 +291,18 @@ def base_job_template(kind: str, template_file: str | None = None, base: Path = 
     raise ConfigError(f"no default base job template for work pool type {kind!r}")
 
 
+def job_manifest(template: dict[str, Any], job_variables: dict[str, Any]) -> dict[str, Any]:
+    """The job manifest a worker of the pool submits for a deployment: the base job template's manifest with the
+    pool variables' defaults, overridden by the deployment's job variables, filled in as Prefect fills them
+    (``apply_values``; variables without a value leave their field out)."""
+    from prefect.utilities.templating import apply_values
+
+    defaults = {name: spec["default"] for name, spec in template["variables"].get("properties", {}).items()
+                if "default" in spec}
+    return apply_values(copy.deepcopy(template["job_configuration"]["job_manifest"]),
+                        defaults | job_variables, remove_notset=True)
+
+
 def require_api() -> str:
     """The Prefect API URL the client uses; deployments and workers need a server."""
     from prefect.settings import get_current_settings

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from flows.cli import main
-from flows.deploy import REPO, SPEC_FILE, base_job_template, load_spec
+from flows.deploy import REPO, SPEC_FILE, base_job_template, job_manifest, load_spec
 from helpers import chat, write_jsonl
 
 PARAM_SETS = sorted(p.stem for p in (REPO / "deployments" / "params").glob("*.yaml"))
@@ -27,8 +27,10 @@ FINAL_WAIT_S = 300
 
 
 def test_prefect_yaml_has_one_deployment_per_parameter_set_and_the_gpu_settings_render(monkeypatch):
+    import json
+    import re
+
     from prefect.cli.deploy._models import PrefectYamlModel
-    from prefect.utilities.templating import apply_values
 
     monkeypatch.setenv("TUNELINE_BUCKET", "tuneline")
     PrefectYamlModel.model_validate(yaml.safe_load(SPEC_FILE.read_text()))  # Prefect reads it too
@@ -55,20 +57,26 @@ def test_prefect_yaml_has_one_deployment_per_parameter_set_and_the_gpu_settings_
     # Kubernetes: training runs get the GPU image, one GPU and a GPU node; the sensor does not.
     k8s = {p.name: p for p in load_spec(pool="kubernetes", image_gpu="reg.example/tuneline-gpu:1")}
     template = base_job_template("kubernetes", k8s["default"].pool["base_job_template"])
-    manifest = apply_values(template["job_configuration"]["job_manifest"], k8s["default"].job_variables,
-                            remove_notset=True)
+    manifest = job_manifest(template, k8s["default"].job_variables)
+    assert manifest["kind"] == "Job" and manifest["apiVersion"] == "batch/v1" and manifest["spec"]["backoffLimit"] == 0
     pod = manifest["spec"]["template"]["spec"]
-    assert pod["containers"][0]["image"] == "reg.example/tuneline-gpu:1"
-    assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 1}
+    container = pod["containers"][0]
+    assert container["image"] == "reg.example/tuneline-gpu:1"
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": 1}
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
-    watcher = apply_values(template["job_configuration"]["job_manifest"], k8s["incoming"].job_variables,
-                           remove_notset=True)["spec"]["template"]["spec"]
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    # Non-root (the images' user 10001), no privilege escalation; the services' credentials by reference only.
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
+    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    assert container["envFrom"] == [{"secretRef": {"name": "tuneline-services"}}] and "env" not in container
+    assert not re.search(r"(?i)password|secret_access_key|auth_string", json.dumps(manifest).replace(
+        "tuneline-services", ""))
+    watcher = job_manifest(template, k8s["incoming"].job_variables)["spec"]["template"]["spec"]
     assert watcher["containers"][0]["image"] == "tuneline-cpu:0.1.0"
     assert "nvidia.com/gpu" not in watcher["containers"][0]["resources"].get("limits", {})
-    assert "nodeSelector" not in watcher
+    assert "nodeSelector" not in watcher and watcher["securityContext"]["runAsNonRoot"] is True
     # A step dispatched to tuneline-step/gpu gets its own pod on a GPU node.
-    step_pod = apply_values(template["job_configuration"]["job_manifest"], k8s["gpu"].job_variables,
-                            remove_notset=True)["spec"]["template"]["spec"]
+    step_pod = job_manifest(template, k8s["gpu"].job_variables)["spec"]["template"]["spec"]
     assert step_pod["containers"][0]["image"] == "reg.example/tuneline-gpu:1"
     assert step_pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     # The images named there are the ones containers/Dockerfile.<kind> builds.
