@@ -338,7 +338,7 @@ def scrub_command(source: Path, target: Path, fields: list[str], entities: str |
 
 def run_command(params_path: Path, overrides: list[str], resume: str | None = None) -> int:
     from steps.config import PipelineParams
-    from steps.core.errors import ConfigError, DataQualityError
+    from steps.core.errors import ConfigError
 
     options: dict = {}
     try:
@@ -361,15 +361,10 @@ def run_command(params_path: Path, overrides: list[str], resume: str | None = No
     from flows.pipeline import finetune
     from steps.register.report import render_summary
 
-    try:
-        state = start(finetune, params, options)
-        summary = state.result()
-    except (DataQualityError, ConfigError) as exc:
-        print(f"\nerror: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # noqa: BLE001 - the exit code and one readable line are the contract
-        print(f"\nerror: the run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    outcome = finished(lambda: start(finetune, params, options), "run")
+    if isinstance(outcome, int):
+        return outcome
+    state, summary = outcome
     if links.pop("mlflow", None) is not None:  # the run and the version, in the UI's model-training view
         from steps.register.step import version_links
 
@@ -384,7 +379,7 @@ def run_command(params_path: Path, overrides: list[str], resume: str | None = No
 def sweep_command(args: argparse.Namespace) -> int:
     """`tuneline sweep`: the parameters and the space checked before anything runs, then the sweep flow here."""
     from steps.config import PipelineParams
-    from steps.core.errors import ConfigError, DataQualityError
+    from steps.core.errors import ConfigError
     from steps.sweep.space import SweepSpace
 
     try:
@@ -401,19 +396,33 @@ def sweep_command(args: argparse.Namespace) -> int:
     from flows.resume import origin_tags
     from flows.sweep import sweep
 
-    try:
+    def run_sweep() -> Any:
         with tags(*origin_tags()):
-            state = sweep(params, space, args.trials, args.parallel, args.trial_deployment, args.study,
-                          return_state=True)
-        result = state.result()
+            return sweep(params, space, args.trials, args.parallel, args.trial_deployment, args.study,
+                         return_state=True)
+
+    outcome = finished(run_sweep, "sweep")
+    if isinstance(outcome, int):
+        return outcome
+    state, result = outcome
+    print("\n" + render_sweep(result, links, state.state_details.flow_run_id))
+    return 0
+
+
+def finished(call: Any, what: str) -> tuple[Any, Any] | int:
+    """(the flow's final state, its result), or the exit code after one readable line on stderr: 2 for bad data
+    or settings, 1 for any other failure of the ``what`` (run, sweep)."""
+    from steps.core.errors import ConfigError, DataQualityError
+
+    try:
+        state = call()
+        return state, state.result()
     except (DataQualityError, ConfigError) as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - the exit code and one readable line are the contract
-        print(f"\nerror: the sweep failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"\nerror: the {what} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    print("\n" + render_sweep(result, links, state.state_details.flow_run_id))
-    return 0
 
 
 def render_sweep(result: Any, links: dict[str, str], flow_run_id: Any) -> str:

@@ -255,3 +255,52 @@ def kill_at_first_checkpoint(script: str, args: dict, killed, env: dict[str, str
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL, f"training was not killed mid-run: {proc.stderr.read().decode()[-2000:]}"
     assert not killed.list_keys(f"{killed.prefix}/train/"), "a killed run must leave no train artifact"
+
+
+TRAIN_SCRIPT = """
+import json, sys
+from steps.config import TrainConfig
+from steps.core.store import ArtifactStore, DatasetRef, ModelRef
+from steps.train.step import train_model
+args = json.loads(sys.argv[1])
+train_model(TrainConfig.model_validate(args["cfg"]), DatasetRef.model_validate(args["data"]),
+            ModelRef.model_validate(args["model"]), ArtifactStore.from_env(args["prefix"]))
+"""
+
+
+def killed_and_resumed(cfg, data, model, store):
+    """``cfg`` trained uninterrupted into ``store``, and into a fresh store by a child process SIGKILLed at its
+    first checkpoint then retried here: (train log, full weights) of each run, and the step the retry resumed from."""
+    import os
+    import uuid
+
+    from safetensors.torch import load_file
+
+    from steps.core.store import ArtifactStore
+    from steps.train.step import train_model
+
+    reference = train_model(cfg, data, model, store)
+    killed = ArtifactStore.from_env(f"test-{uuid.uuid4().hex[:10]}")
+    args = {"cfg": cfg.model_dump(mode="json"), "data": data.model_dump(mode="json"),
+            "model": model.model_dump(mode="json"), "prefix": killed.prefix}
+    kill_at_first_checkpoint(TRAIN_SCRIPT, args, killed, os.environ.copy())
+    resumed = train_model(cfg, data, model, killed)
+    runs = [(s.read_json(ref.adapter, "train_log.json"), load_file(s.download(ref.adapter) / "model.safetensors"))
+            for s, ref in ((store, reference), (killed, resumed))]
+    return runs[0], runs[1], resumed.adapter.stats["resumed_from"]
+
+
+def die_after_checkpoint(monkeypatch, step: int):
+    """Fault injection: the train step raises right after committing its checkpoint at ``step`` (the training
+    process died). Returns the real ``Checkpoints.save``, to put back with ``monkeypatch.setattr``."""
+    from steps.train import step as train
+
+    original = train.Checkpoints.save
+
+    def save_then_die(self, at, *args, **kwargs):
+        original(self, at, *args, **kwargs)
+        if at == step:
+            raise RuntimeError("injected: the training process died")
+
+    monkeypatch.setattr(train.Checkpoints, "save", save_then_die)
+    return original

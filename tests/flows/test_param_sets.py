@@ -335,6 +335,7 @@ def test_seq2seq_parameter_set_fails_resumes_promotes_and_predicts(prefect_api, 
     target perplexity with BLEU/chrF/ROUGE-L measured, and `tuneline predict` answers from a fresh process."""
     from flows.cli import main
     from flows.pipeline import finetune
+    from helpers import die_after_checkpoint
     from steps.train import step as train
 
     words = ["cat", "dog", "bird", "fish", "bread", "apple", "tree", "house", "river", "garden"]
@@ -349,14 +350,7 @@ def test_seq2seq_parameter_set_fails_resumes_promotes_and_predicts(prefect_api, 
         "tokenize.eval_fraction=0.2", "evaluate.max_records=16", "evaluate.bleu_samples=4", "evaluate.max_new_tokens=6",
         "evaluate.smoke_max_new_tokens=6"])
     assert params.task == "seq2seq" and params.register_.metric == "perplexity"
-    original = train.Checkpoints.save
-
-    def save_then_die(self, step, *args, **kwargs):  # fault injection: the step dies after its 2nd checkpoint
-        original(self, step, *args, **kwargs)
-        if step == 4:
-            raise RuntimeError("injected: the training process died")
-
-    monkeypatch.setattr(train.Checkpoints, "save", save_then_die)
+    original = die_after_checkpoint(monkeypatch, 4)  # the step dies after its 2nd checkpoint
     failed = finetune(params, return_state=True)
     assert failed.is_failed()
     monkeypatch.setattr(train.Checkpoints, "save", original)

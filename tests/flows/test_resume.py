@@ -11,7 +11,7 @@ import pytest
 from test_pipeline import dataset, task_states, tiny_params
 
 from flows.cli import main
-from helpers import all_keys
+from helpers import all_keys, die_after_checkpoint
 
 pytestmark = pytest.mark.services
 
@@ -26,14 +26,7 @@ def test_a_failed_run_resumes_from_its_last_task_and_checkpoint(prefect_api, sto
     name = f"resume-{uuid.uuid4().hex[:6]}"
     params = tiny_params(dataset(tmp_path), store.prefix, name)
     params = params.model_copy(update={"train": params.train.model_copy(update={"max_steps": 6, "checkpoint_every": 2})})
-    original = train.Checkpoints.save
-
-    def save_then_die(self, step, *args, **kwargs):  # fault injection: the step dies after its 2nd checkpoint
-        original(self, step, *args, **kwargs)
-        if step == 4:
-            raise RuntimeError("injected: the training process died")
-
-    monkeypatch.setattr(train.Checkpoints, "save", save_then_die)
+    original = die_after_checkpoint(monkeypatch, 4)  # the step dies after its 2nd checkpoint
     failed = finetune(params, return_state=True)
     assert failed.is_failed()
     failed_id = failed.state_details.flow_run_id

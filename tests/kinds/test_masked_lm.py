@@ -259,42 +259,16 @@ def test_every_method_trains_a_masked_lm_that_reloads(store, texts, tiny_encoder
         assert evals[rows[0]["id"]]["loss"] == pytest.approx(scores[0][0] / scores[0][1], abs=1e-5)
 
 
-RESUME_SCRIPT = """
-import json, sys
-from steps.config import TrainConfig
-from steps.core.store import ArtifactStore, DatasetRef, ModelRef
-from steps.train.step import train_model
-args = json.loads(sys.argv[1])
-train_model(TrainConfig.model_validate(args["cfg"]), DatasetRef.model_validate(args["data"]),
-            ModelRef.model_validate(args["model"]), ArtifactStore.from_env(args["prefix"]))
-"""
-
-
 def test_sigkill_mid_run_then_retry_masks_and_ends_like_an_uninterrupted_run(store, texts, tiny_encoder):
     """The masks come from torch's global RNG, which the checkpoint saves (with dropout's)."""
-    import os
-    import uuid
-
-    from safetensors.torch import load_file
-
-    from helpers import kill_at_first_checkpoint
-    from steps.core.store import ArtifactStore
+    from helpers import killed_and_resumed
 
     cfg = settings("full", max_steps=12, checkpoint_every=3, mlm=MlmSettings(whole_word=True), seed=5)
-    reference = train_model(cfg, texts, tiny_encoder, store)
-    killed = ArtifactStore.from_env(f"test-{uuid.uuid4().hex[:10]}")
-    args = {"cfg": cfg.model_dump(mode="json"), "data": texts.model_dump(mode="json"),
-            "model": tiny_encoder.model_dump(mode="json"), "prefix": killed.prefix}
-    kill_at_first_checkpoint(RESUME_SCRIPT, args, killed, os.environ.copy())
-    resumed = train_model(cfg, texts, tiny_encoder, killed)
-    start = resumed.adapter.stats["resumed_from"]
+    (expected, reference), (got, resumed), start = killed_and_resumed(cfg, texts, tiny_encoder, store)
     assert start is not None and 3 <= start < 12
-    expected, got = (store.read_json(reference.adapter, "train_log.json"),
-                     killed.read_json(resumed.adapter, "train_log.json"))
     for a, b in zip(expected[start:], got[start:]):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["masked_accuracy"] == b["masked_accuracy"]
-    weights = [load_file(s.download(ref.adapter) / "model.safetensors") for s, ref in ((store, reference),
-                                                                                     (killed, resumed))]
+    weights = [reference, resumed]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-6) for k in weights[0])
 

@@ -251,42 +251,15 @@ def test_the_served_model_generates_and_exports(store, data, encoder_decoder, tm
     assert report["max_logit_diff"] < 1e-4 and report["answers_agree"]
 
 
-RESUME_SCRIPT = """
-import json, sys
-from steps.config import TrainConfig
-from steps.core.store import ArtifactStore, DatasetRef, ModelRef
-from steps.train.step import train_model
-args = json.loads(sys.argv[1])
-train_model(TrainConfig.model_validate(args["cfg"]), DatasetRef.model_validate(args["data"]),
-            ModelRef.model_validate(args["model"]), ArtifactStore.from_env(args["prefix"]))
-"""
-
-
 @pytest.mark.parametrize("encoder_decoder", ["t5"], indirect=True)  # one architecture: the loop's code path is one
 def test_sigkill_mid_run_then_retry_ends_like_an_uninterrupted_run(store, data, encoder_decoder):
-    import os
-    import uuid
+    from helpers import killed_and_resumed
 
-    from safetensors.torch import load_file
-
-    from helpers import kill_at_first_checkpoint
-    from steps.core.store import ArtifactStore
-
-    model = encoder_decoder[1]
     cfg = settings("full", max_steps=12, checkpoint_every=3, seed=5, dropout=0.1)
-    reference = train_model(cfg, data, model, store)
-    killed = ArtifactStore.from_env(f"test-{uuid.uuid4().hex[:10]}")
-    args = {"cfg": cfg.model_dump(mode="json"), "data": data.model_dump(mode="json"),
-            "model": model.model_dump(mode="json"), "prefix": killed.prefix}
-    kill_at_first_checkpoint(RESUME_SCRIPT, args, killed, os.environ.copy())
-    resumed = train_model(cfg, data, model, killed)
-    start = resumed.adapter.stats["resumed_from"]
+    (expected, reference), (got, resumed), start = killed_and_resumed(cfg, data, encoder_decoder[1], store)
     assert start is not None and 3 <= start < 12
-    expected, got = (store.read_json(reference.adapter, "train_log.json"),
-                     killed.read_json(resumed.adapter, "train_log.json"))
     assert [a["loss"] for a in expected[start:]] == pytest.approx([b["loss"] for b in got[start:]], abs=1e-5)
-    weights = [load_file(s.download(ref.adapter) / "model.safetensors") for s, ref in ((store, reference),
-                                                                                     (killed, resumed))]
+    weights = [reference, resumed]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-6) for k in weights[0])
 
