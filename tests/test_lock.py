@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import sys
+import sysconfig
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -32,12 +33,19 @@ def lock(name: str) -> dict[str, str]:
 
 
 def installed() -> dict[str, str]:
-    found = {normalize(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    """What pip installed into the environment: its site-packages only, not sys.path (importing setuptools, as
+    torch's compiler does, appends setuptools/_vendor with its bundled distributions to sys.path)."""
+    found = {normalize(d.metadata["Name"]): d.version for d in metadata.distributions(path=site_packages())}
     return {name: version for name, version in found.items() if name not in NOT_LOCKED}
+
+
+def site_packages() -> list[str]:
+    return sorted({path for path in sysconfig.get_paths().values() if path.endswith("site-packages")})
 
 
 def test_the_environment_is_exactly_the_dev_lock():
     """Fails when anything was installed, upgraded or removed by hand: `make setup` rebuilds from the lock."""
+    import setuptools  # noqa: F401  as another test in this worker may have: its _vendor must not count
     locked, present = lock("dev"), installed()
     drift = {name: (locked.get(name), present.get(name)) for name in locked.keys() | present.keys()
              if locked.get(name) != present.get(name)}
