@@ -73,7 +73,7 @@ def versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {}
-    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"):
+    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "liger-kernel"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -297,9 +297,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 row = {"name": name, "mode": mode, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             rows.append(row)
             print(json.dumps(row), flush=True)
+            path = write_report(args, rows)  # after every row: a run stopped by a time limit keeps what it measured
+    print(f"wrote {path}")
+    return rows
+
+
+def write_report(args: Any, rows: list[dict]) -> Path:
+    """The JSON report of the rows so far, each with its speed-up against the baseline row of its mode."""
     for row in rows:
-        base = next((r for r in rows if r["name"] == f"baseline_{'lora' if row.get('mode') == 'qlora' else row.get('mode')}"
-                     and "tokens_per_s" in r), None)
+        mode = "lora" if row.get("mode") == "qlora" else row.get("mode")
+        base = next((r for r in rows if r["name"] == f"baseline_{mode}" and "tokens_per_s" in r), None)
         if base and "tokens_per_s" in row:
             row["speedup_vs_baseline"] = round(row["tokens_per_s"] / base["tokens_per_s"], 2)
     report = {"date": datetime.date.today().isoformat(), "device": device_name(), "shape": args.shape,
@@ -309,8 +316,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     slug = device_name().lower().replace(" ", "-").replace("/", "-")
     path = args.out / f"{report['date']}-{slug}-{args.shape}.json"
     path.write_text(json.dumps(report, indent=1, default=str) + "\n")
-    print(f"wrote {path}")
-    return rows
+    return path
 
 
 if __name__ == "__main__":

@@ -76,11 +76,15 @@ def tiny_encoder(services):
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(services, tiny_model) -> Path:
-    """The tiny Llama's folder (weights, config, tokenizer)."""
+def tiny_model_dir(request) -> Path:
+    """The tiny Llama's folder (weights, config, tokenizer); ``TUNELINE_TINY_MODEL_DIR`` names one already built on a
+    machine without the services (the GPU machine's run of the CUDA cases: bench/gpu_check.sh)."""
+    if os.environ.get("TUNELINE_TINY_MODEL_DIR"):
+        return Path(os.environ["TUNELINE_TINY_MODEL_DIR"])
     from steps.core.store import ArtifactStore
 
-    return ArtifactStore.from_env("shared").download(tiny_model.base)
+    request.getfixturevalue("services")
+    return ArtifactStore.from_env("shared").download(request.getfixturevalue("tiny_model").base)
 
 
 @pytest.fixture

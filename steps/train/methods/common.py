@@ -8,6 +8,7 @@ from typing import Any
 from steps.config import TrainConfig
 from steps.core.contract import CAUSAL, Task
 from steps.core.device import dtype_for
+from steps.core.errors import ConfigError
 
 # Dropout settings by architecture: Llama-style configs and BERT-style configs.
 DROPOUT_KEYS = ("attention_dropout", "attention_probs_dropout_prob", "hidden_dropout_prob")
@@ -22,11 +23,11 @@ def load_base(cfg: TrainConfig | None, base_dir: Path, device: str, task: Task =
     from transformers import AutoConfig
 
     overrides: dict[str, Any] = {}
+    config = AutoConfig.from_pretrained(base_dir) if cfg is not None else None
     if cfg is not None and cfg.dropout is not None:
-        config = AutoConfig.from_pretrained(base_dir)
         overrides = {key: cfg.dropout for key in DROPOUT_KEYS if hasattr(config, key)}
     kwargs.setdefault("dtype", dtype_for(device, cfg.precision if cfg is not None else "auto"))
-    if cfg is not None and (attention := attention_for(cfg, device)) is not None:
+    if cfg is not None and (attention := attention_for(cfg, device, config)) is not None:
         kwargs.setdefault("attn_implementation", attention)
     auto, head = task_head(task)
     if task.kind in ("reward", "mlm"):  # a new head, or an encoder checkpoint without its masked-LM head
@@ -100,12 +101,31 @@ def meta_model(base_dir: Path, task: Task) -> Any:
         return auto.from_config(AutoConfig.from_pretrained(base_dir, **head), trust_remote_code=False)
 
 
-def attention_for(cfg: TrainConfig, device: str) -> str | None:
-    """``train.attention``; 'auto' = flex_attention (block-sparse per-document mask) when packing on CUDA,
-    else None: the architecture's default (sdpa where it supports it, e.g. eager for Gemma 2)."""
+FLEX_MIN_HEAD_DIM = 16  # torch's flex_attention kernels refuse query/key/value heads narrower than this
+
+
+def head_dim(config: Any) -> int | None:
+    """The width of one attention head (``head_dim``, else hidden size / heads), None where the config has neither."""
+    width = getattr(config, "head_dim", None)
+    if width is None and getattr(config, "num_attention_heads", None) and getattr(config, "hidden_size", None):
+        width = config.hidden_size // config.num_attention_heads
+    return width
+
+
+def attention_for(cfg: TrainConfig, device: str, config: Any = None) -> str | None:
+    """``train.attention``; 'auto' = flex_attention (block-sparse per-document mask) when packing on CUDA and the
+    model's heads are wide enough for its kernels (``config``, where given), else None: the architecture's default
+    (sdpa where it supports it, e.g. eager for Gemma 2), which builds the per-document mask densely."""
     if cfg.attention != "auto":
+        if cfg.attention == "flex_attention" and config is not None and device == "cuda" \
+                and (head_dim(config) or FLEX_MIN_HEAD_DIM) < FLEX_MIN_HEAD_DIM:
+            raise ConfigError(f"train.attention 'flex_attention' needs attention heads of at least {FLEX_MIN_HEAD_DIM} "
+                              f"values; this model's are {head_dim(config)}: use attention 'sdpa' or 'auto'")
         return cfg.attention
-    return "flex_attention" if cfg.packing and device == "cuda" else None
+    if not (cfg.packing and device == "cuda"):
+        return None
+    narrow = config is not None and (head_dim(config) or FLEX_MIN_HEAD_DIM) < FLEX_MIN_HEAD_DIM
+    return None if narrow else "flex_attention"
 
 
 def attention_targets(cfg: TrainConfig, model: Any) -> list[str]:

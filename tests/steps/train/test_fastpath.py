@@ -28,12 +28,13 @@ PACKED = dict(packing=True, tokens_per_batch=4096, learning_rate=1e-3, warmup_st
 
 @pytest.fixture(scope="session")
 def folder(tmp_path_factory):
-    """A tiny Llama from its config (2 layers, hidden 32, vocabulary 1024), saved once per session."""
+    """A tiny Llama from its config (2 layers, hidden 64 in 4 heads of 16: the narrowest flex_attention's CUDA kernels
+    take; vocabulary 1024), saved once per session."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
                      ).save_pretrained(path)
     return path
@@ -220,6 +221,23 @@ def test_the_train_step_runs_bf16_full_fine_tuning_with_master_weights_on_the_cp
     assert [h["step"] for h in log] == [1, 2, 3] and all(math.isfinite(h["loss"]) for h in log)
     plan = store.read_json(tuned.adapter, "train_report.json")["memory_plan"]["estimate"]
     assert plan["optimizer_gib"] == pytest.approx(6 * plan["weights_gib"], rel=1e-3)  # 12 bytes per 2-byte weight
+
+
+def test_auto_attention_takes_flex_only_for_packed_rows_on_cuda_with_heads_of_16_or_more():
+    """flex_attention's CUDA kernels refuse heads narrower than 16 (seen on an H200 with 8): 'auto' falls back to the
+    architecture's sdpa there, and asking for flex_attention by name is a clear error."""
+    from transformers import LlamaConfig
+
+    from steps.train.methods.common import attention_for
+
+    wide, narrow = (LlamaConfig(hidden_size=64, num_attention_heads=n) for n in (4, 8))
+    packed = TrainConfig(method="full", packing=True)
+    assert attention_for(packed, "cuda", wide) == "flex_attention"
+    assert attention_for(packed, "cuda", narrow) is None
+    assert attention_for(packed, "cpu", wide) is None
+    assert attention_for(TrainConfig(method="full"), "cuda", wide) is None
+    with pytest.raises(ConfigError, match="at least 16 values; this model's are 8"):
+        attention_for(TrainConfig(method="full", packing=True, attention="flex_attention"), "cuda", narrow)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the GPU session of issue 23 runs it")
