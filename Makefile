@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export GX_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test browser services-down lock
+.PHONY: setup run test browser services-down lock images container-tools test-containers
 
 setup: $(VENV)/.installed
 
@@ -35,6 +35,22 @@ test: setup browser
 browser:
 	@command -v chromium >/dev/null 2>&1 || { echo "installing Debian's chromium for the browser test"; \
 	  apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }; }
+
+# The container images (services/images.py): a local base image (mmdebstrap), the lock's wheels as a file
+# index, podman (or docker) build; prints build seconds and image size.
+images: setup container-tools
+	$(BIN)/python -m services.images build
+
+# The container stage (.ci/run, after the unit suite): the CPU image built, flow runs through a Docker-API
+# worker on podman's socket, two-node torchrun in two containers, the Kubernetes pod template under podman.
+test-containers: setup container-tools
+	$(BIN)/python -m pytest -q -n 0 -m containers tests/containers
+
+# podman, runc (crun fails on hybrid cgroup hosts) and mmdebstrap from Debian, installed when missing.
+container-tools:
+	@command -v podman >/dev/null 2>&1 && command -v runc >/dev/null 2>&1 && command -v mmdebstrap >/dev/null 2>&1 || \
+	  { echo "installing podman, runc and mmdebstrap"; apt-get install -y -qq podman runc mmdebstrap >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y -qq podman runc mmdebstrap >/dev/null; }; }
 
 services-down: setup
 	$(BIN)/tuneline services down
