@@ -304,3 +304,34 @@ def die_after_checkpoint(monkeypatch, step: int):
 
     monkeypatch.setattr(train.Checkpoints, "save", save_then_die)
     return original
+
+
+# Data-parallel runs against one process (tests/steps/train/test_parallel.py, the two-container run in
+# tests/containers): same steps, learning rates, losses and weights.
+PARALLEL_WEIGHTS = {"lora": "adapter_model.safetensors", "full": "model.safetensors"}
+PARALLEL_ATOL = 1e-5  # observed: about 3e-8 (lora) and 1e-7 (full) on CPU
+
+
+def weights(store, ref, method):
+    from safetensors.torch import load_file
+
+    return load_file(store.download(ref.adapter) / PARALLEL_WEIGHTS[method])
+
+
+def assert_same_training(store, single, double, method, resumed_from=None):
+    from steps.train.checkpoints import CHECKPOINTS
+
+    report = store.read_json(double.adapter, "train_report.json")
+    assert report["processes"] == 2 and report["resumed_from"] == resumed_from
+    assert store.read_json(single.adapter, "train_report.json")["processes"] == 1
+    assert double.adapter.stats["tokens_seen"] == single.adapter.stats["tokens_seen"]
+    a, b = store.read_json(single.adapter, "train_log.json"), store.read_json(double.adapter, "train_log.json")
+    assert [h["step"] for h in b] == [h["step"] for h in a] and [h["lr"] for h in b] == [h["lr"] for h in a]
+    assert all(abs(x["loss"] - y["loss"]) < PARALLEL_ATOL for x, y in zip(a, b)), (a, b)
+    expected, got = weights(store, single, method), weights(store, double, method)
+    assert expected.keys() == got.keys()
+    worst = max((expected[k] - got[k]).abs().max().item() for k in expected)
+    assert worst < PARALLEL_ATOL, f"largest weight difference {worst:.2e}"
+    # Checkpoints of the data-parallel run (written by rank 0) are cleared once it committed.
+    key = double.adapter.key.rsplit("/", 1)[1]
+    assert store.list_keys(f"{store.prefix}/{CHECKPOINTS}/{key}/") == []

@@ -1,7 +1,8 @@
 """Data-parallel training: ``launch`` starts ``train.processes`` ranks under torchrun (each runs
-``steps.train.rank``) and waits; ``Group`` is a rank's process group (DDP or FSDP2 wrapping, its share
-of each micro-batch, the reductions of what it logs). ``SINGLE`` (one process) makes every group
-call a no-op, so single-process training runs the same loop. docs/DESIGN.md, "Data parallelism".
+``steps.train.rank``) and waits (``torchrun_command`` is one node's command, also for several nodes, and
+``indexed_job`` the Kubernetes objects of a multi-node run); ``Group`` is a rank's process group (DDP or
+FSDP2 wrapping, its share of each micro-batch, the reductions of what it logs). ``SINGLE`` (one process) makes
+every group call a no-op, so single-process training runs the same loop. docs/DESIGN.md, "Data parallelism".
 """
 
 from __future__ import annotations
@@ -34,11 +35,7 @@ def launch(cfg: Any, data: Any, model: Any, store: Any, key: str) -> None:
     if cfg.device != "cpu" and torch.cuda.is_available() and torch.cuda.device_count() < cfg.processes:
         raise ConfigError(f"train.processes is {cfg.processes}, but this machine has {torch.cuda.device_count()} "
                           "CUDA device(s): one process per GPU")
-    args = {"cfg": cfg.model_dump(mode="json"), "data": data.model_dump(mode="json"),
-            "model": model.model_dump(mode="json"), "bucket": store.bucket, "prefix": store.prefix,
-            "cache_dir": str(store.cache_dir), "key": key}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cfg.processes),
-               "-m", "steps.train.rank", json.dumps(args)]
+    command = torchrun_command(rank_args(cfg, data, model, store, key), cfg.processes)
     env = os.environ.copy()
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env["PYTHONSAFEPATH"] = "1"  # not the working directory first on sys.path (a user's ``steps`` folder)
@@ -49,6 +46,58 @@ def launch(cfg: Any, data: Any, model: Any, store: Any, key: str) -> None:
     if done.returncode != 0:
         raise DistributedError(f"torchrun with {cfg.processes} training processes failed (exit {done.returncode}); "
                                "the ranks' errors are in the log above")
+
+
+def rank_args(cfg: Any, data: Any, model: Any, store: Any, key: str, cache_dir: str | None = None) -> str:
+    """What every rank is given (``steps.train.rank``): references only, as JSON; ``cache_dir`` where the ranks
+    run elsewhere (a container or another node: their own download folder)."""
+    return json.dumps({"cfg": cfg.model_dump(mode="json"), "data": data.model_dump(mode="json"),
+                       "model": model.model_dump(mode="json"), "bucket": store.bucket, "prefix": store.prefix,
+                       "cache_dir": cache_dir or str(store.cache_dir), "key": key})
+
+
+def torchrun_command(args: str, per_node: int, nodes: int = 1, endpoint: str | None = None, run_id: str = "tuneline",
+                     local_addr: str | None = None, python: str = sys.executable) -> list[str]:
+    """The torchrun command of one node: ``per_node`` ranks of ``steps.train.rank``; one node is standalone, several
+    meet at ``endpoint`` (host:port, c10d rendezvous hosted by the first node to arrive). The same command is what
+    each node runs by hand, in a container, or as a pod of a Kubernetes indexed Job (``indexed_job``)."""
+    if nodes == 1:
+        where = ["--standalone"]
+    elif not endpoint:
+        raise ConfigError(f"{nodes} nodes need a rendezvous endpoint (host:port) that every node can reach")
+    else:
+        where = ["--nnodes", str(nodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", run_id]
+        where += ["--local-addr", local_addr] if local_addr else []
+    return [python, "-m", "torch.distributed.run", *where, "--nproc_per_node", str(per_node), "-m", "steps.train.rank",
+            args]
+
+
+def indexed_job(pod_job: dict, args: str, nodes: int, per_node: int, run_id: str, port: int = 29400) -> list[dict]:
+    """A multi-node train step as Kubernetes objects, from the Job the pool's base job template renders
+    (``flows.deploy.job_manifest``): a headless Service and an Indexed Job of ``nodes`` pods, completions =
+    parallelism = nodes, each pod running ``torchrun_command``; pod 0 (stable DNS name through the Service's
+    subdomain) hosts the c10d rendezvous. Kubeflow Trainer's ``TrainJob`` starts the same command per node."""
+    import copy
+
+    job = copy.deepcopy(pod_job)
+    name = f"tuneline-train-{run_id}"
+    spec = job["spec"]
+    spec.update({"completionMode": "Indexed", "completions": nodes, "parallelism": nodes, "backoffLimit": 0})
+    spec["template"]["spec"].pop("parallelism", None)
+    spec["template"]["spec"].pop("completions", None)
+    job["metadata"] = {**{k: v for k, v in job.get("metadata", {}).items() if k != "generateName"}, "name": name}
+    pod = spec["template"]["spec"]
+    pod["subdomain"] = name
+    spec["template"].setdefault("metadata", {}).setdefault("labels", {})["tuneline/train"] = name
+    endpoint = f"{name}-0.{name}:{port}"
+    container = pod["containers"][0]
+    container.pop("args", None)
+    container["command"] = torchrun_command(args, per_node, nodes, endpoint, run_id, python="python")
+    container["ports"] = [{"containerPort": port, "name": "rendezvous"}]
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": job["metadata"].get(
+        "namespace", "default")}, "spec": {"clusterIP": "None", "selector": {"tuneline/train": name},
+                                           "ports": [{"port": port, "name": "rendezvous"}]}}
+    return [service, job]
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import sft_dataset
+from helpers import assert_same_training, sft_dataset, weights
 from steps.config import LoraSettings, TrainConfig
 from steps.core.contract import IGNORE, Task
 from steps.core.lineage import run_key
@@ -22,8 +22,6 @@ from steps.train.step import STEP, train_model
 # batch_size 5 over 2 ranks: uneven shares (3 and 2 rows, different label-token counts) in every
 # micro-batch; 2 micro-batches per step (the first without gradient all-reduce).
 BASE = dict(batch_size=5, grad_accum_steps=2, learning_rate=1e-3, warmup_steps=1, seed=5, checkpoint_every=2)
-WEIGHTS = {"lora": "adapter_model.safetensors", "full": "model.safetensors"}
-ATOL = 1e-5  # observed: about 3e-8 (lora) and 1e-7 (full) on CPU
 
 
 @pytest.fixture(scope="module")
@@ -33,27 +31,6 @@ def shared(services, tiny_model, tmp_path_factory):
 
     store = ArtifactStore.from_env(prefix=f"test-{uuid.uuid4().hex[:10]}")
     return store, sft_dataset(store, tmp_path_factory.mktemp("ddp"), tiny_model, n=30)
-
-
-def weights(store, ref, method):
-    return load_file(store.download(ref.adapter) / WEIGHTS[method])
-
-
-def assert_same_training(store, single, double, method, resumed_from=None):
-    report = store.read_json(double.adapter, "train_report.json")
-    assert report["processes"] == 2 and report["resumed_from"] == resumed_from
-    assert store.read_json(single.adapter, "train_report.json")["processes"] == 1
-    assert double.adapter.stats["tokens_seen"] == single.adapter.stats["tokens_seen"]
-    a, b = store.read_json(single.adapter, "train_log.json"), store.read_json(double.adapter, "train_log.json")
-    assert [h["step"] for h in b] == [h["step"] for h in a] and [h["lr"] for h in b] == [h["lr"] for h in a]
-    assert all(abs(x["loss"] - y["loss"]) < ATOL for x, y in zip(a, b)), (a, b)
-    expected, got = weights(store, single, method), weights(store, double, method)
-    assert expected.keys() == got.keys()
-    worst = max((expected[k] - got[k]).abs().max().item() for k in expected)
-    assert worst < ATOL, f"largest weight difference {worst:.2e}"
-    # Checkpoints of the data-parallel run (written by rank 0) are cleared once it committed.
-    key = double.adapter.key.rsplit("/", 1)[1]
-    assert store.list_keys(f"{store.prefix}/{CHECKPOINTS}/{key}/") == []
 
 
 def keep_checkpoints(monkeypatch):
