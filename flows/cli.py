@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep: new schedules inactive, existing ones as they are on the server (default); "
                         "on/off: switch them all")
     deploy.add_argument("--image-cpu", help="CPU image for docker/kubernetes (default: the one in prefect.yaml)")
+    deploy.add_argument("--publish-service-env", action="store_true",
+                        help="save the services' endpoints (Prefect Variables) and credentials (Secret blocks) that "
+                        "the docker pool's containers get by reference (deployments/work-pools/docker.json)")
     deploy.add_argument("--image-gpu", help="GPU image for kubernetes training runs (default: the one in prefect.yaml)")
     worker = sub.add_parser("worker", help="start a process worker that runs the deployments' flow runs here")
     worker.add_argument("--pool-name", default="tuneline-process", help="work pool to poll (default: tuneline-process)")
@@ -289,6 +292,9 @@ def deploy_command(args: argparse.Namespace) -> int:
         if args.command == "worker":
             print(f"worker for pool {args.pool_name} (Ctrl-C stops it)", flush=True)
             return deploy.run_worker(args.pool_name, args.limit or None)
+        if args.publish_service_env:
+            saved = deploy.publish_service_env(dict(os.environ))
+            print(f"saved on the Prefect server, for the Docker pool's containers: {', '.join(saved)}")
         done = deploy.deploy(args.pool, args.only, args.schedules, args.image_cpu, args.image_gpu, args.pool_name)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -303,6 +303,39 @@ def job_manifest(template: dict[str, Any], job_variables: dict[str, Any]) -> dic
                         defaults | job_variables, remove_notset=True)
 
 
+# What the Docker pool's template (work-pools/docker.json) refers to: endpoints as Prefect Variables,
+# credentials as Secret blocks, each named after its environment variable.
+SERVICE_VALUES = ("TUNELINE_S3_ENDPOINT_URL", "TUNELINE_BUCKET", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI",
+                  "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_USERNAME")
+SERVICE_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD")
+
+
+def service_reference(var: str) -> str:
+    """The Prefect Variable (endpoints) or Secret block (credentials) that holds ``var`` for the Docker pool."""
+    slug = var.lower().removeprefix("tuneline_")
+    if var in SERVICE_SECRETS:
+        return f"prefect.blocks.secret.tuneline-{slug.replace('_', '-')}"
+    return f"prefect.variables.tuneline_{slug}"
+
+
+def publish_service_env(env: dict[str, str]) -> list[str]:
+    """Save the services' endpoints and credentials of ``env`` on the Prefect server, under the names the Docker
+    pool's template refers to (``service_reference``), so flow-run containers get them by reference and no value
+    is written into a pool, a deployment or a flow run's parameters. Returns the references saved."""
+    from prefect.blocks.system import Secret
+    from prefect.variables import Variable
+
+    missing = [var for var in (*SERVICE_VALUES, *SERVICE_SECRETS) if not env.get(var)]
+    if missing:
+        raise ConfigError(f"cannot publish the services' environment: {', '.join(missing)} not set "
+                          "(start the local services with `tuneline services up`, or export them)")
+    for var in SERVICE_VALUES:
+        Variable.set(service_reference(var).rsplit(".", 1)[1], env[var], overwrite=True)
+    for var in SERVICE_SECRETS:
+        Secret(value=env[var]).save(service_reference(var).rsplit(".", 1)[1], overwrite=True)
+    return [service_reference(var) for var in (*SERVICE_VALUES, *SERVICE_SECRETS)]
+
+
 def require_api() -> str:
     """The Prefect API URL the client uses; deployments and workers need a server."""
     from prefect.settings import get_current_settings

@@ -6,9 +6,15 @@ socket, and the Kubernetes pool's pod template under ``podman kube play``. Needs
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
+import sys
+import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +107,185 @@ def test_two_containers_as_two_torchrun_nodes_train_like_one_process(image, serv
     base = load_file(store.download(tiny_model.base) / "model.safetensors")
     trained = weights(store, single, "full")
     assert max((trained[k] - base[k]).abs().max().item() for k in base) > 1e-3  # the comparison is not vacuous
+
+
+@pytest.fixture
+def docker_socket(tmp_path_factory):
+    """podman's Docker-compatible API (``podman system service``) on a socket of its own, stopped afterwards."""
+    from services import images
+
+    sock = tmp_path_factory.mktemp("podman") / "podman.sock"
+    service = subprocess.Popen([images.engine(), "system", "service", "--time=0", f"unix://{sock}"],
+                               env=images.engine_env(), start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not sock.exists():
+        assert service.poll() is None and time.monotonic() < deadline, "podman system service did not start"
+        time.sleep(0.2)
+    yield f"unix://{sock}"
+    service.terminate()
+    try:
+        service.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        service.kill()
+        service.wait()
+
+
+@contextlib.contextmanager
+def docker_worker(pool: str, docker_host: str, api_url: str, log: Path):
+    """A real prefect-docker worker (``prefect worker start --type docker``) talking to podman's socket."""
+    env = {**os.environ, "DOCKER_HOST": docker_host, "PREFECT_API_URL": api_url,
+           "PREFECT_HOME": str(log.parent / "prefect-home"), "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool,
+                                 "--type", "docker"], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_dispatched_steps_run_in_containers_through_a_docker_worker(image, prefect_api, docker_socket, tiny_model,
+                                                                     tmp_path, capsys):
+    """A pipeline run dispatches scrub and train to the step deployment on a Docker pool (the shipped template,
+    credentials by reference); a prefect-docker worker on podman's socket runs each in a container of the image, as
+    its non-root user; the run registers its model with the artifacts those containers wrote."""
+    from mlflow import MlflowClient
+    from prefect import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    from flows.cli import DEFAULT_PARAMS, main
+    from flows.pipeline import finetune
+    from steps.config import PipelineParams
+    from steps.core.store import ArtifactStore
+
+    pool = f"tuneline-docker-{uuid.uuid4().hex[:6]}"
+    assert main(["deploy", "--pool", "docker", "--pool-name", pool, "--only", "gpu", "--image-gpu", image,
+                 "--publish-service-env"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "tuneline-step/gpu" in out and os.environ["AWS_SECRET_ACCESS_KEY"] not in out
+    with get_client(sync_client=True) as client:
+        template = client.read_work_pool(pool).base_job_template
+        deployment = client.read_deployment_by_name("tuneline-step/gpu")
+        for secret in (os.environ["AWS_SECRET_ACCESS_KEY"], os.environ["MLFLOW_TRACKING_PASSWORD"]):
+            assert secret not in json.dumps(template) + json.dumps(deployment.job_variables)
+        # This host's services listen on 127.0.0.1, the image is local, and the containers stay for inspection.
+        client.update_deployment(deployment.id, DeploymentUpdate(job_variables={
+            **deployment.job_variables, "network_mode": "host", "image_pull_policy": "Never", "auto_remove": False}))
+
+    name = f"docker-{uuid.uuid4().hex[:6]}"
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus two?"},
+                          {"role": "assistant", "content": f"{i} plus two is {i + 2}."}]} for i in range(24)]
+    rows.append({"messages": [{"role": "user", "content": "Mail kim.minji@example.co.kr"},
+                              {"role": "assistant", "content": "Noted."}]})
+    source = tmp_path / "d.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    params = PipelineParams.from_yaml(DEFAULT_PARAMS.with_name("tiny.yaml"), [
+        f"ingest.source={source}", "artifacts_prefix=shared", f"register.model_name={name}", "train.max_steps=2",
+        "evaluate.max_records=8", "evaluate.bleu_samples=1",
+    ]).model_copy(update={"dispatch": {"scrub": "tuneline-step/gpu", "train": "tuneline-step/gpu"}})
+
+    log = tmp_path / "worker.log"
+    started = time.time()
+    with docker_worker(pool, docker_socket, prefect_api, log):
+        state = finetune(params, return_state=True)
+    assert state.is_completed(), f"{state.message}\n{log.read_text(errors='replace')[-4000:]}"
+    summary = state.result()
+
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["tuneline-step"])))
+        mine = {r.parameters["step"]: r for r in children if r.work_pool_name == pool}
+        assert set(mine) == {"scrub", "train"} and all(r.state.is_completed() for r in mine.values())
+    # Each step ran in its own container of the image, as the image's user.
+    ran = json.loads(podman("ps", "--all", "--format", "json", "--filter", f"ancestor={image}").stdout or "[]")
+    ours = [c for c in ran if c.get("Labels", {}).get("io.prefect.flow-run-id") in {str(r.id) for r in mine.values()}]
+    try:
+        assert len(ours) == 2, [c.get("Labels") for c in ran]
+        for c in ours:
+            info = json.loads(podman("inspect", c["Id"]).stdout)[0]
+            assert info["Config"]["User"] == "10001:10001" and info["State"]["ExitCode"] == 0
+            assert info["Created"] >= time.strftime("%Y-%m-%d", time.gmtime(started))
+    finally:
+        for c in ours:
+            podman("rm", "--force", c["Id"], check=False)
+
+    store = ArtifactStore.from_env("shared")
+    clean, tuned = summary.record.datasets["scrub"], summary.record.model
+    assert clean.stats["pii"]["EMAIL"] == 1
+    assert store.manifest(clean.key)["digest"] == clean.digest
+    assert store.manifest(tuned.adapter.key)["digest"] == tuned.adapter.digest
+    [version] = MlflowClient().search_model_versions(f"name = '{name}'")
+    assert version.tags["tuneline.data_digest"] == summary.record.datasets["tokenize"].digest
+
+
+def test_the_kubernetes_pod_template_runs_a_flow_run_under_podman_kube_play(image, prefect_api, tiny_model, tmp_path,
+                                                                           capsys):
+    """The Kubernetes pool's base job template rendered for a deployment as its worker would submit it
+    (``flows.deploy.job_manifest``); its pod template played by podman: the flow run completes in the pod, as user
+    10001, with the services' endpoints and credentials from the Secret it names by reference."""
+    import base64
+
+    import yaml
+    from mlflow import MlflowClient
+    from prefect import get_client
+    from prefect.deployments import run_deployment
+
+    from flows.cli import main
+    from flows.deploy import job_manifest
+
+    pool, secret, name = (f"tuneline-{what}-{uuid.uuid4().hex[:6]}" for what in ("kubernetes", "services", "kube"))
+    assert main(["deploy", "--pool", "kubernetes", "--pool-name", pool, "--only", "tiny", "--image-cpu", image]) == 0, \
+        capsys.readouterr().err
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("tuneline-finetune/tiny")
+        template = client.read_work_pool(pool).base_job_template
+    params = json.loads(json.dumps(deployment.parameters["params"]))
+    params["register"]["model_name"] = name
+    params["train"]["max_steps"], params["evaluate"]["max_records"], params["evaluate"]["bleu_samples"] = 2, 8, 1
+    flow_run = run_deployment("tuneline-finetune/tiny", parameters={"params": params}, timeout=0)
+
+    job = job_manifest(template, {**deployment.job_variables, "image": image, "image_pull_policy": "Never",
+                                  "command": ["prefect", "flow-run", "execute"],
+                                  "env": [{"name": "PREFECT_API_URL", "value": prefect_api},
+                                          {"name": "PREFECT__FLOW_RUN_ID", "value": str(flow_run.id)}],
+                                  "env_from": [{"secretRef": {"name": secret}}]})
+    spec = job["spec"]["template"]["spec"]
+    assert spec["securityContext"]["runAsNonRoot"] and spec["containers"][0]["envFrom"] == [
+        {"secretRef": {"name": secret}}]
+    manifest = json.dumps(job)
+    assert all(os.environ[var] not in manifest for var in ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD"))
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+           "spec": {**spec, "hostNetwork": True}}  # this host's services listen on 127.0.0.1
+    (tmp_path / "pod.yaml").write_text(yaml.safe_dump(pod))
+    # A Kubernetes Secret as podman keeps one: a JSON map of base64 values.
+    values = {var: os.environ[var] for var in (*CLIENT_ENV, "TUNELINE_BUCKET", "MLFLOW_TRACKING_URI",
+                                               "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_USERNAME",
+                                               "MLFLOW_TRACKING_PASSWORD")}
+    (tmp_path / "secret.json").write_text(json.dumps({k: base64.b64encode(v.encode()).decode() for k, v in
+                                                      values.items()}))
+    (tmp_path / "secret.json").chmod(0o600)
+    podman("secret", "create", secret, str(tmp_path / "secret.json"))
+    try:
+        podman("kube", "play", str(tmp_path / "pod.yaml"))
+        container = f"{name}-{spec['containers'][0]['name']}"
+        code = podman("wait", container, timeout=600).stdout.strip()
+        logs = podman("logs", container, check=False)
+        assert code == "0", (logs.stdout + logs.stderr)[-4000:]
+        info = json.loads(podman("inspect", container).stdout)[0]
+        assert info["Config"]["User"].split(":")[0] == "10001"
+    finally:
+        podman("kube", "down", str(tmp_path / "pod.yaml"), check=False)
+        podman("secret", "rm", secret, check=False)
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(flow_run.id).state.is_completed()
+    [version] = MlflowClient().search_model_versions(f"name = '{name}'")
+    assert version.run_id
