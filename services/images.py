@@ -138,9 +138,9 @@ def build(kind: str = "cpu") -> dict:
     wheels = wheelhouse(kind) if engine() == "podman" else None
     index = "file:///wheels/simple"
     dockerfile = ROOT / "containers" / f"Dockerfile.{kind}"
-    args = ["build", "--file", str(dockerfile), "--tag", tag(kind),
-            "--build-arg", f"PIP_INDEX_URL={index}", "--build-arg", f"TORCH_INDEX_URL={index}",
-            "--volume", f"{wheels}:/wheels:ro"]
+    torch_index = ["--build-arg", f"TORCH_INDEX_URL={index}"] if kind == "cpu" else []  # gpu: torch is on PyPI
+    args = ["build", "--file", str(dockerfile), "--tag", tag(kind), "--build-arg", f"PIP_INDEX_URL={index}",
+            *torch_index, "--volume", f"{wheels}:/wheels:ro"]
     if engine() == "podman":
         args += ["--from", base, "--ignorefile", f"{dockerfile}.dockerignore", "--network", "none"]
         args += [f"--ulimit={limit}" for limit in ulimits()]  # builds do not read containers.conf's limits
