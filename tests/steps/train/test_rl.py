@@ -147,7 +147,8 @@ RECORDS = [{"id": "a", "prompt": "What is 2 + 2?", "answer": "4"}, {"id": "b", "
 
 
 def test_builtin_rewards_and_their_weighted_sum():
-    rewards = build_rewards([RewardSpec(function="exact_match"), RewardSpec(function="regex", pattern=r"^\d+$", weight=0.5),
+    rewards = build_rewards([RewardSpec(function="exact_match"),
+                             RewardSpec(function="regex", pattern=r"^\d+$", weight=0.5),
                              RewardSpec(function="json", weight=0.25),
                              RewardSpec(function="length", min_chars=1, max_chars=3, weight=2.0)])
     total, per = score(rewards, [r["prompt"] for r in RECORDS], [" 4. ", "42.0 is it"], RECORDS)
@@ -391,7 +392,7 @@ def test_sigkill_mid_grpo_run_then_retry_samples_and_ends_like_an_uninterrupted_
     from steps.train.step import train_model
 
     data = prompt_dataset(store, tiny_model)
-    cfg = TrainConfig(method="lora", max_steps=16, checkpoint_every=3, learning_rate=1e-2, warmup_steps=2,
+    cfg = TrainConfig(method="lora", max_steps=9, checkpoint_every=3, learning_rate=1e-2, warmup_steps=2,
                       record_losses=False, lora=LoraSettings(r=4, alpha=8, dropout=0.1), seed=5,
                       rl=SETTINGS.model_copy(update={"temperature": 1.5, "rewards": [
                           RewardSpec(function="exact_match"), RewardSpec(function=f"{__name__}:brevity")]}))
