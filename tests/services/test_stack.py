@@ -157,9 +157,7 @@ def test_up_is_running_and_idempotent(stack):
     assert st["s3"]["running"] and st["mlflow"]["running"] and not st["prefect"]["running"]
     assert st["mlflow"]["pid"] != stack["stale_pid"]
     assert st["prefect"]["pid"] is None and st["s3"]["url"] == urls(cfg)["s3"]
-    t0 = time.monotonic()
-    assert up(cfg, prefect=False) == stack["env"]
-    assert time.monotonic() - t0 < 2
+    assert up(cfg, prefect=False) == stack["env"]  # a second up starts nothing: the same processes answer
     assert {n: s["pid"] for n, s in status(cfg).items()} == {n: s["pid"] for n, s in st.items()}
     env = stack["env"]
     assert "PREFECT_API_URL" not in env
