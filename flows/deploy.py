@@ -329,11 +329,16 @@ def publish_service_env(env: dict[str, str]) -> list[str]:
     if missing:
         raise ConfigError(f"cannot publish the services' environment: {', '.join(missing)} not set "
                           "(start the local services with `tuneline services up`, or export them)")
-    for var in SERVICE_VALUES:
-        Variable.set(service_reference(var).rsplit(".", 1)[1], env[var], overwrite=True)
-    for var in SERVICE_SECRETS:
-        Secret(value=env[var]).save(service_reference(var).rsplit(".", 1)[1], overwrite=True)
-    return [service_reference(var) for var in (*SERVICE_VALUES, *SERVICE_SECRETS)]
+    saved = []
+    for var in (*SERVICE_VALUES, *SERVICE_SECRETS):
+        reference = service_reference(var)
+        name = reference.rsplit(".", 1)[1]
+        if var in SERVICE_SECRETS:
+            Secret(value=env[var]).save(name, overwrite=True)
+        else:
+            Variable.set(name, env[var], overwrite=True)
+        saved.append(reference)
+    return saved
 
 
 def require_api() -> str:

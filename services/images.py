@@ -14,6 +14,7 @@ report (build seconds, image size) is printed and written to ``.tuneline/images/
 from __future__ import annotations
 
 import argparse
+import functools
 import html
 import json
 import os
@@ -66,25 +67,35 @@ def engine_env() -> dict[str, str]:
     """The environment for podman: a containers.conf with ``ulimits()`` for every container it starts, and runc
     (crun fails on hybrid cgroup hosts)."""
     env = dict(os.environ)
-    if engine() != "podman" or "CONTAINERS_CONF" in env:
-        return env
+    if engine() == "podman" and "CONTAINERS_CONF" not in env:
+        env["CONTAINERS_CONF"] = containers_conf()
+    return env
+
+
+@functools.cache
+def containers_conf() -> str:
+    """Written once per process: ``STATE/containers/containers.conf``."""
     runtime = 'runtime = "runc"\n' if shutil.which("runc") else ""
     conf = STATE / "containers" / "containers.conf"
     conf.parent.mkdir(parents=True, exist_ok=True)
     conf.write_text(f"[containers]\ndefault_ulimits = {json.dumps(ulimits())}\n[engine]\n{runtime}")
-    env["CONTAINERS_CONF"] = str(conf)
-    return env
+    return str(conf)
 
 
-def run(*args: str, quiet: bool = False, timeout: float | None = None) -> str:
-    """Run the engine (or any command when args[0] is a path/program) and return its output; ImageError on failure."""
-    command = [engine(), *args] if args[0] not in ("mmdebstrap", sys.executable) else list(args)
-    done = subprocess.run(command, capture_output=quiet, text=True, env=engine_env(), timeout=timeout,
+def command(argv: list[str], quiet: bool = False, timeout: float | None = None) -> str:
+    """Run ``argv`` in ``engine_env()``: its output goes to stderr as it comes, or is captured (``quiet``) and
+    returned; ImageError on failure, with the end of the captured errors."""
+    done = subprocess.run(argv, capture_output=quiet, text=True, env=engine_env(), timeout=timeout,
                           stdout=None if quiet else sys.stderr)
     if done.returncode != 0:
         tail = (done.stderr or "")[-2000:] if quiet else "(output above)"
-        raise ImageError(f"{' '.join(command[:4])} ... exited {done.returncode}: {tail}")
+        raise ImageError(f"{' '.join(argv[:4])} ... exited {done.returncode}: {tail}")
     return done.stdout or ""
+
+
+def run(*args: str, quiet: bool = False, timeout: float | None = None) -> str:
+    """The container engine with ``args``."""
+    return command([engine(), *args], quiet, timeout)
 
 
 def exists(image: str) -> bool:
@@ -100,8 +111,9 @@ def base_image(rebuild: bool = False) -> str:
         raise ImageError("mmdebstrap is not installed (apt-get install mmdebstrap): it makes the local base image")
     with tempfile.TemporaryDirectory(prefix="tuneline-base-") as tmp:
         tar = Path(tmp) / "base.tar"
-        run("mmdebstrap", "--quiet", "--variant=apt", f"--include={','.join(BASE_PACKAGES)}",
-            "--customize-hook=chroot \"$1\" python3 -m venv /usr/local", "--format=tar", "bookworm", str(tar), DEBIAN)
+        command(["mmdebstrap", "--quiet", "--variant=apt", f"--include={','.join(BASE_PACKAGES)}",
+                 "--customize-hook=chroot \"$1\" python3 -m venv /usr/local", "--format=tar", "bookworm", str(tar),
+                 DEBIAN])
         run("import", "--change", "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "--change", "ENV LANG=C.UTF-8", str(tar), BASE, quiet=True)
     return BASE
@@ -112,8 +124,8 @@ def wheelhouse(lock: str) -> Path:
     pip checks each file against the lock's sha256 here and again inside the build."""
     folder = STATE / "wheels" / lock
     folder.mkdir(parents=True, exist_ok=True)
-    run(sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--require-hashes", "--only-binary=:all:",
-        "--dest", str(folder), "-r", str(ROOT / "locks" / f"{lock}.txt"))
+    command([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--require-hashes",
+             "--only-binary=:all:", "--dest", str(folder), "-r", str(ROOT / "locks" / f"{lock}.txt")])
     simple = folder / "simple"
     shutil.rmtree(simple, ignore_errors=True)
     by_project: dict[str, list[str]] = {}

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import signal
 import socket
+import subprocess
 from pathlib import Path
 
 
@@ -335,3 +338,22 @@ def assert_same_training(store, single, double, method, resumed_from=None):
     # Checkpoints of the data-parallel run (written by rank 0) are cleared once it committed.
     key = double.adapter.key.rsplit("/", 1)[1]
     assert store.list_keys(f"{store.prefix}/{CHECKPOINTS}/{key}/") == []
+
+
+@contextlib.contextmanager
+def background(argv: list[str], env: dict[str, str], log: Path, cwd: Path | None = None):
+    """``argv`` in its own process group, output to ``log``; stopped as a user stops a worker (Ctrl-C, SIGINT),
+    killed if it lingers: nothing of it may outlive the test."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -6,10 +6,8 @@ socket, and the Kubernetes pool's pod template under ``podman kube play``. Needs
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import assert_same_training, free_port, sft_dataset, weights
+from helpers import assert_same_training, background, free_port, sft_dataset, weights
 
 pytestmark = [pytest.mark.containers, pytest.mark.services]
 
@@ -138,26 +136,12 @@ def docker_socket(tmp_path_factory):
         service.wait()
 
 
-@contextlib.contextmanager
 def docker_worker(pool: str, docker_host: str, api_url: str, log: Path):
     """A real prefect-docker worker (``prefect worker start --type docker``) talking to podman's socket."""
     env = {**os.environ, "DOCKER_HOST": docker_host, "PREFECT_API_URL": api_url,
            "PREFECT_HOME": str(log.parent / "prefect-home"), "PREFECT_WORKER_QUERY_SECONDS": "1"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool,
-                                 "--type", "docker"], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    try:
-        yield proc
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+    return background([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "docker"],
+                      env, log)
 
 
 def test_dispatched_steps_run_in_containers_through_a_docker_worker(image, prefect_api, docker_socket, tiny_model,

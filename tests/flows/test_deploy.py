@@ -5,11 +5,8 @@ the API, a run created from the form's values with a few fields edited, executed
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
-import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -20,7 +17,7 @@ import yaml
 
 from flows.cli import main
 from flows.deploy import REPO, SPEC_FILE, base_job_template, job_manifest, load_spec
-from helpers import chat, write_jsonl
+from helpers import background, chat, write_jsonl
 
 PARAM_SETS = sorted(p.stem for p in (REPO / "deployments" / "params").glob("*.yaml"))
 FINAL_WAIT_S = 300
@@ -112,25 +109,11 @@ def test_mistakes_in_the_spec_are_named(tmp_path, monkeypatch):
         load_spec(spec)  # a broken parameter file fails the deploy, not the nightly run
 
 
-@contextlib.contextmanager
 def worker(pool: str, api_url: str, log: Path):
     """`tuneline worker` in its own process group, as a user starts it; stopped with Ctrl-C (SIGINT)."""
     env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_HOME": str(log.parent / "prefect-home"),
            "PREFECT_WORKER_QUERY_SECONDS": "1"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "worker", "--pool-name", pool],
-                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        yield proc
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        with contextlib.suppress(ProcessLookupError):  # nothing of it may outlive the test
-            os.killpg(proc.pid, signal.SIGKILL)
+    return background([sys.executable, "-m", "flows.cli", "worker", "--pool-name", pool], env, log, cwd=REPO)
 
 
 def wait_final(client, run_ids, log: Path):

@@ -23,7 +23,9 @@ def load_base(cfg: TrainConfig | None, base_dir: Path, device: str, task: Task =
     from transformers import AutoConfig
 
     overrides: dict[str, Any] = {}
-    config = AutoConfig.from_pretrained(base_dir) if cfg is not None else None
+    # The config is read where it decides something: dropout keys, and the head width for flex_attention (CUDA).
+    needs_config = cfg is not None and (cfg.dropout is not None or device == "cuda")
+    config = AutoConfig.from_pretrained(base_dir) if needs_config else None
     if cfg is not None and cfg.dropout is not None:
         overrides = {key: cfg.dropout for key in DROPOUT_KEYS if hasattr(config, key)}
     kwargs.setdefault("dtype", dtype_for(device, cfg.precision if cfg is not None else "auto"))
@@ -116,16 +118,13 @@ def attention_for(cfg: TrainConfig, device: str, config: Any = None) -> str | No
     """``train.attention``; 'auto' = flex_attention (block-sparse per-document mask) when packing on CUDA and the
     model's heads are wide enough for its kernels (``config``, where given), else None: the architecture's default
     (sdpa where it supports it, e.g. eager for Gemma 2), which builds the per-document mask densely."""
+    narrow = device == "cuda" and config is not None and (head_dim(config) or FLEX_MIN_HEAD_DIM) < FLEX_MIN_HEAD_DIM
     if cfg.attention != "auto":
-        if cfg.attention == "flex_attention" and config is not None and device == "cuda" \
-                and (head_dim(config) or FLEX_MIN_HEAD_DIM) < FLEX_MIN_HEAD_DIM:
+        if cfg.attention == "flex_attention" and narrow:
             raise ConfigError(f"train.attention 'flex_attention' needs attention heads of at least {FLEX_MIN_HEAD_DIM} "
                               f"values; this model's are {head_dim(config)}: use attention 'sdpa' or 'auto'")
         return cfg.attention
-    if not (cfg.packing and device == "cuda"):
-        return None
-    narrow = config is not None and (head_dim(config) or FLEX_MIN_HEAD_DIM) < FLEX_MIN_HEAD_DIM
-    return None if narrow else "flex_attention"
+    return "flex_attention" if cfg.packing and device == "cuda" and not narrow else None
 
 
 def attention_targets(cfg: TrainConfig, model: Any) -> list[str]:
